@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# Builds hostvisor's default guest from Debian packages only:
+#   vmlinux         an ELF Linux 6.1 kernel (booted directly: no decompressor)
+#   initramfs.cpio  an uncompressed busybox initramfs whose /init prints
+#                   "HOSTVISOR-GUEST-READY cpus=N" (see guest/init)
+#
+# Usage: guest/build.sh [--print-dir]
+# Outputs go to ${HOSTVISOR_GUEST_DIR:-~/.cache/hostvisor/guest}. The build is
+# idempotent: each output records a hash of its inputs and is rebuilt only
+# when they change.
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+out=${HOSTVISOR_GUEST_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/hostvisor/guest}
+if [[ ${1:-} == --print-dir ]]; then echo "$out"; exit 0; fi
+mkdir -p "$out"
+
+log() { printf 'guest/build.sh: %s\n' "$*" >&2; }
+
+need_pkgs=()
+[[ -f /usr/src/linux-source-6.1.tar.xz ]] || need_pkgs+=(linux-source-6.1)
+[[ -x /bin/busybox ]] && /bin/busybox --list | grep -qx nproc || need_pkgs+=(busybox-static)
+for tool in gcc make flex bison bc cpio xz; do
+  command -v "$tool" >/dev/null || need_pkgs+=(build-essential flex bison bc cpio xz-utils)
+done
+[[ -f /usr/include/libelf.h ]] || need_pkgs+=(libelf-dev)
+[[ -f /usr/include/openssl/ssl.h ]] || need_pkgs+=(libssl-dev)
+if ((${#need_pkgs[@]})); then
+  if [[ $(id -u) -ne 0 ]]; then
+    log "missing Debian packages: ${need_pkgs[*]} (install them with apt-get as root)"
+    exit 1
+  fi
+  log "installing ${need_pkgs[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_pkgs[@]}" >/dev/null
+fi
+
+src_version=$(dpkg-query -W -f '${Version}' linux-source-6.1)
+
+# ---- kernel -------------------------------------------------------------
+kernel_hash=$(cat "$here/kernel-6.1.config" "$here"/patches/*-6.1.patch \
+  <(echo "$src_version") | sha256sum | cut -c1-16)
+if [[ -f $out/vmlinux && $(cat "$out/vmlinux.hash" 2>/dev/null) == "$kernel_hash" ]]; then
+  log "kernel up to date ($out/vmlinux)"
+else
+  work=$out/build-kernel
+  rm -rf "$work"; mkdir -p "$work"
+  log "unpacking linux-source-6.1 ($src_version)"
+  tar -C "$work" -xf /usr/src/linux-source-6.1.tar.xz
+  ksrc=$(echo "$work"/linux-source-6.1)
+  for p in "$here"/patches/*-6.1.patch; do
+    log "applying $(basename "$p")"
+    patch -d "$ksrc" -p1 --quiet < "$p"
+  done
+  cp "$here/kernel-6.1.config" "$ksrc/.config"
+  make -C "$ksrc" -s olddefconfig
+  log "building vmlinux with $(nproc) jobs (a few minutes)"
+  make -C "$ksrc" -s -j"$(nproc)" vmlinux
+  cp "$ksrc/vmlinux" "$out/vmlinux.tmp"
+  strip --strip-debug "$out/vmlinux.tmp" 2>/dev/null || true
+  mv "$out/vmlinux.tmp" "$out/vmlinux"
+  echo "$kernel_hash" > "$out/vmlinux.hash"
+  rm -rf "$work"
+  log "kernel built: $out/vmlinux"
+fi
+
+# ---- initramfs ----------------------------------------------------------
+busybox_version=$(dpkg-query -W -f '${Version}' busybox-static 2>/dev/null || /bin/busybox | head -1)
+initrd_hash=$(cat "$here/init" "$here/build.sh" <(echo "$busybox_version") | sha256sum | cut -c1-16)
+if [[ -f $out/initramfs.cpio && $(cat "$out/initramfs.hash" 2>/dev/null) == "$initrd_hash" ]]; then
+  log "initramfs up to date ($out/initramfs.cpio)"
+else
+  root=$(mktemp -d)
+  trap 'rm -rf "$root"' EXIT
+  mkdir -p "$root"/{bin,sbin,usr/bin,usr/sbin,dev,proc,sys,tmp,root,etc,mnt,run}
+  cp /bin/busybox "$root/bin/busybox"
+  # Applet links are made here, not with `busybox --install` at boot: every
+  # guest system call is slow on nested KVMs, and --install costs seconds.
+  for applet in $(/bin/busybox --list-full); do
+    [[ $applet == bin/busybox ]] && continue
+    mkdir -p "$root/$(dirname "$applet")"
+    ln -sf /bin/busybox "$root/$applet"
+  done
+  install -m 0755 "$here/init" "$root/init"
+  echo "root:x:0:0:root:/root:/bin/sh" > "$root/etc/passwd"
+  echo "root:x:0:" > "$root/etc/group"
+  echo "hostvisor" > "$root/etc/hostname"
+  (cd "$root" && find . -print0 | LC_ALL=C sort -z |
+    cpio --null --create --format=newc --owner=0:0 --quiet) > "$out/initramfs.cpio.tmp"
+  mv "$out/initramfs.cpio.tmp" "$out/initramfs.cpio"
+  echo "$initrd_hash" > "$out/initramfs.hash"
+  log "initramfs built: $out/initramfs.cpio"
+fi
+echo "$out"
