@@ -16,7 +16,7 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
 use crate::{
-    CpuId, CpuState, EmulationFailure, FpuState, HostProfile, HypervisorError, Hypervisor,
+    CpuId, CpuState, EmulationFailure, FpuState, HostProfile, Hypervisor, HypervisorError,
     LapicState, MsrEntry, Result, SpecialRegisters, StandardRegisters, SystemEvent, Vcpu, Vm,
     VmExit, XsaveState,
 };
@@ -315,13 +315,15 @@ fn decode_internal_error(suberror: u32, data: &[u64]) -> VmExit<'static> {
             data: data.to_vec(),
         };
     }
-    let has_bytes = data
-        .first()
-        .is_some_and(|flags| flags & u64::from(KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES) != 0);
+    let has_bytes = data.first().is_some_and(|flags| {
+        flags & u64::from(KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES) != 0
+    });
     let insn_bytes = has_bytes.then(|| {
         let raw: Vec<u8> = data[1..].iter().flat_map(|w| w.to_le_bytes()).collect();
         let len = raw.first().map_or(0, |&n| usize::from(n)).min(15);
-        raw.get(1..1 + len).unwrap_or(&raw[raw.len().min(1)..]).to_vec()
+        raw.get(1..1 + len)
+            .unwrap_or(&raw[raw.len().min(1)..])
+            .to_vec()
     });
     VmExit::EmulationFailure(EmulationFailure {
         insn_bytes: insn_bytes.filter(|b| !b.is_empty()),

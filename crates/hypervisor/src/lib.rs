@@ -22,8 +22,7 @@ use vmm_sys_util::eventfd::EventFd;
 pub use kvm_bindings::{
     kvm_cpuid_entry2 as CpuIdEntry, kvm_dtable as DescriptorTable, kvm_fpu as FpuState,
     kvm_lapic_state as LapicState, kvm_msr_entry as MsrEntry, kvm_regs as StandardRegisters,
-    kvm_segment as SegmentRegister, kvm_sregs as SpecialRegisters, kvm_xsave as XsaveState,
-    CpuId,
+    kvm_segment as SegmentRegister, kvm_sregs as SpecialRegisters, kvm_xsave as XsaveState, CpuId,
 };
 
 /// The one guest-memory type of the workspace.
@@ -86,8 +85,13 @@ pub trait Vm: Send + Sync + std::fmt::Debug {
     /// # Safety
     /// The host range must stay mapped, readable and writable for as long as
     /// the VM exists.
-    unsafe fn map_memory(&self, slot: u32, guest_addr: u64, size: u64, host_addr: u64)
-        -> Result<()>;
+    unsafe fn map_memory(
+        &self,
+        slot: u32,
+        guest_addr: u64,
+        size: u64,
+        host_addr: u64,
+    ) -> Result<()>;
     /// Creates the platform interrupt controllers and timers (x86: PIC,
     /// IOAPIC, LAPICs and PIT in the kernel).
     fn create_platform_devices(&self) -> Result<()>;
@@ -140,10 +144,22 @@ pub trait Vcpu: CpuState + Send {
 /// vCPU's exchange buffer: for reads, the handler fills `data`.
 #[derive(Debug)]
 pub enum VmExit<'a> {
-    IoIn { port: u16, data: &'a mut [u8] },
-    IoOut { port: u16, data: &'a [u8] },
-    MmioRead { addr: u64, data: &'a mut [u8] },
-    MmioWrite { addr: u64, data: &'a [u8] },
+    IoIn {
+        port: u16,
+        data: &'a mut [u8],
+    },
+    IoOut {
+        port: u16,
+        data: &'a [u8],
+    },
+    MmioRead {
+        addr: u64,
+        data: &'a mut [u8],
+    },
+    MmioWrite {
+        addr: u64,
+        data: &'a [u8],
+    },
     /// The guest executed HLT (only when the LAPIC is not in the kernel).
     Halt,
     /// The guest triple-faulted.
@@ -154,9 +170,14 @@ pub enum VmExit<'a> {
     /// The accelerator could not emulate an instruction.
     EmulationFailure(EmulationFailure),
     /// Another internal accelerator error.
-    InternalError { suberror: u32, data: Vec<u64> },
+    InternalError {
+        suberror: u32,
+        data: Vec<u64>,
+    },
     /// Entering the guest failed.
-    FailEntry { reason: u64 },
+    FailEntry {
+        reason: u64,
+    },
     /// A signal (a kick) interrupted the run.
     Interrupted,
     /// Anything else, by its raw exit number.

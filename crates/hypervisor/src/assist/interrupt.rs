@@ -56,7 +56,9 @@ impl Gate {
 fn load_code_segment(ctx: &Ctx<'_>, selector: u16) -> Result<SegmentRegister, AssistError> {
     let gdt = ctx.sregs.gdt;
     if selector & 4 != 0 {
-        return Err(AssistError::UnsupportedMode("interrupt gate selector in the LDT"));
+        return Err(AssistError::UnsupportedMode(
+            "interrupt gate selector in the LDT",
+        ));
     }
     let index = u64::from(selector & !7);
     if index == 0 || index + 7 > u64::from(gdt.limit) {
@@ -67,13 +69,19 @@ fn load_code_segment(ctx: &Ctx<'_>, selector: u16) -> Result<SegmentRegister, As
     let access = d[5];
     let flags = d[6] >> 4;
     if access & 0x80 == 0 || access & 0x18 != 0x18 {
-        return Err(AssistError::BadDescriptor("gate selector is not a present code segment"));
+        return Err(AssistError::BadDescriptor(
+            "gate selector is not a present code segment",
+        ));
     }
     let raw_limit = u32::from(u16::from_le_bytes([d[0], d[1]])) | (u32::from(d[6] & 0xf) << 16);
     let granular = flags & 8 != 0;
     Ok(SegmentRegister {
         base: u64::from(u32::from_le_bytes([d[2], d[3], d[4], d[7]])),
-        limit: if granular { (raw_limit << 12) | 0xfff } else { raw_limit },
+        limit: if granular {
+            (raw_limit << 12) | 0xfff
+        } else {
+            raw_limit
+        },
         selector,
         type_: access & 0xf,
         present: 1,
@@ -92,7 +100,9 @@ fn load_code_segment(ctx: &Ctx<'_>, selector: u16) -> Result<SegmentRegister, As
 /// at the handler with the frame pushed.
 pub(super) fn deliver(ctx: &mut Ctx<'_>, vector: u8, event: Event) -> Result<(), AssistError> {
     if !ctx.long_mode() {
-        return Err(AssistError::UnsupportedMode("interrupt delivery outside 64-bit mode"));
+        return Err(AssistError::UnsupportedMode(
+            "interrupt delivery outside 64-bit mode",
+        ));
     }
     let idt = ctx.sregs.idt;
     let offset = u64::from(vector) * 16;
@@ -103,14 +113,20 @@ pub(super) fn deliver(ctx: &mut Ctx<'_>, vector: u8, event: Event) -> Result<(),
     read_virt(ctx.mem, &ctx.sregs, 0, idt.base + offset, &mut raw)?;
     let gate = Gate::parse(&raw);
     if !gate.present || (gate.kind != GATE_INTERRUPT && gate.kind != GATE_TRAP) {
-        return Err(AssistError::BadDescriptor("IDT gate not present or not an interrupt/trap gate"));
+        return Err(AssistError::BadDescriptor(
+            "IDT gate not present or not an interrupt/trap gate",
+        ));
     }
     if matches!(event, Event::Software { .. }) && gate.dpl < ctx.cpl {
-        return Err(AssistError::BadDescriptor("software interrupt through a more privileged gate"));
+        return Err(AssistError::BadDescriptor(
+            "software interrupt through a more privileged gate",
+        ));
     }
     let mut cs = load_code_segment(ctx, gate.selector)?;
     if cs.l != 1 {
-        return Err(AssistError::BadDescriptor("interrupt handler segment is not 64-bit code"));
+        return Err(AssistError::BadDescriptor(
+            "interrupt handler segment is not 64-bit code",
+        ));
     }
     let new_cpl = cs.dpl.min(ctx.cpl);
     cs.selector = (gate.selector & !3) | u16::from(new_cpl);

@@ -161,7 +161,9 @@ impl Ctx<'_> {
     fn memory_address(&self, insn: &Instruction) -> Result<u64, AssistError> {
         let operand = (0..insn.op_count())
             .find(|&i| insn.op_kind(i) == OpKind::Memory)
-            .ok_or(AssistError::BadDescriptor("instruction has no memory operand"))?;
+            .ok_or(AssistError::BadDescriptor(
+                "instruction has no memory operand",
+            ))?;
         insn.virtual_address(operand, 0, |reg, _, _| {
             if reg.is_segment_register() {
                 Some(self.segment_base(reg))
@@ -169,7 +171,9 @@ impl Ctx<'_> {
                 read_gpr(&self.regs, reg)
             }
         })
-        .ok_or(AssistError::BadDescriptor("cannot compute the memory operand"))
+        .ok_or(AssistError::BadDescriptor(
+            "cannot compute the memory operand",
+        ))
     }
 
     fn set_flags(&mut self, clear: u64, set: u64) {
@@ -186,7 +190,11 @@ pub fn complete(
 ) -> Result<AssistKind, AssistError> {
     let regs = cpu.regs()?;
     let sregs = cpu.sregs()?;
-    let cpl = if sregs.cr0 & CR0_PE != 0 { sregs.cs.dpl } else { 0 };
+    let cpl = if sregs.cr0 & CR0_PE != 0 {
+        sregs.cs.dpl
+    } else {
+        0
+    };
     let mut ctx = Ctx {
         cpu,
         mem,
@@ -219,8 +227,18 @@ pub fn complete(
             // A data access faulted: deliver #PF as the CPU would.
             ctx.sregs.cr2 = gva;
             ctx.sregs_dirty = true;
-            let code = if insn.op0_kind() == OpKind::Memory { 2 } else { 0 };
-            deliver(&mut ctx, VECTOR_PF, Event::Fault { error_code: Some(code) })?;
+            let code = if insn.op0_kind() == OpKind::Memory {
+                2
+            } else {
+                0
+            };
+            deliver(
+                &mut ctx,
+                VECTOR_PF,
+                Event::Fault {
+                    error_code: Some(code),
+                },
+            )?;
             kind_of(&insn).ok_or_else(|| unsupported(&insn, &bytes))?
         }
         Err(AssistError::Unsupported { .. }) => return Err(unsupported(&insn, &bytes)),
@@ -261,9 +279,7 @@ fn kind_of(insn: &Instruction) -> Option<AssistKind> {
         Code::Int3 => AssistKind::Int3,
         Code::Int_imm8 => AssistKind::IntN,
         Code::Wait => AssistKind::Fwait,
-        Code::Popcnt_r16_rm16 | Code::Popcnt_r32_rm32 | Code::Popcnt_r64_rm64 => {
-            AssistKind::Popcnt
-        }
+        Code::Popcnt_r16_rm16 | Code::Popcnt_r32_rm32 | Code::Popcnt_r64_rm64 => AssistKind::Popcnt,
         Code::Cmpxchg8b_m64 => AssistKind::Cmpxchg8b,
         Code::Cmpxchg16b_m128 => AssistKind::Cmpxchg16b,
         Code::Xrstor_mem | Code::Xrstor64_mem => AssistKind::Xrstor,
@@ -273,7 +289,11 @@ fn kind_of(insn: &Instruction) -> Option<AssistKind> {
     })
 }
 
-fn execute(ctx: &mut Ctx<'_>, insn: &Instruction, next_rip: u64) -> Result<AssistKind, AssistError> {
+fn execute(
+    ctx: &mut Ctx<'_>,
+    insn: &Instruction,
+    next_rip: u64,
+) -> Result<AssistKind, AssistError> {
     let kind = kind_of(insn).ok_or(AssistError::Unsupported {
         text: String::new(),
         bytes: Vec::new(),
@@ -298,13 +318,25 @@ fn execute(ctx: &mut Ctx<'_>, insn: &Instruction, next_rip: u64) -> Result<Assis
         AssistKind::Popcnt => popcnt(ctx, insn)?,
         AssistKind::Cmpxchg8b | AssistKind::Cmpxchg16b => {
             if !cmpxchg(ctx, insn, kind)? {
-                deliver(ctx, VECTOR_GP, Event::Fault { error_code: Some(0) })?;
+                deliver(
+                    ctx,
+                    VECTOR_GP,
+                    Event::Fault {
+                        error_code: Some(0),
+                    },
+                )?;
                 return Ok(kind);
             }
         }
         AssistKind::Xrstor => {
             if !xsave::xrstor(ctx, insn)? {
-                deliver(ctx, VECTOR_GP, Event::Fault { error_code: Some(0) })?;
+                deliver(
+                    ctx,
+                    VECTOR_GP,
+                    Event::Fault {
+                        error_code: Some(0),
+                    },
+                )?;
                 return Ok(kind);
             }
         }
@@ -336,7 +368,11 @@ fn popcnt(ctx: &mut Ctx<'_>, insn: &Instruction) -> Result<(), AssistError> {
             u64::from_le_bytes(b)
         }
     };
-    write_gpr(&mut ctx.regs, insn.op0_register(), u64::from(src.count_ones()));
+    write_gpr(
+        &mut ctx.regs,
+        insn.op0_register(),
+        u64::from(src.count_ones()),
+    );
     let zf = if src == 0 { RFLAGS_ZF } else { 0 };
     ctx.set_flags(
         RFLAGS_CF | RFLAGS_PF | RFLAGS_AF | RFLAGS_ZF | RFLAGS_SF | RFLAGS_OF,
@@ -348,7 +384,11 @@ fn popcnt(ctx: &mut Ctx<'_>, insn: &Instruction) -> Result<(), AssistError> {
 /// CMPXCHG8B/16B, atomically on the host mapping of guest memory so other
 /// vCPUs see a locked operation. Returns false for #GP (misalignment).
 fn cmpxchg(ctx: &mut Ctx<'_>, insn: &Instruction, kind: AssistKind) -> Result<bool, AssistError> {
-    let size: u64 = if kind == AssistKind::Cmpxchg16b { 16 } else { 8 };
+    let size: u64 = if kind == AssistKind::Cmpxchg16b {
+        16
+    } else {
+        8
+    };
     let gva = ctx.memory_address(insn)?;
     if size == 16 && gva % 16 != 0 {
         return Ok(false);
@@ -356,7 +396,9 @@ fn cmpxchg(ctx: &mut Ctx<'_>, insn: &Instruction, kind: AssistKind) -> Result<bo
     if gva % paging::PAGE_SIZE + size > paging::PAGE_SIZE {
         // Crossing a page cannot be done as one host access; the guest
         // kernel never does this (it aligns these operands).
-        return Err(AssistError::UnsupportedMode("CMPXCHG operand crossing a page"));
+        return Err(AssistError::UnsupportedMode(
+            "CMPXCHG operand crossing a page",
+        ));
     }
     let gpa = translate(ctx.mem, &ctx.sregs, gva, Access::Write, ctx.cpl)?;
     // The whole operand must lie in one RAM region for the host access.
@@ -390,7 +432,13 @@ fn cmpxchg(ctx: &mut Ctx<'_>, insn: &Instruction, kind: AssistKind) -> Result<bo
 
 /// `lock cmpxchg16b` on host memory. Inline assembly because Rust has no
 /// stable 128-bit atomic; RBX is reserved by the compiler, hence the swap.
-fn host_cmpxchg16b(ptr: *mut u8, exp_lo: u64, exp_hi: u64, new_lo: u64, new_hi: u64) -> (u64, u64, bool) {
+fn host_cmpxchg16b(
+    ptr: *mut u8,
+    exp_lo: u64,
+    exp_hi: u64,
+    new_lo: u64,
+    new_hi: u64,
+) -> (u64, u64, bool) {
     let (lo, hi, ok): (u64, u64, u8);
     // SAFETY: `ptr` addresses 16 bytes of mapped guest RAM (checked by
     // get_slice), aligned to 16 (checked by the caller), so the locked
@@ -456,7 +504,10 @@ fn gpr_slot(regs: &mut StandardRegisters, full: Register) -> Option<&mut u64> {
 }
 
 fn is_high_byte(reg: Register) -> bool {
-    matches!(reg, Register::AH | Register::BH | Register::CH | Register::DH)
+    matches!(
+        reg,
+        Register::AH | Register::BH | Register::CH | Register::DH
+    )
 }
 
 /// Reads a general-purpose register of any width.

@@ -134,7 +134,7 @@ pub(crate) mod tests {
         // PML4 at 0x1000.
         w(0x1000 + 256 * 8, 0x2000 | 3); // 0xffff_8000_0000_0000
         w(0x1000, 0x3000 | 7); // low half, user
-        // PDPT for the high half at 0x2000: entry 0 -> PD at 0x4000.
+                               // PDPT for the high half at 0x2000: entry 0 -> PD at 0x4000.
         w(0x2000, 0x4000 | 3);
         // PD at 0x4000: entry 1 (2 MiB..4 MiB) is a 2 MiB page at 4 MiB.
         w(0x4000 + 8, 0x40_0000 | 0x83);
@@ -192,7 +192,10 @@ pub(crate) mod tests {
     fn no_paging_is_identity() {
         let (mem, mut sregs) = paged_memory();
         sregs.cr0 = 1;
-        assert_eq!(translate(&mem, &sregs, 0x1234, Access::Write, 0).unwrap(), 0x1234);
+        assert_eq!(
+            translate(&mem, &sregs, 0x1234, Access::Write, 0).unwrap(),
+            0x1234
+        );
     }
 
     #[test]

@@ -69,8 +69,10 @@ const CODE: u64 = HIGH + 0x3000;
 fn machine() -> (GuestMemoryMmap, FakeCpu) {
     let (mem, mut sregs) = paged_memory();
     let phys = |gva: u64| GuestAddress(gva - HIGH + 0x40_0000);
-    mem.write_obj(0x00af_9b00_0000_ffffu64, phys(GDT + 8)).unwrap();
-    mem.write_obj(0x00cf_9300_0000_ffffu64, phys(GDT + 16)).unwrap();
+    mem.write_obj(0x00af_9b00_0000_ffffu64, phys(GDT + 8))
+        .unwrap();
+    mem.write_obj(0x00cf_9300_0000_ffffu64, phys(GDT + 16))
+        .unwrap();
     for vector in 0..64u64 {
         let ist = u64::from(vector == 2); // vector 2 uses IST1
         let kind = if vector == 32 { 0x8f } else { 0x8e }; // 32: trap gate
@@ -80,7 +82,8 @@ fn machine() -> (GuestMemoryMmap, FakeCpu) {
             | (kind << 40)
             | (((HANDLER >> 16) & 0xffff) << 48);
         mem.write_obj(low, phys(IDT + vector * 16)).unwrap();
-        mem.write_obj(HANDLER >> 32, phys(IDT + vector * 16 + 8)).unwrap();
+        mem.write_obj(HANDLER >> 32, phys(IDT + vector * 16 + 8))
+            .unwrap();
     }
     mem.write_obj(IST_STACK_TOP, phys(TSS + 0x24)).unwrap();
     sregs.cr0 |= CR0_NE;
@@ -150,7 +153,10 @@ fn int3_is_delivered_through_the_idt() {
 fn int_n_uses_its_vector_gate_kind_and_ist() {
     let (mem, mut cpu) = machine();
     // int 0x20: trap gate keeps IF.
-    assert_eq!(run(&mem, &mut cpu, &[0xcd, 0x20]).unwrap(), AssistKind::IntN);
+    assert_eq!(
+        run(&mem, &mut cpu, &[0xcd, 0x20]).unwrap(),
+        AssistKind::IntN
+    );
     assert_eq!(cpu.regs.rip, HANDLER);
     assert_ne!(cpu.regs.rflags & interrupt::RFLAGS_IF, 0);
     assert_eq!(read_stack(&mem, &cpu, 1), vec![CODE + 2]);
@@ -194,7 +200,10 @@ fn popcnt_register_forms_and_flags() {
     cpu.regs.rbx = 0xf0f0_0000_0000_0001;
     cpu.regs.rflags |= RFLAGS_CF | RFLAGS_ZF;
     // popcnt rax, rbx
-    assert_eq!(run(&mem, &mut cpu, &[0xf3, 0x48, 0x0f, 0xb8, 0xc3]).unwrap(), AssistKind::Popcnt);
+    assert_eq!(
+        run(&mem, &mut cpu, &[0xf3, 0x48, 0x0f, 0xb8, 0xc3]).unwrap(),
+        AssistKind::Popcnt
+    );
     assert_eq!(cpu.regs.rax, 9);
     assert_eq!(cpu.regs.rip, CODE + 5);
     assert_eq!(cpu.regs.rflags & (RFLAGS_CF | RFLAGS_ZF), 0);
@@ -219,7 +228,8 @@ fn popcnt_register_forms_and_flags() {
 fn popcnt_memory_operand() {
     let (mem, mut cpu) = machine();
     let data = HIGH + 0x6000;
-    mem.write_obj(0x0101_0101u32, GuestAddress(0x40_6000)).unwrap();
+    mem.write_obj(0x0101_0101u32, GuestAddress(0x40_6000))
+        .unwrap();
     cpu.regs.rsi = data - 0x10;
     // popcnt edx, [rsi+0x10]
     run(&mem, &mut cpu, &[0xf3, 0x0f, 0xb8, 0x56, 0x10]).unwrap();
@@ -285,13 +295,17 @@ fn cmpxchg16b_misaligned_raises_gp() {
 #[test]
 fn cmpxchg8b_compares_edx_eax() {
     let (mem, mut cpu) = machine();
-    mem.write_obj(0x0000_0002_0000_0001u64, GuestAddress(0x40_6000)).unwrap();
+    mem.write_obj(0x0000_0002_0000_0001u64, GuestAddress(0x40_6000))
+        .unwrap();
     cpu.regs.rdi = HIGH + 0x6000;
     cpu.regs.rax = 0xffff_ffff_0000_0001; // upper half ignored
     cpu.regs.rdx = 2;
     cpu.regs.rbx = 3;
     cpu.regs.rcx = 4;
-    assert_eq!(run(&mem, &mut cpu, &[0x0f, 0xc7, 0x0f]).unwrap(), AssistKind::Cmpxchg8b);
+    assert_eq!(
+        run(&mem, &mut cpu, &[0x0f, 0xc7, 0x0f]).unwrap(),
+        AssistKind::Cmpxchg8b
+    );
     assert_ne!(cpu.regs.rflags & RFLAGS_ZF, 0);
     assert_eq!(
         mem.read_obj::<u64>(GuestAddress(0x40_6000)).unwrap(),
@@ -302,10 +316,16 @@ fn cmpxchg8b_compares_edx_eax() {
 #[test]
 fn clac_and_stac() {
     let (mem, mut cpu) = machine();
-    assert_eq!(run(&mem, &mut cpu, &[0x0f, 0x01, 0xca]).unwrap(), AssistKind::Clac);
+    assert_eq!(
+        run(&mem, &mut cpu, &[0x0f, 0x01, 0xca]).unwrap(),
+        AssistKind::Clac
+    );
     assert_eq!(cpu.regs.rflags & RFLAGS_AC, 0);
     assert_eq!(cpu.regs.rip, CODE + 3);
-    assert_eq!(run(&mem, &mut cpu, &[0x0f, 0x01, 0xcb]).unwrap(), AssistKind::Stac);
+    assert_eq!(
+        run(&mem, &mut cpu, &[0x0f, 0x01, 0xcb]).unwrap(),
+        AssistKind::Stac
+    );
     assert_ne!(cpu.regs.rflags & RFLAGS_AC, 0);
 }
 
@@ -325,7 +345,8 @@ fn unknown_and_garbage_instructions_are_errors() {
 #[test]
 fn instruction_is_fetched_from_memory_when_not_given() {
     let (mem, mut cpu) = machine();
-    mem.write_slice(&[0xcd, 0x21], GuestAddress(0x40_3000)).unwrap();
+    mem.write_slice(&[0xcd, 0x21], GuestAddress(0x40_3000))
+        .unwrap();
     complete(&mut cpu, &mem, &EmulationFailure::default()).unwrap();
     assert_eq!(read_stack(&mem, &cpu, 1), vec![CODE + 2]);
 }

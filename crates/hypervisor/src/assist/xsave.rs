@@ -8,8 +8,8 @@
 
 use iced_x86::Instruction;
 
-use super::Ctx;
 use super::AssistError;
+use super::Ctx;
 
 const LEGACY_AREA: usize = 512;
 const HEADER_SIZE: usize = 64;
@@ -41,7 +41,9 @@ pub(super) fn xrstor(ctx: &mut Ctx<'_>, insn: &Instruction) -> Result<bool, Assi
         // Compacted form (XCOMP_BV[63] set) is not implemented; any other
         // nonzero XCOMP_BV is #GP in standard form.
         if xcomp_bv >> 63 == 1 {
-            return Err(AssistError::UnsupportedMode("XRSTOR of a compacted XSAVE area"));
+            return Err(AssistError::UnsupportedMode(
+                "XRSTOR of a compacted XSAVE area",
+            ));
         }
         return Ok(false);
     }
