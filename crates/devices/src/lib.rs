@@ -1,1 +1,29 @@
+//! Devices of hostvisor guests and the buses that route guest accesses to
+//! them. Nothing here knows about KVM: devices see reads and writes at
+//! offsets, raise interrupts through [`EventFd`]s, and ask the VMM for
+//! platform actions (reset, exit) through a [`PlatformRequestSink`].
+//!
+//! [`EventFd`]: vmm_sys_util::eventfd::EventFd
 
+pub mod bus;
+pub mod cmos;
+pub mod debug_exit;
+pub mod i8042;
+pub mod serial;
+
+use std::sync::Arc;
+
+pub use bus::{Bus, BusDevice, BusError};
+
+/// Something a device asks of the machine as a whole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlatformRequest {
+    /// The guest reset the machine (keyboard controller pulse, `reboot=k`).
+    Reset,
+    /// A test guest wrote `code` to the debug-exit port: 0 means success,
+    /// anything else a failure the guest reports (such as a panic).
+    DebugExit(u32),
+}
+
+/// Where devices send [`PlatformRequest`]s. Called on vCPU threads.
+pub type PlatformRequestSink = Arc<dyn Fn(PlatformRequest) + Send + Sync>;

@@ -1,0 +1,208 @@
+//! The CMOS RAM and MC146818 real-time clock (ports 0x70/0x71), so the guest
+//! reads the host's wall clock (UTC) at boot. Time registers report the
+//! clock in BCD, 24-hour mode; writes to them are ignored (the host's clock
+//! stays the source of truth), other CMOS bytes are plain RAM.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::BusDevice;
+
+pub const CMOS_PORT: u64 = 0x70;
+pub const CMOS_PORT_LEN: u64 = 2;
+
+const REG_SECONDS: u8 = 0x00;
+const REG_MINUTES: u8 = 0x02;
+const REG_HOURS: u8 = 0x04;
+const REG_WEEKDAY: u8 = 0x06;
+const REG_DAY: u8 = 0x07;
+const REG_MONTH: u8 = 0x08;
+const REG_YEAR: u8 = 0x09;
+const REG_STATUS_A: u8 = 0x0a;
+const REG_STATUS_B: u8 = 0x0b;
+const REG_STATUS_C: u8 = 0x0c;
+const REG_STATUS_D: u8 = 0x0d;
+const REG_CENTURY: u8 = 0x32;
+
+/// Seconds since the Unix epoch, as a function so tests can fix the time.
+pub type Clock = Box<dyn Fn() -> i64 + Send>;
+
+pub struct Cmos {
+    index: u8,
+    ram: [u8; 128],
+    clock: Clock,
+}
+
+/// A calendar date and time in UTC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DateTime {
+    pub year: i64,
+    pub month: u32,
+    pub day: u32,
+    pub hour: u32,
+    pub minute: u32,
+    pub second: u32,
+    /// 0 = Sunday.
+    pub weekday: u32,
+}
+
+impl DateTime {
+    /// Converts Unix time to a UTC date (the "days from civil" algorithm
+    /// inverted, after Howard Hinnant; exact for the proleptic Gregorian
+    /// calendar).
+    pub fn from_unix(secs: i64) -> Self {
+        let days = secs.div_euclid(86_400);
+        let rem = secs.rem_euclid(86_400) as u32;
+        let z = days + 719_468;
+        let era = z.div_euclid(146_097);
+        let doe = z.rem_euclid(146_097);
+        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+        let mp = (5 * doy + 2) / 153;
+        let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+        let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+        let year = yoe + era * 400 + i64::from(month <= 2);
+        DateTime {
+            year,
+            month,
+            day,
+            hour: rem / 3600,
+            minute: rem / 60 % 60,
+            second: rem % 60,
+            weekday: (days + 4).rem_euclid(7) as u32,
+        }
+    }
+}
+
+fn bcd(v: u32) -> u8 {
+    (((v / 10) % 10) << 4 | (v % 10)) as u8
+}
+
+fn host_clock() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+impl Default for Cmos {
+    fn default() -> Self {
+        Self::new(Box::new(host_clock))
+    }
+}
+
+impl Cmos {
+    pub fn new(clock: Clock) -> Self {
+        Cmos {
+            index: 0,
+            ram: [0; 128],
+            clock,
+        }
+    }
+
+    fn read_register(&self, index: u8) -> u8 {
+        let now = || DateTime::from_unix((self.clock)());
+        match index {
+            REG_SECONDS => bcd(now().second),
+            REG_MINUTES => bcd(now().minute),
+            REG_HOURS => bcd(now().hour),
+            REG_WEEKDAY => bcd(now().weekday + 1),
+            REG_DAY => bcd(now().day),
+            REG_MONTH => bcd(now().month),
+            REG_YEAR => bcd(now().year.rem_euclid(100) as u32),
+            REG_CENTURY => bcd((now().year / 100) as u32),
+            // Divider on, 1024 Hz rate; never "update in progress".
+            REG_STATUS_A => 0x26,
+            // 24-hour mode, BCD, no interrupts enabled.
+            REG_STATUS_B => 0x02,
+            REG_STATUS_C => 0,
+            // Valid RAM and time.
+            REG_STATUS_D => 0x80,
+            i => self.ram[usize::from(i & 0x7f)],
+        }
+    }
+}
+
+impl BusDevice for Cmos {
+    fn read(&mut self, _base: u64, offset: u64, data: &mut [u8]) {
+        let value = if offset == 1 {
+            self.read_register(self.index)
+        } else {
+            self.index
+        };
+        data.fill(0);
+        if let Some(first) = data.first_mut() {
+            *first = value;
+        }
+    }
+
+    fn write(&mut self, _base: u64, offset: u64, data: &[u8]) {
+        let Some(&value) = data.first() else { return };
+        if offset == 0 {
+            // Bit 7 is the NMI mask, not part of the index.
+            self.index = value & 0x7f;
+        } else if self.index > REG_STATUS_D {
+            self.ram[usize::from(self.index)] = value;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read(cmos: &mut Cmos, reg: u8) -> u8 {
+        cmos.write(CMOS_PORT, 0, &[reg | 0x80]);
+        let mut b = [0u8];
+        cmos.read(CMOS_PORT, 1, &mut b);
+        b[0]
+    }
+
+    #[test]
+    fn dates_from_unix_time() {
+        assert_eq!(
+            DateTime::from_unix(0),
+            DateTime { year: 1970, month: 1, day: 1, hour: 0, minute: 0, second: 0, weekday: 4 }
+        );
+        // 2024-02-29 13:37:42 UTC, a Thursday.
+        assert_eq!(
+            DateTime::from_unix(1_709_213_862),
+            DateTime { year: 2024, month: 2, day: 29, hour: 13, minute: 37, second: 42, weekday: 4 }
+        );
+        // 2000-03-01 00:00:00, the day after a century leap day.
+        let d = DateTime::from_unix(951_868_800);
+        assert_eq!((d.year, d.month, d.day, d.weekday), (2000, 3, 1, 3));
+    }
+
+    #[test]
+    fn registers_report_the_clock_in_bcd() {
+        let mut cmos = Cmos::new(Box::new(|| 1_709_213_862));
+        assert_eq!(read(&mut cmos, REG_SECONDS), 0x42);
+        assert_eq!(read(&mut cmos, REG_MINUTES), 0x37);
+        assert_eq!(read(&mut cmos, REG_HOURS), 0x13);
+        assert_eq!(read(&mut cmos, REG_DAY), 0x29);
+        assert_eq!(read(&mut cmos, REG_MONTH), 0x02);
+        assert_eq!(read(&mut cmos, REG_YEAR), 0x24);
+        assert_eq!(read(&mut cmos, REG_CENTURY), 0x20);
+        assert_eq!(read(&mut cmos, REG_WEEKDAY), 0x05);
+        assert_eq!(read(&mut cmos, REG_STATUS_A) & 0x80, 0, "no update in progress");
+        assert_eq!(read(&mut cmos, REG_STATUS_B), 0x02);
+        assert_eq!(read(&mut cmos, REG_STATUS_D), 0x80);
+    }
+
+    #[test]
+    fn host_clock_is_used_by_default() {
+        let mut cmos = Cmos::default();
+        let now = DateTime::from_unix(host_clock());
+        assert_eq!(read(&mut cmos, REG_CENTURY), bcd((now.year / 100) as u32));
+    }
+
+    #[test]
+    fn ram_bytes_are_kept_and_time_writes_ignored() {
+        let mut cmos = Cmos::new(Box::new(|| 0));
+        cmos.write(CMOS_PORT, 0, &[0x40]);
+        cmos.write(CMOS_PORT, 1, &[0xab]);
+        assert_eq!(read(&mut cmos, 0x40), 0xab);
+        cmos.write(CMOS_PORT, 0, &[REG_YEAR]);
+        cmos.write(CMOS_PORT, 1, &[0x99]);
+        assert_eq!(read(&mut cmos, REG_YEAR), 0x70);
+    }
+}

@@ -1,0 +1,54 @@
+//! A debug-exit port for test guests (QEMU's isa-debug-exit port number):
+//! writing a value ends the VM with that status — 0 reports success,
+//! anything else a failure such as a panic.
+
+use crate::{BusDevice, PlatformRequest, PlatformRequestSink};
+
+pub const DEBUG_EXIT_PORT: u64 = 0xf4;
+
+pub struct DebugExit {
+    requests: PlatformRequestSink,
+}
+
+impl DebugExit {
+    pub fn new(requests: PlatformRequestSink) -> Self {
+        DebugExit { requests }
+    }
+}
+
+impl BusDevice for DebugExit {
+    fn read(&mut self, _base: u64, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+
+    fn write(&mut self, _base: u64, _offset: u64, data: &[u8]) {
+        let mut bytes = [0u8; 4];
+        let n = data.len().min(4);
+        bytes[..n].copy_from_slice(&data[..n]);
+        (self.requests)(PlatformRequest::DebugExit(u32::from_le_bytes(bytes)));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    #[test]
+    fn writes_of_any_width_become_exit_codes() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let sink = seen.clone();
+        let mut dev = DebugExit::new(Arc::new(move |r| sink.lock().unwrap().push(r)));
+        dev.write(DEBUG_EXIT_PORT, 0, &[0]);
+        dev.write(DEBUG_EXIT_PORT, 0, &[0x34, 0x12]);
+        dev.write(DEBUG_EXIT_PORT, 0, &[1, 0, 0, 0x80]);
+        assert_eq!(
+            *seen.lock().unwrap(),
+            vec![
+                PlatformRequest::DebugExit(0),
+                PlatformRequest::DebugExit(0x1234),
+                PlatformRequest::DebugExit(0x8000_0001)
+            ]
+        );
+    }
+}

@@ -1,0 +1,56 @@
+//! The part of an i8042 keyboard controller that guests use without a
+//! keyboard: the status port reads "nothing pending", and command 0xFE
+//! (pulse the reset line) resets the machine — how Linux reboots with
+//! `reboot=k`.
+
+use crate::{BusDevice, PlatformRequest, PlatformRequestSink};
+
+/// The data port.
+pub const DATA_PORT: u64 = 0x60;
+/// The status (read) and command (write) port.
+pub const COMMAND_PORT: u64 = 0x64;
+const CMD_RESET_CPU: u8 = 0xfe;
+
+pub struct I8042 {
+    requests: PlatformRequestSink,
+}
+
+impl I8042 {
+    pub fn new(requests: PlatformRequestSink) -> Self {
+        I8042 { requests }
+    }
+}
+
+impl BusDevice for I8042 {
+    fn read(&mut self, _base: u64, _offset: u64, data: &mut [u8]) {
+        // Status: output buffer empty, input buffer empty; data: nothing.
+        data.fill(0);
+    }
+
+    fn write(&mut self, base: u64, _offset: u64, data: &[u8]) {
+        if base == COMMAND_PORT && data.first() == Some(&CMD_RESET_CPU) {
+            (self.requests)(PlatformRequest::Reset);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    #[test]
+    fn reset_command_requests_a_reset() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let sink = seen.clone();
+        let mut dev = I8042::new(Arc::new(move |r| sink.lock().unwrap().push(r)));
+        let mut status = [0xffu8];
+        dev.read(COMMAND_PORT, 0, &mut status);
+        assert_eq!(status, [0], "kb_wait() must see an empty input buffer");
+        dev.write(COMMAND_PORT, 0, &[0xd1]);
+        dev.write(DATA_PORT, 0, &[0xfe]);
+        assert!(seen.lock().unwrap().is_empty());
+        dev.write(COMMAND_PORT, 0, &[0xfe]);
+        assert_eq!(*seen.lock().unwrap(), vec![PlatformRequest::Reset]);
+    }
+}
