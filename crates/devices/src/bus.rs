@@ -136,7 +136,8 @@ mod tests {
     #[test]
     fn unclaimed_reads_are_all_ones() {
         let bus = Bus::new();
-        bus.insert(Arc::new(Mutex::new(Recorder::default())), 0x10, 4).unwrap();
+        bus.insert(Arc::new(Mutex::new(Recorder::default())), 0x10, 4)
+            .unwrap();
         let mut b = [0u8; 4];
         assert!(!bus.read(0x14, &mut b));
         assert_eq!(b, [0xff; 4]);
@@ -151,12 +152,19 @@ mod tests {
         bus.insert(dev(), 0x10, 0x10).unwrap();
         assert_eq!(
             bus.insert(dev(), 0x1f, 2),
-            Err(BusError::Overlap { base: 0x1f, len: 2, other: 0x10 })
+            Err(BusError::Overlap {
+                base: 0x1f,
+                len: 2,
+                other: 0x10
+            })
         );
         assert!(bus.insert(dev(), 0x8, 0x9).is_err());
         assert!(bus.insert(dev(), 0x8, 0x8).is_ok());
         assert!(bus.insert(dev(), 0x20, 1).is_ok());
         assert_eq!(bus.insert(dev(), 0x30, 0), Err(BusError::BadRange(0x30)));
-        assert_eq!(bus.insert(dev(), u64::MAX, 2), Err(BusError::BadRange(u64::MAX)));
+        assert_eq!(
+            bus.insert(dev(), u64::MAX, 2),
+            Err(BusError::BadRange(u64::MAX))
+        );
     }
 }

@@ -160,12 +160,28 @@ mod tests {
     fn dates_from_unix_time() {
         assert_eq!(
             DateTime::from_unix(0),
-            DateTime { year: 1970, month: 1, day: 1, hour: 0, minute: 0, second: 0, weekday: 4 }
+            DateTime {
+                year: 1970,
+                month: 1,
+                day: 1,
+                hour: 0,
+                minute: 0,
+                second: 0,
+                weekday: 4
+            }
         );
         // 2024-02-29 13:37:42 UTC, a Thursday.
         assert_eq!(
             DateTime::from_unix(1_709_213_862),
-            DateTime { year: 2024, month: 2, day: 29, hour: 13, minute: 37, second: 42, weekday: 4 }
+            DateTime {
+                year: 2024,
+                month: 2,
+                day: 29,
+                hour: 13,
+                minute: 37,
+                second: 42,
+                weekday: 4
+            }
         );
         // 2000-03-01 00:00:00, the day after a century leap day.
         let d = DateTime::from_unix(951_868_800);
@@ -183,7 +199,11 @@ mod tests {
         assert_eq!(read(&mut cmos, REG_YEAR), 0x24);
         assert_eq!(read(&mut cmos, REG_CENTURY), 0x20);
         assert_eq!(read(&mut cmos, REG_WEEKDAY), 0x05);
-        assert_eq!(read(&mut cmos, REG_STATUS_A) & 0x80, 0, "no update in progress");
+        assert_eq!(
+            read(&mut cmos, REG_STATUS_A) & 0x80,
+            0,
+            "no update in progress"
+        );
         assert_eq!(read(&mut cmos, REG_STATUS_B), 0x02);
         assert_eq!(read(&mut cmos, REG_STATUS_D), 0x80);
     }

@@ -1,1 +1,202 @@
-fn main() {}
+//! `hostvisor`: run virtual machines on KVM.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use vmm::config::{MemorySize, ResetAction, SerialConfig, VmConfig};
+use vmm::{exit_code, VmOutcome, VmmError};
+
+#[derive(Debug, Parser)]
+#[command(name = "hostvisor", version, about = "A hosted hypervisor on KVM")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Boot a VM in the foreground with its console on this terminal.
+    ///
+    /// Without --kernel, boots the default guest built by guest/build.sh.
+    /// Exit status: 0 the guest shut down, 1 hostvisor failed, 2 bad usage,
+    /// 3 the guest crashed. Ctrl-A x kills the VM; Ctrl-A h lists the keys.
+    Run(RunArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// Kernel image: an ELF vmlinux or a bzImage.
+    #[arg(long, value_name = "PATH")]
+    kernel: Option<PathBuf>,
+    /// Initial ramdisk.
+    #[arg(long, value_name = "PATH")]
+    initrd: Option<PathBuf>,
+    /// Kernel command line, replacing the default.
+    #[arg(long, value_name = "STR")]
+    cmdline: Option<String>,
+    /// Text appended to the kernel command line.
+    #[arg(long, value_name = "STR")]
+    append: Option<String>,
+    /// Number of vCPUs (at most the host's CPU count).
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    cpus: u32,
+    /// Guest RAM, like 512M or 2G.
+    #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = parse_memory)]
+    memory: MemorySize,
+    /// Where the serial console goes: stdio, file:PATH or none.
+    #[arg(long, value_name = "WHERE", default_value = "stdio")]
+    serial: SerialConfig,
+    /// What a guest reset does: shutdown (exit 0) or restart.
+    #[arg(long, value_name = "ACTION", default_value = "shutdown", value_parser = parse_reset)]
+    on_reset: ResetAction,
+    /// CPU features to hide from the guest, comma-separated (e.g. cx16,xsave).
+    #[arg(long, value_name = "LIST", value_delimiter = ',')]
+    hide_cpu_features: Vec<String>,
+}
+
+fn parse_memory(s: &str) -> Result<MemorySize, String> {
+    let size: MemorySize = s
+        .parse()
+        .map_err(|e: vmm::config::SizeError| e.to_string())?;
+    let min = MemorySize(arch_min_memory());
+    if size < min {
+        return Err(format!("{size} is too small; a VM needs at least {min}"));
+    }
+    Ok(size)
+}
+
+fn arch_min_memory() -> u64 {
+    16 << 20
+}
+
+fn parse_reset(s: &str) -> Result<ResetAction, String> {
+    match s {
+        "shutdown" => Ok(ResetAction::Shutdown),
+        "restart" => Ok(ResetAction::Restart),
+        _ => Err("use shutdown or restart".into()),
+    }
+}
+
+/// Where guest/build.sh puts the default guest.
+fn default_guest_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("HOSTVISOR_GUEST_DIR") {
+        return dir.into();
+    }
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache")))
+        .unwrap_or_else(|| PathBuf::from("/tmp"));
+    cache.join("hostvisor/guest")
+}
+
+#[derive(Debug)]
+enum CliError {
+    Usage(String),
+    Failure(String),
+}
+
+fn vm_config(args: RunArgs) -> Result<VmConfig, CliError> {
+    let (kernel, initrd) = match args.kernel {
+        Some(kernel) => (kernel, args.initrd),
+        None => {
+            let dir = default_guest_dir();
+            let kernel = dir.join("vmlinux");
+            if !kernel.exists() {
+                return Err(CliError::Failure(format!(
+                    "no --kernel given and the default guest is not built ({} is missing); build it with guest/build.sh from the hostvisor source tree",
+                    kernel.display()
+                )));
+            }
+            let initrd = args.initrd.or_else(|| Some(dir.join("initramfs.cpio")));
+            (kernel, initrd)
+        }
+    };
+    for feature in &args.hide_cpu_features {
+        feature
+            .parse::<arch::cpuid::CpuFeature>()
+            .map_err(|e| CliError::Usage(format!("--hide-cpu-features: {e}")))?;
+    }
+    Ok(VmConfig {
+        cpus: args.cpus,
+        memory: args.memory,
+        kernel,
+        initrd,
+        cmdline: args.cmdline,
+        append: args.append,
+        serial: args.serial,
+        on_reset: args.on_reset,
+        hide_cpu_features: args.hide_cpu_features,
+    })
+}
+
+fn describe(err: &VmmError) -> CliError {
+    let text = vmm::error_chain(err);
+    match err {
+        VmmError::Kvm(_) => CliError::Failure(format!(
+            "{text}; hostvisor needs KVM: load the kvm_intel or kvm_amd module, enable VT-x/AMD-V in the firmware, and give your user access to /dev/kvm (group kvm)"
+        )),
+        VmmError::NoCpus
+        | VmmError::TooManyCpus { .. }
+        | VmmError::MemoryTooSmall(_)
+        | VmmError::CpuFeature(_) => CliError::Usage(text),
+        _ => CliError::Failure(text),
+    }
+}
+
+fn run(args: RunArgs) -> Result<VmOutcome, CliError> {
+    let config = vm_config(args)?;
+    vmm::run(&config).map_err(|e| describe(&e))
+}
+
+fn main() -> ExitCode {
+    vmm::mark_process_start();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("HOSTVISOR_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            // --help and --version.
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            // One line: clap's first line, without the usage block.
+            let text = e.render().to_string();
+            let first = text.lines().next().unwrap_or("invalid arguments");
+            let first = first.strip_prefix("error: ").unwrap_or(first);
+            eprintln!("hostvisor: {first} (see hostvisor --help)");
+            return ExitCode::from(exit_code::USAGE as u8);
+        }
+    };
+    let result = match cli.command {
+        Command::Run(args) => run(args),
+    };
+    let code = match result {
+        Ok(outcome) => {
+            match &outcome {
+                VmOutcome::Crashed(why) => eprintln!("hostvisor: the guest crashed: {why}"),
+                VmOutcome::DebugExit(code) if *code != 0 => {
+                    eprintln!("hostvisor: the guest reported failure {code} on the debug-exit port")
+                }
+                VmOutcome::Terminated => eprintln!("hostvisor: VM terminated"),
+                _ => {}
+            }
+            outcome.exit_code()
+        }
+        Err(CliError::Usage(msg)) => {
+            eprintln!("hostvisor: {msg}");
+            exit_code::USAGE
+        }
+        Err(CliError::Failure(msg)) => {
+            eprintln!("hostvisor: {msg}");
+            exit_code::HOSTVISOR_ERROR
+        }
+    };
+    ExitCode::from(code as u8)
+}

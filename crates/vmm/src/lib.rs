@@ -1,1 +1,290 @@
+//! The virtual machine monitor: turns a [`VmConfig`] into a running VM and
+//! reports how it ended.
 
+pub mod config;
+pub mod console;
+pub mod machine;
+pub mod panic_watch;
+pub mod vcpu;
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::OnceLock;
+use std::time::Instant;
+
+use devices::PlatformRequest;
+use hypervisor::kvm::KvmHypervisor;
+use hypervisor::{HostProfile, Hypervisor};
+
+pub use config::{MemorySize, ResetAction, SerialConfig, VmConfig};
+pub use machine::{Machine, MachineSpec};
+
+/// Messages to the VMM's control loop.
+#[derive(Debug)]
+pub enum VmmEvent {
+    Platform(PlatformRequest),
+    VcpuStopped {
+        id: u32,
+        reason: vcpu::VcpuStop,
+    },
+    /// `Ctrl-A x` on the console.
+    ConsoleExit,
+}
+
+/// How a VM run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmOutcome {
+    /// The guest powered off.
+    PoweredOff,
+    /// The guest reset the machine.
+    Reset,
+    /// A test guest wrote to the debug-exit port.
+    DebugExit(u32),
+    /// The guest crashed: a kernel panic, a triple fault, an instruction
+    /// nobody could complete, an accelerator error.
+    Crashed(String),
+    /// The user ended the VM (`Ctrl-A x`).
+    Terminated,
+}
+
+/// Process exit codes of `hostvisor run`.
+pub mod exit_code {
+    pub const GUEST_SHUTDOWN: i32 = 0;
+    pub const HOSTVISOR_ERROR: i32 = 1;
+    pub const USAGE: i32 = 2;
+    pub const GUEST_CRASH: i32 = 3;
+}
+
+impl VmOutcome {
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            VmOutcome::PoweredOff | VmOutcome::Reset | VmOutcome::Terminated => {
+                exit_code::GUEST_SHUTDOWN
+            }
+            VmOutcome::DebugExit(0) => exit_code::GUEST_SHUTDOWN,
+            VmOutcome::DebugExit(_) | VmOutcome::Crashed(_) => exit_code::GUEST_CRASH,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    #[error("KVM is not usable")]
+    Kvm(#[source] hypervisor::HypervisorError),
+    #[error(transparent)]
+    Hypervisor(#[from] hypervisor::HypervisorError),
+    #[error(transparent)]
+    Arch(#[from] arch::ArchError),
+    #[error("a VM needs at least one vCPU")]
+    NoCpus,
+    #[error("{requested} vCPUs requested, but at most {max} are possible ({why})")]
+    TooManyCpus {
+        requested: u32,
+        max: u32,
+        why: &'static str,
+    },
+    #[error("{} of memory is too small; a VM needs at least {}", MemorySize(*.0), MemorySize(arch::layout::MIN_MEMORY))]
+    MemoryTooSmall(u64),
+    #[error("cannot allocate guest memory: {0}")]
+    GuestMemory(String),
+    #[error("unknown CPU feature to hide")]
+    CpuFeature(#[from] arch::cpuid::UnknownFeature),
+    #[error("cannot open the serial output file {path}")]
+    SerialFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot create an eventfd")]
+    EventFd(#[source] std::io::Error),
+    #[error("device bus")]
+    Bus(#[from] devices::BusError),
+    #[error("cannot start a thread")]
+    Thread(#[source] std::io::Error),
+    #[error("cannot install the vCPU kick signal handler: {0}")]
+    Signal(String),
+}
+
+/// "outer: inner: innermost" for an error and its sources.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let s_text = s.to_string();
+        if !text.ends_with(&s_text) {
+            text.push_str(": ");
+            text.push_str(&s_text);
+        }
+        source = s.source();
+    }
+    text
+}
+
+static PROCESS_START: OnceLock<Instant> = OnceLock::new();
+
+/// Records when the process started, for timing logs. Call first in main.
+pub fn mark_process_start() {
+    let _ = PROCESS_START.set(Instant::now());
+}
+
+/// The kernel command line hostvisor uses when none is given.
+///
+/// On hosts that emulate guest kernel mode (nested PVM), it adds what such
+/// a guest needs: features the emulator cannot execute are cleared
+/// (`noxsave`, `clearcpuid=`), costly work is skipped, and for SMP the
+/// paravirtual features that hang secondary-CPU bring-up there are turned
+/// off (`nopv`, which then needs the TSC frequency given).
+pub fn default_cmdline(profile: HostProfile, cpus: u32, tsc_khz: Option<u32>) -> String {
+    let mut args = vec!["console=ttyS0", "reboot=k", "panic=-1"];
+    let mut owned = Vec::new();
+    if profile.emulated_cpl0 {
+        args.extend([
+            "quiet",
+            "noxsave",
+            "clearcpuid=cx16,erms,fsrm,popcnt,smap",
+            "random.trust_cpu=on",
+            "percpu_alloc=page",
+            "rodata=off",
+        ]);
+        if cpus > 1 {
+            owned.push("nopv".to_string());
+            if let Some(khz) = tsc_khz {
+                owned.push(format!("tsc_early_khz={khz}"));
+            }
+        }
+    }
+    args.into_iter()
+        .map(str::to_string)
+        .chain(owned)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn serial_output(config: &SerialConfig) -> Result<Box<dyn Write + Send>, VmmError> {
+    Ok(match config {
+        SerialConfig::Stdio => Box::new(std::io::stdout()),
+        SerialConfig::None => Box::new(std::io::sink()),
+        SerialConfig::File(path) => Box::new(
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|source| VmmError::SerialFile {
+                    path: path.clone(),
+                    source,
+                })?,
+        ),
+    })
+}
+
+/// Opens KVM.
+pub fn open_hypervisor() -> Result<KvmHypervisor, VmmError> {
+    KvmHypervisor::new().map_err(VmmError::Kvm)
+}
+
+/// Boots the VM `config` describes and runs it to the end, rebooting it on
+/// reset when `on_reset = restart`. Prints the assist counts at the end.
+pub fn run(config: &VmConfig) -> Result<VmOutcome, VmmError> {
+    let started = *PROCESS_START.get_or_init(Instant::now);
+    let hidden = config
+        .hide_cpu_features
+        .iter()
+        .map(|f| f.parse())
+        .collect::<Result<Vec<_>, _>>()?;
+    let hv = open_hypervisor()?;
+    let _raw = match config.serial {
+        SerialConfig::Stdio => console::RawTerminal::enter(),
+        _ => None,
+    };
+    loop {
+        let spec = MachineSpec {
+            cpus: config.cpus,
+            memory: config.memory.bytes(),
+            hidden_features: hidden.clone(),
+            serial_out: serial_output(&config.serial)?,
+        };
+        let mut machine = Machine::new(&hv, spec)?;
+        let mut cmdline = match &config.cmdline {
+            Some(c) => c.clone(),
+            None => default_cmdline(hv.host_profile(), config.cpus, machine.tsc_khz()),
+        };
+        if let Some(extra) = &config.append {
+            cmdline.push(' ');
+            cmdline.push_str(extra);
+        }
+        tracing::debug!(%cmdline, "booting");
+        machine.load_linux(&config.kernel, config.initrd.as_deref(), &cmdline)?;
+        let stats = machine.stats();
+        let outcome = machine.run(config.serial == SerialConfig::Stdio, started)?;
+        let assists = stats.assist_counts();
+        if !assists.is_empty() {
+            let list: Vec<String> = assists.iter().map(|(n, c)| format!("{n} x{c}")).collect();
+            eprintln!(
+                "\r\nhostvisor: instructions completed for KVM: {}",
+                list.join(", ")
+            );
+        }
+        tracing::debug!(
+            exits = stats.exits.load(std::sync::atomic::Ordering::Relaxed),
+            unhandled = stats
+                .unhandled_accesses
+                .load(std::sync::atomic::Ordering::Relaxed),
+            ?outcome,
+            "VM ended"
+        );
+        if outcome == VmOutcome::Reset && config.on_reset == ResetAction::Restart {
+            continue;
+        }
+        return Ok(outcome);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_command_line_depends_on_the_host() {
+        let native = HostProfile {
+            emulated_cpl0: false,
+        };
+        assert_eq!(
+            default_cmdline(native, 2, Some(1000)),
+            "console=ttyS0 reboot=k panic=-1"
+        );
+        let pvm = HostProfile {
+            emulated_cpl0: true,
+        };
+        let one = default_cmdline(pvm, 1, Some(2_596_000));
+        assert!(
+            one.contains("noxsave") && one.contains("clearcpuid=cx16"),
+            "{one}"
+        );
+        assert!(!one.contains("nopv"));
+        let two = default_cmdline(pvm, 2, Some(2_596_000));
+        assert!(two.ends_with("nopv tsc_early_khz=2596000"), "{two}");
+    }
+
+    #[test]
+    fn exit_codes() {
+        assert_eq!(VmOutcome::PoweredOff.exit_code(), 0);
+        assert_eq!(VmOutcome::Reset.exit_code(), 0);
+        assert_eq!(VmOutcome::DebugExit(0).exit_code(), 0);
+        assert_eq!(VmOutcome::DebugExit(1).exit_code(), 3);
+        assert_eq!(VmOutcome::Crashed("x".into()).exit_code(), 3);
+    }
+
+    #[test]
+    fn error_chains_do_not_repeat() {
+        let e = VmmError::SerialFile {
+            path: "/x".into(),
+            source: std::io::Error::from_raw_os_error(libc::ENOENT),
+        };
+        let text = error_chain(&e);
+        assert!(
+            text.starts_with("cannot open the serial output file /x: No such file"),
+            "{text}"
+        );
+    }
+}

@@ -1,0 +1,238 @@
+//! The one VM configuration type, shared by every front end (CLI flags,
+//! later the VM store's TOML and the HTTP API). Unknown fields are refused.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// A memory size, written like `512M`, `2G` or a byte count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct MemorySize(pub u64);
+
+impl MemorySize {
+    pub const fn mib(n: u64) -> Self {
+        MemorySize(n << 20)
+    }
+    pub fn bytes(self) -> u64 {
+        self.0
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("invalid size `{0}`: use a number with an optional K, M, G or T suffix, like 512M or 2G")]
+pub struct SizeError(String);
+
+impl FromStr for MemorySize {
+    type Err = SizeError;
+    fn from_str(s: &str) -> Result<Self, SizeError> {
+        let err = || SizeError(s.to_string());
+        let t = s.trim();
+        let t = t.strip_suffix(['B', 'b']).unwrap_or(t);
+        let t = t.strip_suffix(['i']).unwrap_or(t);
+        let (digits, shift) = match t.char_indices().last() {
+            Some((i, c)) if c.is_ascii_alphabetic() => {
+                let shift = match c.to_ascii_uppercase() {
+                    'K' => 10,
+                    'M' => 20,
+                    'G' => 30,
+                    'T' => 40,
+                    _ => return Err(err()),
+                };
+                (&t[..i], shift)
+            }
+            _ => (t, 0),
+        };
+        let n: u64 = digits.trim().parse().map_err(|_| err())?;
+        n.checked_mul(1 << shift).map(MemorySize).ok_or_else(err)
+    }
+}
+
+impl fmt::Display for MemorySize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let b = self.0;
+        for (shift, unit) in [(40, "T"), (30, "G"), (20, "M"), (10, "K")] {
+            if b != 0 && b % (1 << shift) == 0 {
+                return write!(f, "{}{unit}", b >> shift);
+            }
+        }
+        write!(f, "{b}")
+    }
+}
+
+impl Serialize for MemorySize {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for MemorySize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// Where the guest's serial console goes.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum SerialConfig {
+    /// This process's terminal: output to stdout, input from stdin.
+    #[default]
+    Stdio,
+    /// Output appended to a file; no input.
+    File(PathBuf),
+    /// Discarded.
+    None,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("invalid serial `{0}`: use stdio, file:PATH or none")]
+pub struct SerialConfigError(String);
+
+impl FromStr for SerialConfig {
+    type Err = SerialConfigError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "stdio" => Ok(SerialConfig::Stdio),
+            "none" => Ok(SerialConfig::None),
+            _ => match s.strip_prefix("file:") {
+                Some(path) if !path.is_empty() => Ok(SerialConfig::File(path.into())),
+                _ => Err(SerialConfigError(s.to_string())),
+            },
+        }
+    }
+}
+
+impl fmt::Display for SerialConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SerialConfig::Stdio => f.write_str("stdio"),
+            SerialConfig::File(p) => write!(f, "file:{}", p.display()),
+            SerialConfig::None => f.write_str("none"),
+        }
+    }
+}
+
+impl Serialize for SerialConfig {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for SerialConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// What a guest reset does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ResetAction {
+    /// The VM stops, as after a power-off (until ACPI exists this is how
+    /// guests power off: `reboot=k` and a reset).
+    #[default]
+    Shutdown,
+    /// The VM boots again from its kernel.
+    Restart,
+}
+
+fn default_cpus() -> u32 {
+    1
+}
+
+fn default_memory() -> MemorySize {
+    MemorySize::mib(256)
+}
+
+/// Everything needed to build and boot one VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    #[serde(default = "default_cpus")]
+    pub cpus: u32,
+    #[serde(default = "default_memory")]
+    pub memory: MemorySize,
+    pub kernel: PathBuf,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<PathBuf>,
+    /// The whole kernel command line; `None` means hostvisor's default for
+    /// this host (see [`crate::default_cmdline`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cmdline: Option<String>,
+    /// Appended to the command line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub append: Option<String>,
+    #[serde(default)]
+    pub serial: SerialConfig,
+    #[serde(default)]
+    pub on_reset: ResetAction,
+    /// CPU features hidden from the guest (see `arch::cpuid::FEATURES`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hide_cpu_features: Vec<String>,
+}
+
+impl VmConfig {
+    /// A configuration with defaults for everything but the kernel.
+    pub fn new(kernel: impl Into<PathBuf>) -> Self {
+        VmConfig {
+            cpus: default_cpus(),
+            memory: default_memory(),
+            kernel: kernel.into(),
+            initrd: None,
+            cmdline: None,
+            append: None,
+            serial: SerialConfig::default(),
+            on_reset: ResetAction::default(),
+            hide_cpu_features: Vec::new(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_and_print() {
+        assert_eq!("512M".parse(), Ok(MemorySize(512 << 20)));
+        assert_eq!("2G".parse(), Ok(MemorySize(2 << 30)));
+        assert_eq!("2GiB".parse(), Ok(MemorySize(2 << 30)));
+        assert_eq!("1k".parse(), Ok(MemorySize(1024)));
+        assert_eq!("4096".parse(), Ok(MemorySize(4096)));
+        for bad in ["", "M", "12X", "-1G", "1.5G", "99999999999T"] {
+            assert!(bad.parse::<MemorySize>().is_err(), "{bad}");
+        }
+        assert_eq!(MemorySize(512 << 20).to_string(), "512M");
+        assert_eq!(MemorySize(3 << 30).to_string(), "3G");
+        assert_eq!(MemorySize(1000).to_string(), "1000");
+    }
+
+    #[test]
+    fn serial_options() {
+        assert_eq!("stdio".parse(), Ok(SerialConfig::Stdio));
+        assert_eq!("none".parse(), Ok(SerialConfig::None));
+        assert_eq!(
+            "file:/tmp/x".parse(),
+            Ok(SerialConfig::File("/tmp/x".into()))
+        );
+        assert!("file:".parse::<SerialConfig>().is_err());
+        assert!("tty".parse::<SerialConfig>().is_err());
+    }
+
+    #[test]
+    fn config_round_trips_and_refuses_unknown_fields() {
+        let mut c = VmConfig::new("/k");
+        c.cpus = 2;
+        c.serial = SerialConfig::File("/tmp/s".into());
+        let json = serde_json::to_string(&c).unwrap();
+        assert_eq!(serde_json::from_str::<VmConfig>(&json).unwrap(), c);
+        let err = serde_json::from_str::<VmConfig>(r#"{"kernel":"/k","cpu":2}"#).unwrap_err();
+        assert!(err.to_string().contains("unknown field `cpu`"), "{err}");
+        let d: VmConfig = serde_json::from_str(r#"{"kernel":"/k"}"#).unwrap();
+        assert_eq!(d, VmConfig::new("/k"));
+        assert!(serde_json::from_str::<VmConfig>(r#"{"kernel":"/k","memory":"lots"}"#).is_err());
+    }
+}

@@ -1,0 +1,348 @@
+//! One VM instance: memory, platform devices and vCPUs, assembled in steps
+//! so that `run` boots Linux and tests can boot a few bytes of code.
+
+use std::io::Write;
+use std::sync::atomic::AtomicBool;
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use arch::cpuid::{CpuFeature, CpuidPolicy};
+use arch::layout::{self, ZERO_PAGE_START};
+use devices::cmos::{Cmos, CMOS_PORT, CMOS_PORT_LEN};
+use devices::debug_exit::{DebugExit, DEBUG_EXIT_PORT};
+use devices::i8042::{COMMAND_PORT, DATA_PORT, I8042};
+use devices::serial::{SerialDevice, COM1_IRQ, COM1_PORT, UART_PORT_LEN};
+use devices::{Bus, PlatformRequest, PlatformRequestSink};
+use hypervisor::{GuestMemoryMmap, Hypervisor, SystemEvent, Vcpu, Vm};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::panic_watch::{PanicNote, PanicWatch};
+use crate::vcpu::{self, VcpuContext, VcpuHandle, VcpuStats, VcpuStop};
+use crate::{VmOutcome, VmmError, VmmEvent};
+
+/// The shape of a machine, independent of what it boots.
+pub struct MachineSpec {
+    pub cpus: u32,
+    pub memory: u64,
+    pub hidden_features: Vec<CpuFeature>,
+    /// Where the UART's output goes.
+    pub serial_out: Box<dyn Write + Send>,
+}
+
+/// A VM ready to boot.
+pub struct Machine {
+    /// Kept for the VM's lifetime: the vCPUs and memory slots belong to it.
+    _vm: Arc<dyn Vm>,
+    mem: GuestMemoryMmap,
+    pio: Bus,
+    mmio: Bus,
+    vcpus: Vec<Box<dyn Vcpu>>,
+    serial: Arc<Mutex<SerialDevice>>,
+    input_space: Arc<EventFd>,
+    events: (Sender<VmmEvent>, Receiver<VmmEvent>),
+    stats: Arc<VcpuStats>,
+    memory: u64,
+    panic_note: PanicNote,
+}
+
+impl std::fmt::Debug for Machine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Machine")
+            .field("vcpus", &self.vcpus.len())
+            .field("memory", &self.memory)
+            .finish()
+    }
+}
+
+/// The highest vCPU count this host and platform allow, and why.
+pub fn max_cpus(hv: &dyn Hypervisor) -> (u32, &'static str) {
+    let host = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+    let kvm = hv.max_vcpus() as u32;
+    let mp = arch::mptable::max_cpus();
+    [
+        (host, "the host's CPU count"),
+        (kvm, "KVM's vCPU limit"),
+        (mp, "the MP table's limit"),
+    ]
+    .into_iter()
+    .min_by_key(|(n, _)| *n)
+    .unwrap_or((1, "the host's CPU count"))
+}
+
+impl Machine {
+    /// Creates the VM, its RAM, platform devices and vCPUs (with CPUID,
+    /// MSRs, FPU, LAPIC and 64-bit mode set up), but loads nothing.
+    pub fn new(hv: &dyn Hypervisor, spec: MachineSpec) -> Result<Machine, VmmError> {
+        let (max, why) = max_cpus(hv);
+        if spec.cpus == 0 {
+            return Err(VmmError::NoCpus);
+        }
+        if spec.cpus > max {
+            return Err(VmmError::TooManyCpus {
+                requested: spec.cpus,
+                max,
+                why,
+            });
+        }
+        if spec.memory < layout::MIN_MEMORY {
+            return Err(VmmError::MemoryTooSmall(spec.memory));
+        }
+
+        let vm = hv.create_vm()?;
+        let ranges: Vec<(GuestAddress, usize)> = layout::ram_ranges(spec.memory)
+            .into_iter()
+            .map(|(start, size)| (GuestAddress(start), size as usize))
+            .collect();
+        let mem = GuestMemoryMmap::from_ranges(&ranges)
+            .map_err(|e| VmmError::GuestMemory(e.to_string()))?;
+        for (slot, region) in mem.iter().enumerate() {
+            // SAFETY: the regions belong to `mem`, which the Machine keeps
+            // (and the vCPU threads clone) for as long as the VM runs.
+            unsafe {
+                vm.map_memory(
+                    slot as u32,
+                    region.start_addr().0,
+                    region.len(),
+                    region.as_ptr() as u64,
+                )
+            }?;
+        }
+        vm.create_platform_devices()?;
+
+        let events = channel();
+        let sink: PlatformRequestSink = {
+            let tx = Mutex::new(events.0.clone());
+            Arc::new(move |r: PlatformRequest| {
+                let _ = tx
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .send(VmmEvent::Platform(r));
+            })
+        };
+        let pio = Bus::new();
+        let mmio = Bus::new();
+        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)?;
+        vm.register_irqfd(&irq, COM1_IRQ)?;
+        let input_space = Arc::new(EventFd::new(0).map_err(VmmError::EventFd)?);
+        let panic_note = PanicNote::default();
+        let watched = Box::new(PanicWatch::new(spec.serial_out, panic_note.clone()));
+        let serial = Arc::new(Mutex::new(SerialDevice::new(
+            irq,
+            watched,
+            input_space.clone(),
+        )));
+        pio.insert(serial.clone(), COM1_PORT, UART_PORT_LEN)?;
+        let i8042 = Arc::new(Mutex::new(I8042::new(sink.clone())));
+        pio.insert(i8042.clone(), DATA_PORT, 1)?;
+        pio.insert(i8042, COMMAND_PORT, 1)?;
+        pio.insert(
+            Arc::new(Mutex::new(Cmos::default())),
+            CMOS_PORT,
+            CMOS_PORT_LEN,
+        )?;
+        pio.insert(
+            Arc::new(Mutex::new(DebugExit::new(sink))),
+            DEBUG_EXIT_PORT,
+            1,
+        )?;
+
+        let supported = hv.supported_cpuid()?;
+        let policy = CpuidPolicy {
+            cpu_count: spec.cpus,
+            hidden: spec.hidden_features,
+        };
+        let long_mode = arch::regs::setup_long_mode(&mem, &Default::default())?;
+        let mut vcpus = Vec::with_capacity(spec.cpus as usize);
+        for id in 0..spec.cpus {
+            let mut vcpu = vm.create_vcpu(id)?;
+            vcpu.set_cpuid(&policy.apply(&supported, id))?;
+            vcpu.set_msrs(&arch::regs::boot_msrs())?;
+            vcpu.set_fpu(&arch::regs::boot_fpu())?;
+            let mut sregs = vcpu.sregs()?;
+            sregs.cs = long_mode.cs;
+            sregs.ds = long_mode.ds;
+            sregs.es = long_mode.es;
+            sregs.fs = long_mode.fs;
+            sregs.gs = long_mode.gs;
+            sregs.ss = long_mode.ss;
+            sregs.tr = long_mode.tr;
+            sregs.gdt = long_mode.gdt;
+            sregs.idt = long_mode.idt;
+            sregs.cr0 = long_mode.cr0;
+            sregs.cr3 = long_mode.cr3;
+            sregs.cr4 = long_mode.cr4;
+            sregs.efer = long_mode.efer;
+            vcpu.set_sregs(&sregs)?;
+            let mut lapic = vcpu.lapic()?;
+            arch::regs::configure_lint(&mut lapic);
+            vcpu.set_lapic(&lapic)?;
+            vcpus.push(vcpu);
+        }
+        Ok(Machine {
+            _vm: vm,
+            mem,
+            pio,
+            mmio,
+            vcpus,
+            serial,
+            input_space,
+            events,
+            stats: Arc::new(VcpuStats::default()),
+            memory: spec.memory,
+            panic_note,
+        })
+    }
+
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
+    pub fn pio_bus(&self) -> &Bus {
+        &self.pio
+    }
+
+    pub fn mmio_bus(&self) -> &Bus {
+        &self.mmio
+    }
+
+    pub fn stats(&self) -> Arc<VcpuStats> {
+        self.stats.clone()
+    }
+
+    /// The vCPUs' TSC frequency in kHz, if KVM knows it.
+    pub fn tsc_khz(&self) -> Option<u32> {
+        self.vcpus.first().and_then(|v| v.tsc_khz().ok())
+    }
+
+    /// Loads a Linux kernel (ELF vmlinux or bzImage), optional initrd and
+    /// command line, the MP table, and points every vCPU at the entry.
+    pub fn load_linux(
+        &mut self,
+        kernel: &std::path::Path,
+        initrd: Option<&std::path::Path>,
+        cmdline: &str,
+    ) -> Result<(), VmmError> {
+        let loaded = arch::boot::load_kernel(&self.mem, kernel)?;
+        let initrd = initrd
+            .map(|path| arch::boot::load_initrd(&self.mem, path, &loaded, self.memory))
+            .transpose()?;
+        arch::boot::write_cmdline(&self.mem, cmdline)?;
+        let params = arch::boot::boot_params(&loaded, cmdline.len(), initrd, self.memory);
+        arch::boot::write_boot_params(&self.mem, &params)?;
+        arch::mptable::setup(&self.mem, self.vcpus.len() as u32)?;
+        tracing::debug!(entry = format_args!("{:#x}", loaded.entry), format = ?loaded.format, "kernel loaded");
+        self.set_entry(loaded.entry, ZERO_PAGE_START)
+    }
+
+    /// Copies raw 64-bit code into guest memory at `addr` and points every
+    /// vCPU there (RSI = `rsi`). Used for firmware-less test guests.
+    pub fn load_code(&mut self, addr: u64, code: &[u8], rsi: u64) -> Result<(), VmmError> {
+        self.mem
+            .write_slice(code, GuestAddress(addr))
+            .map_err(|e| VmmError::GuestMemory(e.to_string()))?;
+        self.set_entry(addr, rsi)
+    }
+
+    fn set_entry(&mut self, entry: u64, rsi: u64) -> Result<(), VmmError> {
+        let regs = arch::regs::boot_regs(entry, rsi);
+        for vcpu in &mut self.vcpus {
+            vcpu.set_regs(&regs)?;
+        }
+        Ok(())
+    }
+
+    /// Runs the guest until it powers off, resets, crashes, or the user
+    /// ends it, with console input from stdin when `interactive`.
+    pub fn run(self, interactive: bool, started: Instant) -> Result<VmOutcome, VmmError> {
+        hypervisor::install_kick_handler().map_err(|e| VmmError::Signal(e.to_string()))?;
+        let (tx, rx) = self.events;
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut handles = Vec::new();
+        for vcpu in self.vcpus {
+            let id = vcpu.id();
+            let ctx = VcpuContext {
+                pio: self.pio.clone(),
+                mmio: self.mmio.clone(),
+                mem: self.mem.clone(),
+                stats: self.stats.clone(),
+                stop: stop.clone(),
+                events: tx.clone(),
+                started,
+            };
+            let thread = std::thread::Builder::new()
+                .name(format!("vcpu{id}"))
+                .spawn(move || vcpu::run(vcpu, ctx))
+                .map_err(VmmError::Thread)?;
+            handles.push(VcpuHandle { id, thread });
+        }
+        if interactive {
+            crate::console::spawn_input_thread(
+                self.serial.clone(),
+                self.input_space.clone(),
+                tx.clone(),
+            )
+            .map_err(VmmError::Thread)?;
+        }
+        drop(tx);
+
+        let mut running = handles.len();
+        let outcome = loop {
+            let Ok(event) = rx.recv() else {
+                break VmOutcome::Crashed("every vCPU thread ended without a reason".into());
+            };
+            match event {
+                VmmEvent::Platform(PlatformRequest::Reset) => break VmOutcome::Reset,
+                VmmEvent::Platform(PlatformRequest::DebugExit(code)) => break VmOutcome::DebugExit(code),
+                VmmEvent::ConsoleExit => break VmOutcome::Terminated,
+                VmmEvent::VcpuStopped { id, reason } => match reason {
+                    VcpuStop::Requested => {
+                        running -= 1;
+                        if running == 0 {
+                            break VmOutcome::Terminated;
+                        }
+                    }
+                    VcpuStop::TripleFault => break VmOutcome::Crashed(format!("vCPU {id} triple-faulted")),
+                    VcpuStop::SystemEvent(SystemEvent::Reset) => break VmOutcome::Reset,
+                    VcpuStop::SystemEvent(SystemEvent::Shutdown) => break VmOutcome::PoweredOff,
+                    VcpuStop::SystemEvent(other) => {
+                        break VmOutcome::Crashed(format!("vCPU {id} reported {other:?}"))
+                    }
+                    VcpuStop::EmulationFailure { rip, bytes, reason } => {
+                        break VmOutcome::Crashed(format!(
+                            "vCPU {id}: KVM could not emulate the instruction at RIP {rip:#x} (bytes {}): {reason}",
+                            if bytes.is_empty() { "unknown".to_string() } else { hex(&bytes) }
+                        ))
+                    }
+                    VcpuStop::InternalError(msg) => break VmOutcome::Crashed(format!("vCPU {id}: {msg}")),
+                },
+            }
+        };
+        stop.store(true, std::sync::atomic::Ordering::Release);
+        for h in &handles {
+            h.kick();
+        }
+        for h in handles {
+            let _ = h.thread.join();
+        }
+        // A reset right after a kernel panic is the panic's reboot.
+        let panic = self
+            .panic_note
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        Ok(match (outcome, panic) {
+            (VmOutcome::Reset, Some(message)) => VmOutcome::Crashed(message),
+            (outcome, _) => outcome,
+        })
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
