@@ -132,12 +132,10 @@ pub fn mark_process_start() {
 ///
 /// On hosts that emulate guest kernel mode (nested PVM), it adds what such
 /// a guest needs: features the emulator cannot execute are cleared
-/// (`noxsave`, `clearcpuid=`), costly work is skipped, and for SMP the
-/// paravirtual features that hang secondary-CPU bring-up there are turned
-/// off (`nopv`, which then needs the TSC frequency given).
-pub fn default_cmdline(profile: HostProfile, cpus: u32, tsc_khz: Option<u32>) -> String {
+/// (`noxsave`, `clearcpuid=`), and costly work is skipped (`quiet`: every
+/// console byte is an exit there).
+pub fn default_cmdline(profile: HostProfile) -> String {
     let mut args = vec!["console=ttyS0", "reboot=k", "panic=-1"];
-    let mut owned = Vec::new();
     if profile.emulated_cpl0 {
         args.extend([
             "quiet",
@@ -147,18 +145,23 @@ pub fn default_cmdline(profile: HostProfile, cpus: u32, tsc_khz: Option<u32>) ->
             "percpu_alloc=page",
             "rodata=off",
         ]);
-        if cpus > 1 {
-            owned.push("nopv".to_string());
-            if let Some(khz) = tsc_khz {
-                owned.push(format!("tsc_early_khz={khz}"));
-            }
-        }
     }
-    args.into_iter()
-        .map(str::to_string)
-        .chain(owned)
-        .collect::<Vec<_>>()
-        .join(" ")
+    args.join(" ")
+}
+
+/// CPU features hidden on this host whatever the configuration says.
+///
+/// On emulated-CPL0 (PVM) hosts the KVM paravirtual send-IPI hypercall
+/// never reaches the target vCPU, so secondary CPUs hang in bring-up;
+/// without the feature Linux sends IPIs through the LAPIC, which works.
+pub fn host_hidden_features(profile: HostProfile) -> Vec<arch::cpuid::CpuFeature> {
+    if profile.emulated_cpl0 {
+        vec!["pv-send-ipi"
+            .parse()
+            .expect("pv-send-ipi is a known feature")]
+    } else {
+        Vec::new()
+    }
 }
 
 fn serial_output(config: &SerialConfig) -> Result<Box<dyn Write + Send>, VmmError> {
@@ -187,12 +190,17 @@ pub fn open_hypervisor() -> Result<KvmHypervisor, VmmError> {
 /// reset when `on_reset = restart`. Prints the assist counts at the end.
 pub fn run(config: &VmConfig) -> Result<VmOutcome, VmmError> {
     let started = *PROCESS_START.get_or_init(Instant::now);
-    let hidden = config
+    let hv = open_hypervisor()?;
+    let mut hidden = config
         .hide_cpu_features
         .iter()
         .map(|f| f.parse())
         .collect::<Result<Vec<_>, _>>()?;
-    let hv = open_hypervisor()?;
+    for feature in host_hidden_features(hv.host_profile()) {
+        if !hidden.contains(&feature) {
+            hidden.push(feature);
+        }
+    }
     let _raw = match config.serial {
         SerialConfig::Stdio => console::RawTerminal::enter(),
         _ => None,
@@ -207,7 +215,7 @@ pub fn run(config: &VmConfig) -> Result<VmOutcome, VmmError> {
         let mut machine = Machine::new(&hv, spec)?;
         let mut cmdline = match &config.cmdline {
             Some(c) => c.clone(),
-            None => default_cmdline(hv.host_profile(), config.cpus, machine.tsc_khz()),
+            None => default_cmdline(hv.host_profile()),
         };
         if let Some(extra) = &config.append {
             cmdline.push(' ');
@@ -249,21 +257,22 @@ mod tests {
         let native = HostProfile {
             emulated_cpl0: false,
         };
-        assert_eq!(
-            default_cmdline(native, 2, Some(1000)),
-            "console=ttyS0 reboot=k panic=-1"
-        );
+        assert_eq!(default_cmdline(native), "console=ttyS0 reboot=k panic=-1");
+        assert!(host_hidden_features(native).is_empty());
         let pvm = HostProfile {
             emulated_cpl0: true,
         };
-        let one = default_cmdline(pvm, 1, Some(2_596_000));
+        let line = default_cmdline(pvm);
         assert!(
-            one.contains("noxsave") && one.contains("clearcpuid=cx16"),
-            "{one}"
+            line.contains("noxsave") && line.contains("clearcpuid=cx16"),
+            "{line}"
         );
-        assert!(!one.contains("nopv"));
-        let two = default_cmdline(pvm, 2, Some(2_596_000));
-        assert!(two.ends_with("nopv tsc_early_khz=2596000"), "{two}");
+        assert!(
+            !line.contains("nopv"),
+            "SMP works through the CPUID fix instead"
+        );
+        let hidden: Vec<_> = host_hidden_features(pvm).iter().map(|f| f.name()).collect();
+        assert_eq!(hidden, ["pv-send-ipi"]);
     }
 
     #[test]

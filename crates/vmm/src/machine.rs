@@ -211,11 +211,6 @@ impl Machine {
         self.stats.clone()
     }
 
-    /// The vCPUs' TSC frequency in kHz, if KVM knows it.
-    pub fn tsc_khz(&self) -> Option<u32> {
-        self.vcpus.first().and_then(|v| v.tsc_khz().ok())
-    }
-
     /// Loads a Linux kernel (ELF vmlinux or bzImage), optional initrd and
     /// command line, the MP table, and points every vCPU at the entry.
     pub fn load_linux(
