@@ -138,7 +138,7 @@ mod tests {
                         off += CPU_ENTRY_SIZE;
                     }
                     2 => {
-                        assert_eq!(table[off + 1] as u32, cpus, "IOAPIC id after CPUs");
+                        assert_eq!(u32::from(table[off + 1]), cpus, "IOAPIC id after CPUs");
                         off += SMALL_ENTRY_SIZE;
                     }
                     1 | 3 | 4 => off += SMALL_ENTRY_SIZE,

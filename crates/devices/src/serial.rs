@@ -129,7 +129,7 @@ mod tests {
         let mut iir = [0u8];
         dev.read(COM1_PORT, 2, &mut iir);
         assert_eq!(iir[0] & 0x0f, 0x02, "IIR says THR empty");
-        dev.write(COM1_PORT, 0, &[b'x']);
+        dev.write(COM1_PORT, 0, b"x");
         assert_eq!(irq.read().unwrap(), 1);
     }
 

@@ -39,7 +39,7 @@ struct RunArgs {
     #[arg(long, value_name = "STR")]
     append: Option<String>,
     /// Number of vCPUs (at most the host's CPU count).
-    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = parse_cpus)]
     cpus: u32,
     /// Guest RAM, like 512M or 2G.
     #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = parse_memory)]
@@ -59,15 +59,19 @@ fn parse_memory(s: &str) -> Result<MemorySize, String> {
     let size: MemorySize = s
         .parse()
         .map_err(|e: vmm::config::SizeError| e.to_string())?;
-    let min = MemorySize(arch_min_memory());
+    let min = MemorySize(arch::layout::MIN_MEMORY);
     if size < min {
         return Err(format!("{size} is too small; a VM needs at least {min}"));
     }
     Ok(size)
 }
 
-fn arch_min_memory() -> u64 {
-    16 << 20
+fn parse_cpus(s: &str) -> Result<u32, String> {
+    match s.parse::<u32>() {
+        Ok(0) => Err("a VM needs at least one vCPU".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err("give a whole number of vCPUs, like 2".into()),
+    }
 }
 
 fn parse_reset(s: &str) -> Result<ResetAction, String> {

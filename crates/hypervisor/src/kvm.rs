@@ -399,7 +399,7 @@ mod tests {
     #[test]
     fn internal_error_bytes_are_bounded_by_the_data() {
         // A length of 15 with only 7 bytes present yields what is present.
-        let data = [1u64, 0x0807_0605_0403_0f_0f];
+        let data = [1u64, 0x0807_0605_0403_0f0f];
         match decode_internal_error(KVM_INTERNAL_ERROR_EMULATION, &data) {
             VmExit::EmulationFailure(f) => {
                 assert_eq!(f.insn_bytes.unwrap().len(), 7);

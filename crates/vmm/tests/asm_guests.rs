@@ -7,6 +7,8 @@
 //! kernel mode (nested PVM), the same instructions go through hostvisor's
 //! assists, and the tests also check that they did.
 
+#![allow(clippy::unwrap_used)] // test helpers: a failed setup step should fail the test
+
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -131,7 +133,7 @@ impl Guest {
         if reg != rax {
             a.mov(rax, reg).unwrap();
         }
-        a.mov(dx, RECORDER_PORT as u32).unwrap();
+        a.mov(dx, u32::from(RECORDER_PORT)).unwrap();
         a.out(dx, eax).unwrap();
         a.shr(rax, 32).unwrap();
         a.out(dx, eax).unwrap();
@@ -141,7 +143,7 @@ impl Guest {
 
     fn exit(&mut self, code: u8) {
         let a = &mut self.a;
-        a.mov(al, code as u32).unwrap();
+        a.mov(al, u32::from(code)).unwrap();
         a.out(0xf4, al).unwrap();
         let mut spin = a.create_label();
         a.set_label(&mut spin).unwrap();
@@ -257,15 +259,15 @@ fn run(guest: Guest, prepare: impl FnOnce(&GuestMemoryMmap)) -> Option<Run> {
 #[test]
 fn port_io_reaches_devices_in_both_directions() {
     let mut g = Guest::new();
-    g.a.mov(dx, (RECORDER_PORT + 2) as u32).unwrap();
+    g.a.mov(dx, u32::from(RECORDER_PORT + 2)).unwrap();
     g.a.in_(eax, dx).unwrap(); // 0x1234_5678 + offset 2
     g.a.add(eax, 1).unwrap();
-    g.a.mov(dx, RECORDER_PORT as u32).unwrap();
+    g.a.mov(dx, u32::from(RECORDER_PORT)).unwrap();
     g.a.out(dx, eax).unwrap();
     // A port nobody claims reads as all ones.
     g.a.mov(dx, 0x7770u32).unwrap();
     g.a.in_(eax, dx).unwrap();
-    g.a.mov(dx, RECORDER_PORT as u32).unwrap();
+    g.a.mov(dx, u32::from(RECORDER_PORT)).unwrap();
     g.a.out(dx, eax).unwrap();
     g.exit(0);
     let Some(r) = run(g, |_| {}) else { return };
