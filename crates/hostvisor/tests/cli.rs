@@ -379,3 +379,138 @@ fn guest_kernel_panic_is_a_crash() {
         out.stderr
     );
 }
+
+/// A minimal ELF64 "kernel": `code` in one PT_LOAD segment at 1 MiB,
+/// entered in 64-bit mode like a vmlinux.
+fn tiny_kernel(name: &str, code: &[u8]) -> PathBuf {
+    const BASE: u64 = 0x10_0000;
+    let mut elf = Vec::new();
+    elf.extend_from_slice(b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0");
+    elf.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    elf.extend_from_slice(&0x3eu16.to_le_bytes()); // x86-64
+    elf.extend_from_slice(&1u32.to_le_bytes());
+    elf.extend_from_slice(&BASE.to_le_bytes()); // entry
+    elf.extend_from_slice(&64u64.to_le_bytes()); // program headers
+    elf.extend_from_slice(&0u64.to_le_bytes()); // no sections
+    elf.extend_from_slice(&0u32.to_le_bytes());
+    for v in [64u16, 56, 1, 64, 0, 0] {
+        elf.extend_from_slice(&v.to_le_bytes());
+    }
+    elf.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+    elf.extend_from_slice(&5u32.to_le_bytes()); // R+X
+    for v in [
+        0x1000u64,
+        BASE,
+        BASE,
+        code.len() as u64,
+        code.len() as u64,
+        0x1000,
+    ] {
+        elf.extend_from_slice(&v.to_le_bytes());
+    }
+    elf.resize(0x1000, 0);
+    elf.extend_from_slice(code);
+    let path = temp_dir(name).join("kernel.elf");
+    std::fs::write(&path, elf).unwrap();
+    path
+}
+
+/// Prints "b\n" on COM1, then resets through the i8042.
+const PRINT_AND_RESET: &[u8] = &[
+    0x66, 0xba, 0xf8, 0x03, // mov dx, 0x3f8
+    0xb0, b'b', 0xee, // mov al, 'b'; out dx, al
+    0xb0, b'\n', 0xee, // mov al, '\n'; out dx, al
+    0xb0, 0xfe, 0xe6, 0x64, // mov al, 0xfe; out 0x64, al
+    0xf4, 0xeb, 0xfd, // hlt; jmp hlt
+];
+
+fn tiny_run(name: &str, code: &[u8], extra: &[&str]) -> Output {
+    let kernel = tiny_kernel(name, code);
+    let mut args = vec![
+        "run",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--memory",
+        "32M",
+    ];
+    args.extend_from_slice(extra);
+    let out = hostvisor(&args, &[], QUICK);
+    let _ = std::fs::remove_dir_all(kernel.parent().unwrap());
+    out
+}
+
+#[test]
+fn elf_kernel_reset_is_a_shutdown() {
+    if !kvm_usable() {
+        return;
+    }
+    let out = tiny_run("reset", PRINT_AND_RESET, &[]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(out.stdout, "b\n");
+}
+
+#[test]
+fn on_reset_restart_boots_again() {
+    if !kvm_usable() {
+        return;
+    }
+    let kernel = tiny_kernel("restart", PRINT_AND_RESET);
+    let mut child = Command::new(BIN)
+        .args([
+            "run",
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--memory",
+            "32M",
+        ])
+        .args(["--on-reset", "restart"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 64];
+    let start = Instant::now();
+    while seen.iter().filter(|&&b| b == b'\n').count() < 3 && start.elapsed() < QUICK {
+        match stdout.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => seen.extend_from_slice(&buf[..n]),
+        }
+    }
+    let still_running = child.try_wait().unwrap().is_none();
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(kernel.parent().unwrap());
+    assert!(
+        seen.starts_with(b"b\nb\nb\n"),
+        "{:?}",
+        String::from_utf8_lossy(&seen)
+    );
+    assert!(still_running, "a restarting VM keeps running");
+}
+
+#[test]
+fn debug_exit_codes_reach_the_exit_status() {
+    if !kvm_usable() {
+        return;
+    }
+    // mov al, N; out 0xf4, al
+    let out = tiny_run("dbg0", &[0xb0, 0, 0xe6, 0xf4, 0xf4], &[]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let out = tiny_run("dbg5", &[0xb0, 5, 0xe6, 0xf4, 0xf4], &[]);
+    assert_one_line_error(&out, 3, "failure 5 on the debug-exit port");
+}
+
+#[test]
+fn guest_triple_fault_is_a_crash() {
+    if !kvm_usable() {
+        return;
+    }
+    // ud2 with an empty IDT: #UD cannot be delivered -> triple fault.
+    let out = tiny_run("ud2", &[0x0f, 0x0b], &[]);
+    assert_eq!(out.code, 3, "{}", out.stderr);
+    assert!(out.stderr.contains("the guest crashed"), "{}", out.stderr);
+    assert!(!out.stderr.contains("panicked"));
+}

@@ -303,6 +303,25 @@ impl Vcpu for KvmVcpu {
     fn clear_kick(&mut self) {
         self.fd.set_kvm_immediate_exit(0);
     }
+
+    fn disarm_kick(&mut self) {
+        let run: *mut kvm_run = self.fd.get_kvm_run();
+        KICK_TARGET.with(|target| {
+            if target.get() == run {
+                target.set(std::ptr::null_mut());
+            }
+        });
+    }
+}
+
+impl Drop for KvmVcpu {
+    fn drop(&mut self) {
+        // The kvm_run mapping goes away with the fd: a kick arriving on this
+        // thread afterwards must not write to it. (The handler runs on this
+        // same thread, so it sees either the old, still mapped pointer or
+        // null.)
+        self.disarm_kick();
+    }
 }
 
 /// Builds the exit for KVM_EXIT_INTERNAL_ERROR. For emulation failures, KVM

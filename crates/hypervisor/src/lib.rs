@@ -138,6 +138,9 @@ pub trait Vcpu: CpuState + Send {
     fn arm_kick(&mut self);
     /// Clears a kick that made [`Vcpu::run`] return [`VmExit::Interrupted`].
     fn clear_kick(&mut self);
+    /// Undoes [`Vcpu::arm_kick`] on the calling thread, before the vCPU
+    /// goes away; later kicks to the thread do nothing.
+    fn disarm_kick(&mut self);
 }
 
 /// Why a vCPU stopped running the guest. Port and MMIO exits borrow the

@@ -170,6 +170,7 @@ pub fn run(mut vcpu: Box<dyn Vcpu>, ctx: VcpuContext) {
             }
         }
     }
+    vcpu.disarm_kick();
     state = VcpuState::Exited;
     tracing::debug!(vcpu = id, ?state, ?reason, "vCPU loop ended");
     let _ = ctx.events.send(VmmEvent::VcpuStopped { id, reason });
