@@ -91,16 +91,22 @@ pub fn write_identity_page_tables(mem: &GuestMemoryMmap) -> Result<u64> {
     Ok(PML4_START)
 }
 
-/// Writes the GDT, an empty IDT and page tables into guest memory and
-/// returns the special registers of 64-bit mode that use them.
-pub fn setup_long_mode(mem: &GuestMemoryMmap, base: &SpecialRegisters) -> Result<SpecialRegisters> {
-    let gdt = boot_gdt();
-    for (i, entry) in gdt.iter().enumerate() {
+/// Writes the boot GDT, an empty IDT and the identity page tables into
+/// guest memory, for [`long_mode_sregs`].
+pub fn write_boot_tables(mem: &GuestMemoryMmap) -> Result<()> {
+    for (i, entry) in boot_gdt().iter().enumerate() {
         write(mem, *entry, BOOT_GDT_START + 8 * i as u64)?;
     }
     write(mem, 0u64, BOOT_IDT_START)?;
-    let cr3 = write_identity_page_tables(mem)?;
+    write_identity_page_tables(mem)?;
+    Ok(())
+}
 
+/// `base` (a vCPU's own special registers, which keep per-vCPU fields such
+/// as the APIC base) switched to 64-bit mode on the tables that
+/// [`write_boot_tables`] wrote.
+pub fn long_mode_sregs(base: &SpecialRegisters) -> SpecialRegisters {
+    let gdt = boot_gdt();
     let mut sregs = *base;
     let code = segment_from_gdt(gdt[2], BOOT_CS);
     let data = segment_from_gdt(gdt[3], BOOT_DS);
@@ -122,10 +128,10 @@ pub fn setup_long_mode(mem: &GuestMemoryMmap, base: &SpecialRegisters) -> Result
         ..Default::default()
     };
     sregs.cr0 = X86_CR0_PE | X86_CR0_ET | X86_CR0_NE | X86_CR0_PG;
-    sregs.cr3 = cr3;
+    sregs.cr3 = PML4_START;
     sregs.cr4 = X86_CR4_PAE;
     sregs.efer = EFER_LME | EFER_LMA;
-    Ok(sregs)
+    sregs
 }
 
 /// General registers at a 64-bit kernel entry point: RSI points at
@@ -261,7 +267,14 @@ mod tests {
     #[test]
     fn long_mode_registers() {
         let mem = memory();
-        let sregs = setup_long_mode(&mem, &SpecialRegisters::default()).unwrap();
+        write_boot_tables(&mem).unwrap();
+        let base = SpecialRegisters {
+            apic_base: 0xfee0_0900,
+            ..Default::default()
+        };
+        let sregs = long_mode_sregs(&base);
+        assert_eq!(sregs.apic_base, 0xfee0_0900, "per-vCPU fields kept");
+        assert_eq!(sregs.cr3, PML4_START);
         assert_eq!(
             sregs.cr0 & (X86_CR0_PE | X86_CR0_PG),
             X86_CR0_PE | X86_CR0_PG

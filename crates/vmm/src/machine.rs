@@ -153,27 +153,14 @@ impl Machine {
             cpu_count: spec.cpus,
             hidden: spec.hidden_features,
         };
-        let long_mode = arch::regs::setup_long_mode(&mem, &Default::default())?;
+        arch::regs::write_boot_tables(&mem)?;
         let mut vcpus = Vec::with_capacity(spec.cpus as usize);
         for id in 0..spec.cpus {
             let mut vcpu = vm.create_vcpu(id)?;
             vcpu.set_cpuid(&policy.apply(&supported, id))?;
             vcpu.set_msrs(&arch::regs::boot_msrs())?;
             vcpu.set_fpu(&arch::regs::boot_fpu())?;
-            let mut sregs = vcpu.sregs()?;
-            sregs.cs = long_mode.cs;
-            sregs.ds = long_mode.ds;
-            sregs.es = long_mode.es;
-            sregs.fs = long_mode.fs;
-            sregs.gs = long_mode.gs;
-            sregs.ss = long_mode.ss;
-            sregs.tr = long_mode.tr;
-            sregs.gdt = long_mode.gdt;
-            sregs.idt = long_mode.idt;
-            sregs.cr0 = long_mode.cr0;
-            sregs.cr3 = long_mode.cr3;
-            sregs.cr4 = long_mode.cr4;
-            sregs.efer = long_mode.efer;
+            let sregs = arch::regs::long_mode_sregs(&vcpu.sregs()?);
             vcpu.set_sregs(&sregs)?;
             let mut lapic = vcpu.lapic()?;
             arch::regs::configure_lint(&mut lapic);
