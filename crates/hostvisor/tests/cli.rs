@@ -514,3 +514,175 @@ fn guest_triple_fault_is_a_crash() {
     assert!(out.stderr.contains("the guest crashed"), "{}", out.stderr);
     assert!(!out.stderr.contains("panicked"));
 }
+
+/// Echoes every byte the UART receives; exits through the debug port on
+/// 'q'.
+const ECHO_UNTIL_Q: &[u8] = &[
+    0x66, 0xba, 0xfd, 0x03, // loop: mov dx, 0x3fd (LSR)
+    0xec, // wait: in al, dx
+    0xa8, 0x01, // test al, 1 (data ready)
+    0x74, 0xfb, // jz wait
+    0x66, 0xba, 0xf8, 0x03, // mov dx, 0x3f8
+    0xec, // in al, dx
+    0xee, // out dx, al
+    0x3c, b'q', // cmp al, 'q'
+    0x75, 0xed, // jne loop
+    0xb0, 0x00, 0xe6, 0xf4, // mov al, 0; out 0xf4, al
+    0xf4, 0xeb, 0xfe, // hlt; jmp $
+];
+
+struct Pty {
+    master: std::fs::File,
+    slave: std::fs::File,
+}
+
+fn open_pty() -> Pty {
+    use std::os::fd::FromRawFd;
+    let (mut master, mut slave) = (0, 0);
+    // SAFETY: openpty writes two new descriptors into the out-parameters.
+    let rc = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(rc, 0, "openpty failed");
+    // SAFETY: both descriptors were just created and are owned here.
+    unsafe {
+        Pty {
+            master: std::fs::File::from_raw_fd(master),
+            slave: std::fs::File::from_raw_fd(slave),
+        }
+    }
+}
+
+fn local_modes(f: &std::fs::File) -> libc::tcflag_t {
+    use std::os::fd::AsRawFd;
+    // SAFETY: termios is plain data; tcgetattr fills it for a terminal fd.
+    let mut t: libc::termios = unsafe { std::mem::zeroed() };
+    // SAFETY: `f` is an open terminal and `t` a valid termios.
+    assert_eq!(unsafe { libc::tcgetattr(f.as_raw_fd(), &mut t) }, 0);
+    t.c_lflag
+}
+
+/// Runs the echo kernel with its console on a fresh pseudo-terminal; for
+/// each step types its input (no newline) and waits until the console
+/// output contains its text. Returns (exit code, console output, stderr,
+/// whether ICANON|ECHO were back on the terminal afterwards).
+fn echo_kernel_on_pty(name: &str, steps: &[(&[u8], &[u8])]) -> (i32, String, String, bool) {
+    use std::io::Write;
+    let pty = open_pty();
+    let before = local_modes(&pty.slave);
+    assert_ne!(before & libc::ICANON, 0, "a new pty starts canonical");
+    let kernel = tiny_kernel(name, ECHO_UNTIL_Q);
+    let mut child = Command::new(BIN)
+        .args([
+            "run",
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--memory",
+            "32M",
+        ])
+        .stdin(Stdio::from(pty.slave.try_clone().unwrap()))
+        .stdout(Stdio::from(pty.slave.try_clone().unwrap()))
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut master = pty.master.try_clone().unwrap();
+    // Wait until hostvisor has switched the terminal to raw mode.
+    let start = Instant::now();
+    while local_modes(&pty.slave) & libc::ICANON != 0 && start.elapsed() < QUICK {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let (tx, rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    let reader = {
+        let mut m = pty.master.try_clone().unwrap();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 256];
+            loop {
+                match m.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        if tx.send(buf[..n].to_vec()).is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+        })
+    };
+    let mut seen = Vec::new();
+    for (input, until) in steps {
+        master.write_all(input).unwrap();
+        while !until.is_empty() && !seen.windows(until.len()).any(|w| w == *until) {
+            match rx.recv_timeout(QUICK) {
+                Ok(chunk) => seen.extend_from_slice(&chunk),
+                Err(_) => break,
+            }
+        }
+    }
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if start.elapsed() > QUICK {
+            let _ = child.kill();
+            panic!(
+                "hostvisor did not exit; console: {:?}",
+                String::from_utf8_lossy(&seen)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    let restored = local_modes(&pty.slave) & (libc::ICANON | libc::ECHO)
+        == before & (libc::ICANON | libc::ECHO);
+    while let Ok(chunk) = rx.recv_timeout(Duration::from_millis(50)) {
+        seen.extend_from_slice(&chunk);
+    }
+    drop(rx);
+    drop(pty);
+    drop(master);
+    let _ = reader.join();
+    let _ = std::fs::remove_dir_all(kernel.parent().unwrap());
+    (
+        status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&seen).into_owned(),
+        stderr,
+        restored,
+    )
+}
+
+#[test]
+fn console_input_reaches_the_guest_in_raw_mode() {
+    if !kvm_usable() {
+        return;
+    }
+    // No newline: in canonical mode the terminal would hold these bytes back.
+    let (code, out, stderr, restored) = echo_kernel_on_pty("echo", &[(b"hi q", b"hi q")]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(out.contains("hi q"), "{out:?}");
+    assert!(restored, "terminal modes restored after the VM ended");
+}
+
+#[test]
+fn ctrl_a_x_kills_the_vm_and_restores_the_terminal() {
+    if !kvm_usable() {
+        return;
+    }
+    let (code, out, stderr, restored) =
+        echo_kernel_on_pty("ctrl-a", &[(b"ab", b"ab"), (b"\x01x", b"")]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains("VM terminated"), "{stderr}");
+    assert!(out.contains("ab"), "{out:?}");
+    assert!(restored, "terminal modes restored after Ctrl-A x");
+}

@@ -160,12 +160,13 @@ pub fn spawn_input_thread(
                     return;
                 }
                 let mut pending = Vec::with_capacity(n as usize);
+                let mut exit = false;
                 for &b in &buf[..n as usize] {
                     match parser.feed(b) {
                         ConsoleKey::Byte(b) => pending.push(b),
                         ConsoleKey::Exit => {
-                            let _ = events.send(VmmEvent::ConsoleExit);
-                            return;
+                            exit = true;
+                            break;
                         }
                         ConsoleKey::Help => {
                             let _ = std::io::stdout().write_all(ESCAPE_HELP.as_bytes());
@@ -174,6 +175,7 @@ pub fn spawn_input_thread(
                         ConsoleKey::Nothing => {}
                     }
                 }
+                // What was typed before an escape still reaches the guest.
                 while !pending.is_empty() {
                     let taken = serial
                         .lock()
@@ -183,6 +185,10 @@ pub fn spawn_input_thread(
                     if taken == 0 && input_space.read().is_err() {
                         return;
                     }
+                }
+                if exit {
+                    let _ = events.send(VmmEvent::ConsoleExit);
+                    return;
                 }
             }
         })
