@@ -46,7 +46,7 @@ def guest_dir():
 def default_cmdline():
     """hostvisor's default command line on this host (vmm::default_cmdline);
     every peer gets the same one."""
-    args = ["console=ttyS0", "reboot=k", "panic=-1"]
+    args = ["console=ttyS0", "reboot=k", "panic=-1", "pci=off"]
     if os.path.exists("/sys/module/kvm_pvm"):
         args += ["quiet", "noxsave", "clearcpuid=cx16,erms,fsrm,popcnt,smap",
                  "random.trust_cpu=on", "percpu_alloc=page", "rodata=off"]

@@ -128,14 +128,16 @@ pub fn mark_process_start() {
     let _ = PROCESS_START.set(Instant::now());
 }
 
-/// The kernel command line hostvisor uses when none is given.
+/// The kernel command line hostvisor uses when none is given. `pci=off`
+/// until hostvisor has a PCI host bridge (Linux otherwise probes the
+/// config ports and complains on the console).
 ///
 /// On hosts that emulate guest kernel mode (nested PVM), it adds what such
 /// a guest needs: features the emulator cannot execute are cleared
 /// (`noxsave`, `clearcpuid=`), and costly work is skipped (`quiet`: every
 /// console byte is an exit there).
 pub fn default_cmdline(profile: HostProfile) -> String {
-    let mut args = vec!["console=ttyS0", "reboot=k", "panic=-1"];
+    let mut args = vec!["console=ttyS0", "reboot=k", "panic=-1", "pci=off"];
     if profile.emulated_cpl0 {
         args.extend([
             "quiet",
@@ -257,7 +259,7 @@ mod tests {
         let native = HostProfile {
             emulated_cpl0: false,
         };
-        assert_eq!(default_cmdline(native), "console=ttyS0 reboot=k panic=-1");
+        assert_eq!(default_cmdline(native), "console=ttyS0 reboot=k panic=-1 pci=off");
         assert!(host_hidden_features(native).is_empty());
         let pvm = HostProfile {
             emulated_cpl0: true,
