@@ -120,9 +120,14 @@ pub fn load_initrd(
     };
     let mut file = File::open(path).map_err(read_err)?;
     let size = file.metadata().map_err(read_err)?.len();
-    let max_addr = kernel
-        .setup_header
-        .map_or(0x7fff_ffff, |h| u64::from(h.initrd_addr_max));
+    // initrd_addr_max is in the header from boot protocol 2.03 on; older
+    // kernels (and an ELF vmlinux, which has no header) take the
+    // protocol's defaults.
+    let max_addr = match kernel.setup_header {
+        Some(h) if h.version >= 0x0203 && h.initrd_addr_max != 0 => u64::from(h.initrd_addr_max),
+        Some(_) => 0x37ff_ffff,
+        None => 0x7fff_ffff,
+    };
     let low_ram_end = ram_size.min(MMIO_HOLE_START);
     let addr = initrd_placement(size, kernel.end, low_ram_end.min(max_addr + 1))?;
     let count = usize::try_from(size).map_err(|_| ArchError::InitrdTooLarge {

@@ -686,3 +686,47 @@ fn ctrl_a_x_kills_the_vm_and_restores_the_terminal() {
     assert!(out.contains("ab"), "{out:?}");
     assert!(restored, "terminal modes restored after Ctrl-A x");
 }
+
+/// A minimal bzImage: a setup header (boot protocol 2.15, one setup
+/// sector) and a protected-mode part whose 64-bit entry (+0x200) is `code`.
+fn tiny_bzimage(name: &str, code: &[u8]) -> PathBuf {
+    let mut image = vec![0u8; 1024];
+    image[0x1f1] = 1; // setup_sects
+    image[0x1fe..0x200].copy_from_slice(&0xaa55u16.to_le_bytes());
+    image[0x202..0x206].copy_from_slice(b"HdrS");
+    image[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
+    image[0x211] = 1; // LOADED_HIGH
+    image[0x214..0x218].copy_from_slice(&0x10_0000u32.to_le_bytes()); // code32_start
+    image[0x22c..0x230].copy_from_slice(&0x7fff_ffffu32.to_le_bytes()); // initrd_addr_max
+    image.extend_from_slice(&[0xf4; 0x200]); // 32-bit entry: never used
+    image.extend_from_slice(code);
+    let path = temp_dir(name).join("bzImage");
+    std::fs::write(&path, image).unwrap();
+    path
+}
+
+#[test]
+fn bzimage_kernel_is_entered_at_its_64_bit_entry() {
+    if !kvm_usable() {
+        return;
+    }
+    let kernel = tiny_bzimage("bzimage", PRINT_AND_RESET);
+    let initrd = kernel.with_file_name("initrd");
+    std::fs::write(&initrd, b"not really a cpio").unwrap();
+    let out = hostvisor(
+        &[
+            "run",
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--initrd",
+            initrd.to_str().unwrap(),
+            "--memory",
+            "32M",
+        ],
+        &[],
+        QUICK,
+    );
+    let _ = std::fs::remove_dir_all(kernel.parent().unwrap());
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(out.stdout, "b\n");
+}

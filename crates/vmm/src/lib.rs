@@ -27,6 +27,8 @@ pub enum VmmEvent {
     VcpuStopped {
         id: u32,
         reason: vcpu::VcpuStop,
+        /// Where the vCPU was when it stopped, if its registers could be read.
+        rip: Option<u64>,
     },
     /// `Ctrl-A x` on the console.
     ConsoleExit,
@@ -259,7 +261,10 @@ mod tests {
         let native = HostProfile {
             emulated_cpl0: false,
         };
-        assert_eq!(default_cmdline(native), "console=ttyS0 reboot=k panic=-1 pci=off");
+        assert_eq!(
+            default_cmdline(native),
+            "console=ttyS0 reboot=k panic=-1 pci=off"
+        );
         assert!(host_hidden_features(native).is_empty());
         let pvm = HostProfile {
             emulated_cpl0: true,

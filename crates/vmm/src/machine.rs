@@ -278,14 +278,16 @@ impl Machine {
                 VmmEvent::Platform(PlatformRequest::Reset) => break VmOutcome::Reset,
                 VmmEvent::Platform(PlatformRequest::DebugExit(code)) => break VmOutcome::DebugExit(code),
                 VmmEvent::ConsoleExit => break VmOutcome::Terminated,
-                VmmEvent::VcpuStopped { id, reason } => match reason {
+                VmmEvent::VcpuStopped { id, reason, rip } => match reason {
                     VcpuStop::Requested => {
                         running -= 1;
                         if running == 0 {
                             break VmOutcome::Terminated;
                         }
                     }
-                    VcpuStop::TripleFault => break VmOutcome::Crashed(format!("vCPU {id} triple-faulted")),
+                    VcpuStop::TripleFault => {
+                        break VmOutcome::Crashed(format!("vCPU {id} triple-faulted{}", at(rip)))
+                    }
                     VcpuStop::SystemEvent(SystemEvent::Reset) => break VmOutcome::Reset,
                     VcpuStop::SystemEvent(SystemEvent::Shutdown) => break VmOutcome::PoweredOff,
                     VcpuStop::SystemEvent(other) => {
@@ -297,7 +299,9 @@ impl Machine {
                             if bytes.is_empty() { "unknown".to_string() } else { hex(&bytes) }
                         ))
                     }
-                    VcpuStop::InternalError(msg) => break VmOutcome::Crashed(format!("vCPU {id}: {msg}")),
+                    VcpuStop::InternalError(msg) => {
+                        break VmOutcome::Crashed(format!("vCPU {id}: {msg}{}", at(rip)))
+                    }
                 },
             }
         };
@@ -319,6 +323,10 @@ impl Machine {
             (outcome, _) => outcome,
         })
     }
+}
+
+fn at(rip: Option<u64>) -> String {
+    rip.map_or_else(String::new, |rip| format!(" at RIP {rip:#x}"))
 }
 
 fn hex(bytes: &[u8]) -> String {

@@ -172,8 +172,9 @@ pub fn run(mut vcpu: Box<dyn Vcpu>, ctx: VcpuContext) {
     }
     vcpu.disarm_kick();
     state = VcpuState::Exited;
+    let rip = vcpu.regs().ok().map(|r| r.rip);
     tracing::debug!(vcpu = id, ?state, ?reason, "vCPU loop ended");
-    let _ = ctx.events.send(VmmEvent::VcpuStopped { id, reason });
+    let _ = ctx.events.send(VmmEvent::VcpuStopped { id, reason, rip });
 }
 
 fn assist_instruction(
