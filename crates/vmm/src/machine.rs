@@ -112,41 +112,8 @@ impl Machine {
         vm.create_platform_devices()?;
 
         let events = channel();
-        let sink: PlatformRequestSink = {
-            let tx = Mutex::new(events.0.clone());
-            Arc::new(move |r: PlatformRequest| {
-                let _ = tx
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .send(VmmEvent::Platform(r));
-            })
-        };
         let pio = Bus::new();
-        let mmio = Bus::new();
-        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)?;
-        vm.register_irqfd(&irq, COM1_IRQ)?;
-        let input_space = Arc::new(EventFd::new(0).map_err(VmmError::EventFd)?);
-        let panic_note = PanicNote::default();
-        let watched = Box::new(PanicWatch::new(spec.serial_out, panic_note.clone()));
-        let serial = Arc::new(Mutex::new(SerialDevice::new(
-            irq,
-            watched,
-            input_space.clone(),
-        )));
-        pio.insert(serial.clone(), COM1_PORT, UART_PORT_LEN)?;
-        let i8042 = Arc::new(Mutex::new(I8042::new(sink.clone())));
-        pio.insert(i8042.clone(), DATA_PORT, 1)?;
-        pio.insert(i8042, COMMAND_PORT, 1)?;
-        pio.insert(
-            Arc::new(Mutex::new(Cmos::default())),
-            CMOS_PORT,
-            CMOS_PORT_LEN,
-        )?;
-        pio.insert(
-            Arc::new(Mutex::new(DebugExit::new(sink))),
-            DEBUG_EXIT_PORT,
-            1,
-        )?;
+        let legacy = add_legacy_devices(vm.as_ref(), &pio, &events.0, spec.serial_out)?;
 
         let supported = hv.supported_cpuid()?;
         let policy = CpuidPolicy {
@@ -171,14 +138,14 @@ impl Machine {
             _vm: vm,
             mem,
             pio,
-            mmio,
+            mmio: Bus::new(),
             vcpus,
-            serial,
-            input_space,
+            serial: legacy.serial,
+            input_space: legacy.input_space,
             events,
             stats: Arc::new(VcpuStats::default()),
             memory: spec.memory,
-            panic_note,
+            panic_note: legacy.panic_note,
         })
     }
 
@@ -296,7 +263,7 @@ impl Machine {
                     VcpuStop::EmulationFailure { rip, bytes, reason } => {
                         break VmOutcome::Crashed(format!(
                             "vCPU {id}: KVM could not emulate the instruction at RIP {rip:#x} (bytes {}): {reason}",
-                            if bytes.is_empty() { "unknown".to_string() } else { hex(&bytes) }
+                            if bytes.is_empty() { "unknown".to_string() } else { hypervisor::assist::hex(&bytes) }
                         ))
                     }
                     VcpuStop::InternalError(msg) => {
@@ -325,14 +292,53 @@ impl Machine {
     }
 }
 
-fn at(rip: Option<u64>) -> String {
-    rip.map_or_else(String::new, |rip| format!(" at RIP {rip:#x}"))
+/// The UART's handles the machine keeps.
+struct LegacyDevices {
+    serial: Arc<Mutex<SerialDevice>>,
+    input_space: Arc<EventFd>,
+    panic_note: PanicNote,
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(" ")
+/// Puts the PC's legacy devices on the port bus: the COM1 UART (IRQ 4
+/// through an irqfd; output watched for kernel panics), the i8042 reset
+/// line, the CMOS RTC and the debug-exit port.
+fn add_legacy_devices(
+    vm: &dyn Vm,
+    pio: &Bus,
+    events: &Sender<VmmEvent>,
+    serial_out: Box<dyn Write + Send>,
+) -> Result<LegacyDevices, VmmError> {
+    let sink: PlatformRequestSink = {
+        let tx = events.clone();
+        Arc::new(move |r: PlatformRequest| {
+            let _ = tx.send(VmmEvent::Platform(r));
+        })
+    };
+    let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)?;
+    vm.register_irqfd(&irq, COM1_IRQ)?;
+    let input_space = Arc::new(EventFd::new(0).map_err(VmmError::EventFd)?);
+    let panic_note = PanicNote::default();
+    let watched = Box::new(PanicWatch::new(serial_out, panic_note.clone()));
+    let serial = Arc::new(Mutex::new(SerialDevice::new(
+        irq,
+        watched,
+        input_space.clone(),
+    )));
+    pio.insert(serial.clone(), COM1_PORT, UART_PORT_LEN)?;
+    let i8042 = Arc::new(Mutex::new(I8042::new(sink.clone())));
+    pio.insert(i8042.clone(), DATA_PORT, 1)?;
+    pio.insert(i8042, COMMAND_PORT, 1)?;
+    let cmos = Arc::new(Mutex::new(Cmos::default()));
+    pio.insert(cmos, CMOS_PORT, CMOS_PORT_LEN)?;
+    let debug_exit = Arc::new(Mutex::new(DebugExit::new(sink)));
+    pio.insert(debug_exit, DEBUG_EXIT_PORT, 1)?;
+    Ok(LegacyDevices {
+        serial,
+        input_space,
+        panic_note,
+    })
+}
+
+fn at(rip: Option<u64>) -> String {
+    rip.map_or_else(String::new, |rip| format!(" at RIP {rip:#x}"))
 }

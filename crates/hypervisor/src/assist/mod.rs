@@ -64,7 +64,8 @@ pub enum AssistError {
     BadDescriptor(&'static str),
 }
 
-fn hex(bytes: &[u8]) -> String {
+/// Instruction bytes as "0f 0b", for messages.
+pub fn hex(bytes: &[u8]) -> String {
     bytes
         .iter()
         .map(|b| format!("{b:02x}"))
