@@ -10,6 +10,7 @@ pub mod cmos;
 pub mod debug_exit;
 pub mod i8042;
 pub mod serial;
+pub mod virtio;
 
 use std::sync::Arc;
 

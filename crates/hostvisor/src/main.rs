@@ -50,6 +50,9 @@ struct RunArgs {
     /// What a guest reset does: shutdown (exit 0) or restart.
     #[arg(long, value_name = "ACTION", default_value = "shutdown", value_parser = parse_reset)]
     on_reset: ResetAction,
+    /// Give the guest a virtio-rng device (entropy from the host).
+    #[arg(long)]
+    rng: bool,
     /// CPU features to hide from the guest, comma-separated (e.g. cx16,xsave).
     #[arg(long, value_name = "LIST", value_delimiter = ',')]
     hide_cpu_features: Vec<String>,
@@ -130,6 +133,7 @@ fn vm_config(args: RunArgs) -> Result<VmConfig, CliError> {
         append: args.append,
         serial: args.serial,
         on_reset: args.on_reset,
+        rng: args.rng,
         hide_cpu_features: args.hide_cpu_features,
     })
 }

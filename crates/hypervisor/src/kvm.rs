@@ -10,7 +10,7 @@ use kvm_bindings::{
     KVM_PIT_SPEAKER_DUMMY, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET,
     KVM_SYSTEM_EVENT_SHUTDOWN,
 };
-use kvm_ioctls::{Cap, Kvm, VcpuExit, VcpuFd, VmFd};
+use kvm_ioctls::{Cap, IoEventAddress, Kvm, VcpuExit, VcpuFd, VmFd};
 use vmm_sys_util::errno;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
@@ -142,6 +142,12 @@ impl Vm for KvmVm {
         self.fd
             .register_irqfd(fd, gsi)
             .map_err(ioctl_err("KVM_IRQFD"))
+    }
+
+    fn register_mmio_ioevent(&self, fd: &EventFd, addr: u64, datamatch: u32) -> Result<()> {
+        self.fd
+            .register_ioevent(fd, &IoEventAddress::Mmio(addr), datamatch)
+            .map_err(ioctl_err("KVM_IOEVENTFD"))
     }
 
     fn create_vcpu(&self, id: u32) -> Result<Box<dyn Vcpu>> {

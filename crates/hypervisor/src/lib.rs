@@ -25,8 +25,7 @@ pub use kvm_bindings::{
     kvm_segment as SegmentRegister, kvm_sregs as SpecialRegisters, kvm_xsave as XsaveState, CpuId,
 };
 
-/// The one guest-memory type of the workspace.
-pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
+pub use memory::GuestMemoryMmap;
 
 /// Errors of the hypervisor layer. Each names the operation that failed; the
 /// OS error is the source.
@@ -97,6 +96,9 @@ pub trait Vm: Send + Sync + std::fmt::Debug {
     fn create_platform_devices(&self) -> Result<()>;
     /// Makes a write to `fd` raise interrupt line `gsi`.
     fn register_irqfd(&self, fd: &EventFd, gsi: u32) -> Result<()>;
+    /// Makes a 32-bit guest write of `datamatch` to MMIO address `addr`
+    /// signal `fd` in the kernel, without an exit to the VMM.
+    fn register_mmio_ioevent(&self, fd: &EventFd, addr: u64, datamatch: u32) -> Result<()>;
     /// Creates vCPU `id` (also its initial APIC ID).
     fn create_vcpu(&self, id: u32) -> Result<Box<dyn Vcpu>>;
 }

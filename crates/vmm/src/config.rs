@@ -169,6 +169,9 @@ pub struct VmConfig {
     pub serial: SerialConfig,
     #[serde(default)]
     pub on_reset: ResetAction,
+    /// A virtio-rng device fed from the host's getrandom.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub rng: bool,
     /// CPU features hidden from the guest (see `arch::cpuid::FEATURES`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub hide_cpu_features: Vec<String>,
@@ -186,6 +189,7 @@ impl VmConfig {
             append: None,
             serial: SerialConfig::default(),
             on_reset: ResetAction::default(),
+            rng: false,
             hide_cpu_features: Vec::new(),
         }
     }

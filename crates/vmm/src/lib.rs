@@ -102,6 +102,10 @@ pub enum VmmError {
     EventFd(#[source] std::io::Error),
     #[error("device bus")]
     Bus(#[from] devices::BusError),
+    #[error("no interrupt line is left for another device")]
+    TooManyDevices,
+    #[error("virtio device: {0}")]
+    Virtio(String),
     #[error("cannot start a thread")]
     Thread(#[source] std::io::Error),
     #[error("cannot install the vCPU kick signal handler: {0}")]
@@ -131,8 +135,9 @@ pub fn mark_process_start() {
 }
 
 /// The kernel command line hostvisor uses when none is given. `pci=off`
-/// until hostvisor has a PCI host bridge (Linux otherwise probes the
-/// config ports and complains on the console).
+/// until hostvisor has a PCI host bridge: there is no PCI bus to scan.
+/// (Linux still prints "PCI: Fatal: No config space access function
+/// found" at boot; that goes away with the bridge.)
 ///
 /// On hosts that emulate guest kernel mode (nested PVM), it adds what such
 /// a guest needs: features the emulator cannot execute are cleared
@@ -217,6 +222,9 @@ pub fn run(config: &VmConfig) -> Result<VmOutcome, VmmError> {
             serial_out: serial_output(&config.serial)?,
         };
         let mut machine = Machine::new(&hv, spec)?;
+        if config.rng {
+            machine.add_virtio_device(Box::new(devices::virtio::rng::Rng::new()))?;
+        }
         let mut cmdline = match &config.cmdline {
             Some(c) => c.clone(),
             None => default_cmdline(hv.host_profile()),

@@ -13,6 +13,8 @@ use devices::cmos::{Cmos, CMOS_PORT, CMOS_PORT_LEN};
 use devices::debug_exit::{DebugExit, DEBUG_EXIT_PORT};
 use devices::i8042::{COMMAND_PORT, DATA_PORT, I8042};
 use devices::serial::{SerialDevice, COM1_IRQ, COM1_PORT, UART_PORT_LEN};
+use devices::virtio::mmio::{MmioTransport, MMIO_WINDOW, NOTIFY_OFFSET};
+use devices::virtio::{Interrupt, VirtioDevice};
 use devices::{Bus, PlatformRequest, PlatformRequestSink};
 use hypervisor::{GuestMemoryMmap, Hypervisor, SystemEvent, Vcpu, Vm};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
@@ -21,6 +23,10 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::panic_watch::{PanicNote, PanicWatch};
 use crate::vcpu::{self, VcpuContext, VcpuHandle, VcpuStats, VcpuStop};
 use crate::{VmOutcome, VmmError, VmmEvent};
+
+/// The interrupt line of the first virtio device; the next ones follow.
+/// (0-4 are the PIT, keyboard, cascade and COM ports.)
+pub const VIRTIO_FIRST_IRQ: u32 = 5;
 
 /// The shape of a machine, independent of what it boots.
 pub struct MachineSpec {
@@ -33,8 +39,8 @@ pub struct MachineSpec {
 
 /// A VM ready to boot.
 pub struct Machine {
-    /// Kept for the VM's lifetime: the vCPUs and memory slots belong to it.
-    _vm: Arc<dyn Vm>,
+    /// The VM (kept for its lifetime: the vCPUs and memory slots belong to it).
+    vm: Arc<dyn Vm>,
     mem: GuestMemoryMmap,
     pio: Bus,
     mmio: Bus,
@@ -45,6 +51,8 @@ pub struct Machine {
     stats: Arc<VcpuStats>,
     memory: u64,
     panic_note: PanicNote,
+    /// `virtio_mmio.device=` arguments for the devices added so far.
+    virtio_cmdline: Vec<String>,
 }
 
 impl std::fmt::Debug for Machine {
@@ -135,7 +143,7 @@ impl Machine {
             vcpus.push(vcpu);
         }
         Ok(Machine {
-            _vm: vm,
+            vm,
             mem,
             pio,
             mmio: Bus::new(),
@@ -146,6 +154,7 @@ impl Machine {
             stats: Arc::new(VcpuStats::default()),
             memory: spec.memory,
             panic_note: legacy.panic_note,
+            virtio_cmdline: Vec::new(),
         })
     }
 
@@ -165,14 +174,47 @@ impl Machine {
         self.stats.clone()
     }
 
+    /// Adds a virtio device behind a virtio-mmio window: the next 4 KiB
+    /// window and interrupt line, an irqfd for its interrupt, and an
+    /// ioeventfd per queue at QueueNotify. Linux learns of it from the
+    /// command line [`Machine::load_linux`] writes.
+    pub fn add_virtio_device(&mut self, device: Box<dyn VirtioDevice>) -> Result<(), VmmError> {
+        let index = self.virtio_cmdline.len() as u64;
+        let irq = VIRTIO_FIRST_IRQ + index as u32;
+        if irq >= u32::from(arch::mptable::IOAPIC_PINS) {
+            return Err(VmmError::TooManyDevices);
+        }
+        let base = layout::DEVICE_MMIO_START + index * MMIO_WINDOW;
+        let line = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)?;
+        self.vm.register_irqfd(&line, irq)?;
+        let interrupt = Arc::new(Interrupt::new(line));
+        let transport = MmioTransport::new(device, self.mem.clone(), interrupt)
+            .map_err(|e| VmmError::Virtio(e.to_string()))?;
+        for (queue, event) in transport.queue_events().iter().enumerate() {
+            self.vm
+                .register_mmio_ioevent(event, base + NOTIFY_OFFSET, queue as u32)?;
+        }
+        self.mmio
+            .insert(Arc::new(Mutex::new(transport)), base, MMIO_WINDOW)?;
+        self.virtio_cmdline
+            .push(format!("virtio_mmio.device=4K@{base:#x}:{irq}"));
+        Ok(())
+    }
+
     /// Loads a Linux kernel (ELF vmlinux or bzImage), optional initrd and
-    /// command line, the MP table, and points every vCPU at the entry.
+    /// command line (with the virtio devices' announcements appended), the
+    /// MP table, and points every vCPU at the entry.
     pub fn load_linux(
         &mut self,
         kernel: &std::path::Path,
         initrd: Option<&std::path::Path>,
         cmdline: &str,
     ) -> Result<(), VmmError> {
+        let cmdline = std::iter::once(cmdline.to_string())
+            .chain(self.virtio_cmdline.iter().cloned())
+            .collect::<Vec<_>>()
+            .join(" ");
+        let cmdline = cmdline.as_str();
         let loaded = arch::boot::load_kernel(&self.mem, kernel)?;
         let initrd = initrd
             .map(|path| arch::boot::load_initrd(&self.mem, path, &loaded, self.memory))

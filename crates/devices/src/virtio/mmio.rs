@@ -1,0 +1,310 @@
+//! The virtio-mmio transport (version 2, virtio 1.x "modern" devices): a
+//! 4 KiB register block per device, announced to Linux on the kernel
+//! command line (`virtio_mmio.device=4K@ADDR:IRQ`).
+
+use std::sync::Arc;
+
+use memory::GuestMemoryMmap;
+use virtio_bindings::virtio_config::{
+    VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
+    VIRTIO_CONFIG_S_FAILED, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
+};
+use virtio_queue::{Queue, QueueT};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{Activation, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
+use crate::BusDevice;
+
+/// The size of one device's register window.
+pub const MMIO_WINDOW: u64 = 0x1000;
+/// The offset of QueueNotify, where the VMM places an ioeventfd per queue
+/// (data = queue index).
+pub const NOTIFY_OFFSET: u64 = 0x50;
+
+const MAGIC: u32 = 0x7472_6976; // "virt"
+const VERSION: u32 = 2;
+const VENDOR_ID: u32 = 0x5253_5648; // "HVSR"
+const CONFIG_SPACE: u64 = 0x100;
+
+/// One virtio device behind its MMIO register block.
+pub struct MmioTransport {
+    device: Box<dyn VirtioDevice>,
+    mem: GuestMemoryMmap,
+    interrupt: Arc<Interrupt>,
+    queues: Vec<Queue>,
+    queue_events: Vec<EventFd>,
+    queue_select: u32,
+    device_features_select: u32,
+    driver_features_select: u32,
+    acked_features: u64,
+    status: u32,
+    activated: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MmioError {
+    #[error("invalid queue size {0}")]
+    QueueSize(u16),
+    #[error("cannot create a queue event")]
+    Event(#[source] std::io::Error),
+}
+
+impl MmioTransport {
+    /// Wraps `device`; `interrupt` raises its interrupt line.
+    pub fn new(
+        device: Box<dyn VirtioDevice>,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<Interrupt>,
+    ) -> Result<Self, MmioError> {
+        let mut queues = Vec::new();
+        let mut queue_events = Vec::new();
+        for &size in device.queue_max_sizes() {
+            queues.push(Queue::new(size).map_err(|_| MmioError::QueueSize(size))?);
+            queue_events.push(EventFd::new(libc::EFD_NONBLOCK).map_err(MmioError::Event)?);
+        }
+        Ok(MmioTransport {
+            device,
+            mem,
+            interrupt,
+            queues,
+            queue_events,
+            queue_select: 0,
+            device_features_select: 0,
+            driver_features_select: 0,
+            acked_features: 0,
+            status: 0,
+            activated: false,
+        })
+    }
+
+    /// The events that a notification of each queue should fire; the VMM
+    /// registers them as ioeventfds at [`NOTIFY_OFFSET`].
+    pub fn queue_events(&self) -> &[EventFd] {
+        &self.queue_events
+    }
+
+    /// The device status register (virtio status bits).
+    pub fn status(&self) -> u32 {
+        self.status
+    }
+
+    fn offered_features(&self) -> u64 {
+        self.device.features() | (1 << VIRTIO_F_VERSION_1)
+    }
+
+    fn selected_queue(&mut self) -> Option<&mut Queue> {
+        if self.activated {
+            // The driver must not reconfigure live queues.
+            return None;
+        }
+        self.queues.get_mut(self.queue_select as usize)
+    }
+
+    fn reset(&mut self) {
+        if self.activated {
+            self.device.reset();
+            self.activated = false;
+        }
+        for q in &mut self.queues {
+            q.reset();
+        }
+        self.queue_select = 0;
+        self.device_features_select = 0;
+        self.driver_features_select = 0;
+        self.acked_features = 0;
+        self.status = 0;
+        self.interrupt.acknowledge(u32::MAX);
+    }
+
+    fn set_status(&mut self, value: u32) {
+        if value == 0 {
+            self.reset();
+            return;
+        }
+        // The driver only ever adds bits (or writes 0 to reset).
+        if value & self.status != self.status {
+            tracing::warn!(
+                old = self.status,
+                new = value,
+                "virtio driver cleared status bits; ignored"
+            );
+            return;
+        }
+        let added = value & !self.status;
+        if added & VIRTIO_CONFIG_S_FEATURES_OK != 0 {
+            let offered = self.offered_features();
+            if self.acked_features & !offered != 0
+                || self.acked_features & (1 << VIRTIO_F_VERSION_1) == 0
+            {
+                // Leaving FEATURES_OK clear tells the driver we refuse.
+                self.status = value & !VIRTIO_CONFIG_S_FEATURES_OK;
+                return;
+            }
+        }
+        self.status = value;
+        let ready = VIRTIO_CONFIG_S_ACKNOWLEDGE
+            | VIRTIO_CONFIG_S_DRIVER
+            | VIRTIO_CONFIG_S_FEATURES_OK
+            | VIRTIO_CONFIG_S_DRIVER_OK;
+        if added & VIRTIO_CONFIG_S_DRIVER_OK != 0 && value & ready == ready && !self.activated {
+            self.activate();
+        }
+    }
+
+    fn activate(&mut self) {
+        let valid = self
+            .queues
+            .iter()
+            .all(|q| q.ready() && q.is_valid(&self.mem));
+        let result = if valid {
+            let queues = self
+                .queues
+                .iter()
+                .zip(&self.queue_events)
+                .map(|(q, e)| {
+                    // The device gets its own copy; the transport keeps the
+                    // configuration for register reads and reset.
+                    let queue = Queue::try_from(q.state()).map_err(std::io::Error::other)?;
+                    Ok((queue, e.try_clone()?))
+                })
+                .collect::<std::io::Result<Vec<_>>>();
+            match queues {
+                Ok(queues) => self
+                    .device
+                    .activate(Activation {
+                        mem: self.mem.clone(),
+                        interrupt: self.interrupt.clone(),
+                        queues,
+                        acked_features: self.acked_features,
+                    })
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(format!("cannot share a queue event: {e}")),
+            }
+        } else {
+            Err("a queue is not ready or lies outside guest memory".to_string())
+        };
+        match result {
+            Ok(()) => self.activated = true,
+            Err(why) => {
+                tracing::warn!(
+                    device = self.device.device_type(),
+                    "virtio device needs reset: {why}"
+                );
+                self.status |= VIRTIO_CONFIG_S_NEEDS_RESET;
+                self.interrupt.signal_config();
+            }
+        }
+    }
+
+    fn read_register(&self, offset: u64) -> u32 {
+        let queue = self.queues.get(self.queue_select as usize);
+        match offset {
+            0x000 => MAGIC,
+            0x004 => VERSION,
+            0x008 => self.device.device_type(),
+            0x00c => VENDOR_ID,
+            0x010 => match self.device_features_select {
+                0 => self.offered_features() as u32,
+                1 => (self.offered_features() >> 32) as u32,
+                _ => 0,
+            },
+            0x034 => queue.map_or(0, |q| u32::from(q.max_size())),
+            0x044 => queue.map_or(0, |q| u32::from(q.ready())),
+            0x060 => self.interrupt.status(),
+            0x070 => self.status,
+            0x0fc => 0, // config generation: the config never changes
+            _ => {
+                tracing::debug!(offset, "read of an unknown virtio-mmio register");
+                0
+            }
+        }
+    }
+
+    fn write_register(&mut self, offset: u64, value: u32) {
+        let driver_setup = self.status & VIRTIO_CONFIG_S_DRIVER_OK == 0;
+        match offset {
+            0x014 => self.device_features_select = value,
+            0x020 if driver_setup => {
+                let v = u64::from(value);
+                match self.driver_features_select {
+                    0 => self.acked_features = (self.acked_features & !0xffff_ffff) | v,
+                    1 => self.acked_features = (self.acked_features & 0xffff_ffff) | (v << 32),
+                    _ => {}
+                }
+            }
+            0x024 => self.driver_features_select = value,
+            0x030 => self.queue_select = value,
+            0x038 => {
+                if let Some(q) = self.selected_queue() {
+                    q.set_size(value as u16);
+                }
+            }
+            0x044 => {
+                if let Some(q) = self.selected_queue() {
+                    q.set_ready(value == 1);
+                }
+            }
+            0x050 => {
+                // Normally caught by an ioeventfd; this is the slow path.
+                if let Some(evt) = self.queue_events.get(value as usize) {
+                    let _ = evt.write(1);
+                }
+            }
+            0x064 => self.interrupt.acknowledge(value),
+            0x070 => self.set_status(value),
+            0x080 | 0x084 | 0x090 | 0x094 | 0x0a0 | 0x0a4 => {
+                let (low, high) = if offset & 4 == 0 {
+                    (Some(value), None)
+                } else {
+                    (None, Some(value))
+                };
+                if let Some(q) = self.selected_queue() {
+                    match offset & !4 {
+                        0x080 => q.set_desc_table_address(low, high),
+                        0x090 => q.set_avail_ring_address(low, high),
+                        _ => q.set_used_ring_address(low, high),
+                    }
+                }
+            }
+            _ => tracing::debug!(
+                offset,
+                value,
+                "write to an unknown or read-only virtio-mmio register"
+            ),
+        }
+    }
+}
+
+impl BusDevice for MmioTransport {
+    fn read(&mut self, _base: u64, offset: u64, data: &mut [u8]) {
+        if offset >= CONFIG_SPACE {
+            self.device.read_config(offset - CONFIG_SPACE, data);
+            return;
+        }
+        data.fill(0);
+        if data.len() == 4 {
+            data.copy_from_slice(&self.read_register(offset).to_le_bytes());
+        }
+    }
+
+    fn write(&mut self, _base: u64, offset: u64, data: &[u8]) {
+        if offset >= CONFIG_SPACE {
+            if self.status & VIRTIO_CONFIG_S_FAILED == 0 {
+                self.device.write_config(offset - CONFIG_SPACE, data);
+            }
+            return;
+        }
+        if let Ok(bytes) = <[u8; 4]>::try_from(data) {
+            self.write_register(offset, u32::from_le_bytes(bytes));
+        } else {
+            tracing::debug!(
+                offset,
+                len = data.len(),
+                "virtio-mmio register write of the wrong width ignored"
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

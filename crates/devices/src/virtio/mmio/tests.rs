@@ -1,0 +1,244 @@
+use std::sync::Mutex;
+
+use vm_memory::GuestAddress;
+
+use super::*;
+use crate::virtio::{ActivateError, INT_CONFIG};
+
+#[derive(Default)]
+struct Record {
+    activations: Vec<(usize, u64)>,
+    resets: usize,
+}
+
+struct FakeDevice {
+    record: Arc<Mutex<Record>>,
+    sizes: Vec<u16>,
+    fail: bool,
+}
+
+impl VirtioDevice for FakeDevice {
+    fn device_type(&self) -> u32 {
+        42
+    }
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.sizes
+    }
+    fn features(&self) -> u64 {
+        1 << 3
+    }
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        crate::virtio::read_config_bytes(&[9, 8, 7, 6], offset, data);
+    }
+    fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {
+        if self.fail {
+            return Err(ActivateError::QueueCount {
+                expected: 9,
+                got: 1,
+            });
+        }
+        self.record
+            .lock()
+            .unwrap()
+            .activations
+            .push((a.queues.len(), a.acked_features));
+        Ok(())
+    }
+    fn reset(&mut self) {
+        self.record.lock().unwrap().resets += 1;
+    }
+}
+
+struct Harness {
+    t: MmioTransport,
+    record: Arc<Mutex<Record>>,
+    line: EventFd,
+}
+
+fn harness(fail: bool) -> Harness {
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+    let record = Arc::new(Mutex::new(Record::default()));
+    let line = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    let interrupt = Arc::new(Interrupt::new(line.try_clone().unwrap()));
+    let device = FakeDevice {
+        record: record.clone(),
+        sizes: vec![16, 8],
+        fail,
+    };
+    let t = MmioTransport::new(Box::new(device), mem, interrupt).unwrap();
+    Harness { t, record, line }
+}
+
+impl Harness {
+    fn r(&mut self, offset: u64) -> u32 {
+        let mut d = [0u8; 4];
+        self.t.read(0, offset, &mut d);
+        u32::from_le_bytes(d)
+    }
+    fn w(&mut self, offset: u64, value: u32) {
+        self.t.write(0, offset, &value.to_le_bytes());
+    }
+    fn setup_queue(&mut self, index: u32, base: u64) {
+        self.w(0x30, index);
+        self.w(0x38, 8);
+        self.w(0x80, base as u32);
+        self.w(0x84, (base >> 32) as u32);
+        self.w(0x90, (base + 0x1000) as u32);
+        self.w(0x94, 0);
+        self.w(0xa0, (base + 0x2000) as u32);
+        self.w(0xa4, 0);
+        self.w(0x44, 1);
+    }
+    /// The Linux driver's sequence up to FEATURES_OK.
+    fn negotiate(&mut self, features: u64) -> u32 {
+        self.w(0x70, VIRTIO_CONFIG_S_ACKNOWLEDGE);
+        self.w(0x70, VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER);
+        self.w(0x24, 0);
+        self.w(0x20, features as u32);
+        self.w(0x24, 1);
+        self.w(0x20, (features >> 32) as u32);
+        self.w(
+            0x70,
+            VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER | VIRTIO_CONFIG_S_FEATURES_OK,
+        );
+        self.r(0x70)
+    }
+    fn driver_ok(&mut self) {
+        let s = self.r(0x70);
+        self.w(0x70, s | VIRTIO_CONFIG_S_DRIVER_OK);
+    }
+}
+
+const V1: u64 = 1 << VIRTIO_F_VERSION_1;
+
+#[test]
+fn identification_registers() {
+    let mut h = harness(false);
+    assert_eq!(h.r(0x000), 0x7472_6976);
+    assert_eq!(h.r(0x004), 2);
+    assert_eq!(h.r(0x008), 42);
+    h.w(0x14, 0);
+    assert_eq!(h.r(0x010), 1 << 3);
+    h.w(0x14, 1);
+    assert_eq!(h.r(0x010), 1, "VIRTIO_F_VERSION_1 is offered");
+    h.w(0x30, 1);
+    assert_eq!(h.r(0x034), 8);
+    h.w(0x30, 7);
+    assert_eq!(h.r(0x034), 0, "queues beyond the count have size 0");
+}
+
+#[test]
+fn full_handshake_activates_the_device_and_reset_stops_it() {
+    let mut h = harness(false);
+    let status = h.negotiate(V1 | (1 << 3));
+    assert_ne!(status & VIRTIO_CONFIG_S_FEATURES_OK, 0);
+    h.setup_queue(0, 0x10000);
+    h.setup_queue(1, 0x20000);
+    h.driver_ok();
+    assert_eq!(
+        h.record.lock().unwrap().activations,
+        vec![(2, V1 | (1 << 3))]
+    );
+    assert_ne!(h.r(0x70) & VIRTIO_CONFIG_S_DRIVER_OK, 0);
+    // Live queues cannot be reconfigured.
+    h.w(0x30, 0);
+    h.w(0x44, 0);
+    assert_eq!(h.r(0x44), 1);
+    h.w(0x70, 0);
+    assert_eq!(h.record.lock().unwrap().resets, 1);
+    assert_eq!(h.r(0x70), 0);
+    assert_eq!(h.r(0x44), 0, "reset clears the queues");
+}
+
+#[test]
+fn features_not_offered_or_without_version_1_are_refused() {
+    let mut h = harness(false);
+    let status = h.negotiate(V1 | (1 << 5));
+    assert_eq!(status & VIRTIO_CONFIG_S_FEATURES_OK, 0);
+    let mut h = harness(false);
+    let status = h.negotiate(1 << 3);
+    assert_eq!(
+        status & VIRTIO_CONFIG_S_FEATURES_OK,
+        0,
+        "legacy drivers are refused"
+    );
+    h.setup_queue(0, 0x10000);
+    h.setup_queue(1, 0x20000);
+    h.driver_ok();
+    assert!(h.record.lock().unwrap().activations.is_empty());
+}
+
+#[test]
+fn queues_outside_memory_make_the_device_need_a_reset() {
+    let mut h = harness(false);
+    h.negotiate(V1);
+    h.setup_queue(0, 0x10000);
+    h.setup_queue(1, 0xffff_0000_0000); // far beyond the 1 MiB of RAM
+    h.driver_ok();
+    assert!(h.record.lock().unwrap().activations.is_empty());
+    assert_ne!(h.r(0x70) & VIRTIO_CONFIG_S_NEEDS_RESET, 0);
+    assert_ne!(h.r(0x60) & INT_CONFIG, 0);
+    assert!(h.line.read().is_ok(), "the driver is interrupted");
+}
+
+#[test]
+fn failed_activation_needs_a_reset() {
+    let mut h = harness(true);
+    h.negotiate(V1);
+    h.setup_queue(0, 0x10000);
+    h.setup_queue(1, 0x20000);
+    h.driver_ok();
+    assert_ne!(h.r(0x70) & VIRTIO_CONFIG_S_NEEDS_RESET, 0);
+}
+
+#[test]
+fn odd_accesses_are_ignored_without_harm() {
+    let mut h = harness(false);
+    // Two-byte register accesses.
+    let mut d = [0xffu8; 2];
+    h.t.read(0, 0x000, &mut d);
+    assert_eq!(d, [0, 0]);
+    h.t.write(0, 0x070, &[1, 0]);
+    assert_eq!(h.r(0x70), 0);
+    // Unknown registers, absurd queue selections and sizes.
+    h.w(0x0ff0 & !0xf, 1);
+    h.w(0x30, u32::MAX);
+    h.w(0x38, 3);
+    h.w(0x44, 1);
+    h.w(0x50, 99);
+    // Clearing status bits is not a reset.
+    h.w(0x70, VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER);
+    h.w(0x70, VIRTIO_CONFIG_S_ACKNOWLEDGE);
+    assert_eq!(
+        h.r(0x70),
+        VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER
+    );
+    // A queue of a size that is not a power of two never becomes valid.
+    h.w(0x30, 0);
+    h.w(0x38, 3);
+}
+
+#[test]
+fn notify_without_ioeventfd_fires_the_queue_event() {
+    let mut h = harness(false);
+    h.w(0x50, 1);
+    assert_eq!(h.t.queue_events()[1].read().unwrap(), 1);
+    assert!(h.t.queue_events()[0].read().is_err());
+}
+
+#[test]
+fn config_space_is_forwarded() {
+    let mut h = harness(false);
+    let mut d = [0u8; 2];
+    h.t.read(0, 0x101, &mut d);
+    assert_eq!(d, [8, 7]);
+}
+
+#[test]
+fn interrupt_acknowledge() {
+    let mut h = harness(false);
+    h.t.interrupt.signal_used();
+    assert_eq!(h.r(0x60), 1);
+    h.w(0x64, 1);
+    assert_eq!(h.r(0x60), 0);
+}

@@ -1,0 +1,163 @@
+//! Virtio devices (virtio 1.x, modern only) and their transport.
+//!
+//! A device implements [`VirtioDevice`]: it says what it is and offers, has
+//! a config space, and is *activated* with guest memory, its queues, the
+//! events the guest kicks them with and an [`Interrupt`] — at which point it
+//! starts a worker thread. [`reset`](VirtioDevice::reset) stops the worker.
+//! The transport ([`mmio::MmioTransport`]) owns everything the driver
+//! negotiates before that.
+
+pub mod mmio;
+pub mod rng;
+pub mod worker;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use memory::GuestMemoryMmap;
+use virtio_queue::Queue;
+use vmm_sys_util::eventfd::EventFd;
+
+pub use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+
+/// Interrupt status bits (the MMIO InterruptStatus register).
+pub const INT_VRING: u32 = 1;
+pub const INT_CONFIG: u32 = 2;
+
+/// Raises a device's interrupt: sets a status bit the driver reads and
+/// acknowledges, and pulses the interrupt line (an irqfd).
+#[derive(Debug)]
+pub struct Interrupt {
+    status: AtomicU32,
+    line: EventFd,
+}
+
+impl Interrupt {
+    pub fn new(line: EventFd) -> Self {
+        Interrupt {
+            status: AtomicU32::new(0),
+            line,
+        }
+    }
+
+    /// Tells the driver that buffers were used.
+    pub fn signal_used(&self) {
+        self.signal(INT_VRING);
+    }
+
+    /// Tells the driver that the configuration (or the device status)
+    /// changed.
+    pub fn signal_config(&self) {
+        self.signal(INT_CONFIG);
+    }
+
+    fn signal(&self, bit: u32) {
+        self.status.fetch_or(bit, Ordering::SeqCst);
+        if let Err(e) = self.line.write(1) {
+            tracing::warn!("cannot raise a virtio interrupt: {e}");
+        }
+    }
+
+    pub fn status(&self) -> u32 {
+        self.status.load(Ordering::SeqCst)
+    }
+
+    pub fn acknowledge(&self, bits: u32) {
+        self.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+}
+
+/// Why a device could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    #[error("expected {expected} queues, the driver set up {got}")]
+    QueueCount { expected: usize, got: usize },
+    #[error("cannot start the device worker")]
+    Thread(#[source] std::io::Error),
+    #[error("cannot create an event")]
+    Event(#[source] std::io::Error),
+}
+
+/// What activation hands a device.
+#[derive(Debug)]
+pub struct Activation {
+    pub mem: GuestMemoryMmap,
+    pub interrupt: Arc<Interrupt>,
+    /// The queues the driver set up, in order, and the events that fire
+    /// when the driver notifies each.
+    pub queues: Vec<(Queue, EventFd)>,
+    /// The features the driver accepted.
+    pub acked_features: u64,
+}
+
+/// A virtio device behind any transport.
+pub trait VirtioDevice: Send {
+    /// The virtio device ID (4 = entropy, 2 = block, ...).
+    fn device_type(&self) -> u32;
+    /// The maximum size of each queue; their number is the queue count.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// The features the device offers (VIRTIO_F_VERSION_1 is added by the
+    /// transport).
+    fn features(&self) -> u64 {
+        0
+    }
+    /// Reads from the device-specific config space.
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        let _ = offset;
+    }
+    /// Writes to the device-specific config space.
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        tracing::debug!(
+            offset,
+            len = data.len(),
+            "write to read-only virtio config ignored"
+        );
+    }
+    /// Starts the device.
+    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError>;
+    /// Stops the device's worker; the device may be activated again.
+    fn reset(&mut self);
+}
+
+/// Reads `data.len()` bytes of `config` at `offset`; bytes beyond it read
+/// as zero. For devices whose config is a plain byte image.
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let Ok(start) = usize::try_from(offset) else {
+        return;
+    };
+    if let Some(src) = config.get(start..) {
+        let n = src.len().min(data.len());
+        data[..n].copy_from_slice(&src[..n]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interrupt_status_is_set_and_acknowledged() {
+        let line = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let irq = Interrupt::new(line.try_clone().unwrap());
+        irq.signal_used();
+        irq.signal_config();
+        assert_eq!(irq.status(), INT_VRING | INT_CONFIG);
+        assert_eq!(line.read().unwrap(), 2);
+        irq.acknowledge(INT_VRING);
+        assert_eq!(irq.status(), INT_CONFIG);
+    }
+
+    #[test]
+    fn config_reads_are_bounded() {
+        let config = [1u8, 2, 3, 4];
+        let mut d = [0xffu8; 4];
+        read_config_bytes(&config, 2, &mut d);
+        assert_eq!(d, [3, 4, 0, 0]);
+        read_config_bytes(&config, 100, &mut d);
+        assert_eq!(d, [0; 4]);
+        read_config_bytes(&config, u64::MAX, &mut d);
+        assert_eq!(d, [0; 4]);
+    }
+}

@@ -1,0 +1,6 @@
+//! The one guest-memory type of the workspace, so that the hypervisor,
+//! the platform code and the devices agree on it without depending on each
+//! other.
+
+/// Guest RAM: host `mmap` regions, from vm-memory.
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
