@@ -50,6 +50,10 @@ struct RunArgs {
     /// What a guest reset does: shutdown (exit 0) or restart.
     #[arg(long, value_name = "ACTION", default_value = "shutdown", value_parser = parse_reset)]
     on_reset: ResetAction,
+    /// A virtual disk: path=FILE[,readonly=on][,cache=writeback|none|unsafe].
+    /// Repeatable; the first is the guest's /dev/vda.
+    #[arg(long, value_name = "OPTIONS")]
+    disk: Vec<vmm::DiskConfig>,
     /// Give the guest a virtio-rng device (entropy from the host).
     #[arg(long)]
     rng: bool,
@@ -133,6 +137,7 @@ fn vm_config(args: RunArgs) -> Result<VmConfig, CliError> {
         append: args.append,
         serial: args.serial,
         on_reset: args.on_reset,
+        disks: args.disk,
         rng: args.rng,
         hide_cpu_features: args.hide_cpu_features,
     })

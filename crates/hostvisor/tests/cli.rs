@@ -744,3 +744,185 @@ fn bzimage_kernel_is_entered_at_its_64_bit_entry() {
     assert_eq!(out.code, 0, "{}", out.stderr);
     assert_eq!(out.stdout, "b\n");
 }
+
+fn mkfs_ext4(path: &std::path::Path, size: u64, contents: Option<&std::path::Path>) {
+    let f = std::fs::File::create(path).unwrap();
+    f.set_len(size).unwrap();
+    let mut cmd = Command::new("mkfs.ext4");
+    cmd.args(["-q", "-F"]);
+    if let Some(dir) = contents {
+        cmd.arg("-d").arg(dir);
+    }
+    let status = cmd
+        .arg(path)
+        .status()
+        .expect("mkfs.ext4 (e2fsprogs) is installed");
+    assert!(status.success());
+}
+
+#[test]
+fn guest_writes_a_data_disk_and_cannot_write_a_read_only_one() {
+    if !kvm_usable() || default_guest().is_none() {
+        return;
+    }
+    let dir = temp_dir("disks");
+    let data = dir.join("data.img");
+    mkfs_ext4(&data, 32 << 20, None);
+    let files = dir.join("files");
+    std::fs::create_dir_all(&files).unwrap();
+    std::fs::write(files.join("hello.txt"), "from-the-host\n").unwrap();
+    let ro = dir.join("ro.img");
+    mkfs_ext4(&ro, 16 << 20, Some(&files));
+    let script = "mkdir -p /mnt /ro; \
+        mount -t ext4 /dev/vda /mnt && echo hello-disk > /mnt/FILE && sync && umount /mnt && echo DATA-OK; \
+        mount -t ext4 -o ro /dev/vdb /ro && read x < /ro/hello.txt && echo RO-READ=$x; \
+        dd if=/dev/zero of=/dev/vdb bs=512 count=1 && echo RO-WRITE-OK || echo RO-WRITE-FAILED; \
+        echo STILL-RUNNING";
+    let data_arg = format!("path={}", data.display());
+    let ro_arg = format!("path={},readonly=on", ro.display());
+    let append = format!("hostvisor.run={}", base64(script.as_bytes()));
+    let out = hostvisor(
+        &[
+            "run", "--disk", &data_arg, "--disk", &ro_arg, "--append", &append,
+        ],
+        &[],
+        BOOT,
+    );
+    assert_eq!(
+        out.code, 0,
+        "stdout: {}\nstderr: {}",
+        out.stdout, out.stderr
+    );
+    for line in [
+        "DATA-OK",
+        "RO-READ=from-the-host",
+        "RO-WRITE-FAILED",
+        "STILL-RUNNING",
+    ] {
+        assert!(out.stdout.contains(line), "{line} missing: {}", out.stdout);
+    }
+    let fsck = Command::new("e2fsck")
+        .arg("-fn")
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(
+        fsck.status.success(),
+        "{}",
+        String::from_utf8_lossy(&fsck.stdout)
+    );
+    let cat = Command::new("debugfs")
+        .args(["-R", "cat /FILE"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&cat.stdout), "hello-disk\n");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn flushed_writes_survive_a_sigkill_of_the_vmm() {
+    if !kvm_usable() || default_guest().is_none() {
+        return;
+    }
+    let dir = temp_dir("sigkill");
+    let disk = dir.join("raw.img");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(8 << 20)
+        .unwrap();
+    // The guest writes a pattern to the raw disk with a flush (fsync), says
+    // so, and would go on running; the VMM is killed the moment it says so.
+    let script = "printf 'hostvisor-was-here' > /tmp/p; \
+        dd if=/tmp/p of=/dev/vda bs=512 seek=8 conv=fsync 2>/dev/null && echo SYNCED; sleep 60";
+    let disk_arg = format!("path={}", disk.display());
+    let append = format!("hostvisor.run={}", base64(script.as_bytes()));
+    let mut child = Command::new(BIN)
+        .args(["run", "--disk", &disk_arg, "--append", &append])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 256];
+    let start = Instant::now();
+    while !seen.windows(6).any(|w| w == b"SYNCED") && start.elapsed() < BOOT {
+        match stdout.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => seen.extend_from_slice(&buf[..n]),
+        }
+    }
+    let _ = child.kill(); // SIGKILL
+    let _ = child.wait();
+    assert!(
+        seen.windows(6).any(|w| w == b"SYNCED"),
+        "{}",
+        String::from_utf8_lossy(&seen)
+    );
+    let image = std::fs::read(&disk).unwrap();
+    assert_eq!(&image[8 * 512..8 * 512 + 18], b"hostvisor-was-here");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn disk_errors_are_clear() {
+    if !kvm_usable() {
+        return;
+    }
+    let out = hostvisor(
+        &["run", "--kernel", "/dev/null", "--disk", "readonly=on"],
+        &[],
+        QUICK,
+    );
+    assert_one_line_error(&out, 2, "path=FILE");
+    let out = hostvisor(
+        &[
+            "run",
+            "--kernel",
+            "/dev/null",
+            "--disk",
+            "path=/x,cache=direct",
+        ],
+        &[],
+        QUICK,
+    );
+    assert_one_line_error(&out, 2, "unknown cache mode");
+    let kernel = tiny_kernel("disk-missing", PRINT_AND_RESET);
+    let k = kernel.to_str().unwrap();
+    let out = hostvisor(
+        &["run", "--kernel", k, "--disk", "path=/nonexistent/d.img"],
+        &[],
+        QUICK,
+    );
+    assert_one_line_error(&out, 1, "cannot open the disk image /nonexistent/d.img");
+    // One writable image, two VMs: the second is refused.
+    let img = kernel.with_file_name("shared.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let disk = format!("path={}", img.display());
+    let mut first = Command::new(BIN)
+        .args([
+            "run",
+            "--kernel",
+            k,
+            "--disk",
+            &disk,
+            "--on-reset",
+            "restart",
+            "--serial",
+            "none",
+        ])
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let out = hostvisor(&["run", "--kernel", k, "--disk", &disk], &[], QUICK);
+    let _ = first.kill();
+    let _ = first.wait();
+    assert_one_line_error(&out, 1, "in use by another VM");
+    let _ = std::fs::remove_dir_all(kernel.parent().unwrap());
+}

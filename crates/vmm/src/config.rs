@@ -139,6 +139,64 @@ pub enum ResetAction {
     Restart,
 }
 
+/// A virtual disk: `path=FILE[,readonly=on][,cache=writeback|none|unsafe]`
+/// on the command line.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskConfig {
+    pub path: PathBuf,
+    #[serde(default)]
+    pub readonly: bool,
+    #[serde(default)]
+    pub cache: block::CacheMode,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DiskConfigError {
+    #[error("a disk needs path=FILE")]
+    NoPath,
+    #[error("unknown disk option `{0}` (known: path, readonly, cache)")]
+    UnknownKey(String),
+    #[error("`{0}` is not key=value")]
+    NotKeyValue(String),
+    #[error("readonly takes on or off, not `{0}`")]
+    BadBool(String),
+    #[error(transparent)]
+    Cache(#[from] block::CacheModeError),
+}
+
+impl FromStr for DiskConfig {
+    type Err = DiskConfigError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut path = None;
+        let mut readonly = false;
+        let mut cache = block::CacheMode::default();
+        for part in s.split(',') {
+            let (key, value) = part
+                .split_once('=')
+                .ok_or_else(|| DiskConfigError::NotKeyValue(part.to_string()))?;
+            match key {
+                "path" if !value.is_empty() => path = Some(PathBuf::from(value)),
+                "path" => return Err(DiskConfigError::NoPath),
+                "readonly" => {
+                    readonly = match value {
+                        "on" | "true" | "yes" => true,
+                        "off" | "false" | "no" => false,
+                        other => return Err(DiskConfigError::BadBool(other.to_string())),
+                    }
+                }
+                "cache" => cache = value.parse()?,
+                other => return Err(DiskConfigError::UnknownKey(other.to_string())),
+            }
+        }
+        Ok(DiskConfig {
+            path: path.ok_or(DiskConfigError::NoPath)?,
+            readonly,
+            cache,
+        })
+    }
+}
+
 fn default_cpus() -> u32 {
     1
 }
@@ -169,6 +227,9 @@ pub struct VmConfig {
     pub serial: SerialConfig,
     #[serde(default)]
     pub on_reset: ResetAction,
+    /// Virtual disks, in order: the first is the guest's /dev/vda.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<DiskConfig>,
     /// A virtio-rng device fed from the host's getrandom.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub rng: bool,
@@ -189,6 +250,7 @@ impl VmConfig {
             append: None,
             serial: SerialConfig::default(),
             on_reset: ResetAction::default(),
+            disks: Vec::new(),
             rng: false,
             hide_cpu_features: Vec::new(),
         }
@@ -227,9 +289,44 @@ mod tests {
     }
 
     #[test]
+    fn disk_options() {
+        assert_eq!(
+            "path=/d.img".parse(),
+            Ok(DiskConfig {
+                path: "/d.img".into(),
+                readonly: false,
+                cache: block::CacheMode::Writeback
+            })
+        );
+        assert_eq!(
+            "path=/d.img,readonly=on,cache=none".parse(),
+            Ok(DiskConfig {
+                path: "/d.img".into(),
+                readonly: true,
+                cache: block::CacheMode::None
+            })
+        );
+        assert_eq!(
+            "readonly=on".parse::<DiskConfig>(),
+            Err(DiskConfigError::NoPath)
+        );
+        assert_eq!(
+            "/d.img".parse::<DiskConfig>(),
+            Err(DiskConfigError::NotKeyValue("/d.img".into()))
+        );
+        assert_eq!(
+            "path=/d,size=1G".parse::<DiskConfig>(),
+            Err(DiskConfigError::UnknownKey("size".into()))
+        );
+        assert!("path=/d,cache=direct".parse::<DiskConfig>().is_err());
+        assert!("path=/d,readonly=maybe".parse::<DiskConfig>().is_err());
+    }
+
+    #[test]
     fn config_round_trips_and_refuses_unknown_fields() {
         let mut c = VmConfig::new("/k");
         c.cpus = 2;
+        c.disks.push("path=/d.img,cache=unsafe".parse().unwrap());
         c.serial = SerialConfig::File("/tmp/s".into());
         let json = serde_json::to_string(&c).unwrap();
         assert_eq!(serde_json::from_str::<VmConfig>(&json).unwrap(), c);

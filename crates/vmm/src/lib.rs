@@ -17,7 +17,7 @@ use devices::PlatformRequest;
 use hypervisor::kvm::KvmHypervisor;
 use hypervisor::{HostProfile, Hypervisor};
 
-pub use config::{MemorySize, ResetAction, SerialConfig, VmConfig};
+pub use config::{DiskConfig, MemorySize, ResetAction, SerialConfig, VmConfig};
 pub use machine::{Machine, MachineSpec};
 
 /// Messages to the VMM's control loop.
@@ -102,6 +102,8 @@ pub enum VmmError {
     EventFd(#[source] std::io::Error),
     #[error("device bus")]
     Bus(#[from] devices::BusError),
+    #[error(transparent)]
+    Disk(#[from] block::BlockError),
     #[error("no interrupt line is left for another device")]
     TooManyDevices,
     #[error("virtio device: {0}")]
@@ -222,6 +224,11 @@ pub fn run(config: &VmConfig) -> Result<VmOutcome, VmmError> {
             serial_out: serial_output(&config.serial)?,
         };
         let mut machine = Machine::new(&hv, spec)?;
+        for disk in &config.disks {
+            let image = block::raw::RawImage::open(&disk.path, disk.readonly, disk.cache)?;
+            let device = devices::virtio::block::Block::new(std::sync::Arc::new(image));
+            machine.add_virtio_device(Box::new(device))?;
+        }
         if config.rng {
             machine.add_virtio_device(Box::new(devices::virtio::rng::Rng::new()))?;
         }

@@ -7,6 +7,7 @@
 //! The transport ([`mmio::MmioTransport`]) owns everything the driver
 //! negotiates before that.
 
+pub mod block;
 pub mod mmio;
 pub mod rng;
 pub mod worker;
