@@ -3,8 +3,11 @@
 #   vmlinux         an ELF Linux 6.1 kernel (booted directly: no decompressor)
 #   initramfs.cpio  an uncompressed busybox initramfs whose /init prints
 #                   "HOSTVISOR-GUEST-READY cpus=N" (see guest/init)
+#   rootfs.img      the same busybox tree as an ext4 image, to boot from a
+#                   disk: hostvisor run --disk path=COPY --append root=/dev/vda
 #
-# Usage: guest/build.sh [--print-dir]
+# Usage: guest/build.sh [rootfs | --print-dir]
+# (`rootfs` prints the image's path; everything is built either way.)
 # Outputs go to ${HOSTVISOR_GUEST_DIR:-~/.cache/hostvisor/guest}. The build is
 # idempotent: each output records a hash of its inputs and is rebuilt only
 # when they change.
@@ -12,7 +15,11 @@ set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 out=${HOSTVISOR_GUEST_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/hostvisor/guest}
-if [[ ${1:-} == --print-dir ]]; then echo "$out"; exit 0; fi
+case ${1:-} in
+  --print-dir) echo "$out"; exit 0 ;;
+  rootfs | "") ;;
+  *) echo "usage: guest/build.sh [rootfs | --print-dir]" >&2; exit 2 ;;
+esac
 mkdir -p "$out"
 
 log() { printf 'guest/build.sh: %s\n' "$*" >&2; }
@@ -25,6 +32,7 @@ for tool in gcc make flex bison bc cpio xz; do
 done
 [[ -f /usr/include/libelf.h ]] || need_pkgs+=(libelf-dev)
 [[ -f /usr/include/openssl/ssl.h ]] || need_pkgs+=(libssl-dev)
+command -v mkfs.ext4 >/dev/null || need_pkgs+=(e2fsprogs)
 if ((${#need_pkgs[@]})); then
   if [[ $(id -u) -ne 0 ]]; then
     log "missing Debian packages: ${need_pkgs[*]} (install them with apt-get as root)"
@@ -64,30 +72,45 @@ else
   log "kernel built: $out/vmlinux"
 fi
 
-# ---- initramfs ----------------------------------------------------------
+# ---- initramfs and root filesystem ---------------------------------------
 busybox_version=$(dpkg-query -W -f '${Version}' busybox-static 2>/dev/null || /bin/busybox | head -1)
-initrd_hash=$(cat "$here/init" "$here/build.sh" <(echo "$busybox_version") | sha256sum | cut -c1-16)
-if [[ -f $out/initramfs.cpio && $(cat "$out/initramfs.hash" 2>/dev/null) == "$initrd_hash" ]]; then
-  log "initramfs up to date ($out/initramfs.cpio)"
-else
-  root=$(mktemp -d)
-  trap 'rm -rf "$root"' EXIT
-  mkdir -p "$root"/{bin,dev,proc,sys,tmp,root,etc,mnt,run}
+tree_hash=$(cat "$here/init" "$here/build.sh" <(echo "$busybox_version") | sha256sum | cut -c1-16)
+
+# The guest's files: busybox, /init and a few files in /etc.
+make_tree() {
+  local root=$1
+  mkdir -p "$root"/{bin,sbin,dev,proc,sys,tmp,root,etc,mnt,run}
   cp /bin/busybox "$root/bin/busybox"
   # No applet links: Debian's busybox shell is "standalone" (it runs its
   # applets by name without links), and on nested KVMs unpacking ~270
   # symlinks costs ~4 s of boot. `busybox --install -s` adds them if wanted.
   ln -s busybox "$root/bin/sh"
   install -m 0755 "$here/init" "$root/init"
+  ln -s /init "$root/sbin/init"
   echo "root:x:0:0:root:/root:/bin/sh" > "$root/etc/passwd"
   echo "root:x:0:" > "$root/etc/group"
   echo "hostvisor" > "$root/etc/hostname"
   printf '%s\n' "proc /proc proc defaults 0 0" "sysfs /sys sysfs defaults 0 0" \
     "devtmpfs /dev devtmpfs defaults 0 0" > "$root/etc/fstab"
-  (cd "$root" && find . -print0 | LC_ALL=C sort -z |
+}
+
+if [[ -f $out/initramfs.cpio && -f $out/rootfs.img && $(cat "$out/tree.hash" 2>/dev/null) == "$tree_hash" ]]; then
+  log "initramfs and rootfs up to date"
+else
+  tree=$(mktemp -d)
+  trap 'rm -rf "$tree"' EXIT
+  make_tree "$tree/root"
+  # The root filesystem image (64 MiB, room to write).
+  rm -f "$out/rootfs.img.tmp"
+  truncate -s 64M "$out/rootfs.img.tmp"
+  mkfs.ext4 -q -F -L hostvisor-root -d "$tree/root" "$out/rootfs.img.tmp"
+  mv "$out/rootfs.img.tmp" "$out/rootfs.img"
+  # The initramfs, marked so /init knows it may switch to a root= disk.
+  touch "$tree/root/etc/hostvisor-initramfs"
+  (cd "$tree/root" && find . -print0 | LC_ALL=C sort -z |
     cpio --null --create --format=newc --owner=0:0 --quiet) > "$out/initramfs.cpio.tmp"
   mv "$out/initramfs.cpio.tmp" "$out/initramfs.cpio"
-  echo "$initrd_hash" > "$out/initramfs.hash"
-  log "initramfs built: $out/initramfs.cpio"
+  echo "$tree_hash" > "$out/tree.hash"
+  log "initramfs and rootfs built"
 fi
-echo "$out"
+if [[ ${1:-} == rootfs ]]; then echo "$out/rootfs.img"; else echo "$out"; fi

@@ -926,3 +926,38 @@ fn disk_errors_are_clear() {
     assert_one_line_error(&out, 1, "in use by another VM");
     let _ = std::fs::remove_dir_all(kernel.parent().unwrap());
 }
+
+#[test]
+fn default_guest_boots_from_its_root_disk() {
+    if !kvm_usable() {
+        return;
+    }
+    let Some(guest) = default_guest() else { return };
+    let rootfs = guest.join("rootfs.img");
+    assert!(rootfs.exists(), "guest/build.sh makes rootfs.img");
+    let dir = temp_dir("rootdisk");
+    let disk = dir.join("root.img");
+    std::fs::copy(&rootfs, &disk).unwrap();
+    let script = "while read dev mnt type rest; do [ \"$mnt\" = / ] && echo ROOT=$dev:$type; done < /proc/mounts; \
+                  touch /booted-from-disk; sync";
+    let disk_arg = format!("path={}", disk.display());
+    let append = format!("root=/dev/vda hostvisor.run={}", base64(script.as_bytes()));
+    let out = hostvisor(
+        &["run", "--disk", &disk_arg, "--append", &append],
+        &[],
+        BOOT,
+    );
+    assert_eq!(
+        out.code, 0,
+        "stdout: {}\nstderr: {}",
+        out.stdout, out.stderr
+    );
+    assert!(out.stdout.contains("ROOT=/dev/vda:ext4"), "{}", out.stdout);
+    let ls = Command::new("debugfs")
+        .args(["-R", "ls /"])
+        .arg(&disk)
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&ls.stdout).contains("booted-from-disk"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
