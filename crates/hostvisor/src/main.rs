@@ -47,6 +47,9 @@ struct RunArgs {
     /// Where the serial console goes: stdio, file:PATH or none.
     #[arg(long, value_name = "WHERE", default_value = "stdio")]
     serial: SerialConfig,
+    /// Which device is the console: serial (ttyS0) or virtio (hvc0).
+    #[arg(long, value_name = "DEVICE", default_value = "serial", value_parser = parse_console)]
+    console: vmm::ConsoleDevice,
     /// What a guest reset does: shutdown (exit 0) or restart.
     #[arg(long, value_name = "ACTION", default_value = "shutdown", value_parser = parse_reset)]
     on_reset: ResetAction,
@@ -78,6 +81,14 @@ fn parse_cpus(s: &str) -> Result<u32, String> {
         Ok(0) => Err("a VM needs at least one vCPU".into()),
         Ok(n) => Ok(n),
         Err(_) => Err("give a whole number of vCPUs, like 2".into()),
+    }
+}
+
+fn parse_console(s: &str) -> Result<vmm::ConsoleDevice, String> {
+    match s {
+        "serial" => Ok(vmm::ConsoleDevice::Serial),
+        "virtio" => Ok(vmm::ConsoleDevice::Virtio),
+        _ => Err("use serial or virtio".into()),
     }
 }
 
@@ -136,6 +147,7 @@ fn vm_config(args: RunArgs) -> Result<VmConfig, CliError> {
         cmdline: args.cmdline,
         append: args.append,
         serial: args.serial,
+        console: args.console,
         on_reset: args.on_reset,
         disks: args.disk,
         rng: args.rng,

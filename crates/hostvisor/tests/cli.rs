@@ -130,6 +130,7 @@ fn bad_arguments_are_usage_errors() {
         (&["run", "--memory", "lots"], "invalid size"),
         (&["run", "--serial", "tty"], "stdio, file:PATH or none"),
         (&["run", "--on-reset", "explode"], "shutdown or restart"),
+        (&["run", "--console", "vga"], "serial or virtio"),
         (
             &["run", "--hide-cpu-features", "cx17"],
             "unknown CPU feature `cx17`",
@@ -347,8 +348,10 @@ fn default_guest_runs_a_script_with_one_vcpu() {
     );
 }
 
+/// Also the virtio-console check: with `--console virtio` the UART's output
+/// is discarded, so the READY line can only have come through hvc0.
 #[test]
-fn default_guest_boots_with_two_vcpus() {
+fn default_guest_boots_with_two_vcpus_on_a_virtio_console() {
     if !kvm_usable() {
         return;
     }
@@ -356,7 +359,15 @@ fn default_guest_boots_with_two_vcpus() {
         return;
     }
     let out = hostvisor(
-        &["run", "--cpus", "2", "--append", "hostvisor.test=poweroff"],
+        &[
+            "run",
+            "--cpus",
+            "2",
+            "--console",
+            "virtio",
+            "--append",
+            "hostvisor.test=poweroff",
+        ],
         &[],
         BOOT,
     );

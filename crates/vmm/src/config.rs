@@ -127,6 +127,17 @@ impl<'de> Deserialize<'de> for SerialConfig {
     }
 }
 
+/// Which device is the guest's console.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ConsoleDevice {
+    /// The 16550A UART: `ttyS0`.
+    #[default]
+    Serial,
+    /// A virtio-console port: `hvc0`. The UART's output is then discarded.
+    Virtio,
+}
+
 /// What a guest reset does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -223,8 +234,12 @@ pub struct VmConfig {
     /// Appended to the command line.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub append: Option<String>,
+    /// Where the console goes.
     #[serde(default)]
     pub serial: SerialConfig,
+    /// Which device the console is.
+    #[serde(default)]
+    pub console: ConsoleDevice,
     #[serde(default)]
     pub on_reset: ResetAction,
     /// Virtual disks, in order: the first is the guest's /dev/vda.
@@ -249,6 +264,7 @@ impl VmConfig {
             cmdline: None,
             append: None,
             serial: SerialConfig::default(),
+            console: ConsoleDevice::default(),
             on_reset: ResetAction::default(),
             disks: Vec::new(),
             rng: false,

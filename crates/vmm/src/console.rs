@@ -8,6 +8,7 @@ use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use devices::serial::SerialDevice;
+use devices::virtio::console::ConsoleInput;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::VmmEvent;
@@ -134,13 +135,52 @@ impl EscapeParser {
 pub const ESCAPE_HELP: &str =
     "\r\nC-a x    kill the VM\r\nC-a h    this help\r\nC-a C-a  send C-a\r\n";
 
-/// Reads stdin until EOF, feeding the guest's UART; `Ctrl-A x` asks the
+/// The device that console input goes to.
+#[derive(Clone)]
+pub enum ConsoleTarget {
+    /// The UART's receive FIFO; `input_space` fires when the guest has
+    /// drained it.
+    Uart {
+        serial: Arc<Mutex<SerialDevice>>,
+        input_space: Arc<EventFd>,
+    },
+    /// The virtio-console port.
+    Virtio(Arc<ConsoleInput>),
+}
+
+impl ConsoleTarget {
+    /// Hands `pending` to the guest, waiting while the device is full;
+    /// false if it can take no more, ever.
+    fn deliver(&self, mut pending: Vec<u8>) -> bool {
+        while !pending.is_empty() {
+            let taken = match self {
+                ConsoleTarget::Uart { serial, .. } => serial
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .enqueue_input(&pending),
+                ConsoleTarget::Virtio(input) => input.push(&pending),
+            };
+            pending.drain(..taken);
+            if taken == 0 {
+                match self {
+                    ConsoleTarget::Uart { input_space, .. } => {
+                        if input_space.read().is_err() {
+                            return false;
+                        }
+                    }
+                    ConsoleTarget::Virtio(_) => {
+                        std::thread::sleep(std::time::Duration::from_millis(10))
+                    }
+                }
+            }
+        }
+        true
+    }
+}
+
+/// Reads stdin until EOF, feeding the guest's console; `Ctrl-A x` asks the
 /// VMM to end the VM.
-pub fn spawn_input_thread(
-    serial: Arc<Mutex<SerialDevice>>,
-    input_space: Arc<EventFd>,
-    events: Sender<VmmEvent>,
-) -> std::io::Result<()> {
+pub fn spawn_input_thread(target: ConsoleTarget, events: Sender<VmmEvent>) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name("console-in".into())
         .spawn(move || {
@@ -176,15 +216,8 @@ pub fn spawn_input_thread(
                     }
                 }
                 // What was typed before an escape still reaches the guest.
-                while !pending.is_empty() {
-                    let taken = serial
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .enqueue_input(&pending);
-                    pending.drain(..taken);
-                    if taken == 0 && input_space.read().is_err() {
-                        return;
-                    }
+                if !target.deliver(pending) {
+                    return;
                 }
                 if exit {
                     let _ = events.send(VmmEvent::ConsoleExit);

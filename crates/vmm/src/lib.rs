@@ -17,7 +17,7 @@ use devices::PlatformRequest;
 use hypervisor::kvm::KvmHypervisor;
 use hypervisor::{HostProfile, Hypervisor};
 
-pub use config::{DiskConfig, MemorySize, ResetAction, SerialConfig, VmConfig};
+pub use config::{ConsoleDevice, DiskConfig, MemorySize, ResetAction, SerialConfig, VmConfig};
 pub use machine::{Machine, MachineSpec};
 
 /// Messages to the VMM's control loop.
@@ -145,8 +145,12 @@ pub fn mark_process_start() {
 /// a guest needs: features the emulator cannot execute are cleared
 /// (`noxsave`, `clearcpuid=`), and costly work is skipped (`quiet`: every
 /// console byte is an exit there).
-pub fn default_cmdline(profile: HostProfile) -> String {
-    let mut args = vec!["console=ttyS0", "reboot=k", "panic=-1", "pci=off"];
+pub fn default_cmdline(profile: HostProfile, console: ConsoleDevice) -> String {
+    let console = match console {
+        ConsoleDevice::Serial => "console=ttyS0",
+        ConsoleDevice::Virtio => "console=hvc0",
+    };
+    let mut args = vec![console, "reboot=k", "panic=-1", "pci=off"];
     if profile.emulated_cpl0 {
         args.extend([
             "quiet",
@@ -217,11 +221,18 @@ pub fn run(config: &VmConfig) -> Result<VmOutcome, VmmError> {
         _ => None,
     };
     loop {
+        let (uart_out, virtio_out) = match config.console {
+            ConsoleDevice::Serial => (serial_output(&config.serial)?, None),
+            ConsoleDevice::Virtio => (
+                serial_output(&SerialConfig::None)?,
+                Some(serial_output(&config.serial)?),
+            ),
+        };
         let spec = MachineSpec {
             cpus: config.cpus,
             memory: config.memory.bytes(),
             hidden_features: hidden.clone(),
-            serial_out: serial_output(&config.serial)?,
+            serial_out: uart_out,
         };
         let mut machine = Machine::new(&hv, spec)?;
         for disk in &config.disks {
@@ -232,9 +243,12 @@ pub fn run(config: &VmConfig) -> Result<VmOutcome, VmmError> {
         if config.rng {
             machine.add_virtio_device(Box::new(devices::virtio::rng::Rng::new()))?;
         }
+        if let Some(out) = virtio_out {
+            machine.add_virtio_console(out)?;
+        }
         let mut cmdline = match &config.cmdline {
             Some(c) => c.clone(),
-            None => default_cmdline(hv.host_profile()),
+            None => default_cmdline(hv.host_profile(), config.console),
         };
         if let Some(extra) = &config.append {
             cmdline.push(' ');
@@ -277,14 +291,15 @@ mod tests {
             emulated_cpl0: false,
         };
         assert_eq!(
-            default_cmdline(native),
+            default_cmdline(native, ConsoleDevice::Serial),
             "console=ttyS0 reboot=k panic=-1 pci=off"
         );
+        assert!(default_cmdline(native, ConsoleDevice::Virtio).starts_with("console=hvc0 "));
         assert!(host_hidden_features(native).is_empty());
         let pvm = HostProfile {
             emulated_cpl0: true,
         };
-        let line = default_cmdline(pvm);
+        let line = default_cmdline(pvm, ConsoleDevice::Serial);
         assert!(
             line.contains("noxsave") && line.contains("clearcpuid=cx16"),
             "{line}"

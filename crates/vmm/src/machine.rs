@@ -13,6 +13,7 @@ use devices::cmos::{Cmos, CMOS_PORT, CMOS_PORT_LEN};
 use devices::debug_exit::{DebugExit, DEBUG_EXIT_PORT};
 use devices::i8042::{COMMAND_PORT, DATA_PORT, I8042};
 use devices::serial::{SerialDevice, COM1_IRQ, COM1_PORT, UART_PORT_LEN};
+use devices::virtio::console::{Console, ConsoleInput};
 use devices::virtio::mmio::{MmioTransport, MMIO_WINDOW, NOTIFY_OFFSET};
 use devices::virtio::{Interrupt, VirtioDevice};
 use devices::{Bus, PlatformRequest, PlatformRequestSink};
@@ -20,6 +21,7 @@ use hypervisor::{GuestMemoryMmap, Hypervisor, SystemEvent, Vcpu, Vm};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::console::ConsoleTarget;
 use crate::panic_watch::{PanicNote, PanicWatch};
 use crate::vcpu::{self, VcpuContext, VcpuHandle, VcpuStats, VcpuStop};
 use crate::{VmOutcome, VmmError, VmmEvent};
@@ -45,8 +47,7 @@ pub struct Machine {
     pio: Bus,
     mmio: Bus,
     vcpus: Vec<Box<dyn Vcpu>>,
-    serial: Arc<Mutex<SerialDevice>>,
-    input_space: Arc<EventFd>,
+    console: ConsoleTarget,
     events: (Sender<VmmEvent>, Receiver<VmmEvent>),
     stats: Arc<VcpuStats>,
     memory: u64,
@@ -148,8 +149,10 @@ impl Machine {
             pio,
             mmio: Bus::new(),
             vcpus,
-            serial: legacy.serial,
-            input_space: legacy.input_space,
+            console: ConsoleTarget::Uart {
+                serial: legacy.serial,
+                input_space: legacy.input_space,
+            },
             events,
             stats: Arc::new(VcpuStats::default()),
             memory: spec.memory,
@@ -198,6 +201,17 @@ impl Machine {
             .insert(Arc::new(Mutex::new(transport)), base, MMIO_WINDOW)?;
         self.virtio_cmdline
             .push(format!("virtio_mmio.device=4K@{base:#x}:{irq}"));
+        Ok(())
+    }
+
+    /// Makes a virtio-console port the console: what the guest writes to
+    /// `hvc0` goes to `output` (watched for kernel panics), and console
+    /// input goes to the port instead of the UART.
+    pub fn add_virtio_console(&mut self, output: Box<dyn Write + Send>) -> Result<(), VmmError> {
+        let input = Arc::new(ConsoleInput::new().map_err(VmmError::EventFd)?);
+        let watched = Box::new(PanicWatch::new(output, self.panic_note.clone()));
+        self.add_virtio_device(Box::new(Console::new(watched, input.clone())))?;
+        self.console = ConsoleTarget::Virtio(input);
         Ok(())
     }
 
@@ -269,12 +283,8 @@ impl Machine {
             handles.push(VcpuHandle { id, thread });
         }
         if interactive {
-            crate::console::spawn_input_thread(
-                self.serial.clone(),
-                self.input_space.clone(),
-                tx.clone(),
-            )
-            .map_err(VmmError::Thread)?;
+            crate::console::spawn_input_thread(self.console.clone(), tx.clone())
+                .map_err(VmmError::Thread)?;
         }
         drop(tx);
 

@@ -8,6 +8,7 @@
 //! negotiates before that.
 
 pub mod block;
+pub mod console;
 pub mod mmio;
 pub mod rng;
 pub mod worker;
