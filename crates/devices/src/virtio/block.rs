@@ -143,7 +143,15 @@ fn handle_chain(
         tracing::debug!("malformed virtio-blk request dropped");
         return 0;
     }
-    let status_addr = GuestAddress(status.addr + u64::from(status.len) - 1);
+    // The status byte is the last byte of the last buffer (found by the
+    // fuzzer: the guest picks the address, so the sum must be checked).
+    let Some(status_addr) = status
+        .addr
+        .checked_add(u64::from(status.len) - 1)
+        .map(GuestAddress)
+    else {
+        return 0;
+    };
     if mem.read_obj::<u8>(status_addr).is_err() {
         return 0;
     }

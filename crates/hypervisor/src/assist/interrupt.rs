@@ -65,7 +65,7 @@ fn load_code_segment(ctx: &Ctx<'_>, selector: u16) -> Result<SegmentRegister, As
         return Err(AssistError::BadDescriptor("gate selector outside the GDT"));
     }
     let mut d = [0u8; 8];
-    read_virt(ctx.mem, &ctx.sregs, 0, gdt.base + index, &mut d)?;
+    read_virt(ctx.mem, &ctx.sregs, 0, gdt.base.wrapping_add(index), &mut d)?;
     let access = d[5];
     let flags = d[6] >> 4;
     if access & 0x80 == 0 || access & 0x18 != 0x18 {
@@ -110,7 +110,13 @@ pub(super) fn deliver(ctx: &mut Ctx<'_>, vector: u8, event: Event) -> Result<(),
         return Err(AssistError::BadDescriptor("vector beyond the IDT limit"));
     }
     let mut raw = [0u8; 16];
-    read_virt(ctx.mem, &ctx.sregs, 0, idt.base + offset, &mut raw)?;
+    read_virt(
+        ctx.mem,
+        &ctx.sregs,
+        0,
+        idt.base.wrapping_add(offset),
+        &mut raw,
+    )?;
     let gate = Gate::parse(&raw);
     if !gate.present || (gate.kind != GATE_INTERRUPT && gate.kind != GATE_TRAP) {
         return Err(AssistError::BadDescriptor(
@@ -135,9 +141,9 @@ pub(super) fn deliver(ctx: &mut Ctx<'_>, vector: u8, event: Event) -> Result<(),
     let tss = ctx.sregs.tr.base;
     let mut stack = ctx.regs.rsp;
     if gate.ist != 0 {
-        stack = ctx.read_u64(tss + 0x24 + 8 * u64::from(gate.ist - 1), 0)?;
+        stack = ctx.read_u64(tss.wrapping_add(0x24 + 8 * u64::from(gate.ist - 1)), 0)?;
     } else if new_cpl < ctx.cpl {
-        stack = ctx.read_u64(tss + 4 + 8 * u64::from(new_cpl), 0)?;
+        stack = ctx.read_u64(tss.wrapping_add(4 + 8 * u64::from(new_cpl)), 0)?;
     }
     stack &= !0xf;
 
@@ -158,7 +164,8 @@ pub(super) fn deliver(ctx: &mut Ctx<'_>, vector: u8, event: Event) -> Result<(),
     {
         frame.push(u64::from(code));
     }
-    let new_rsp = stack - 8 * frame.len() as u64;
+    // Linear addresses wrap, as on the CPU; the guest chose them.
+    let new_rsp = stack.wrapping_sub(8 * frame.len() as u64);
     // The frame in memory, lowest address first.
     let bytes: Vec<u8> = frame.iter().rev().flat_map(|v| v.to_le_bytes()).collect();
     write_virt(ctx.mem, &ctx.sregs, new_cpl, new_rsp, &bytes)?;

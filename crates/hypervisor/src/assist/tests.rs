@@ -350,3 +350,19 @@ fn instruction_is_fetched_from_memory_when_not_given() {
     complete(&mut cpu, &mem, &EmulationFailure::default()).unwrap();
     assert_eq!(read_stack(&mem, &cpu, 1), vec![CODE + 2]);
 }
+
+#[test]
+fn hostile_descriptor_table_bases_do_not_overflow() {
+    let (mem, mut cpu) = machine();
+    cpu.sregs.idt.base = u64::MAX - 8;
+    assert!(run(&mem, &mut cpu, &[0xcc]).is_err());
+    let (mem, mut cpu) = machine();
+    cpu.regs.rsp = 8; // the frame would wrap below zero
+    assert!(run(&mem, &mut cpu, &[0xcc]).is_err());
+    let (mem, mut cpu) = machine();
+    cpu.regs.rip = u64::MAX;
+    assert!(
+        run(&mem, &mut cpu, &[0x0f, 0x01, 0xca]).is_ok(),
+        "RIP wraps like the CPU's"
+    );
+}

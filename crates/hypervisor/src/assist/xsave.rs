@@ -34,7 +34,7 @@ pub(super) fn xrstor(ctx: &mut Ctx<'_>, insn: &Instruction) -> Result<bool, Assi
     let xcr0 = ctx.cpu.xcr0()?;
     let rfbm = xcr0 & ((ctx.regs.rdx << 32) | (ctx.regs.rax & 0xffff_ffff));
     let mut header = [0u8; HEADER_SIZE];
-    ctx.read_mem(addr + LEGACY_AREA as u64, &mut header)?;
+    ctx.read_mem(addr.wrapping_add(LEGACY_AREA as u64), &mut header)?;
     let xstate_bv = u64::from_le_bytes(header[0..8].try_into().unwrap_or_default());
     let xcomp_bv = u64::from_le_bytes(header[8..16].try_into().unwrap_or_default());
     if xcomp_bv != 0 {
@@ -75,7 +75,7 @@ pub(super) fn xrstor(ctx: &mut Ctx<'_>, insn: &Instruction) -> Result<bool, Assi
     if rfbm & SSE != 0 {
         let mut xmm = [0u8; 256];
         if xstate_bv & SSE != 0 {
-            ctx.read_mem(addr + 160, &mut xmm)?;
+            ctx.read_mem(addr.wrapping_add(160), &mut xmm)?;
         }
         region[160..416].copy_from_slice(&xmm);
         image_bv |= SSE;
@@ -83,7 +83,7 @@ pub(super) fn xrstor(ctx: &mut Ctx<'_>, insn: &Instruction) -> Result<bool, Assi
     if rfbm & (SSE | YMM) != 0 {
         // MXCSR is loaded whenever SSE or AVX state is requested.
         let mut mxcsr = [0u8; 4];
-        ctx.read_mem(addr + 24, &mut mxcsr)?;
+        ctx.read_mem(addr.wrapping_add(24), &mut mxcsr)?;
         region[24..28].copy_from_slice(&mxcsr);
         image_bv |= SSE;
     }
@@ -97,7 +97,7 @@ pub(super) fn xrstor(ctx: &mut Ctx<'_>, insn: &Instruction) -> Result<bool, Assi
             return Err(AssistError::UnsupportedMode("XSAVE component beyond 4 KiB"));
         };
         if xstate_bv & bit != 0 {
-            read_virt_into(ctx, addr + offset as u64, dst)?;
+            read_virt_into(ctx, addr.wrapping_add(offset as u64), dst)?;
             image_bv |= bit;
         } else {
             dst.fill(0);

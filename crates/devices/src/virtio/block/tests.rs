@@ -230,6 +230,8 @@ fn malformed_chains_are_returned_unused() {
         r.run(&[d(HDR, 16, N, 1), d(0xffff_0000_0000, 1, W, 0)]).0,
         0
     );
+    // A status buffer whose end overflows the address space.
+    assert_eq!(r.run(&[d(HDR, 16, N, 1), d(u64::MAX - 1, 8, W, 0)]).0, 0);
     // Header outside RAM: reported through the status byte.
     assert_eq!(
         r.run(&[d(0xffff_0000_0000, 16, N, 1), d(STATUS, 1, W, 0)]),
