@@ -102,15 +102,29 @@ pub fn process_queue(
     disk: &dyn DiskImage,
     interrupt: &Interrupt,
 ) {
+    // With EVENT_IDX the driver kicks only past the avail_event we publish,
+    // so: drain with kicks off, turn them back on (publishing our position)
+    // and drain again if requests slipped in meanwhile.
     let mut used_any = false;
-    while let Some(chain) = queue.pop_descriptor_chain(mem) {
-        let head = chain.head_index();
-        let written = handle_chain(chain, mem, disk);
-        if let Err(e) = queue.add_used(mem, head, written) {
-            tracing::warn!("virtio-blk cannot return a request: {e}");
-            break;
+    loop {
+        let _ = queue.disable_notification(mem);
+        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+            let head = chain.head_index();
+            let written = handle_chain(chain, mem, disk);
+            if let Err(e) = queue.add_used(mem, head, written) {
+                tracing::warn!("virtio-blk cannot return a request: {e}");
+                return;
+            }
+            used_any = true;
         }
-        used_any = true;
+        match queue.enable_notification(mem) {
+            Ok(true) => continue,
+            Ok(false) => break,
+            Err(e) => {
+                tracing::warn!("virtio-blk queue is broken: {e}");
+                break;
+            }
+        }
     }
     if used_any && queue.needs_notification(mem).unwrap_or(true) {
         interrupt.signal_used();
@@ -170,6 +184,30 @@ fn handle_chain(
     data_written + 1
 }
 
+/// Consecutive data buffers in groups of at most [`SIZE_MAX`] bytes (a
+/// single larger buffer is refused before this), so that a request's many
+/// small segments become few host I/Os with bounded staging memory.
+fn chunks(data: &[Buffer]) -> impl Iterator<Item = &[Buffer]> {
+    let mut rest = data;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let mut len = 0u64;
+        let n = rest
+            .iter()
+            .take_while(|b| {
+                len += u64::from(b.len);
+                len <= u64::from(SIZE_MAX)
+            })
+            .count()
+            .max(1);
+        let (group, tail) = rest.split_at(n);
+        rest = tail;
+        Some(group)
+    })
+}
+
 /// Checks that `[sector * 512, + len)` lies on the disk; returns the byte
 /// offset.
 fn disk_range(sector: u64, len: u64, disk: &dyn DiskImage) -> Option<u64> {
@@ -196,15 +234,22 @@ fn execute(
                 return (Status::IoError, 0);
             };
             let mut written = 0u32;
-            for b in data {
-                let mut bytes = vec![0u8; b.len as usize];
-                if disk.read_at(&mut bytes, offset).is_err()
-                    || mem.write_slice(&bytes, GuestAddress(b.addr)).is_err()
-                {
+            for group in chunks(data) {
+                // One host read per chunk, scattered into the guest's buffers.
+                let mut staging = vec![0u8; group.iter().map(|b| b.len as usize).sum()];
+                if disk.read_at(&mut staging, offset).is_err() {
                     return (Status::IoError, written);
                 }
-                offset += u64::from(b.len);
-                written += b.len;
+                let mut pos = 0usize;
+                for b in group {
+                    let part = &staging[pos..pos + b.len as usize];
+                    if mem.write_slice(part, GuestAddress(b.addr)).is_err() {
+                        return (Status::IoError, written);
+                    }
+                    pos += b.len as usize;
+                    written += b.len;
+                }
+                offset += pos as u64;
             }
             (Status::Ok, written)
         }
@@ -220,14 +265,21 @@ fn execute(
             let Some(mut offset) = disk_range(sector, total, disk) else {
                 return (Status::IoError, 0);
             };
-            for b in data {
-                let mut bytes = vec![0u8; b.len as usize];
-                if mem.read_slice(&mut bytes, GuestAddress(b.addr)).is_err()
-                    || disk.write_at(&bytes, offset).is_err()
-                {
+            for group in chunks(data) {
+                // The guest's buffers gathered into one host write per chunk.
+                let mut staging = vec![0u8; group.iter().map(|b| b.len as usize).sum()];
+                let mut pos = 0usize;
+                for b in group {
+                    let part = &mut staging[pos..pos + b.len as usize];
+                    if mem.read_slice(part, GuestAddress(b.addr)).is_err() {
+                        return (Status::IoError, 0);
+                    }
+                    pos += b.len as usize;
+                }
+                if disk.write_at(&staging, offset).is_err() {
                     return (Status::IoError, 0);
                 }
-                offset += u64::from(b.len);
+                offset += pos as u64;
             }
             (Status::Ok, 0)
         }
@@ -299,7 +351,8 @@ impl VirtioDevice for Block {
         let mut f = (1 << VIRTIO_BLK_F_SIZE_MAX)
             | (1 << VIRTIO_BLK_F_SEG_MAX)
             | (1 << VIRTIO_BLK_F_BLK_SIZE)
-            | (1 << VIRTIO_BLK_F_FLUSH);
+            | (1 << VIRTIO_BLK_F_FLUSH)
+            | (1 << super::VIRTIO_RING_F_EVENT_IDX);
         if self.disk.read_only() {
             f |= 1 << VIRTIO_BLK_F_RO;
         } else {

@@ -12,7 +12,7 @@ use virtio_bindings::virtio_config::{
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{Activation, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
+use super::{Activation, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
 use crate::BusDevice;
 
 /// The size of one device's register window.
@@ -164,7 +164,8 @@ impl MmioTransport {
                 .map(|(q, e)| {
                     // The device gets its own copy; the transport keeps the
                     // configuration for register reads and reset.
-                    let queue = Queue::try_from(q.state()).map_err(std::io::Error::other)?;
+                    let mut queue = Queue::try_from(q.state()).map_err(std::io::Error::other)?;
+                    queue.set_event_idx(self.acked_features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0);
                     Ok((queue, e.try_clone()?))
                 })
                 .collect::<std::io::Result<Vec<_>>>();

@@ -21,6 +21,7 @@ use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
 
 pub use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+pub use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 
 /// Interrupt status bits (the MMIO InterruptStatus register).
 pub const INT_VRING: u32 = 1;

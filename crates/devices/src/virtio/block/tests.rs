@@ -70,7 +70,7 @@ struct Rig {
 
 fn rig(read_only: bool) -> Rig {
     Rig {
-        mem: GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap(),
+        mem: GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap(),
         disk: MemDisk::new(64 * 1024, read_only),
     }
 }
@@ -128,6 +128,59 @@ fn write_then_read_round_trips() {
     let mut back = [0u8; 1024];
     r.mem.read_slice(&mut back, GuestAddress(DATA)).unwrap();
     assert_eq!(back, [0xab; 1024]);
+}
+
+#[test]
+fn many_segments_are_grouped_in_order() {
+    let r = rig(false);
+    // Three segments: 512 + 1 MiB-512 + 512 bytes, i.e. two host chunks.
+    let big = SIZE_MAX - 512;
+    r.mem
+        .write_slice(&[1u8; 512], GuestAddress(0x10000))
+        .unwrap();
+    r.mem
+        .write_slice(&vec![2u8; big as usize], GuestAddress(0x20000))
+        .unwrap();
+    r.mem
+        .write_slice(&[3u8; 512], GuestAddress(0x8000))
+        .unwrap();
+    r.header(VIRTIO_BLK_T_OUT, 0);
+    let rig_disk = MemDisk::new(2 << 20, false);
+    let r2 = Rig {
+        mem: r.mem.clone(),
+        disk: rig_disk,
+    };
+    r2.header(VIRTIO_BLK_T_OUT, 0);
+    let descs = [
+        d(HDR, 16, N, 1),
+        d(0x10000, 512, N, 2),
+        d(0x20000, big, N, 3),
+        d(0x8000, 512, N, 4),
+        d(STATUS, 1, W, 0),
+    ];
+    assert_eq!(r2.run(&descs), (1, OK));
+    let data = r2.disk.data.lock().unwrap().clone();
+    assert!(data[..512].iter().all(|&b| b == 1));
+    assert!(data[512..SIZE_MAX as usize].iter().all(|&b| b == 2));
+    assert!(data[SIZE_MAX as usize..SIZE_MAX as usize + 512]
+        .iter()
+        .all(|&b| b == 3));
+    // And back, into fresh buffers.
+    r2.mem
+        .write_slice(&vec![0u8; big as usize], GuestAddress(0x20000))
+        .unwrap();
+    r2.header(VIRTIO_BLK_T_IN, 0);
+    let descs = [
+        d(HDR, 16, N, 1),
+        d(0x10000, 512, W | N, 2),
+        d(0x20000, big, W | N, 3),
+        d(0x8000, 512, W | N, 4),
+        d(STATUS, 1, W, 0),
+    ];
+    assert_eq!(r2.run(&descs), (SIZE_MAX + 512 + 1, OK));
+    let mut mid = vec![0u8; big as usize];
+    r2.mem.read_slice(&mut mid, GuestAddress(0x20000)).unwrap();
+    assert!(mid.iter().all(|&b| b == 2));
 }
 
 #[test]
