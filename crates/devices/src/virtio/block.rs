@@ -108,6 +108,7 @@ pub fn process_queue(
     let mut used_any = false;
     loop {
         let _ = queue.disable_notification(mem);
+        let mut progressed = false;
         while let Some(chain) = queue.pop_descriptor_chain(mem) {
             let head = chain.head_index();
             let written = handle_chain(chain, mem, disk);
@@ -115,10 +116,18 @@ pub fn process_queue(
                 tracing::warn!("virtio-blk cannot return a request: {e}");
                 return;
             }
+            progressed = true;
             used_any = true;
         }
         match queue.enable_notification(mem) {
-            Ok(true) => continue,
+            Ok(true) if progressed => continue,
+            Ok(true) => {
+                // "More available" but nothing could be taken: the driver's
+                // available index is bogus (found by the fuzzer). Waiting for
+                // the next kick beats spinning on it.
+                tracing::warn!("virtio-blk: the driver's available ring index is invalid");
+                break;
+            }
             Ok(false) => break,
             Err(e) => {
                 tracing::warn!("virtio-blk queue is broken: {e}");

@@ -248,6 +248,9 @@ fn wrong_directions_and_unknown_types_get_error_statuses() {
     assert_eq!(r.request(VIRTIO_BLK_T_DISCARD, 0, 8, 0), (1, UNSUPP));
     // Oversized buffer.
     assert_eq!(r.request(VIRTIO_BLK_T_IN, 0, SIZE_MAX + 512, W), (1, IOERR));
+    // Zero-length data buffers move nothing and succeed.
+    assert_eq!(r.request(VIRTIO_BLK_T_IN, 0, 0, W), (1, OK));
+    assert_eq!(r.request(VIRTIO_BLK_T_OUT, 0, 0, 0), (1, OK));
 }
 
 #[test]
@@ -290,6 +293,18 @@ fn malformed_chains_are_returned_unused() {
         r.run(&[d(0xffff_0000_0000, 16, N, 1), d(STATUS, 1, W, 0)]),
         (1, IOERR)
     );
+}
+
+#[test]
+fn a_bogus_available_index_does_not_hang_the_worker() {
+    let r = rig(false);
+    let mock = MockSplitQueue::new(&r.mem, 16);
+    let mut queue: Queue = mock.create_queue().unwrap();
+    queue.set_event_idx(true);
+    // The driver claims 40000 new requests in a 16-entry ring.
+    mock.avail().idx().store(40000);
+    let irq = Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
+    process_queue(&mut queue, &r.mem, &r.disk, &irq); // returns
 }
 
 #[test]
