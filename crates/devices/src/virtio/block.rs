@@ -375,12 +375,7 @@ impl VirtioDevice for Block {
     }
 
     fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {
-        let got = a.queues.len();
-        let Some((mut queue, event)) = a.queues.into_iter().next().filter(|_| got == 1) else {
-            return Err(ActivateError::QueueCount { expected: 1, got });
-        };
-        let mem = a.mem;
-        let interrupt: Arc<Interrupt> = a.interrupt;
+        let (mem, interrupt, [(mut queue, event)]) = a.take_queues::<1>()?;
         let disk = self.disk.clone();
         let worker = WorkerThread::start("virtio-blk", vec![event], move |_| {
             process_queue(&mut queue, &mem, disk.as_ref(), &interrupt);
@@ -391,9 +386,7 @@ impl VirtioDevice for Block {
     }
 
     fn reset(&mut self) {
-        if let Some(mut worker) = self.worker.take() {
-            worker.stop();
-        }
+        self.worker = None;
     }
 }
 

@@ -16,7 +16,6 @@ use super::worker::WorkerThread;
 use super::{ActivateError, Activation, Interrupt, VirtioDevice};
 
 const QUEUE_SIZE: u16 = 256;
-const RX: usize = 0;
 const TX: usize = 1;
 /// Host input held for the guest at most; typing never comes near it.
 pub const INPUT_LIMIT: usize = 1 << 20;
@@ -161,23 +160,14 @@ impl VirtioDevice for Console {
     }
 
     fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {
-        let got = a.queues.len();
-        if got != 2 {
-            return Err(ActivateError::QueueCount { expected: 2, got });
-        }
-        let mut queues = a.queues.into_iter();
-        let (Some((mut rx, rx_evt)), Some((mut tx, tx_evt))) = (queues.next(), queues.next())
-        else {
-            return Err(ActivateError::QueueCount { expected: 2, got });
-        };
+        let (mem, interrupt, [(mut rx, rx_evt), (mut tx, tx_evt)]) = a.take_queues::<2>()?;
         let ready = self.input.ready.try_clone().map_err(ActivateError::Event)?;
-        let (mem, interrupt, input, output) =
-            (a.mem, a.interrupt, self.input.clone(), self.output.clone());
+        let (input, output) = (self.input.clone(), self.output.clone());
         let worker = WorkerThread::start("virtio-console", vec![rx_evt, tx_evt, ready], move |i| {
             if i == TX {
                 process_tx(&mut tx, &mem, &output, &interrupt);
             } else {
-                debug_assert!(i == RX || i == 2);
+                // The receive queue got buffers, or the host typed.
                 process_rx(&mut rx, &mem, &input, &interrupt);
             }
         })
@@ -189,9 +179,7 @@ impl VirtioDevice for Console {
     }
 
     fn reset(&mut self) {
-        if let Some(mut worker) = self.worker.take() {
-            worker.stop();
-        }
+        self.worker = None;
     }
 }
 

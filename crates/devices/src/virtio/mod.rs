@@ -88,9 +88,26 @@ pub struct Activation {
     pub interrupt: Arc<Interrupt>,
     /// The queues the driver set up, in order, and the events that fire
     /// when the driver notifies each.
-    pub queues: Vec<(Queue, EventFd)>,
+    pub queues: Vec<QueueWithEvent>,
     /// The features the driver accepted.
     pub acked_features: u64,
+}
+
+/// A queue and the event its notifications fire.
+pub type QueueWithEvent = (Queue, EventFd);
+
+/// What a device's worker needs: memory, interrupt and its `N` queues.
+pub type Started<const N: usize> = (GuestMemoryMmap, Arc<Interrupt>, [QueueWithEvent; N]);
+
+impl Activation {
+    /// Splits the activation, checking that the driver set up exactly `N`
+    /// queues.
+    pub fn take_queues<const N: usize>(self) -> Result<Started<N>, ActivateError> {
+        let got = self.queues.len();
+        let queues = <[QueueWithEvent; N]>::try_from(self.queues)
+            .map_err(|_| ActivateError::QueueCount { expected: N, got })?;
+        Ok((self.mem, self.interrupt, queues))
+    }
 }
 
 /// A virtio device behind any transport.
@@ -119,7 +136,8 @@ pub trait VirtioDevice: Send {
     }
     /// Starts the device.
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError>;
-    /// Stops the device's worker; the device may be activated again.
+    /// Stops the device's worker (dropping a `WorkerThread` joins it); the
+    /// device may be activated again.
     fn reset(&mut self);
 }
 

@@ -1,7 +1,5 @@
 //! virtio-rng: fills the guest's buffers from the host's getrandom(2).
 
-use std::sync::Arc;
-
 use memory::GuestMemoryMmap;
 use virtio_bindings::virtio_ids::VIRTIO_ID_RNG;
 use virtio_queue::{Queue, QueueT};
@@ -96,12 +94,7 @@ impl VirtioDevice for Rng {
     }
 
     fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {
-        let got = a.queues.len();
-        let Some((mut queue, event)) = a.queues.into_iter().next().filter(|_| got == 1) else {
-            return Err(ActivateError::QueueCount { expected: 1, got });
-        };
-        let mem = a.mem;
-        let interrupt: Arc<Interrupt> = a.interrupt;
+        let (mem, interrupt, [(mut queue, event)]) = a.take_queues::<1>()?;
         let worker = WorkerThread::start("virtio-rng", vec![event], move |_| {
             process_queue(&mut queue, &mem, &interrupt);
         })
@@ -111,15 +104,14 @@ impl VirtioDevice for Rng {
     }
 
     fn reset(&mut self) {
-        if let Some(mut worker) = self.worker.take() {
-            worker.stop();
-        }
+        self.worker = None;
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
     use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
