@@ -1,6 +1,7 @@
 //! Initial vCPU state for entering a 64-bit kernel: GDT, identity page
 //! tables, control registers, general registers, FPU, MSRs and LAPIC.
 
+use hypervisor::x86::{CR0_ET, CR0_NE, CR0_PE, CR0_PG, CR4_PAE, EFER_LMA, EFER_LME};
 use hypervisor::{
     DescriptorTable, FpuState, LapicState, MsrEntry, SegmentRegister, SpecialRegisters,
     StandardRegisters,
@@ -14,14 +15,6 @@ use crate::{ArchError, GuestMemoryMmap, Result};
 pub const BOOT_CS: u16 = 0x10;
 pub const BOOT_DS: u16 = 0x18;
 pub const BOOT_TSS: u16 = 0x20;
-
-const X86_CR0_PE: u64 = 1 << 0;
-const X86_CR0_ET: u64 = 1 << 4;
-const X86_CR0_NE: u64 = 1 << 5;
-const X86_CR0_PG: u64 = 1 << 31;
-const X86_CR4_PAE: u64 = 1 << 5;
-const EFER_LME: u64 = 1 << 8;
-const EFER_LMA: u64 = 1 << 10;
 
 /// Encodes a segment descriptor from access flags (`flags` holds the
 /// access byte in bits 0..8 and the granularity nibble in bits 12..16).
@@ -127,9 +120,9 @@ pub fn long_mode_sregs(base: &SpecialRegisters) -> SpecialRegisters {
         limit: 7,
         ..Default::default()
     };
-    sregs.cr0 = X86_CR0_PE | X86_CR0_ET | X86_CR0_NE | X86_CR0_PG;
+    sregs.cr0 = CR0_PE | CR0_ET | CR0_NE | CR0_PG;
     sregs.cr3 = PML4_START;
-    sregs.cr4 = X86_CR4_PAE;
+    sregs.cr4 = CR4_PAE;
     sregs.efer = EFER_LME | EFER_LMA;
     sregs
 }
@@ -275,11 +268,8 @@ mod tests {
         let sregs = long_mode_sregs(&base);
         assert_eq!(sregs.apic_base, 0xfee0_0900, "per-vCPU fields kept");
         assert_eq!(sregs.cr3, PML4_START);
-        assert_eq!(
-            sregs.cr0 & (X86_CR0_PE | X86_CR0_PG),
-            X86_CR0_PE | X86_CR0_PG
-        );
-        assert_eq!(sregs.cr4 & X86_CR4_PAE, X86_CR4_PAE);
+        assert_eq!(sregs.cr0 & (CR0_PE | CR0_PG), CR0_PE | CR0_PG);
+        assert_eq!(sregs.cr4 & CR4_PAE, CR4_PAE);
         assert_eq!(sregs.efer, EFER_LME | EFER_LMA);
         assert_eq!((sregs.cs.selector, sregs.cs.l), (BOOT_CS, 1));
         assert_eq!((sregs.ss.selector, sregs.ds.selector), (BOOT_DS, BOOT_DS));

@@ -14,6 +14,7 @@
 
 pub mod assist;
 pub mod kvm;
+pub mod x86;
 
 use std::sync::Arc;
 

@@ -5,13 +5,8 @@
 
 use super::paging::{read_virt, write_virt};
 use super::{AssistError, Ctx};
+use crate::x86::{RFLAGS_IF, RFLAGS_NT, RFLAGS_RF, RFLAGS_TF, RFLAGS_VM};
 use crate::SegmentRegister;
-
-pub(super) const RFLAGS_TF: u64 = 1 << 8;
-pub(super) const RFLAGS_IF: u64 = 1 << 9;
-pub(super) const RFLAGS_NT: u64 = 1 << 14;
-pub(super) const RFLAGS_RF: u64 = 1 << 16;
-pub(super) const RFLAGS_VM: u64 = 1 << 17;
 
 const GATE_INTERRUPT: u8 = 0xe;
 const GATE_TRAP: u8 = 0xf;

@@ -21,20 +21,14 @@ mod xsave;
 use iced_x86::{Code, Decoder, DecoderOptions, Instruction, OpKind, Register};
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 
+use crate::x86::{
+    CR0_NE, CR0_PE, EFER_LMA, RFLAGS_AC, RFLAGS_AF, RFLAGS_CF, RFLAGS_OF, RFLAGS_PF, RFLAGS_SF,
+    RFLAGS_ZF,
+};
 use crate::{CpuState, EmulationFailure, GuestMemoryMmap, SpecialRegisters, StandardRegisters};
 use interrupt::{deliver, Event};
 use paging::{read_virt, translate, Access};
 
-const RFLAGS_CF: u64 = 1 << 0;
-const RFLAGS_PF: u64 = 1 << 2;
-const RFLAGS_AF: u64 = 1 << 4;
-const RFLAGS_ZF: u64 = 1 << 6;
-const RFLAGS_SF: u64 = 1 << 7;
-const RFLAGS_OF: u64 = 1 << 11;
-const RFLAGS_AC: u64 = 1 << 18;
-const CR0_PE: u64 = 1;
-const CR0_NE: u64 = 1 << 5;
-const EFER_LMA: u64 = 1 << 10;
 const FSW_ES: u16 = 1 << 7;
 
 const VECTOR_UD: u8 = 6;

@@ -6,13 +6,8 @@
 use vm_memory::{Bytes, GuestAddress};
 
 use super::AssistError;
+use crate::x86::{CR0_PG, CR0_WP, CR4_LA57, CR4_PAE, EFER_LMA};
 use crate::{GuestMemoryMmap, SpecialRegisters};
-
-const CR0_PG: u64 = 1 << 31;
-const CR0_WP: u64 = 1 << 16;
-const CR4_PAE: u64 = 1 << 5;
-const CR4_LA57: u64 = 1 << 12;
-const EFER_LMA: u64 = 1 << 10;
 
 const PTE_PRESENT: u64 = 1 << 0;
 const PTE_WRITABLE: u64 = 1 << 1;

@@ -145,7 +145,7 @@ fn int3_is_delivered_through_the_idt() {
         vec![CODE + 1, 8, 0x202 | RFLAGS_AC, STACK_TOP - 8, 0x10]
     );
     // Interrupt gate: IF cleared; AC untouched in 64-bit delivery.
-    assert_eq!(cpu.regs.rflags & interrupt::RFLAGS_IF, 0);
+    assert_eq!(cpu.regs.rflags & crate::x86::RFLAGS_IF, 0);
     assert_ne!(cpu.regs.rflags & RFLAGS_AC, 0);
 }
 
@@ -158,7 +158,7 @@ fn int_n_uses_its_vector_gate_kind_and_ist() {
         AssistKind::IntN
     );
     assert_eq!(cpu.regs.rip, HANDLER);
-    assert_ne!(cpu.regs.rflags & interrupt::RFLAGS_IF, 0);
+    assert_ne!(cpu.regs.rflags & crate::x86::RFLAGS_IF, 0);
     assert_eq!(read_stack(&mem, &cpu, 1), vec![CODE + 2]);
 
     let (mem, mut cpu) = machine();
