@@ -297,10 +297,6 @@ impl Vcpu for KvmVcpu {
         self.fd.set_lapic(lapic).map_err(ioctl_err("KVM_SET_LAPIC"))
     }
 
-    fn tsc_khz(&self) -> Result<u32> {
-        self.fd.get_tsc_khz().map_err(ioctl_err("KVM_GET_TSC_KHZ"))
-    }
-
     fn arm_kick(&mut self) {
         let run: *mut kvm_run = self.fd.get_kvm_run();
         KICK_TARGET.with(|target| target.set(run));

@@ -132,8 +132,6 @@ pub trait Vcpu: CpuState + Send {
     fn get_msrs(&self, msrs: &mut [MsrEntry]) -> Result<()>;
     fn lapic(&self) -> Result<LapicState>;
     fn set_lapic(&mut self, lapic: &LapicState) -> Result<()>;
-    /// The vCPU's TSC frequency in kHz.
-    fn tsc_khz(&self) -> Result<u32>;
     /// Arms [`kick`] for this vCPU on the calling thread: after this, a
     /// kick signal sent to the thread makes `run` return
     /// [`VmExit::Interrupted`] promptly, even if it arrives just before the
