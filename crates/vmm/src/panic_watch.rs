@@ -22,6 +22,9 @@ pub struct PanicWatch<W> {
     inner: W,
     line: Vec<u8>,
     note: PanicNote,
+    /// Where the marker starts in `line`, once it has arrived: found as
+    /// bytes come in, so the UART's flush after every byte costs nothing.
+    marker_at: Option<usize>,
     /// The note was taken from the unfinished current line (at a flush)
     /// and may still grow.
     provisional: bool,
@@ -33,6 +36,7 @@ impl<W: Write> PanicWatch<W> {
             inner,
             line: Vec::with_capacity(128),
             note,
+            marker_at: None,
             provisional: false,
         }
     }
@@ -42,16 +46,20 @@ impl<W: Write> PanicWatch<W> {
             if b == b'\n' || self.line.len() == MAX_LINE {
                 self.check_line(true);
                 self.line.clear();
+                self.marker_at = None;
             }
             if b != b'\n' && b != b'\r' {
                 self.line.push(b);
+                if self.marker_at.is_none() && self.line.ends_with(MARKER) {
+                    self.marker_at = Some(self.line.len() - MARKER.len());
+                }
             }
         }
     }
 
     /// Records a panic line; `complete` when the line has ended.
     fn check_line(&mut self, complete: bool) {
-        if let Some(pos) = self.line.windows(MARKER.len()).position(|w| w == MARKER) {
+        if let Some(pos) = self.marker_at {
             let mut note = self.note.lock().unwrap_or_else(|e| e.into_inner());
             if note.is_none() || self.provisional {
                 *note = Some(String::from_utf8_lossy(&self.line[pos..]).into_owned());
