@@ -12,6 +12,9 @@ pub mod i8042;
 pub mod serial;
 pub mod virtio;
 
+#[cfg(test)]
+pub(crate) mod test_util;
+
 use std::sync::Arc;
 
 pub use bus::{Bus, BusDevice, BusError};

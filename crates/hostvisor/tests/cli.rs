@@ -66,6 +66,25 @@ fn run_with_limit(mut cmd: Command, limit: Duration) -> Output {
     }
 }
 
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Reads `from` until `done` holds for what was read, it ends, or `limit`
+/// passes (checked between reads).
+fn read_until(from: &mut impl Read, limit: Duration, done: impl Fn(&[u8]) -> bool) -> Vec<u8> {
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 256];
+    let start = Instant::now();
+    while !done(&seen) && start.elapsed() < limit {
+        match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => seen.extend_from_slice(&buf[..n]),
+        }
+    }
+    seen
+}
+
 fn kvm_usable() -> bool {
     let ok = std::fs::OpenOptions::new()
         .read(true)
@@ -495,15 +514,9 @@ fn on_reset_restart_boots_again() {
         .spawn()
         .unwrap();
     let mut stdout = child.stdout.take().unwrap();
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 64];
-    let start = Instant::now();
-    while seen.iter().filter(|&&b| b == b'\n').count() < 3 && start.elapsed() < QUICK {
-        match stdout.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => seen.extend_from_slice(&buf[..n]),
-        }
-    }
+    let seen = read_until(&mut stdout, QUICK, |s| {
+        s.iter().filter(|&&b| b == b'\n').count() >= 3
+    });
     let still_running = child.try_wait().unwrap().is_none();
     let _ = child.kill();
     let _ = child.wait();
@@ -642,7 +655,7 @@ fn echo_kernel_on_pty(name: &str, steps: &[(&[u8], &[u8])]) -> (i32, String, Str
     let mut seen = Vec::new();
     for (input, until) in steps {
         master.write_all(input).unwrap();
-        while !until.is_empty() && !seen.windows(until.len()).any(|w| w == *until) {
+        while !until.is_empty() && !contains(&seen, until) {
             match rx.recv_timeout(QUICK) {
                 Ok(chunk) => seen.extend_from_slice(&chunk),
                 Err(_) => break,
@@ -856,19 +869,11 @@ fn flushed_writes_survive_a_sigkill_of_the_vmm() {
         .spawn()
         .unwrap();
     let mut stdout = child.stdout.take().unwrap();
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 256];
-    let start = Instant::now();
-    while !seen.windows(6).any(|w| w == b"SYNCED") && start.elapsed() < BOOT {
-        match stdout.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => seen.extend_from_slice(&buf[..n]),
-        }
-    }
+    let seen = read_until(&mut stdout, BOOT, |s| contains(s, b"SYNCED"));
     let _ = child.kill(); // SIGKILL
     let _ = child.wait();
     assert!(
-        seen.windows(6).any(|w| w == b"SYNCED"),
+        contains(&seen, b"SYNCED"),
         "{}",
         String::from_utf8_lossy(&seen)
     );

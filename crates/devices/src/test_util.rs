@@ -1,0 +1,18 @@
+//! Helpers shared by the device tests.
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+/// A writer whose output the test can read back.
+#[derive(Clone, Default)]
+pub(crate) struct SharedOutput(pub(crate) Arc<Mutex<Vec<u8>>>);
+
+impl Write for SharedOutput {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
