@@ -33,6 +33,8 @@ done
 [[ -f /usr/include/libelf.h ]] || need_pkgs+=(libelf-dev)
 [[ -f /usr/include/openssl/ssl.h ]] || need_pkgs+=(libssl-dev)
 command -v mkfs.ext4 >/dev/null || need_pkgs+=(e2fsprogs)
+# The disk-image tests compare hostvisor's qcow2 with qemu-img's.
+command -v qemu-img >/dev/null || need_pkgs+=(qemu-utils)
 if ((${#need_pkgs[@]})); then
   if [[ $(id -u) -ne 0 ]]; then
     log "missing Debian packages: ${need_pkgs[*]} (install them with apt-get as root)"

@@ -53,7 +53,7 @@ struct RunArgs {
     /// What a guest reset does: shutdown (exit 0) or restart.
     #[arg(long, value_name = "ACTION", default_value = "shutdown", value_parser = parse_reset)]
     on_reset: ResetAction,
-    /// A virtual disk: path=FILE[,readonly=on][,cache=writeback|none|unsafe].
+    /// A virtual disk: path=FILE[,readonly=on][,cache=writeback|none|unsafe][,format=raw|qcow2] (format probed when not given).
     /// Repeatable; the first is the guest's /dev/vda.
     #[arg(long, value_name = "OPTIONS")]
     disk: Vec<vmm::DiskConfig>,

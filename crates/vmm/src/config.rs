@@ -150,8 +150,9 @@ pub enum ResetAction {
     Restart,
 }
 
-/// A virtual disk: `path=FILE[,readonly=on][,cache=writeback|none|unsafe]`
-/// on the command line.
+/// A virtual disk:
+/// `path=FILE[,readonly=on][,cache=writeback|none|unsafe][,format=raw|qcow2]`
+/// on the command line. Without `format`, the file's format is probed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DiskConfig {
@@ -160,13 +161,15 @@ pub struct DiskConfig {
     pub readonly: bool,
     #[serde(default)]
     pub cache: block::CacheMode,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<block::Format>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DiskConfigError {
     #[error("a disk needs path=FILE")]
     NoPath,
-    #[error("unknown disk option `{0}` (known: path, readonly, cache)")]
+    #[error("unknown disk option `{0}` (known: path, readonly, cache, format)")]
     UnknownKey(String),
     #[error("`{0}` is not key=value")]
     NotKeyValue(String),
@@ -174,6 +177,8 @@ pub enum DiskConfigError {
     BadBool(String),
     #[error(transparent)]
     Cache(#[from] block::CacheModeError),
+    #[error(transparent)]
+    Format(#[from] block::FormatError),
 }
 
 impl FromStr for DiskConfig {
@@ -182,6 +187,7 @@ impl FromStr for DiskConfig {
         let mut path = None;
         let mut readonly = false;
         let mut cache = block::CacheMode::default();
+        let mut format = None;
         for part in s.split(',') {
             let (key, value) = part
                 .split_once('=')
@@ -197,6 +203,7 @@ impl FromStr for DiskConfig {
                     }
                 }
                 "cache" => cache = value.parse()?,
+                "format" => format = Some(value.parse()?),
                 other => return Err(DiskConfigError::UnknownKey(other.to_string())),
             }
         }
@@ -204,6 +211,7 @@ impl FromStr for DiskConfig {
             path: path.ok_or(DiskConfigError::NoPath)?,
             readonly,
             cache,
+            format,
         })
     }
 }
@@ -311,15 +319,17 @@ mod tests {
             Ok(DiskConfig {
                 path: "/d.img".into(),
                 readonly: false,
-                cache: block::CacheMode::Writeback
+                cache: block::CacheMode::Writeback,
+                format: None,
             })
         );
         assert_eq!(
-            "path=/d.img,readonly=on,cache=none".parse(),
+            "path=/d.img,readonly=on,cache=none,format=qcow2".parse(),
             Ok(DiskConfig {
                 path: "/d.img".into(),
                 readonly: true,
-                cache: block::CacheMode::None
+                cache: block::CacheMode::None,
+                format: Some(block::Format::Qcow2),
             })
         );
         assert_eq!(
@@ -336,6 +346,7 @@ mod tests {
         );
         assert!("path=/d,cache=direct".parse::<DiskConfig>().is_err());
         assert!("path=/d,readonly=maybe".parse::<DiskConfig>().is_err());
+        assert!("path=/d,format=vmdk".parse::<DiskConfig>().is_err());
     }
 
     #[test]

@@ -236,8 +236,15 @@ pub fn run(config: &VmConfig) -> Result<VmOutcome, VmmError> {
         };
         let mut machine = Machine::new(&hv, spec)?;
         for disk in &config.disks {
-            let image = block::raw::RawImage::open(&disk.path, disk.readonly, disk.cache)?;
-            let device = devices::virtio::block::Block::new(std::sync::Arc::new(image));
+            let image = block::open_image(
+                &disk.path,
+                block::OpenOptions {
+                    read_only: disk.readonly,
+                    cache: disk.cache,
+                    format: disk.format,
+                },
+            )?;
+            let device = devices::virtio::block::Block::new(image);
             machine.add_virtio_device(Box::new(device))?;
         }
         if config.rng {
