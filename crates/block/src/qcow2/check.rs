@@ -103,7 +103,8 @@ fn snapshot_table(storage: &dyn Storage, h: &Header) -> Result<(Vec<Snapshot>, u
         };
         let l1_table_offset = be64(&fixed, 0);
         let l1_size = be32(&fixed, 8);
-        if !l1_table_offset.is_multiple_of(h.cluster_size()) || u64::from(l1_size) * 8 > header::MAX_L1_BYTES
+        if !l1_table_offset.is_multiple_of(h.cluster_size())
+            || u64::from(l1_size) * 8 > header::MAX_L1_BYTES
         {
             return Err(bad("bad L1 table"));
         }
@@ -136,7 +137,7 @@ struct Refs {
 impl Refs {
     /// Counts a reference to every cluster overlapping the byte range;
     /// false if the range leaves the file.
-    fn add(&mut self, offset: u64, len: u64) -> bool {
+    fn add(&mut self, offset: u64, len: u64, times: u32) -> bool {
         let Some(end) = offset.checked_add(len.max(1)) else {
             return false;
         };
@@ -145,7 +146,7 @@ impl Refs {
         }
         for c in (offset >> self.cluster_bits)..=((end - 1) >> self.cluster_bits) {
             let n = &mut self.counts[c as usize];
-            *n = n.saturating_add(1);
+            *n = n.saturating_add(times);
         }
         true
     }
@@ -163,9 +164,15 @@ struct Walk<'a> {
     /// Active L1/L2 entries pointing at a cluster: (entry's offset, entry,
     /// host cluster), for the COPIED-flag check.
     active: Vec<(u64, u64, u64)>,
+    /// L2 tables to walk: how many L1 entries point to each, and whether
+    /// the active L1 is one of them.
+    l2_uses: std::collections::BTreeMap<u64, (u32, bool)>,
 }
 
 impl Walk<'_> {
+    /// Counts an L1 table's references to L2 tables; the tables are walked
+    /// later, once each however many L1 entries share them (snapshots do;
+    /// a hostile image may repeat one millions of times).
     fn walk_l1(&mut self, l1_offset: u64, l1: &[u64], active: bool) {
         let cs = self.h.cluster_size();
         for (i, &l1e) in l1.iter().enumerate() {
@@ -174,7 +181,7 @@ impl Walk<'_> {
                 continue;
             }
             let at = l1_offset + i as u64 * 8;
-            if !off.is_multiple_of(cs) || !self.refs.add(off, cs) {
+            if !off.is_multiple_of(cs) || !self.refs.add(off, cs, 1) {
                 self.report
                     .corruption(format!("L2 table at {off:#x} is unaligned or past the end"));
                 if active {
@@ -184,8 +191,18 @@ impl Walk<'_> {
             }
             if active {
                 self.active.push((at, l1e, off));
-                self.report.total_clusters += cs / 8;
             }
+            let uses = self.l2_uses.entry(off).or_insert((0, false));
+            uses.0 = uses.0.saturating_add(1);
+            uses.1 |= active;
+        }
+    }
+
+    /// Counts the references of every L2 table found by `walk_l1`.
+    fn walk_l2_tables(&mut self) {
+        let cs = self.h.cluster_size();
+        let tables = std::mem::take(&mut self.l2_uses);
+        for (off, (times, active)) in tables {
             let table = match read_table(self.storage, off, cs / 8) {
                 Ok(t) => t,
                 Err(e) => {
@@ -205,7 +222,7 @@ impl Walk<'_> {
                     }
                     Ok(Mapping::Unallocated | Mapping::Zero(None)) => {}
                     Ok(Mapping::Compressed { offset, len }) => {
-                        if !self.refs.add(offset & !511, len) {
+                        if !self.refs.add(offset & !511, len, times) {
                             self.report.corruption(format!(
                                 "compressed cluster at {offset:#x} is past the end"
                             ));
@@ -217,7 +234,7 @@ impl Walk<'_> {
                         }
                     }
                     Ok(Mapping::Data(host) | Mapping::Zero(Some(host))) => {
-                        if !self.refs.add(host, cs) {
+                        if !self.refs.add(host, cs, times) {
                             self.report
                                 .corruption(format!("data cluster at {host:#x} is past the end"));
                             if active {
@@ -252,25 +269,30 @@ pub(super) fn check(inner: &mut Inner, repair: bool) -> Result<CheckReport, Qcow
         },
         report: CheckReport {
             image_end_offset: file_len,
+            total_clusters: h.size.div_ceil(cs),
             ..CheckReport::default()
         },
         fixes: Vec::new(),
         active: Vec::new(),
+        l2_uses: std::collections::BTreeMap::new(),
     };
-    walk.refs.add(0, cs);
-    if !walk.refs.add(h.l1_table_offset, u64::from(h.l1_size) * 8) {
+    walk.refs.add(0, cs, 1);
+    if !walk
+        .refs
+        .add(h.l1_table_offset, u64::from(h.l1_size) * 8, 1)
+    {
         return Err(Qcow2Error::Invalid("the L1 table is past the end".into()));
     }
     walk.walk_l1(h.l1_table_offset, &inner.l1, true);
     match snapshot_table(storage, &h) {
         Ok((snapshots, len)) => {
-            if len > 0 && !walk.refs.add(h.snapshots_offset, len) {
+            if len > 0 && !walk.refs.add(h.snapshots_offset, len, 1) {
                 walk.report
                     .corruption("the snapshot table is past the end".into());
             }
             for s in snapshots {
                 let l1_len = u64::from(s.l1_size) * 8;
-                if !walk.refs.add(s.l1_table_offset, l1_len) {
+                if !walk.refs.add(s.l1_table_offset, l1_len, 1) {
                     walk.report
                         .corruption(format!("snapshot {}'s L1 table is past the end", s.id));
                     continue;
@@ -285,11 +307,12 @@ pub(super) fn check(inner: &mut Inner, repair: bool) -> Result<CheckReport, Qcow
         }
         Err(e) => walk.report.corruption(e.to_string()),
     }
+    walk.walk_l2_tables();
     // The refcount structure's own clusters, kept apart: a rebuild
     // replaces them.
     let data_refs = walk.refs.counts.clone();
     let reftable_len = u64::from(h.refcount_table_clusters) * cs;
-    if !walk.refs.add(h.refcount_table_offset, reftable_len) {
+    if !walk.refs.add(h.refcount_table_offset, reftable_len, 1) {
         walk.report
             .corruption("the refcount table is past the end".into());
     }
@@ -299,7 +322,7 @@ pub(super) fn check(inner: &mut Inner, repair: bool) -> Result<CheckReport, Qcow
         if off == 0 {
             continue;
         }
-        if !off.is_multiple_of(cs) || !walk.refs.add(off, cs) {
+        if !off.is_multiple_of(cs) || !walk.refs.add(off, cs, 1) {
             walk.report.corruption(format!(
                 "refcount block {bi} at {off:#x} is unaligned or past the end"
             ));
@@ -311,20 +334,21 @@ pub(super) fn check(inner: &mut Inner, repair: bool) -> Result<CheckReport, Qcow
     let rb_bits = h.cluster_bits + 3 - h.refcount_order;
     let mut stored = vec![0u64; nfc as usize];
     for &(bi, off) in &blocks {
+        if bi << rb_bits >= nfc {
+            // Covers only clusters past the end of the file: nothing to
+            // compare (a rebuild drops it).
+            continue;
+        }
         let mut block = vec![0u8; cs as usize];
         if let Err(e) = storage.read_at(&mut block, off) {
             walk.report
                 .corruption(format!("cannot read refcount block {bi}: {e}"));
             continue;
         }
-        for index in 0..(1usize << rb_bits) {
-            let c = (bi << rb_bits) + index as u64;
-            let rc = get_refcount(&block, h.refcount_order, index);
-            if c < nfc {
-                stored[c as usize] = rc;
-            } else if rc != 0 {
-                walk.report.leaks += 1;
-            }
+        let first = bi << rb_bits;
+        let count = (1u64 << rb_bits).min(nfc - first);
+        for index in 0..count as usize {
+            stored[(first + index as u64) as usize] = get_refcount(&block, h.refcount_order, index);
         }
     }
     for (c, &have) in stored.iter().enumerate() {

@@ -1112,10 +1112,9 @@ impl Inner {
         // Copy on write: the new cluster holds the old contents around the
         // written bytes.
         let mut cluster = vec![0u8; cs as usize];
-        if (in_off != 0 || data.len() as u64 != cs)
-            && !matches!(old, Mapping::Zero(_)) {
-                self.read_cluster(vc, 0, &mut cluster)?;
-            }
+        if (in_off != 0 || data.len() as u64 != cs) && !matches!(old, Mapping::Zero(_)) {
+            self.read_cluster(vc, 0, &mut cluster)?;
+        }
         cluster[in_off as usize..in_off as usize + data.len()].copy_from_slice(data);
         let reuse = match old {
             Mapping::Zero(Some(host))
