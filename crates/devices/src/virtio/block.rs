@@ -10,6 +10,7 @@
 
 use std::sync::Arc;
 
+use block::file::AlignedBuf;
 use block::DiskImage;
 use memory::GuestMemoryMmap;
 use virtio_bindings::virtio_blk::*;
@@ -245,8 +246,12 @@ fn execute(
             let mut written = 0u32;
             for group in chunks(data) {
                 // One host read per chunk, scattered into the guest's buffers.
-                let mut staging = vec![0u8; group.iter().map(|b| b.len as usize).sum()];
-                if disk.read_at(&mut staging, offset).is_err() {
+                let len: usize = group.iter().map(|b| b.len as usize).sum();
+                let Ok(mut buffer) = AlignedBuf::new(len) else {
+                    return (Status::IoError, written);
+                };
+                let staging = &mut buffer.as_mut_slice()[..len];
+                if disk.read_at(staging, offset).is_err() {
                     return (Status::IoError, written);
                 }
                 let mut pos = 0usize;
@@ -276,7 +281,11 @@ fn execute(
             };
             for group in chunks(data) {
                 // The guest's buffers gathered into one host write per chunk.
-                let mut staging = vec![0u8; group.iter().map(|b| b.len as usize).sum()];
+                let len: usize = group.iter().map(|b| b.len as usize).sum();
+                let Ok(mut buffer) = AlignedBuf::new(len) else {
+                    return (Status::IoError, 0);
+                };
+                let staging = &mut buffer.as_mut_slice()[..len];
                 let mut pos = 0usize;
                 for b in group {
                     let part = &mut staging[pos..pos + b.len as usize];
@@ -285,7 +294,7 @@ fn execute(
                     }
                     pos += b.len as usize;
                 }
-                if disk.write_at(&staging, offset).is_err() {
+                if disk.write_at(staging, offset).is_err() {
                     return (Status::IoError, 0);
                 }
                 offset += pos as u64;
