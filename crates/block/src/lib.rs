@@ -8,6 +8,7 @@
 pub mod file;
 pub mod qcow2;
 pub mod raw;
+pub mod tools;
 
 use std::io;
 use std::path::{Path, PathBuf};

@@ -1,5 +1,7 @@
 //! `hostvisor`: run virtual machines on KVM.
 
+mod disk;
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -22,6 +24,12 @@ enum Command {
     /// Exit status: 0 the guest shut down, 1 hostvisor failed, 2 bad usage,
     /// 3 the guest crashed. Ctrl-A x kills the VM; Ctrl-A h lists the keys.
     Run(RunArgs),
+    /// Create and manage disk images (raw and qcow2), interoperable with
+    /// qemu-img.
+    Disk {
+        #[command(subcommand)]
+        command: disk::DiskCommand,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -201,6 +209,10 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Run(args) => run(args),
+        Command::Disk { command } => match disk::run(command) {
+            Ok(code) => return ExitCode::from(code as u8),
+            Err(e) => Err(e),
+        },
     };
     let code = match result {
         Ok(outcome) => {

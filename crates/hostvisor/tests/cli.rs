@@ -4,141 +4,14 @@
 
 #![allow(clippy::unwrap_used)] // test helpers: a failed setup step should fail the test
 
+mod common;
+
+use common::*;
+
 use std::io::Read;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-
-const BIN: &str = env!("CARGO_BIN_EXE_hostvisor");
-
-struct Output {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-/// Runs hostvisor with `args`, killing it after `limit`.
-fn hostvisor(args: &[&str], env: &[(&str, &str)], limit: Duration) -> Output {
-    let mut cmd = Command::new(BIN);
-    cmd.args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    run_with_limit(cmd, limit)
-}
-
-fn run_with_limit(mut cmd: Command, limit: Duration) -> Output {
-    let mut child = cmd.spawn().expect("cannot start hostvisor");
-    let mut stdout = child.stdout.take().unwrap();
-    let mut stderr = child.stderr.take().unwrap();
-    let out = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = stdout.read_to_string(&mut s);
-        s
-    });
-    let err = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = stderr.read_to_string(&mut s);
-        s
-    });
-    let start = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if start.elapsed() > limit {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "hostvisor did not finish within {limit:?}; output so far:\n{}",
-                out.join().unwrap()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    Output {
-        code: status.code().unwrap_or(-1),
-        stdout: out.join().unwrap(),
-        stderr: err.join().unwrap(),
-    }
-}
-
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
-}
-
-/// Reads `from` until `done` holds for what was read, it ends, or `limit`
-/// passes (checked between reads).
-fn read_until(from: &mut impl Read, limit: Duration, done: impl Fn(&[u8]) -> bool) -> Vec<u8> {
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 256];
-    let start = Instant::now();
-    while !done(&seen) && start.elapsed() < limit {
-        match from.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => seen.extend_from_slice(&buf[..n]),
-        }
-    }
-    seen
-}
-
-fn kvm_usable() -> bool {
-    let ok = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    if !ok {
-        if std::env::var("HOSTVISOR_REQUIRE_KVM").as_deref() == Ok("1") {
-            panic!("KVM is required (HOSTVISOR_REQUIRE_KVM=1) but /dev/kvm cannot be opened");
-        }
-        eprintln!("SKIPPED: /dev/kvm cannot be opened");
-    }
-    ok
-}
-
-/// The default guest built by guest/build.sh, if present.
-fn default_guest() -> Option<PathBuf> {
-    let dir = std::env::var_os("HOSTVISOR_GUEST_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let home = std::env::var_os("HOME").expect("HOME is set");
-            PathBuf::from(home).join(".cache/hostvisor/guest")
-        });
-    if dir.join("vmlinux").exists() && dir.join("initramfs.cpio").exists() {
-        return Some(dir);
-    }
-    if std::env::var("HOSTVISOR_REQUIRE_GUEST").as_deref() == Ok("1") {
-        panic!(
-            "the default guest is required but missing in {}",
-            dir.display()
-        );
-    }
-    eprintln!("SKIPPED: the default guest is not built (run guest/build.sh)");
-    None
-}
-
-fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("hostvisor-cli-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-/// A usage or runtime error: the exit code, and exactly one line on stderr
-/// that starts with "hostvisor: " and contains `needle`.
-fn assert_one_line_error(out: &Output, code: i32, needle: &str) {
-    assert_eq!(out.code, code, "stderr: {}", out.stderr);
-    let lines: Vec<&str> = out.stderr.lines().collect();
-    assert_eq!(lines.len(), 1, "one line expected, got: {:?}", out.stderr);
-    assert!(lines[0].starts_with("hostvisor: "), "{}", lines[0]);
-    assert!(lines[0].contains(needle), "{:?} lacks {needle:?}", lines[0]);
-    assert!(!out.stderr.contains("panicked"));
-}
-
-const QUICK: Duration = Duration::from_secs(30);
 
 #[test]
 fn bad_arguments_are_usage_errors() {
@@ -275,29 +148,6 @@ fn which(name: &str) -> Result<PathBuf, ()> {
         .map(|d| d.join(name))
         .find(|p| p.is_file())
         .ok_or(())
-}
-
-const BOOT: Duration = Duration::from_secs(240);
-
-fn base64(data: &[u8]) -> String {
-    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for chunk in data.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(T[((n >> (18 - 6 * i)) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
 }
 
 #[test]
