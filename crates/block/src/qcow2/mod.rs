@@ -1099,23 +1099,26 @@ impl Inner {
         Ok(())
     }
 
-    fn write_cluster(&mut self, vc: u64, in_off: u64, data: &[u8]) -> io::Result<()> {
-        let cs = self.cs();
-        let old = self.mapping(vc)?;
-        let entry = self.entry(vc)?;
-        if let Mapping::Data(host) = old {
-            if entry & OFLAG_COPIED != 0 && self.refcount(host >> self.cluster_bits)? == 1 {
-                self.check_data_target(host)?;
-                return self.storage.write_at(data, host + in_off);
+    /// The host cluster a write to `vc` may overwrite in place, if any.
+    fn in_place(&mut self, vc: u64) -> io::Result<Option<u64>> {
+        if let Mapping::Data(host) = self.mapping(vc)? {
+            if self.entry(vc)? & OFLAG_COPIED != 0 && self.refcount(host >> self.cluster_bits)? == 1
+            {
+                return Ok(Some(host));
             }
         }
-        // Copy on write: the new cluster holds the old contents around the
-        // written bytes.
-        let mut cluster = vec![0u8; cs as usize];
-        if (in_off != 0 || data.len() as u64 != cs) && !matches!(old, Mapping::Zero(_)) {
-            self.read_cluster(vc, 0, &mut cluster)?;
+        Ok(None)
+    }
+
+    /// Writes part of one cluster.
+    fn write_cluster(&mut self, vc: u64, in_off: u64, data: &[u8]) -> io::Result<()> {
+        let cs = self.cs();
+        if let Some(host) = self.in_place(vc)? {
+            self.check_data_target(host)?;
+            return self.storage.write_at(data, host + in_off);
         }
-        cluster[in_off as usize..in_off as usize + data.len()].copy_from_slice(data);
+        let old = self.mapping(vc)?;
+        let entry = self.entry(vc)?;
         let reuse = match old {
             Mapping::Zero(Some(host))
                 if entry & OFLAG_COPIED != 0 && self.refcount(host >> self.cluster_bits)? == 1 =>
@@ -1123,6 +1126,11 @@ impl Inner {
                 Some(host)
             }
             _ => None,
+        };
+        let old_is_zero = match old {
+            Mapping::Zero(_) => true,
+            Mapping::Unallocated => self.backing.is_none(),
+            _ => false,
         };
         // Make the L2 table writable before allocating the data cluster, so
         // the allocation order is table first (as QEMU lays images out).
@@ -1132,8 +1140,65 @@ impl Inner {
             None => self.alloc_cluster()?,
         };
         self.check_data_target(host)?;
-        self.storage.write_at(&cluster, host)?;
+        let file_len = self.storage.len()?;
+        if old_is_zero && host >= file_len {
+            // A cluster past the end of the file reads as zeroes once the
+            // file covers it: write only the new bytes.
+            self.storage.set_len(host + cs)?;
+            self.storage.write_at(data, host + in_off)?;
+        } else {
+            // Copy on write: the new cluster holds the old contents around
+            // the written bytes.
+            let mut buffer = crate::file::AlignedBuf::new(cs as usize)?;
+            let cluster = buffer.as_mut_slice();
+            if !old_is_zero {
+                self.read_cluster(vc, 0, cluster)?;
+            }
+            cluster[in_off as usize..in_off as usize + data.len()].copy_from_slice(data);
+            self.storage.write_at(cluster, host)?;
+        }
         self.set_entry(vc, host | OFLAG_COPIED)
+    }
+
+    /// Writes whole clusters from `vc` on (`data` holds at least one),
+    /// with one host write for as many as are physically contiguous;
+    /// returns how many bytes it wrote.
+    fn write_full_clusters(&mut self, vc: u64, data: &[u8]) -> io::Result<usize> {
+        let cs = self.cs();
+        let max = data.len() as u64 / cs;
+        if let Some(host) = self.in_place(vc)? {
+            let mut k = 1;
+            while k < max && self.in_place(vc + k)? == Some(host + k * cs) {
+                k += 1;
+            }
+            for i in 0..k {
+                self.check_data_target(host + i * cs)?;
+            }
+            self.storage.write_at(&data[..(k * cs) as usize], host)?;
+            return Ok((k * cs) as usize);
+        }
+        // New clusters, allocated back to back while the allocator allows.
+        self.l2_for_write(vc)?;
+        let first = self.alloc_cluster()?;
+        let mut k = 1;
+        while k < max && self.in_place(vc + k)?.is_none() {
+            self.l2_for_write(vc + k)?;
+            let next = self.alloc_cluster()?;
+            if next != first + k * cs {
+                // Not contiguous: give it back (nothing refers to it yet).
+                self.set_cluster_refcount(next >> self.cluster_bits, 0)?;
+                break;
+            }
+            k += 1;
+        }
+        for i in 0..k {
+            self.check_data_target(first + i * cs)?;
+        }
+        self.storage.write_at(&data[..(k * cs) as usize], first)?;
+        for i in 0..k {
+            self.set_entry(vc + i, (first + i * cs) | OFLAG_COPIED)?;
+        }
+        Ok((k * cs) as usize)
     }
 
     pub(crate) fn write(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
@@ -1143,6 +1208,11 @@ impl Inner {
             let pos = offset + done as u64;
             let vc = pos >> self.cluster_bits;
             let in_off = pos & (cs - 1);
+            if in_off == 0 && (buf.len() - done) as u64 >= cs {
+                let whole = (buf.len() - done) / cs as usize * cs as usize;
+                done += self.write_full_clusters(vc, &buf[done..done + whole])?;
+                continue;
+            }
             let n = ((cs - in_off) as usize).min(buf.len() - done);
             self.write_cluster(vc, in_off, &buf[done..done + n])?;
             done += n;
