@@ -115,21 +115,7 @@ fn parse_format(s: &str) -> Result<Format, String> {
 }
 
 fn failure(e: ToolError) -> CliError {
-    CliError::Failure(error_chain(&e))
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let next = s.to_string();
-        if !text.contains(&next) {
-            text.push_str(": ");
-            text.push_str(&next);
-        }
-        source = s.source();
-    }
-    text
+    CliError::Failure(vmm::error_chain(&e))
 }
 
 /// A progress bar on stderr, drawn only when stderr is a terminal.

@@ -651,41 +651,54 @@ impl Inner {
             .is_some_and(|&e| e != 0)
     }
 
+    /// The refcount blocks missing for `n` clusters from `start`, counting
+    /// the clusters those blocks themselves take just before the run.
+    fn missing_blocks(&self, start: u64, n: u64) -> Vec<u64> {
+        let per_block = 1u64 << self.rb_bits;
+        let mut missing = 0;
+        loop {
+            let end = start + missing + n;
+            let blocks: Vec<u64> = (start / per_block..=(end - 1) / per_block)
+                .filter(|&bi| !self.block_exists(bi))
+                .collect();
+            if blocks.len() as u64 == missing {
+                return blocks;
+            }
+            missing = blocks.len() as u64;
+        }
+    }
+
+    /// An empty refcount block `bi` at `cluster` (the caller sets its
+    /// refcounts, including its own).
+    fn new_refblock(&mut self, bi: u64, cluster: u64) {
+        let off = cluster << self.cluster_bits;
+        self.rb_cache.map.insert(
+            off,
+            Slot {
+                table: vec![0u8; self.cs() as usize],
+                dirty: true,
+                used: 0,
+            },
+        );
+        self.reftable[bi as usize] = off;
+    }
+
     /// Reserves `n` contiguous clusters past everything in use, with any
     /// refcount blocks they need placed just before them.
     fn alloc_run(&mut self, n: u64) -> io::Result<u64> {
         loop {
             let start = self.high_water;
             let per_block = 1u64 << self.rb_bits;
-            let mut missing = 0;
-            let blocks = loop {
-                let end = start + missing + n;
-                let blocks: Vec<u64> = (start / per_block..=(end - 1) / per_block)
-                    .filter(|&bi| !self.block_exists(bi))
-                    .collect();
-                if blocks.len() as u64 == missing {
-                    break blocks;
-                }
-                missing = blocks.len() as u64;
-            };
+            let blocks = self.missing_blocks(start, n);
+            let missing = blocks.len() as u64;
             let end = start + missing + n;
             let last_block = (end - 1) / per_block;
             if last_block >= self.reftable.len() as u64 {
                 self.grow_reftable(last_block)?;
                 continue;
             }
-            let cs = self.cs();
             for (k, &bi) in blocks.iter().enumerate() {
-                let off = (start + k as u64) * cs;
-                self.rb_cache.map.insert(
-                    off,
-                    Slot {
-                        table: vec![0u8; cs as usize],
-                        dirty: true,
-                        used: 0,
-                    },
-                );
-                self.reftable[bi as usize] = off;
+                self.new_refblock(bi, start + k as u64);
                 self.reftable_dirty = true;
             }
             for c in start..end {
@@ -733,18 +746,8 @@ impl Inner {
             }
             let table_clusters = len / per_cluster;
             let start = self.high_water;
-            let mut missing = 0;
-            let blocks = loop {
-                let end = start + missing + table_clusters;
-                let blocks: Vec<u64> = (start / per_block..=(end - 1) / per_block)
-                    .filter(|&bi| !self.block_exists(bi))
-                    .collect();
-                if blocks.len() as u64 == missing {
-                    break blocks;
-                }
-                missing = blocks.len() as u64;
-            };
-            let end = start + missing + table_clusters;
+            let blocks = self.missing_blocks(start, table_clusters);
+            let end = start + blocks.len() as u64 + table_clusters;
             if (end - 1) / per_block < len {
                 break (start, table_clusters, blocks);
             }
@@ -754,16 +757,7 @@ impl Inner {
         let old_clusters = u64::from(self.h.refcount_table_clusters);
         self.reftable.resize(len as usize, 0);
         for (k, &bi) in blocks.iter().enumerate() {
-            let off = (start + k as u64) * cs;
-            self.rb_cache.map.insert(
-                off,
-                Slot {
-                    table: vec![0u8; cs as usize],
-                    dirty: true,
-                    used: 0,
-                },
-            );
-            self.reftable[bi as usize] = off;
+            self.new_refblock(bi, start + k as u64);
         }
         let table_start = start + blocks.len() as u64;
         let end = table_start + table_clusters;
