@@ -163,6 +163,22 @@ impl Vm for KvmVm {
             })?;
         Ok(Box::new(KvmVcpu { fd, id }))
     }
+
+    fn clock(&self) -> Result<u64> {
+        Ok(self
+            .fd
+            .get_clock()
+            .map_err(ioctl_err("KVM_GET_CLOCK"))?
+            .clock)
+    }
+
+    fn set_clock(&self, ns: u64) -> Result<()> {
+        let data = kvm_bindings::kvm_clock_data {
+            clock: ns,
+            ..Default::default()
+        };
+        self.fd.set_clock(&data).map_err(ioctl_err("KVM_SET_CLOCK"))
+    }
 }
 
 /// A KVM vCPU.

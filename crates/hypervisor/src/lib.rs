@@ -102,6 +102,11 @@ pub trait Vm: Send + Sync + std::fmt::Debug {
     fn register_mmio_ioevent(&self, fd: &EventFd, addr: u64, datamatch: u32) -> Result<()>;
     /// Creates vCPU `id` (also its initial APIC ID).
     fn create_vcpu(&self, id: u32) -> Result<Box<dyn Vcpu>>;
+    /// The guest's paravirtual clock (kvmclock) in nanoseconds.
+    fn clock(&self) -> Result<u64>;
+    /// Sets the guest's paravirtual clock: restoring the value read at a
+    /// pause makes the guest's time stand still while it is paused.
+    fn set_clock(&self, ns: u64) -> Result<()>;
 }
 
 /// Architectural state that the VMM reads and writes between runs. This is

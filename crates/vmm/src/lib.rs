@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod console;
+pub mod control;
 pub mod machine;
 pub mod panic_watch;
 pub mod vcpu;
@@ -32,6 +33,11 @@ pub enum VmmEvent {
     },
     /// `Ctrl-A x` on the console.
     ConsoleExit,
+    /// A controller's request and where to answer it.
+    Control(
+        control::ControlRequest,
+        std::sync::mpsc::Sender<control::ControlReply>,
+    ),
 }
 
 /// How a VM run ended.
@@ -48,6 +54,8 @@ pub enum VmOutcome {
     Crashed(String),
     /// The user ended the VM (`Ctrl-A x`).
     Terminated,
+    /// A controller killed the VM.
+    Killed,
 }
 
 /// Process exit codes of `hostvisor run`.
@@ -61,9 +69,10 @@ pub mod exit_code {
 impl VmOutcome {
     pub fn exit_code(&self) -> i32 {
         match self {
-            VmOutcome::PoweredOff | VmOutcome::Reset | VmOutcome::Terminated => {
-                exit_code::GUEST_SHUTDOWN
-            }
+            VmOutcome::PoweredOff
+            | VmOutcome::Reset
+            | VmOutcome::Terminated
+            | VmOutcome::Killed => exit_code::GUEST_SHUTDOWN,
             VmOutcome::DebugExit(0) => exit_code::GUEST_SHUTDOWN,
             VmOutcome::DebugExit(_) | VmOutcome::Crashed(_) => exit_code::GUEST_CRASH,
         }
@@ -204,6 +213,14 @@ pub fn open_hypervisor() -> Result<KvmHypervisor, VmmError> {
 /// Boots the VM `config` describes and runs it to the end, rebooting it on
 /// reset when `on_reset = restart`. Prints the assist counts at the end.
 pub fn run(config: &VmConfig) -> Result<VmOutcome, VmmError> {
+    run_controlled(config, None)
+}
+
+/// As [`run`], with a handle through which another thread controls the VM.
+pub fn run_controlled(
+    config: &VmConfig,
+    control: Option<&control::VmControl>,
+) -> Result<VmOutcome, VmmError> {
     let started = *PROCESS_START.get_or_init(Instant::now);
     let hv = open_hypervisor()?;
     let mut hidden = config
@@ -264,7 +281,7 @@ pub fn run(config: &VmConfig) -> Result<VmOutcome, VmmError> {
         tracing::debug!(%cmdline, "booting");
         machine.load_linux(&config.kernel, config.initrd.as_deref(), &cmdline)?;
         let stats = machine.stats();
-        let outcome = machine.run(config.serial == SerialConfig::Stdio, started)?;
+        let outcome = machine.run(config.serial == SerialConfig::Stdio, started, control)?;
         let assists = stats.assist_counts();
         if !assists.is_empty() {
             let list: Vec<String> = assists.iter().map(|(n, c)| format!("{n} x{c}")).collect();

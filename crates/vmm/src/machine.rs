@@ -22,6 +22,10 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::console::ConsoleTarget;
+use crate::control::{
+    ControlError, ControlRequest, DeviceInfo, PauseGate, RunState, VcpuCounters, VmControl,
+    VmStatus,
+};
 use crate::panic_watch::{PanicNote, PanicWatch};
 use crate::vcpu::{self, VcpuContext, VcpuHandle, VcpuStats, VcpuStop};
 use crate::{VmOutcome, VmmError, VmmEvent};
@@ -54,6 +58,17 @@ pub struct Machine {
     panic_note: PanicNote,
     /// `virtio_mmio.device=` arguments for the devices added so far.
     virtio_cmdline: Vec<String>,
+    /// The virtio devices, for status reports.
+    devices: Vec<DeviceEntry>,
+    cpus: u32,
+}
+
+/// A virtio device as the status report shows it.
+struct DeviceEntry {
+    kind: String,
+    base: u64,
+    irq: u32,
+    interrupt: Arc<Interrupt>,
 }
 
 impl std::fmt::Debug for Machine {
@@ -158,6 +173,8 @@ impl Machine {
             memory: spec.memory,
             panic_note: legacy.panic_note,
             virtio_cmdline: Vec::new(),
+            devices: Vec::new(),
+            cpus: spec.cpus,
         })
     }
 
@@ -191,6 +208,19 @@ impl Machine {
         let line = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)?;
         self.vm.register_irqfd(&line, irq)?;
         let interrupt = Arc::new(Interrupt::new(line));
+        let kind = match device.device_type() {
+            1 => "net",
+            2 => "block",
+            3 => "console",
+            4 => "rng",
+            _ => "other",
+        };
+        self.devices.push(DeviceEntry {
+            kind: kind.to_string(),
+            base,
+            irq,
+            interrupt: interrupt.clone(),
+        });
         let transport = MmioTransport::new(device, self.mem.clone(), interrupt)
             .map_err(|e| VmmError::Virtio(e.to_string()))?;
         for (queue, event) in transport.queue_events().iter().enumerate() {
@@ -259,11 +289,18 @@ impl Machine {
     }
 
     /// Runs the guest until it powers off, resets, crashes, or the user
-    /// ends it, with console input from stdin when `interactive`.
-    pub fn run(self, interactive: bool, started: Instant) -> Result<VmOutcome, VmmError> {
+    /// ends it, with console input from stdin when `interactive`. With
+    /// `control`, another thread can pause, resume, kill and inspect it.
+    pub fn run(
+        self,
+        interactive: bool,
+        started: Instant,
+        control: Option<&VmControl>,
+    ) -> Result<VmOutcome, VmmError> {
         hypervisor::install_kick_handler().map_err(|e| VmmError::Signal(e.to_string()))?;
         let (tx, rx) = self.events;
         let stop = Arc::new(AtomicBool::new(false));
+        let gate = Arc::new(PauseGate::default());
         let mut handles = Vec::new();
         for vcpu in self.vcpus {
             let id = vcpu.id();
@@ -273,6 +310,7 @@ impl Machine {
                 mem: self.mem.clone(),
                 stats: self.stats.clone(),
                 stop: stop.clone(),
+                pause: gate.clone(),
                 events: tx.clone(),
                 started,
             };
@@ -286,8 +324,14 @@ impl Machine {
             crate::console::spawn_input_thread(self.console.clone(), tx.clone())
                 .map_err(VmmError::Thread)?;
         }
+        if let Some(control) = control {
+            control.attach(tx.clone());
+        }
         drop(tx);
 
+        let booted = Instant::now();
+        let mut paused: Option<(u64, Instant)> = None;
+        let mut paused_total = std::time::Duration::ZERO;
         let mut running = handles.len();
         let outcome = loop {
             let Ok(event) = rx.recv() else {
@@ -297,6 +341,65 @@ impl Machine {
                 VmmEvent::Platform(PlatformRequest::Reset) => break VmOutcome::Reset,
                 VmmEvent::Platform(PlatformRequest::DebugExit(code)) => break VmOutcome::DebugExit(code),
                 VmmEvent::ConsoleExit => break VmOutcome::Terminated,
+                VmmEvent::Control(request, reply) => {
+                    let answer = match request {
+                        ControlRequest::Pause if paused.is_some() => {
+                            Err(ControlError::Conflict("the VM is already paused".into()))
+                        }
+                        ControlRequest::Pause => {
+                            gate.close();
+                            for h in &handles {
+                                h.kick();
+                            }
+                            if gate.wait_parked(running, std::time::Duration::from_secs(10)) {
+                                // The guest's clock stands still while paused.
+                                let clock = self.vm.clock().unwrap_or(0);
+                                paused = Some((clock, Instant::now()));
+                                Ok(None)
+                            } else {
+                                gate.open();
+                                Err(ControlError::Failed("the vCPUs did not stop".into()))
+                            }
+                        }
+                        ControlRequest::Resume => match paused.take() {
+                            None => Err(ControlError::Conflict("the VM is not paused".into())),
+                            Some((clock, since)) => {
+                                if let Err(e) = self.vm.set_clock(clock) {
+                                    tracing::warn!("cannot restore the guest clock: {e}");
+                                }
+                                paused_total += since.elapsed();
+                                gate.open();
+                                Ok(None)
+                            }
+                        },
+                        ControlRequest::Kill => {
+                            let _ = reply.send(Ok(None));
+                            break VmOutcome::Killed;
+                        }
+                        ControlRequest::Info => {
+                            let paused_now = paused.map_or(std::time::Duration::ZERO, |(_, t)| t.elapsed());
+                            Ok(Some(VmStatus {
+                                state: if paused.is_some() { RunState::Paused } else { RunState::Running },
+                                uptime_ms: booted.elapsed().as_millis() as u64,
+                                paused_ms: (paused_total + paused_now).as_millis() as u64,
+                                vcpus: self.cpus,
+                                memory: self.memory,
+                                counters: VcpuCounters::from_stats(&self.stats),
+                                devices: self
+                                    .devices
+                                    .iter()
+                                    .map(|d| DeviceInfo {
+                                        kind: d.kind.clone(),
+                                        mmio_base: d.base,
+                                        irq: d.irq,
+                                        interrupts: d.interrupt.raised(),
+                                    })
+                                    .collect(),
+                            }))
+                        }
+                    };
+                    let _ = reply.send(answer);
+                }
                 VmmEvent::VcpuStopped { id, reason, rip } => match reason {
                     VcpuStop::Requested => {
                         running -= 1;
@@ -324,7 +427,11 @@ impl Machine {
                 },
             }
         };
+        if let Some(control) = control {
+            control.detach();
+        }
         stop.store(true, std::sync::atomic::Ordering::Release);
+        gate.wake();
         for h in &handles {
             h.kick();
         }

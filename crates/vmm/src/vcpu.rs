@@ -129,6 +129,8 @@ pub struct VcpuContext {
     pub mem: GuestMemoryMmap,
     pub stats: Arc<VcpuStats>,
     pub stop: Arc<AtomicBool>,
+    /// Where the thread waits while the VM is paused.
+    pub pause: Arc<crate::control::PauseGate>,
     pub events: Sender<VmmEvent>,
     /// When the VMM process started, for the first-entry timing log.
     pub started: std::time::Instant,
@@ -142,6 +144,7 @@ pub fn run(mut vcpu: Box<dyn Vcpu>, ctx: VcpuContext) {
     let mut first_entry = true;
     let mut reason = VcpuStop::Requested;
     while state == VcpuState::Running {
+        ctx.pause.park_if_paused(&ctx.stop);
         if ctx.stop.load(Ordering::Acquire) {
             state = VcpuState::Stopping;
             continue;

@@ -237,7 +237,7 @@ fn run(guest: Guest, prepare: impl FnOnce(&GuestMemoryMmap)) -> Option<Run> {
     prepare(machine.memory());
     machine.load_code(CODE, &code, 0).unwrap();
     let stats = machine.stats();
-    let outcome = machine.run(false, Instant::now()).unwrap();
+    let outcome = machine.run(false, Instant::now(), None).unwrap();
     let words = recorder.lock().unwrap().words.clone();
     let values = words
         .chunks(2)
@@ -551,4 +551,69 @@ fn clac_and_stac_toggle_ac() {
     assert_eq!(r.outcome, VmOutcome::DebugExit(0));
     assert_eq!(r.values, vec![1, 0]);
     r.expect_assist_where_emulated("clac");
+}
+
+#[test]
+fn pause_freezes_the_guest_and_its_clock_until_resume() {
+    use std::time::Duration;
+    use vmm::control::{ControlError, ControlRequest, RunState, VmControl};
+    let Some(hv) = kvm() else { return };
+    let spec = MachineSpec {
+        cpus: 2,
+        memory: 32 << 20,
+        hidden_features: Vec::new(),
+        serial_out: Box::new(std::io::sink()),
+    };
+    let mut machine = Machine::new(&hv, spec).unwrap();
+    // Both vCPUs count in memory forever (the second starts in the same
+    // code: the harness points every vCPU at it).
+    let mut a = CodeAssembler::new(64).unwrap();
+    let mut top = a.create_label();
+    a.mov(rbx, DATA).unwrap();
+    a.set_label(&mut top).unwrap();
+    a.lock().inc(qword_ptr(rbx)).unwrap();
+    a.jmp(top).unwrap();
+    let code = a.assemble(CODE).unwrap();
+    machine.load_code(CODE, &code, 0).unwrap();
+    let mem = machine.memory().clone();
+    let count = move || mem.read_obj::<u64>(GuestAddress(DATA)).unwrap();
+    let control = VmControl::new();
+    let c = control.clone();
+    let vm = std::thread::spawn(move || machine.run(false, Instant::now(), Some(&c)).unwrap());
+    let wait_running = Instant::now();
+    while control.request(ControlRequest::Info).is_err() {
+        assert!(wait_running.elapsed() < Duration::from_secs(10));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(count() > 0, "the guest runs");
+    assert_eq!(
+        control.request(ControlRequest::Resume),
+        Err(ControlError::Conflict("the VM is not paused".into()))
+    );
+    control.request(ControlRequest::Pause).unwrap();
+    let frozen = count();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(count(), frozen, "no vCPU runs while paused");
+    let status = control.request(ControlRequest::Info).unwrap().unwrap();
+    assert_eq!(status.state, RunState::Paused);
+    assert!(status.paused_ms >= 250, "{status:?}");
+    assert_eq!(status.vcpus, 2);
+    assert!(matches!(
+        control.request(ControlRequest::Pause),
+        Err(ControlError::Conflict(_))
+    ));
+    control.request(ControlRequest::Resume).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(count() > frozen, "running again");
+    let status = control.request(ControlRequest::Info).unwrap().unwrap();
+    assert_eq!(status.state, RunState::Running);
+    // Paused while killed: the parked vCPUs still leave.
+    control.request(ControlRequest::Pause).unwrap();
+    control.request(ControlRequest::Kill).unwrap();
+    assert_eq!(vm.join().unwrap(), VmOutcome::Killed);
+    assert_eq!(
+        control.request(ControlRequest::Info),
+        Err(ControlError::NotRunning)
+    );
 }

@@ -33,6 +33,8 @@ pub const INT_CONFIG: u32 = 2;
 pub struct Interrupt {
     status: AtomicU32,
     line: EventFd,
+    /// Interrupts raised, for the VM's status.
+    raised: std::sync::atomic::AtomicU64,
 }
 
 impl Interrupt {
@@ -40,6 +42,7 @@ impl Interrupt {
         Interrupt {
             status: AtomicU32::new(0),
             line,
+            raised: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -56,6 +59,7 @@ impl Interrupt {
 
     fn signal(&self, bit: u32) {
         self.status.fetch_or(bit, Ordering::SeqCst);
+        self.raised.fetch_add(1, Ordering::Relaxed);
         if let Err(e) = self.line.write(1) {
             tracing::warn!("cannot raise a virtio interrupt: {e}");
         }
@@ -63,6 +67,11 @@ impl Interrupt {
 
     pub fn status(&self) -> u32 {
         self.status.load(Ordering::SeqCst)
+    }
+
+    /// How many interrupts the device has raised.
+    pub fn raised(&self) -> u64 {
+        self.raised.load(Ordering::Relaxed)
     }
 
     pub fn acknowledge(&self, bits: u32) {
