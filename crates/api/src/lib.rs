@@ -1,0 +1,318 @@
+//! The per-VM API: HTTP/1.1 with JSON bodies on a Unix socket (mode 0600)
+//! in the VM's directory, described in `docs/api.yaml`.
+//!
+//! The server only parses requests into [`Action`]s and hands them to a
+//! [`Backend`] (the VM process), which answers; it knows nothing of KVM.
+//! HTTP parsing is tiny_http's; the client is a few lines of HTTP/1.1 over
+//! a `UnixStream`, since the usual Rust HTTP clients do not speak to Unix
+//! sockets without an async runtime.
+
+pub mod client;
+
+use std::io::Read;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use client::{Client, ClientError, Response};
+
+/// Bodies larger than this are refused (413).
+const MAX_BODY: u64 = 64 << 10;
+
+/// What a request asks of the VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// `GET /vm`: state, configuration, counters.
+    Info,
+    /// `PUT /vm/pause`
+    Pause,
+    /// `PUT /vm/resume`
+    Resume,
+    /// `PUT /vm/stop`: ask the guest to power off; kill it after `timeout`.
+    Stop { timeout: Duration },
+    /// `PUT /vm/kill`
+    Kill,
+}
+
+/// An error answer: the HTTP status and a message (sent as
+/// `{"error": message}`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct ApiError {
+    pub status: u16,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: u16, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            message: message.into(),
+        }
+    }
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(400, message)
+    }
+    pub fn conflict(message: impl Into<String>) -> Self {
+        Self::new(409, message)
+    }
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(500, message)
+    }
+}
+
+/// The error body every failed request gets.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+}
+
+/// The VM behind the API.
+pub trait Backend: Send + Sync + 'static {
+    /// Carries out `action`; the value is the JSON body of a 200 answer
+    /// (`Info`), or ignored (actions answer 204, stop 202).
+    fn act(&self, action: Action) -> Result<serde_json::Value, ApiError>;
+    /// The console's output so far and as it comes, until the VM ends.
+    fn console(&self) -> Result<Box<dyn Read + Send>, ApiError>;
+}
+
+/// `PUT /vm/stop`'s optional body.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StopBody {
+    /// Seconds to wait for the guest before killing it (default 30).
+    timeout_s: Option<u64>,
+}
+
+/// The (empty) body other actions accept.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EmptyBody {}
+
+/// Parses an optional JSON body: empty means the defaults.
+fn parse_body<T: serde::de::DeserializeOwned + Default>(body: &str) -> Result<T, ApiError> {
+    if body.trim().is_empty() {
+        return Ok(T::default());
+    }
+    serde_json::from_str(body).map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
+}
+
+/// The routes: which action a method and path ask for.
+fn route(method: &str, path: &str, body: &str) -> Result<Route, ApiError> {
+    let path = path.split('?').next().unwrap_or(path);
+    let known = [
+        ("/vm", "GET"),
+        ("/vm/console", "GET"),
+        ("/vm/pause", "PUT"),
+        ("/vm/resume", "PUT"),
+        ("/vm/stop", "PUT"),
+        ("/vm/kill", "PUT"),
+    ];
+    let Some(&(_, allowed)) = known.iter().find(|(p, _)| *p == path) else {
+        return Err(ApiError::new(404, format!("no such resource: {path}")));
+    };
+    if method != allowed {
+        return Err(ApiError::new(
+            405,
+            format!("{path} takes {allowed}, not {method}"),
+        ));
+    }
+    Ok(match path {
+        "/vm" => Route::Act(Action::Info),
+        "/vm/console" => Route::Console,
+        "/vm/stop" => {
+            let b: StopBody = parse_body(body)?;
+            Route::Act(Action::Stop {
+                timeout: Duration::from_secs(b.timeout_s.unwrap_or(30)),
+            })
+        }
+        other => {
+            let _: EmptyBody = parse_body(body)?;
+            Route::Act(match other {
+                "/vm/pause" => Action::Pause,
+                "/vm/resume" => Action::Resume,
+                _ => Action::Kill,
+            })
+        }
+    })
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Route {
+    Act(Action),
+    Console,
+}
+
+fn content_type(value: &str) -> tiny_http::Header {
+    tiny_http::Header::from_bytes(&b"Content-Type"[..], value.as_bytes())
+        .expect("a constant, valid header")
+}
+
+fn json_header() -> tiny_http::Header {
+    content_type("application/json")
+}
+
+fn error_response(e: &ApiError) -> tiny_http::Response<std::io::Cursor<Vec<u8>>> {
+    let body = serde_json::to_vec(&ErrorBody {
+        error: e.message.clone(),
+    })
+    .unwrap_or_default();
+    tiny_http::Response::from_data(body)
+        .with_status_code(e.status)
+        .with_header(json_header())
+}
+
+fn handle(mut request: tiny_http::Request, backend: &dyn Backend) {
+    let method = request.method().as_str().to_string();
+    let url = request.url().to_string();
+    let mut body = String::new();
+    let too_big = request.body_length().is_some_and(|n| n as u64 > MAX_BODY);
+    let read = if too_big {
+        Err(ApiError::new(
+            413,
+            format!("bodies are limited to {MAX_BODY} bytes"),
+        ))
+    } else {
+        request
+            .as_reader()
+            .take(MAX_BODY + 1)
+            .read_to_string(&mut body)
+            .map_err(|_| ApiError::bad_request("the body is not UTF-8 text"))
+            .and_then(|n| {
+                if n as u64 > MAX_BODY {
+                    Err(ApiError::new(
+                        413,
+                        format!("bodies are limited to {MAX_BODY} bytes"),
+                    ))
+                } else {
+                    Ok(())
+                }
+            })
+    };
+    let result = read.and_then(|()| route(&method, &url, &body));
+    tracing::debug!(%method, %url, ok = result.is_ok(), "api request");
+    let outcome = match result {
+        Err(e) => request.respond(error_response(&e)),
+        Ok(Route::Console) => match backend.console() {
+            Ok(stream) => request.respond(tiny_http::Response::new(
+                200.into(),
+                vec![content_type("application/octet-stream")],
+                stream,
+                None,
+                None,
+            )),
+            Err(e) => request.respond(error_response(&e)),
+        },
+        Ok(Route::Act(action)) => match backend.act(action) {
+            Err(e) => request.respond(error_response(&e)),
+            Ok(value) => match action {
+                Action::Info => request.respond(
+                    tiny_http::Response::from_data(serde_json::to_vec(&value).unwrap_or_default())
+                        .with_header(json_header()),
+                ),
+                Action::Stop { .. } => request.respond(tiny_http::Response::empty(202)),
+                _ => request.respond(tiny_http::Response::empty(204)),
+            },
+        },
+    };
+    if let Err(e) = outcome {
+        tracing::debug!("api: answering {method} {url} failed: {e}");
+    }
+}
+
+/// A running API server; dropping it stops accepting requests and removes
+/// the socket.
+pub struct ServerHandle {
+    server: Arc<tiny_http::Server>,
+    path: PathBuf,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for ServerHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerHandle")
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+impl Drop for ServerHandle {
+    fn drop(&mut self) {
+        self.server.unblock();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Serves the API on a Unix socket at `path` (replacing a stale one),
+/// readable and writable by the owner only. Each request gets a thread, so
+/// a console stream does not hold up other requests.
+pub fn serve(path: &Path, backend: Arc<dyn Backend>) -> std::io::Result<ServerHandle> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let server = tiny_http::Server::http_unix(path)
+        .map_err(|e| std::io::Error::other(format!("cannot listen on {}: {e}", path.display())))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    let server = Arc::new(server);
+    let s = server.clone();
+    let thread = std::thread::Builder::new()
+        .name("api".into())
+        .spawn(move || {
+            for request in s.incoming_requests() {
+                let backend = backend.clone();
+                let spawned = std::thread::Builder::new()
+                    .name("api-request".into())
+                    .spawn(move || handle(request, &*backend));
+                if let Err(e) = spawned {
+                    tracing::warn!("api: cannot start a request thread: {e}");
+                }
+            }
+        })?;
+    Ok(ServerHandle {
+        server,
+        path: path.to_path_buf(),
+        thread: Some(thread),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_map_methods_and_paths_to_actions() {
+        assert_eq!(route("GET", "/vm", ""), Ok(Route::Act(Action::Info)));
+        assert_eq!(route("PUT", "/vm/pause", ""), Ok(Route::Act(Action::Pause)));
+        assert_eq!(
+            route("PUT", "/vm/resume", "{}"),
+            Ok(Route::Act(Action::Resume))
+        );
+        assert_eq!(
+            route("PUT", "/vm/stop", r#"{"timeout_s": 5}"#),
+            Ok(Route::Act(Action::Stop {
+                timeout: Duration::from_secs(5)
+            }))
+        );
+        assert_eq!(route("GET", "/vm/console", ""), Ok(Route::Console));
+        assert_eq!(route("GET", "/nope", "").unwrap_err().status, 404);
+        assert_eq!(route("DELETE", "/vm", "").unwrap_err().status, 405);
+        assert_eq!(route("PUT", "/vm/stop", "{oops").unwrap_err().status, 400);
+        let unknown = route("PUT", "/vm/stop", r#"{"timeout": 5}"#).unwrap_err();
+        assert_eq!(unknown.status, 400);
+        assert!(
+            unknown.message.contains("unknown field `timeout`"),
+            "{unknown}"
+        );
+        assert_eq!(
+            route("PUT", "/vm/kill", r#"{"now": true}"#)
+                .unwrap_err()
+                .status,
+            400
+        );
+    }
+}
