@@ -66,20 +66,31 @@ impl Client {
         Ok(stream)
     }
 
-    fn send(&self, method: &str, path: &str, body: &str) -> Result<UnixStream, ClientError> {
+    fn send(&self, method: &str, path: &str, body: &[u8]) -> Result<UnixStream, ClientError> {
         let mut stream = self.connect()?;
         write!(
             stream,
             "{method} {path} HTTP/1.1\r\nHost: hostvisor\r\nConnection: close\r\n\
-             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
             body.len()
         )?;
+        stream.write_all(body)?;
         stream.flush()?;
         Ok(stream)
     }
 
     /// Sends a request and reads the whole answer.
     pub fn request(&self, method: &str, path: &str, body: &str) -> Result<Response, ClientError> {
+        self.request_bytes(method, path, body.as_bytes())
+    }
+
+    /// As [`Client::request`], with any bytes as the body.
+    pub fn request_bytes(
+        &self,
+        method: &str,
+        path: &str,
+        body: &[u8],
+    ) -> Result<Response, ClientError> {
         let stream = self.send(method, path, body)?;
         stream.set_read_timeout(Some(self.timeout))?;
         let (status, mut reader) = read_head(stream)?;
@@ -91,7 +102,7 @@ impl Client {
     /// Sends a request whose answer is a stream (the console): returns the
     /// status and a reader of the body as it arrives.
     pub fn stream(&self, path: &str) -> Result<(u16, Box<dyn Read + Send>), ClientError> {
-        let stream = self.send("GET", path, "")?;
+        let stream = self.send("GET", path, b"")?;
         read_head(stream)
     }
 }

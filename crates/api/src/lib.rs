@@ -9,7 +9,7 @@
 
 pub mod client;
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -75,7 +75,13 @@ pub trait Backend: Send + Sync + 'static {
     fn act(&self, action: Action) -> Result<serde_json::Value, ApiError>;
     /// The console's output so far and as it comes, until the VM ends.
     fn console(&self) -> Result<Box<dyn Read + Send>, ApiError>;
+    /// Types `bytes` on the guest's console.
+    fn console_input(&self, bytes: &[u8]) -> Result<(), ApiError>;
 }
+
+/// The protocol name `GET /vm/console` switches to: after the 101 answer
+/// the connection carries the console's output.
+pub const CONSOLE_PROTOCOL: &str = "hostvisor-console";
 
 /// `PUT /vm/stop`'s optional body.
 #[derive(Debug, Default, serde::Deserialize)]
@@ -104,19 +110,28 @@ fn route(method: &str, path: &str, body: &str) -> Result<Route, ApiError> {
     let known = [
         ("/vm", "GET"),
         ("/vm/console", "GET"),
+        ("/vm/console", "PUT"),
         ("/vm/pause", "PUT"),
         ("/vm/resume", "PUT"),
         ("/vm/stop", "PUT"),
         ("/vm/kill", "PUT"),
     ];
-    let Some(&(_, allowed)) = known.iter().find(|(p, _)| *p == path) else {
+    let methods: Vec<&str> = known
+        .iter()
+        .filter(|(p, _)| *p == path)
+        .map(|(_, m)| *m)
+        .collect();
+    if methods.is_empty() {
         return Err(ApiError::new(404, format!("no such resource: {path}")));
-    };
-    if method != allowed {
+    }
+    if !methods.contains(&method) {
         return Err(ApiError::new(
             405,
-            format!("{path} takes {allowed}, not {method}"),
+            format!("{path} takes {}, not {method}", methods.join(" or ")),
         ));
+    }
+    if path == "/vm/console" && method == "PUT" {
+        return Ok(Route::ConsoleInput);
     }
     Ok(match path {
         "/vm" => Route::Act(Action::Info),
@@ -142,11 +157,40 @@ fn route(method: &str, path: &str, body: &str) -> Result<Route, ApiError> {
 enum Route {
     Act(Action),
     Console,
+    /// The request body is typed on the console.
+    ConsoleInput,
+}
+
+fn header(name: &str, value: &str) -> tiny_http::Header {
+    tiny_http::Header::from_bytes(name.as_bytes(), value.as_bytes())
+        .expect("a constant, valid header")
 }
 
 fn content_type(value: &str) -> tiny_http::Header {
-    tiny_http::Header::from_bytes(&b"Content-Type"[..], value.as_bytes())
-        .expect("a constant, valid header")
+    header("Content-Type", value)
+}
+
+/// Copies console output to an upgraded connection, flushing as it goes,
+/// until the output ends or the client goes away.
+fn pump_console(
+    mut stream: Box<dyn tiny_http::ReadWrite + Send>,
+    mut output: Box<dyn Read + Send>,
+) {
+    let mut buf = [0u8; 4096];
+    loop {
+        match output.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if stream
+                    .write_all(&buf[..n])
+                    .and_then(|()| stream.flush())
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        }
+    }
 }
 
 fn json_header() -> tiny_http::Header {
@@ -195,13 +239,18 @@ fn handle(mut request: tiny_http::Request, backend: &dyn Backend) {
     let outcome = match result {
         Err(e) => request.respond(error_response(&e)),
         Ok(Route::Console) => match backend.console() {
-            Ok(stream) => request.respond(tiny_http::Response::new(
-                200.into(),
-                vec![content_type("application/octet-stream")],
-                stream,
-                None,
-                None,
-            )),
+            Ok(output) => {
+                let response = tiny_http::Response::empty(101)
+                    .with_header(header("Upgrade", CONSOLE_PROTOCOL))
+                    .with_header(header("Connection", "Upgrade"));
+                let stream = request.upgrade(CONSOLE_PROTOCOL, response);
+                pump_console(stream, output);
+                Ok(())
+            }
+            Err(e) => request.respond(error_response(&e)),
+        },
+        Ok(Route::ConsoleInput) => match backend.console_input(body.as_bytes()) {
+            Ok(()) => request.respond(tiny_http::Response::empty(204)),
             Err(e) => request.respond(error_response(&e)),
         },
         Ok(Route::Act(action)) => match backend.act(action) {
@@ -299,6 +348,7 @@ mod tests {
             }))
         );
         assert_eq!(route("GET", "/vm/console", ""), Ok(Route::Console));
+        assert_eq!(route("PUT", "/vm/console", "ls\n"), Ok(Route::ConsoleInput));
         assert_eq!(route("GET", "/nope", "").unwrap_err().status, 404);
         assert_eq!(route("DELETE", "/vm", "").unwrap_err().status, 405);
         assert_eq!(route("PUT", "/vm/stop", "{oops").unwrap_err().status, 400);

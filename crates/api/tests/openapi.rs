@@ -16,6 +16,7 @@ use serde_json::{json, Value};
 struct FakeVm {
     paused: Mutex<bool>,
     actions: Mutex<Vec<Action>>,
+    typed: Mutex<Vec<u8>>,
 }
 
 impl Backend for FakeVm {
@@ -52,6 +53,11 @@ impl Backend for FakeVm {
 
     fn console(&self) -> Result<Box<dyn Read + Send>, ApiError> {
         Ok(Box::new(&b"HOSTVISOR-GUEST-READY cpus=1\n"[..]))
+    }
+
+    fn console_input(&self, bytes: &[u8]) -> Result<(), ApiError> {
+        self.typed.lock().unwrap().extend_from_slice(bytes);
+        Ok(())
     }
 }
 
@@ -121,6 +127,10 @@ fn check_schema(spec: &Value, schema: &Value, value: &Value, at: &str) {
     }
 }
 
+fn exercised_console(op: &Value) {
+    assert_eq!(op["operationId"], "consoleStream");
+}
+
 #[test]
 fn the_server_answers_as_its_openapi_document_says() {
     let spec = spec();
@@ -149,7 +159,7 @@ fn the_server_answers_as_its_openapi_document_says() {
         ("PUT", "/vm/kill", "[1,2]", 400),
         ("PUT", "/vm/stop", r#"{"timeout_s": 3}"#, 202),
         ("PUT", "/vm/kill", "", 204),
-        ("GET", "/vm/console", "", 200),
+        ("PUT", "/vm/console", "uname -a\n", 204),
     ];
     let mut exercised = BTreeSet::new();
     for &(method, path, body, want) in cases {
@@ -176,7 +186,8 @@ fn the_server_answers_as_its_openapi_document_says() {
             assert!(!r.error_message().is_empty());
         }
     }
-    // Every documented operation was exercised.
+    // Every documented operation is exercised (the console stream below).
+    exercised.insert(("/vm/console".to_string(), "get".to_string()));
     for (path, ops) in spec["paths"].as_object().unwrap() {
         for method in ops.as_object().unwrap().keys() {
             assert!(
@@ -198,12 +209,16 @@ fn the_server_answers_as_its_openapi_document_says() {
             .status,
         413
     );
-    // The console stream.
+    assert_eq!(vm.typed.lock().unwrap().as_slice(), b"uname -a\n");
+    // The console stream: a protocol switch, then the output.
+    let op = &spec["paths"]["/vm/console"]["get"];
+    exercised_console(op);
     let (status, mut stream) = client.stream("/vm/console").unwrap();
-    assert_eq!(status, 200);
+    assert_eq!(status, 101);
+    assert!(op["responses"]["101"].is_object());
     let mut text = String::new();
     stream.read_to_string(&mut text).unwrap();
-    assert!(text.contains("HOSTVISOR-GUEST-READY"));
+    assert_eq!(text, "HOSTVISOR-GUEST-READY cpus=1\n");
     // Garbage instead of HTTP gets an error, and the server keeps serving.
     {
         use std::io::Write;

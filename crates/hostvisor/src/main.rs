@@ -1,6 +1,9 @@
 //! `hostvisor`: run virtual machines on KVM.
 
 mod disk;
+mod manage;
+mod store;
+mod vmproc;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -30,6 +33,58 @@ enum Command {
         #[command(subcommand)]
         command: disk::DiskCommand,
     },
+    /// Define a managed VM (stored under $XDG_DATA_HOME/hostvisor/vms/NAME)
+    /// with `run`'s options.
+    Create {
+        name: String,
+        #[command(flatten)]
+        run: RunArgs,
+    },
+    /// List managed VMs and their states.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a VM's definition, state and (when running) counters.
+    Show {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Start a VM in the background (console in its console.log).
+    Start { name: String },
+    /// Follow a running VM's console; Ctrl-A d detaches.
+    Console { name: String },
+    /// Stop a VM: ask the guest to power off, kill it after --timeout.
+    Stop {
+        name: String,
+        /// Seconds to wait for the guest.
+        #[arg(long, default_value_t = 30)]
+        timeout: u64,
+    },
+    /// End a VM at once.
+    Kill { name: String },
+    /// Pause a running VM (its vCPUs and clock stop).
+    Pause { name: String },
+    /// Resume a paused VM.
+    Resume { name: String },
+    /// Change a stopped VM's definition.
+    Edit {
+        name: String,
+        #[command(flatten)]
+        changes: manage::EditArgs,
+    },
+    /// Print a VM's console log; -f follows it while the VM runs.
+    Logs {
+        name: String,
+        #[arg(short, long)]
+        follow: bool,
+    },
+    /// Delete a stopped VM and every file in its directory.
+    Delete { name: String },
+    /// The process behind a started VM (used by `start`).
+    #[command(hide = true)]
+    VmProcess { name: String },
 }
 
 #[derive(Debug, clap::Args)]
@@ -73,7 +128,7 @@ struct RunArgs {
     hide_cpu_features: Vec<String>,
 }
 
-fn parse_memory(s: &str) -> Result<MemorySize, String> {
+pub(crate) fn parse_memory(s: &str) -> Result<MemorySize, String> {
     let size: MemorySize = s
         .parse()
         .map_err(|e: vmm::config::SizeError| e.to_string())?;
@@ -84,7 +139,7 @@ fn parse_memory(s: &str) -> Result<MemorySize, String> {
     Ok(size)
 }
 
-fn parse_cpus(s: &str) -> Result<u32, String> {
+pub(crate) fn parse_cpus(s: &str) -> Result<u32, String> {
     match s.parse::<u32>() {
         Ok(0) => Err("a VM needs at least one vCPU".into()),
         Ok(n) => Ok(n),
@@ -92,7 +147,7 @@ fn parse_cpus(s: &str) -> Result<u32, String> {
     }
 }
 
-fn parse_console(s: &str) -> Result<vmm::ConsoleDevice, String> {
+pub(crate) fn parse_console(s: &str) -> Result<vmm::ConsoleDevice, String> {
     match s {
         "serial" => Ok(vmm::ConsoleDevice::Serial),
         "virtio" => Ok(vmm::ConsoleDevice::Virtio),
@@ -100,7 +155,7 @@ fn parse_console(s: &str) -> Result<vmm::ConsoleDevice, String> {
     }
 }
 
-fn parse_reset(s: &str) -> Result<ResetAction, String> {
+pub(crate) fn parse_reset(s: &str) -> Result<ResetAction, String> {
     match s {
         "shutdown" => Ok(ResetAction::Shutdown),
         "restart" => Ok(ResetAction::Restart),
@@ -121,7 +176,7 @@ fn default_guest_dir() -> PathBuf {
 }
 
 #[derive(Debug)]
-enum CliError {
+pub(crate) enum CliError {
     Usage(String),
     Failure(String),
 }
@@ -182,6 +237,22 @@ fn run(args: RunArgs) -> Result<VmOutcome, CliError> {
     vmm::run(&config).map_err(|e| describe(&e))
 }
 
+/// The exit of a command that is not `run`: its code, or its error.
+fn exit_with(result: Result<i32, CliError>) -> ! {
+    let code = match result {
+        Ok(code) => code,
+        Err(CliError::Usage(msg)) => {
+            eprintln!("hostvisor: {msg}");
+            exit_code::USAGE
+        }
+        Err(CliError::Failure(msg)) => {
+            eprintln!("hostvisor: {msg}");
+            exit_code::HOSTVISOR_ERROR
+        }
+    };
+    std::process::exit(code)
+}
+
 fn main() -> ExitCode {
     vmm::mark_process_start();
     tracing_subscriber::fmt()
@@ -209,10 +280,22 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Run(args) => run(args),
-        Command::Disk { command } => match disk::run(command) {
-            Ok(code) => return ExitCode::from(code as u8),
-            Err(e) => Err(e),
-        },
+        Command::Disk { command } => exit_with(disk::run(command)),
+        Command::Create { name, run } => {
+            exit_with(vm_config(run).and_then(|c| manage::create(&name, c)))
+        }
+        Command::List { json } => exit_with(manage::list(json)),
+        Command::Show { name, json } => exit_with(manage::show(&name, json)),
+        Command::Start { name } => exit_with(manage::start(&name)),
+        Command::Console { name } => exit_with(manage::console(&name)),
+        Command::Stop { name, timeout } => exit_with(manage::stop(&name, timeout)),
+        Command::Kill { name } => exit_with(manage::kill(&name)),
+        Command::Pause { name } => exit_with(manage::pause(&name, false)),
+        Command::Resume { name } => exit_with(manage::pause(&name, true)),
+        Command::Edit { name, changes } => exit_with(manage::edit(&name, changes)),
+        Command::Logs { name, follow } => exit_with(manage::logs(&name, follow)),
+        Command::Delete { name } => exit_with(manage::delete(&name)),
+        Command::VmProcess { name } => exit_with(vmproc::run(&name).map_err(CliError::Failure)),
     };
     let code = match result {
         Ok(outcome) => {

@@ -151,7 +151,7 @@ pub enum ConsoleTarget {
 impl ConsoleTarget {
     /// Hands `pending` to the guest, waiting while the device is full;
     /// false if it can take no more, ever.
-    fn deliver(&self, mut pending: Vec<u8>) -> bool {
+    pub fn deliver(&self, mut pending: Vec<u8>) -> bool {
         while !pending.is_empty() {
             let taken = match self {
                 ConsoleTarget::Uart { serial, .. } => serial

@@ -8,6 +8,7 @@ use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::console::ConsoleTarget;
 use crate::vcpu::VcpuStats;
 use crate::VmmEvent;
 
@@ -100,9 +101,16 @@ pub type ControlReply = Result<Option<VmStatus>, ControlError>;
 
 /// A handle on whichever machine is running for a VM (a restart on reset
 /// makes a new one).
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct VmControl {
     current: Arc<Mutex<Option<Sender<VmmEvent>>>>,
+    console: Arc<Mutex<Option<ConsoleTarget>>>,
+}
+
+impl std::fmt::Debug for VmControl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmControl").finish_non_exhaustive()
+    }
 }
 
 impl VmControl {
@@ -110,12 +118,30 @@ impl VmControl {
         Self::default()
     }
 
-    pub(crate) fn attach(&self, events: Sender<VmmEvent>) {
+    pub(crate) fn attach(&self, events: Sender<VmmEvent>, console: ConsoleTarget) {
         *self.current.lock().unwrap_or_else(|e| e.into_inner()) = Some(events);
+        *self.console.lock().unwrap_or_else(|e| e.into_inner()) = Some(console);
     }
 
     pub(crate) fn detach(&self) {
         *self.current.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        *self.console.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    /// Types `bytes` on the guest's console (on the caller's thread: it
+    /// waits while the console device is full).
+    pub fn console_input(&self, bytes: &[u8]) -> Result<(), ControlError> {
+        let target = self
+            .console
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .ok_or(ControlError::NotRunning)?;
+        if target.deliver(bytes.to_vec()) {
+            Ok(())
+        } else {
+            Err(ControlError::NotRunning)
+        }
     }
 
     /// Sends `request` to the VM and waits for the answer.
@@ -167,6 +193,11 @@ impl PauseGate {
         }
         s.parked -= 1;
         self.changed.notify_all();
+    }
+
+    /// Whether the gate is closed (a pause is under way).
+    pub fn is_closed(&self) -> bool {
+        self.lock().paused
     }
 
     /// Closes the gate; vCPUs park at their next exit (kick them).

@@ -152,8 +152,10 @@ pub fn mark_process_start() {
 ///
 /// On hosts that emulate guest kernel mode (nested PVM), it adds what such
 /// a guest needs: features the emulator cannot execute are cleared
-/// (`noxsave`, `clearcpuid=`), and costly work is skipped (`quiet`: every
-/// console byte is an exit there).
+/// (`noxsave`, `clearcpuid=`), costly work is skipped (`quiet`: every
+/// console byte is an exit there), and the guest keeps time with kvmclock
+/// (`clocksource=kvm-clock`): its TSC is the host's there and cannot be
+/// held back, so only kvmclock lets a paused guest's clock stand still.
 pub fn default_cmdline(profile: HostProfile, console: ConsoleDevice) -> String {
     let console = match console {
         ConsoleDevice::Serial => "console=ttyS0",
@@ -168,6 +170,7 @@ pub fn default_cmdline(profile: HostProfile, console: ConsoleDevice) -> String {
             "random.trust_cpu=on",
             "percpu_alloc=page",
             "rodata=off",
+            "clocksource=kvm-clock",
         ]);
     }
     args.join(" ")

@@ -325,7 +325,7 @@ impl Machine {
                 .map_err(VmmError::Thread)?;
         }
         if let Some(control) = control {
-            control.attach(tx.clone());
+            control.attach(tx.clone(), self.console.clone());
         }
         drop(tx);
 

@@ -144,7 +144,9 @@ pub fn run(mut vcpu: Box<dyn Vcpu>, ctx: VcpuContext) {
     let mut first_entry = true;
     let mut reason = VcpuStop::Requested;
     while state == VcpuState::Running {
-        ctx.pause.park_if_paused(&ctx.stop);
+        if ctx.pause.is_closed() {
+            park(vcpu.as_mut(), &ctx);
+        }
         if ctx.stop.load(Ordering::Acquire) {
             state = VcpuState::Stopping;
             continue;
@@ -178,6 +180,28 @@ pub fn run(mut vcpu: Box<dyn Vcpu>, ctx: VcpuContext) {
     let rip = vcpu.regs().ok().map(|r| r.rip);
     tracing::debug!(vcpu = id, ?state, ?reason, "vCPU loop ended");
     let _ = ctx.events.send(VmmEvent::VcpuStopped { id, reason, rip });
+}
+
+/// Waits out a pause. The guest's TSC is put back to where it was when
+/// the vCPU stopped (as the kvmclock is by the VMM), so a guest timing with
+/// the TSC does not see the pause either. KVM keeps the vCPUs' TSCs in
+/// step when they are written with values this close together.
+fn park(vcpu: &mut dyn Vcpu, ctx: &VcpuContext) {
+    const MSR_IA32_TSC: u32 = 0x10;
+    let mut tsc = [hypervisor::MsrEntry {
+        index: MSR_IA32_TSC,
+        ..Default::default()
+    }];
+    let saved = vcpu.get_msrs(&mut tsc).is_ok();
+    ctx.pause.park_if_paused(&ctx.stop);
+    if saved && !ctx.stop.load(Ordering::Acquire) {
+        if let Err(e) = vcpu.set_msrs(&tsc) {
+            tracing::warn!(
+                vcpu = vcpu.id(),
+                "cannot restore the TSC after a pause: {e}"
+            );
+        }
+    }
 }
 
 fn assist_instruction(
