@@ -15,6 +15,7 @@ use serde_json::{json, Value};
 #[derive(Default)]
 struct FakeVm {
     paused: Mutex<bool>,
+    stopped: Mutex<bool>,
     actions: Mutex<Vec<Action>>,
     typed: Mutex<Vec<u8>>,
 }
@@ -23,6 +24,10 @@ impl Backend for FakeVm {
     fn act(&self, action: Action) -> Result<Value, ApiError> {
         self.actions.lock().unwrap().push(action);
         let mut paused = self.paused.lock().unwrap();
+        let mut stopped = self.stopped.lock().unwrap();
+        if *stopped && action != Action::Info {
+            return Err(ApiError::conflict("the VM has stopped"));
+        }
         match action {
             Action::Pause if *paused => Err(ApiError::conflict("the VM is already paused")),
             Action::Pause => {
@@ -34,7 +39,11 @@ impl Backend for FakeVm {
                 *paused = false;
                 Ok(Value::Null)
             }
-            Action::Stop { .. } | Action::Kill => Ok(Value::Null),
+            Action::Stop { .. } => Ok(Value::Null),
+            Action::Kill => {
+                *stopped = true;
+                Ok(Value::Null)
+            }
             Action::Info => {
                 let state = if *paused { "paused" } else { "running" };
                 Ok(json!({
@@ -158,8 +167,11 @@ fn the_server_answers_as_its_openapi_document_says() {
         ("PUT", "/vm/stop", r#"{"timeout": 3}"#, 400),
         ("PUT", "/vm/kill", "[1,2]", 400),
         ("PUT", "/vm/stop", r#"{"timeout_s": 3}"#, 202),
-        ("PUT", "/vm/kill", "", 204),
         ("PUT", "/vm/console", "uname -a\n", 204),
+        ("PUT", "/vm/kill", "", 204),
+        // A stopped VM is in the wrong state for everything but GET.
+        ("PUT", "/vm/pause", "", 409),
+        ("PUT", "/vm/kill", "", 409),
     ];
     let mut exercised = BTreeSet::new();
     for &(method, path, body, want) in cases {

@@ -22,11 +22,19 @@ struct VmBackend {
     ended: Arc<AtomicBool>,
 }
 
-fn api_error(e: ControlError) -> ApiError {
-    match e {
-        ControlError::Conflict(m) => ApiError::conflict(m),
-        ControlError::NotRunning => ApiError::new(503, "the VM is not running"),
-        ControlError::Failed(m) => ApiError::internal(m),
+impl VmBackend {
+    /// A refused request as an API error: a VM that has ended (or is being
+    /// stopped) is in the wrong state for it (409); one between a reset and
+    /// its next boot is briefly unavailable (503).
+    fn error(&self, e: ControlError) -> ApiError {
+        match e {
+            ControlError::Conflict(m) => ApiError::conflict(m),
+            ControlError::NotRunning if self.ended.load(Ordering::Acquire) => {
+                ApiError::conflict("the VM has stopped")
+            }
+            ControlError::NotRunning => ApiError::new(503, "the VM is not running"),
+            ControlError::Failed(m) => ApiError::internal(m),
+        }
     }
 }
 
@@ -47,11 +55,11 @@ impl Backend for VmBackend {
                 let _ = self.control.request(ControlRequest::Resume);
                 self.control
                     .request(ControlRequest::Kill)
-                    .map_err(api_error)?;
+                    .map_err(|e| self.error(e))?;
                 return Ok(serde_json::Value::Null);
             }
         };
-        let status = self.control.request(request).map_err(api_error)?;
+        let status = self.control.request(request).map_err(|e| self.error(e))?;
         Ok(match status {
             Some(status) => serde_json::json!({
                 "name": self.name,
@@ -74,7 +82,7 @@ impl Backend for VmBackend {
     }
 
     fn console_input(&self, bytes: &[u8]) -> Result<(), ApiError> {
-        self.control.console_input(bytes).map_err(api_error)
+        self.control.console_input(bytes).map_err(|e| self.error(e))
     }
 }
 
