@@ -237,20 +237,23 @@ fn run(args: RunArgs) -> Result<VmOutcome, CliError> {
     vmm::run(&config).map_err(|e| describe(&e))
 }
 
-/// The exit of a command that is not `run`: its code, or its error.
-fn exit_with(result: Result<i32, CliError>) -> ! {
-    let code = match result {
-        Ok(code) => code,
-        Err(CliError::Usage(msg)) => {
+/// Prints an error as its one line; returns its exit code.
+fn report(e: CliError) -> i32 {
+    match e {
+        CliError::Usage(msg) => {
             eprintln!("hostvisor: {msg}");
             exit_code::USAGE
         }
-        Err(CliError::Failure(msg)) => {
+        CliError::Failure(msg) => {
             eprintln!("hostvisor: {msg}");
             exit_code::HOSTVISOR_ERROR
         }
-    };
-    std::process::exit(code)
+    }
+}
+
+/// The exit of a command that is not `run`: its code, or its error.
+fn exit_with(result: Result<i32, CliError>) -> ! {
+    std::process::exit(result.unwrap_or_else(report))
 }
 
 fn main() -> ExitCode {
@@ -309,14 +312,7 @@ fn main() -> ExitCode {
             }
             outcome.exit_code()
         }
-        Err(CliError::Usage(msg)) => {
-            eprintln!("hostvisor: {msg}");
-            exit_code::USAGE
-        }
-        Err(CliError::Failure(msg)) => {
-            eprintln!("hostvisor: {msg}");
-            exit_code::HOSTVISOR_ERROR
-        }
+        Err(e) => report(e),
     };
     ExitCode::from(code as u8)
 }

@@ -336,23 +336,8 @@ pub fn logs(name: &str, follow: bool) -> Result<i32, CliError> {
     let vm = VmDir::open(name).map_err(fail)?;
     let mut out = std::io::stdout();
     if follow && running(&vm)? {
-        let (status, mut stream) = client(&vm).stream("/vm/console").map_err(fail)?;
-        if status != 200 {
-            return Err(fail(format!(
-                "{name}: the console stream answered {status}"
-            )));
-        }
-        let mut buf = [0u8; 4096];
-        loop {
-            match stream.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    if out.write_all(&buf[..n]).and_then(|()| out.flush()).is_err() {
-                        break;
-                    }
-                }
-            }
-        }
+        let stream = console_stream(&vm)?;
+        copy_to_stdout(stream);
         return Ok(0);
     }
     match std::fs::read(vm.console_log()) {
@@ -370,12 +355,7 @@ pub fn logs(name: &str, follow: bool) -> Result<i32, CliError> {
 pub fn console(name: &str) -> Result<i32, CliError> {
     let vm = VmDir::open(name).map_err(fail)?;
     require_running(&vm)?;
-    let (status, mut stream) = client(&vm).stream("/vm/console").map_err(fail)?;
-    if status != 101 {
-        return Err(fail(format!(
-            "{name}: the console stream answered {status}"
-        )));
-    }
+    let stream = console_stream(&vm)?;
     let raw = vmm::console::RawTerminal::enter();
     if raw.is_some() {
         eprint!("[attached to {name}; Ctrl-A d detaches]\r\n");
@@ -415,6 +395,25 @@ pub fn console(name: &str) -> Result<i32, CliError> {
             }
         }
     });
+    copy_to_stdout(stream);
+    drop(raw);
+    Ok(0)
+}
+
+/// The console's output stream (the API's upgraded connection).
+fn console_stream(vm: &VmDir) -> Result<Box<dyn Read + Send>, CliError> {
+    let (status, stream) = client(vm).stream("/vm/console").map_err(fail)?;
+    if status != 101 {
+        return Err(fail(format!(
+            "{}: the console stream answered {status}",
+            vm.name
+        )));
+    }
+    Ok(stream)
+}
+
+/// Copies a stream to stdout as it comes, until it or stdout ends.
+fn copy_to_stdout(mut stream: Box<dyn Read + Send>) {
     let mut out = std::io::stdout();
     let mut buf = [0u8; 4096];
     loop {
@@ -427,8 +426,6 @@ pub fn console(name: &str) -> Result<i32, CliError> {
             }
         }
     }
-    drop(raw);
-    Ok(0)
 }
 
 pub fn delete(name: &str) -> Result<i32, CliError> {

@@ -54,6 +54,23 @@ fn ticks(console: &Path) -> Vec<i64> {
         .collect()
 }
 
+/// Runs a following command (console, logs -f) until `needle` shows up.
+fn follow_until(data: &Path, args: &[&str], needle: &[u8]) -> Vec<u8> {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .env("XDG_DATA_HOME", data)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let seen = read_until(&mut stdout, BOOT, |s| contains(s, needle));
+    let _ = child.kill();
+    let _ = child.wait();
+    seen
+}
+
 fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
     let start = Instant::now();
     while !done() {
@@ -109,19 +126,15 @@ fn a_managed_vm_lives_its_whole_life() {
         std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&sock).unwrap().permissions());
     assert_eq!(mode & 0o777, 0o600);
 
-    // `console` (not a terminal here: no raw mode) sees the READY line.
-    let mut console = Command::new(BIN)
-        .args(["console", name])
-        .env("XDG_DATA_HOME", &data)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut stdout = console.stdout.take().unwrap();
-    let seen = read_until(&mut stdout, BOOT, |s| contains(s, b"TICK"));
-    let _ = console.kill();
-    let _ = console.wait();
+    // `console` (not a terminal here: no raw mode) sees the READY line,
+    // and so does `logs -f`.
+    let seen = follow_until(&data, &["console", name], b"TICK");
+    assert!(
+        contains(&seen, b"HOSTVISOR-GUEST-READY cpus=1"),
+        "{}",
+        String::from_utf8_lossy(&seen)
+    );
+    let seen = follow_until(&data, &["logs", "-f", name], b"TICK");
     assert!(
         contains(&seen, b"HOSTVISOR-GUEST-READY cpus=1"),
         "{}",
