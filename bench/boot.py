@@ -49,8 +49,7 @@ def default_cmdline():
     args = ["console=ttyS0", "reboot=k", "panic=-1", "pci=off"]
     if os.path.exists("/sys/module/kvm_pvm"):
         args += ["quiet", "noxsave", "clearcpuid=cx16,erms,fsrm,popcnt,smap",
-                 "random.trust_cpu=on", "percpu_alloc=page", "rodata=off",
-                 "clocksource=kvm-clock"]
+                 "random.trust_cpu=on", "percpu_alloc=page", "rodata=off"]
     return " ".join(args)
 
 

@@ -152,11 +152,13 @@ pub fn mark_process_start() {
 ///
 /// On hosts that emulate guest kernel mode (nested PVM), it adds what such
 /// a guest needs: features the emulator cannot execute are cleared
-/// (`noxsave`, `clearcpuid=`), costly work is skipped (`quiet`: every
-/// console byte is an exit there), and the guest keeps time with kvmclock
-/// (`clocksource=kvm-clock`): its TSC is the host's there and cannot be
-/// held back, so only kvmclock lets a paused guest's clock stand still.
-pub fn default_cmdline(profile: HostProfile, console: ConsoleDevice) -> String {
+/// (`noxsave`, `clearcpuid=`) and costly work is skipped (`quiet`: every
+/// console byte is an exit there). A VM that can be paused (a managed
+/// one) also keeps time with kvmclock there (`clocksource=kvm-clock`): its
+/// TSC is the host's and cannot be held back, so only kvmclock lets a
+/// paused guest's clock stand still. (It costs ~2 s of boot on PVM, so
+/// VMs that cannot be paused go without.)
+pub fn default_cmdline(profile: HostProfile, console: ConsoleDevice, pausable: bool) -> String {
     let console = match console {
         ConsoleDevice::Serial => "console=ttyS0",
         ConsoleDevice::Virtio => "console=hvc0",
@@ -170,8 +172,10 @@ pub fn default_cmdline(profile: HostProfile, console: ConsoleDevice) -> String {
             "random.trust_cpu=on",
             "percpu_alloc=page",
             "rodata=off",
-            "clocksource=kvm-clock",
         ]);
+        if pausable {
+            args.push("clocksource=kvm-clock");
+        }
     }
     args.join(" ")
 }
@@ -275,7 +279,7 @@ pub fn run_controlled(
         }
         let mut cmdline = match &config.cmdline {
             Some(c) => c.clone(),
-            None => default_cmdline(hv.host_profile(), config.console),
+            None => default_cmdline(hv.host_profile(), config.console, control.is_some()),
         };
         if let Some(extra) = &config.append {
             cmdline.push(' ');
@@ -318,18 +322,22 @@ mod tests {
             emulated_cpl0: false,
         };
         assert_eq!(
-            default_cmdline(native, ConsoleDevice::Serial),
+            default_cmdline(native, ConsoleDevice::Serial, true),
             "console=ttyS0 reboot=k panic=-1 pci=off"
         );
-        assert!(default_cmdline(native, ConsoleDevice::Virtio).starts_with("console=hvc0 "));
+        assert!(default_cmdline(native, ConsoleDevice::Virtio, false).starts_with("console=hvc0 "));
         assert!(host_hidden_features(native).is_empty());
         let pvm = HostProfile {
             emulated_cpl0: true,
         };
-        let line = default_cmdline(pvm, ConsoleDevice::Serial);
+        let line = default_cmdline(pvm, ConsoleDevice::Serial, false);
         assert!(
             line.contains("noxsave") && line.contains("clearcpuid=cx16"),
             "{line}"
+        );
+        assert!(!line.contains("clocksource"));
+        assert!(
+            default_cmdline(pvm, ConsoleDevice::Serial, true).ends_with(" clocksource=kvm-clock")
         );
         assert!(
             !line.contains("nopv"),
