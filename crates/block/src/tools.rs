@@ -276,12 +276,8 @@ fn info_at(path: &Path, format: Option<Format>, depth: usize) -> Result<ImageInf
     }
     // The image alone (its backing chain is described one by one below).
     let file = HostFile::open(path, true, CacheMode::Writeback)?;
-    let zero_backing =
-        |_: &str, _: Option<&str>| -> Result<Arc<dyn DiskImage>, qcow2::Qcow2Error> {
-            Ok(Arc::new(ZeroImage { size: 0 }))
-        };
     let image =
-        Qcow2::open(Box::new(file), true, Vec::new(), Some(&zero_backing)).map_err(q_err(path))?;
+        Qcow2::open(Box::new(file), true, Vec::new(), Some(&no_backing)).map_err(q_err(path))?;
     let h = image.header();
     let snapshots = image.snapshots().map_err(q_err(path))?;
     let backing = match &h.backing_file {
@@ -325,16 +321,18 @@ fn info_at(path: &Path, format: Option<Format>, depth: usize) -> Result<ImageInf
     })
 }
 
-/// An image of zeroes, standing in for a backing file an operation never
-/// reads.
+/// Stands in for a backing file an operation never reads: an image opened
+/// without its chain, whose unallocated clusters then read as zeroes.
 #[derive(Debug)]
-struct ZeroImage {
-    size: u64,
+struct NoBacking;
+
+fn no_backing(_: &str, _: Option<&str>) -> Result<Arc<dyn DiskImage>, qcow2::Qcow2Error> {
+    Ok(Arc::new(NoBacking))
 }
 
-impl DiskImage for ZeroImage {
+impl DiskImage for NoBacking {
     fn size(&self) -> u64 {
-        self.size
+        0
     }
     fn read_only(&self) -> bool {
         true
@@ -596,7 +594,7 @@ pub fn rebase(
     let opener = |_: &str, _: Option<&str>| -> Result<Arc<dyn DiskImage>, qcow2::Qcow2Error> {
         match &new {
             Some((_, _, backing)) => Ok(backing.clone()),
-            None => Ok(Arc::new(ZeroImage { size: 0 })),
+            None => no_backing("", None),
         }
     };
     image
@@ -610,10 +608,6 @@ pub fn commit(path: &Path, progress: &mut dyn FnMut(u64, u64)) -> Result<(), Too
     // The overlay is opened without its chain, so the backing file can be
     // opened for writing; only allocated clusters are read from it.
     let file = HostFile::open(path, false, CacheMode::Writeback)?;
-    let zero_backing =
-        |_: &str, _: Option<&str>| -> Result<Arc<dyn DiskImage>, qcow2::Qcow2Error> {
-            Ok(Arc::new(ZeroImage { size: 0 }))
-        };
     if probe(path)? != Format::Qcow2 {
         return Err(ToolError::Invalid(format!(
             "{} is a raw image; only qcow2 overlays can be committed",
@@ -621,7 +615,7 @@ pub fn commit(path: &Path, progress: &mut dyn FnMut(u64, u64)) -> Result<(), Too
         )));
     }
     let image =
-        Qcow2::open(Box::new(file), false, Vec::new(), Some(&zero_backing)).map_err(q_err(path))?;
+        Qcow2::open(Box::new(file), false, Vec::new(), Some(&no_backing)).map_err(q_err(path))?;
     let h = image.header();
     let Some(name) = h.backing_file.clone() else {
         return Err(ToolError::Invalid(format!(

@@ -349,10 +349,8 @@ impl Qcow2 {
         let mut h = inner.h.clone();
         h.backing_file = name.map(|(file, _)| file.to_string());
         h.backing_format = name.map(|(_, format)| format.to_string());
+        // serialize() refuses a header that does not fit the first cluster.
         let bytes = h.serialize()?;
-        if bytes.len() as u64 > h.cluster_size() {
-            return Err(Qcow2Error::Invalid("the header does not fit".into()));
-        }
         let backing = match (name, open) {
             (Some((file, format)), Some(open)) => Some(open(file, Some(format))?),
             _ => None,
@@ -1095,9 +1093,9 @@ impl Inner {
 
     /// The host cluster a write to `vc` may overwrite in place, if any.
     fn in_place(&mut self, vc: u64) -> io::Result<Option<u64>> {
-        if let Mapping::Data(host) = self.mapping(vc)? {
-            if self.entry(vc)? & OFLAG_COPIED != 0 && self.refcount(host >> self.cluster_bits)? == 1
-            {
+        let entry = self.entry(vc)?;
+        if let Mapping::Data(host) = classify(entry, self.cluster_bits, self.h.version)? {
+            if entry & OFLAG_COPIED != 0 && self.refcount(host >> self.cluster_bits)? == 1 {
                 return Ok(Some(host));
             }
         }
@@ -1111,8 +1109,8 @@ impl Inner {
             self.check_data_target(host)?;
             return self.storage.write_at(data, host + in_off);
         }
-        let old = self.mapping(vc)?;
         let entry = self.entry(vc)?;
+        let old = classify(entry, self.cluster_bits, self.h.version)?;
         let reuse = match old {
             Mapping::Zero(Some(host))
                 if entry & OFLAG_COPIED != 0 && self.refcount(host >> self.cluster_bits)? == 1 =>
