@@ -711,17 +711,12 @@ fn flushed_writes_survive_a_sigkill_of_the_vmm() {
         dd if=/tmp/p of=/dev/vda bs=512 seek=8 conv=fsync 2>/dev/null && echo SYNCED; sleep 60";
     let disk_arg = format!("path={}", disk.display());
     let append = format!("hostvisor.run={}", base64(script.as_bytes()));
-    let mut child = Command::new(BIN)
-        .args(["run", "--disk", &disk_arg, "--append", &append])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut stdout = child.stdout.take().unwrap();
-    let seen = read_until(&mut stdout, BOOT, |s| contains(s, b"SYNCED"));
-    let _ = child.kill(); // SIGKILL
-    let _ = child.wait();
+    // Killed (SIGKILL) the moment it says SYNCED.
+    let seen = run_until(
+        &["run", "--disk", &disk_arg, "--append", &append],
+        &[],
+        b"SYNCED",
+    );
     assert!(
         contains(&seen, b"SYNCED"),
         "{}",

@@ -7,7 +7,6 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -52,23 +51,6 @@ fn ticks(console: &Path) -> Vec<i64> {
         .filter_map(|l| l.trim().strip_prefix("TICK "))
         .filter_map(|t| t.trim().parse().ok())
         .collect()
-}
-
-/// Runs a following command (console, logs -f) until `needle` shows up.
-fn follow_until(data: &Path, args: &[&str], needle: &[u8]) -> Vec<u8> {
-    let mut child = Command::new(BIN)
-        .args(args)
-        .env("XDG_DATA_HOME", data)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut stdout = child.stdout.take().unwrap();
-    let seen = read_until(&mut stdout, BOOT, |s| contains(s, needle));
-    let _ = child.kill();
-    let _ = child.wait();
-    seen
 }
 
 fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
@@ -128,13 +110,21 @@ fn a_managed_vm_lives_its_whole_life() {
 
     // `console` (not a terminal here: no raw mode) sees the READY line,
     // and so does `logs -f`.
-    let seen = follow_until(&data, &["console", name], b"TICK");
+    let seen = run_until(
+        &["console", name],
+        &[("XDG_DATA_HOME", data.to_str().unwrap())],
+        b"TICK",
+    );
     assert!(
         contains(&seen, b"HOSTVISOR-GUEST-READY cpus=1"),
         "{}",
         String::from_utf8_lossy(&seen)
     );
-    let seen = follow_until(&data, &["logs", "-f", name], b"TICK");
+    let seen = run_until(
+        &["logs", "-f", name],
+        &[("XDG_DATA_HOME", data.to_str().unwrap())],
+        b"TICK",
+    );
     assert!(
         contains(&seen, b"HOSTVISOR-GUEST-READY cpus=1"),
         "{}",

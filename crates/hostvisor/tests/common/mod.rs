@@ -189,3 +189,22 @@ pub fn tool(cmd: &str, args: &[&str]) -> String {
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// Runs hostvisor with `args` until its stdout shows `needle` (or BOOT
+/// passes), then kills it (SIGKILL); returns what it printed.
+pub fn run_until(args: &[&str], env: &[(&str, &str)], needle: &[u8]) -> Vec<u8> {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("cannot start hostvisor");
+    let mut stdout = child.stdout.take().expect("stdout is piped");
+    let seen = read_until(&mut stdout, BOOT, |s| contains(s, needle));
+    let _ = child.kill();
+    let _ = child.wait();
+    seen
+}
