@@ -29,8 +29,6 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     /// Deallocates a range, which then reads as zeroes; `zero_only` keeps
     /// the space allocated.
     fn punch(&self, offset: u64, len: u64, zero_only: bool) -> io::Result<()>;
-    /// Host bytes actually allocated (for `disk info`).
-    fn allocated(&self) -> io::Result<u64>;
 }
 
 impl<T: Storage + ?Sized> Storage for std::sync::Arc<T> {
@@ -51,9 +49,6 @@ impl<T: Storage + ?Sized> Storage for std::sync::Arc<T> {
     }
     fn punch(&self, offset: u64, len: u64, zero_only: bool) -> io::Result<()> {
         (**self).punch(offset, len, zero_only)
-    }
-    fn allocated(&self) -> io::Result<u64> {
-        (**self).allocated()
     }
 }
 
@@ -224,10 +219,6 @@ impl Storage for HostFile {
         }
         Ok(())
     }
-
-    fn allocated(&self) -> io::Result<u64> {
-        Ok(self.file.metadata()?.blocks() * 512)
-    }
 }
 
 /// Storage in memory: for tests and fuzzing (no file system involved).
@@ -318,10 +309,6 @@ impl Storage for MemFile {
         let end = offset.saturating_add(len).min(size) as usize;
         data[start..end].fill(0);
         Ok(())
-    }
-
-    fn allocated(&self) -> io::Result<u64> {
-        self.len()
     }
 }
 

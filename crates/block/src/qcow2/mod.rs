@@ -291,21 +291,12 @@ impl Qcow2 {
         self.lock().h.clone()
     }
 
-    pub fn backing(&self) -> Option<Arc<dyn DiskImage>> {
-        self.lock().backing.clone()
-    }
-
     /// Whether this image (not its backing file) defines the cluster
     /// holding `offset`.
     pub fn is_allocated(&self, offset: u64) -> io::Result<bool> {
         let mut inner = self.lock();
         let vc = offset >> inner.cluster_bits;
         Ok(inner.mapping(vc)? != Mapping::Unallocated)
-    }
-
-    /// Host bytes the image file occupies.
-    pub fn allocated_bytes(&self) -> io::Result<u64> {
-        self.lock().storage.allocated()
     }
 
     pub fn snapshots(&self) -> Result<Vec<Snapshot>, Qcow2Error> {

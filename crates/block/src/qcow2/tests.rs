@@ -584,9 +584,6 @@ impl Storage for Recorder {
     fn punch(&self, offset: u64, len: u64, zero_only: bool) -> io::Result<()> {
         self.file.punch(offset, len, zero_only)
     }
-    fn allocated(&self) -> io::Result<u64> {
-        self.file.allocated()
-    }
 }
 
 #[test]
