@@ -22,7 +22,6 @@ impl WorkerThread {
     where
         F: FnMut(usize) + Send + 'static,
     {
-        let kill = EventFd::new(libc::EFD_NONBLOCK)?;
         let epoll = Epoll::new()?;
         for (i, evt) in events.iter().enumerate() {
             epoll.ctl(
@@ -31,34 +30,48 @@ impl WorkerThread {
                 EpollEvent::new(EventSet::IN, i as u64),
             )?;
         }
-        epoll.ctl(
-            ControlOperation::Add,
-            std::os::fd::AsRawFd::as_raw_fd(&kill),
-            EpollEvent::new(EventSet::IN, KILL),
-        )?;
+        Self::spawn(name, move |kill| {
+            epoll.ctl(
+                ControlOperation::Add,
+                std::os::fd::AsRawFd::as_raw_fd(&kill),
+                EpollEvent::new(EventSet::IN, KILL),
+            )?;
+            let mut ready = vec![EpollEvent::default(); events.len() + 1];
+            loop {
+                let n = match epoll.wait(-1, &mut ready) {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(e),
+                };
+                for event in &ready[..n] {
+                    let index = event.data();
+                    if index == KILL {
+                        return Ok(());
+                    }
+                    if let Some(evt) = events.get(index as usize) {
+                        let _ = evt.read();
+                        handle(index as usize);
+                    }
+                }
+            }
+        })
+    }
+
+    /// Starts a thread running `body`, which must return once the event it
+    /// is given fires (devices whose workers wait on more than queue
+    /// events, such as vsock's sockets, run their own epoll loop).
+    pub fn spawn<F>(name: &str, body: F) -> std::io::Result<Self>
+    where
+        F: FnOnce(EventFd) -> std::io::Result<()> + Send + 'static,
+    {
+        let kill = EventFd::new(libc::EFD_NONBLOCK)?;
+        let theirs = kill.try_clone()?;
+        let label = name.to_string();
         let thread = std::thread::Builder::new()
             .name(name.to_string())
             .spawn(move || {
-                let mut ready = vec![EpollEvent::default(); events.len() + 1];
-                loop {
-                    let n = match epoll.wait(-1, &mut ready) {
-                        Ok(n) => n,
-                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                        Err(e) => {
-                            tracing::error!("virtio worker cannot wait: {e}");
-                            return;
-                        }
-                    };
-                    for event in &ready[..n] {
-                        let index = event.data();
-                        if index == KILL {
-                            return;
-                        }
-                        if let Some(evt) = events.get(index as usize) {
-                            let _ = evt.read();
-                            handle(index as usize);
-                        }
-                    }
+                if let Err(e) = body(theirs) {
+                    tracing::error!("{label} worker stopped: {e}");
                 }
             })?;
         Ok(WorkerThread {

@@ -152,6 +152,11 @@ impl Connection {
         self.pending.push_back(h);
     }
 
+    /// Whether a control packet waits for the guest.
+    pub fn has_control(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
     /// The next control packet for the guest, if any.
     pub fn next_control(&mut self) -> Option<Header> {
         let mut h = self.pending.pop_front()?;
