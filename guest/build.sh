@@ -3,6 +3,7 @@
 #   vmlinux         an ELF Linux 6.1 kernel (booted directly: no decompressor)
 #   initramfs.cpio  an uncompressed busybox initramfs whose /init prints
 #                   "HOSTVISOR-GUEST-READY cpus=N" (see guest/init)
+#                   and runs hostvisor-agent when the VM has a vsock device
 #   rootfs.img      the same busybox tree as an ext4 image, to boot from a
 #                   disk: hostvisor run --disk path=COPY --append root=/dev/vda
 #
@@ -74,9 +75,20 @@ else
   log "kernel built: $out/vmlinux"
 fi
 
+# ---- guest agent ----------------------------------------------------------
+# hostvisor-agent (crates/agent), linked statically: the guest has no libc.
+# cargo rebuilds it only when its sources change.
+repo=$(cd "$here/.." && pwd)
+agent_target=x86_64-unknown-linux-gnu
+agent_bin=$repo/target/guest-agent/$agent_target/guest/hostvisor-agent
+log "building the guest agent"
+(cd "$repo" && RUSTFLAGS="-C target-feature=+crt-static" cargo build --quiet \
+  --profile guest -p agent --bin hostvisor-agent --target "$agent_target" \
+  --target-dir "$repo/target/guest-agent")
+
 # ---- initramfs and root filesystem ---------------------------------------
 busybox_version=$(dpkg-query -W -f '${Version}' busybox-static 2>/dev/null || /bin/busybox | head -1)
-tree_hash=$(cat "$here/init" "$here/build.sh" <(echo "$busybox_version") | sha256sum | cut -c1-16)
+tree_hash=$(cat "$here/init" "$here/build.sh" "$agent_bin" <(echo "$busybox_version") | sha256sum | cut -c1-16)
 
 # The guest's files: busybox, /init and a few files in /etc.
 make_tree() {
@@ -88,6 +100,7 @@ make_tree() {
   # symlinks costs ~4 s of boot. `busybox --install -s` adds them if wanted.
   ln -s busybox "$root/bin/sh"
   install -m 0755 "$here/init" "$root/init"
+  install -m 0755 "$agent_bin" "$root/bin/hostvisor-agent"
   ln -s /init "$root/sbin/init"
   echo "root:x:0:0:root:/root:/bin/sh" > "$root/etc/passwd"
   echo "root:x:0:" > "$root/etc/group"

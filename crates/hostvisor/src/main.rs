@@ -1,6 +1,7 @@
 //! `hostvisor`: run virtual machines on KVM.
 
 mod disk;
+mod guest;
 mod manage;
 mod store;
 mod vmproc;
@@ -82,6 +83,53 @@ enum Command {
     },
     /// Delete a stopped VM and every file in its directory.
     Delete { name: String },
+    /// Run a command in a running VM through its guest agent.
+    ///
+    /// Exit status: the command's; 128+N if a signal N ended it; 124 it
+    /// timed out; 125 hostvisor or the agent failed; 127 it could not be
+    /// started.
+    Exec {
+        name: String,
+        /// Kill the command after this many seconds.
+        #[arg(long, value_name = "SECS")]
+        timeout: Option<u64>,
+        /// Send this terminal's standard input to the command.
+        #[arg(short, long)]
+        interactive: bool,
+        /// An environment variable for the command (repeatable).
+        #[arg(short, long = "env", value_name = "KEY=VALUE")]
+        env: Vec<String>,
+        /// The command's working directory in the guest.
+        #[arg(short, long, value_name = "DIR")]
+        workdir: Option<String>,
+        /// Seconds to wait for the agent (a VM just started is still
+        /// booting).
+        #[arg(long, value_name = "SECS", default_value_t = 120)]
+        wait: u64,
+        /// The command and its arguments (after --).
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        command: Vec<String>,
+    },
+    /// Copy a file into or out of a running VM: `cp FILE NAME:PATH` or
+    /// `cp NAME:PATH FILE`. A PATH ending in / or a local directory
+    /// keeps the file's name; the mode is kept.
+    Cp {
+        src: String,
+        dst: String,
+        /// Seconds to wait for the agent.
+        #[arg(long, value_name = "SECS", default_value_t = 120)]
+        wait: u64,
+    },
+    /// What the guest agent reports: OS, kernel, addresses, uptime,
+    /// memory, clock.
+    GuestInfo {
+        name: String,
+        #[arg(long)]
+        json: bool,
+        /// Seconds to wait for the agent.
+        #[arg(long, value_name = "SECS", default_value_t = 120)]
+        wait: u64,
+    },
     /// The process behind a started VM (used by `start`).
     #[command(hide = true)]
     VmProcess { name: String },
@@ -126,6 +174,33 @@ struct RunArgs {
     /// CPU features to hide from the guest, comma-separated (e.g. cx16,xsave).
     #[arg(long, value_name = "LIST", value_delimiter = ',')]
     hide_cpu_features: Vec<String>,
+    /// A virtio-vsock device (the guest agent's channel):
+    /// cid=N[,socket=PATH], auto or none. Managed VMs get one by default,
+    /// with a CID no other managed VM has; `run` only when asked.
+    #[arg(long, value_name = "OPTIONS")]
+    vsock: Option<VsockArg>,
+}
+
+/// `--vsock`: none, auto (a free CID) or a device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum VsockArg {
+    None,
+    Auto,
+    Set(vmm::VsockConfig),
+}
+
+impl std::str::FromStr for VsockArg {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "none" | "off" => Ok(VsockArg::None),
+            "auto" | "on" => Ok(VsockArg::Auto),
+            _ => s
+                .parse()
+                .map(VsockArg::Set)
+                .map_err(|e| format!("{e} (or use auto or none)")),
+        }
+    }
 }
 
 pub(crate) fn parse_memory(s: &str) -> Result<MemorySize, String> {
@@ -215,6 +290,15 @@ fn vm_config(args: RunArgs) -> Result<VmConfig, CliError> {
         disks: args.disk,
         rng: args.rng,
         hide_cpu_features: args.hide_cpu_features,
+        vsock: match args.vsock {
+            None | Some(VsockArg::None) => None,
+            // A VM of its own: the first guest CID will do.
+            Some(VsockArg::Auto) => Some(vmm::VsockConfig {
+                cid: 3,
+                socket: None,
+            }),
+            Some(VsockArg::Set(v)) => Some(v),
+        },
     })
 }
 
@@ -285,7 +369,8 @@ fn main() -> ExitCode {
         Command::Run(args) => run(args),
         Command::Disk { command } => exit_with(disk::run(command)),
         Command::Create { name, run } => {
-            exit_with(vm_config(run).and_then(|c| manage::create(&name, c)))
+            let vsock = run.vsock.clone();
+            exit_with(vm_config(run).and_then(|c| manage::create(&name, c, vsock)))
         }
         Command::List { json } => exit_with(manage::list(json)),
         Command::Show { name, json } => exit_with(manage::show(&name, json)),
@@ -298,6 +383,25 @@ fn main() -> ExitCode {
         Command::Edit { name, changes } => exit_with(manage::edit(&name, changes)),
         Command::Logs { name, follow } => exit_with(manage::logs(&name, follow)),
         Command::Delete { name } => exit_with(manage::delete(&name)),
+        Command::Exec {
+            name,
+            timeout,
+            interactive,
+            env,
+            workdir,
+            wait,
+            command,
+        } => std::process::exit(guest::exec(guest::ExecArgs {
+            name,
+            command,
+            env,
+            workdir,
+            timeout,
+            interactive,
+            wait,
+        })),
+        Command::Cp { src, dst, wait } => exit_with(guest::cp(&src, &dst, wait)),
+        Command::GuestInfo { name, json, wait } => exit_with(guest::guest_info(&name, json, wait)),
         Command::VmProcess { name } => exit_with(vmproc::run(&name).map_err(CliError::Failure)),
     };
     let code = match result {

@@ -45,6 +45,9 @@ pub struct EditArgs {
     pub no_disks: bool,
     #[arg(long, value_name = "on|off", value_parser = parse_on_off)]
     pub rng: Option<bool>,
+    /// cid=N[,socket=PATH], auto (a free CID) or none.
+    #[arg(long, value_name = "OPTIONS")]
+    pub vsock: Option<crate::VsockArg>,
 }
 
 fn parse_on_off(s: &str) -> Result<bool, String> {
@@ -81,7 +84,18 @@ fn running(vm: &VmDir) -> Result<bool, CliError> {
     ))
 }
 
-pub fn create(name: &str, config: vmm::VmConfig) -> Result<i32, CliError> {
+pub fn create(
+    name: &str,
+    mut config: vmm::VmConfig,
+    vsock: Option<crate::VsockArg>,
+) -> Result<i32, CliError> {
+    // A managed VM gets the agent's channel unless told otherwise.
+    if matches!(vsock, None | Some(crate::VsockArg::Auto)) {
+        config.vsock = Some(vmm::VsockConfig {
+            cid: crate::store::free_cid().map_err(fail)?,
+            socket: None,
+        });
+    }
     let vm = VmDir::create(name, &config).map_err(fail)?;
     println!("created {} ({})", vm.name, vm.dir.display());
     Ok(0)
@@ -152,6 +166,9 @@ pub fn show(name: &str, json: bool) -> Result<i32, CliError> {
         );
         if let Some(pid) = out["pid"].as_i64() {
             println!("pid: {pid}");
+        }
+        if let (Some(v), Some(socket)) = (&config.vsock, vm.vsock_socket(&config)) {
+            println!("vsock: cid {} (socket {})", v.cid, socket.display());
         }
         print!("{}", toml::to_string(&config).unwrap_or_default());
         if let Some(s) = &status {
@@ -326,6 +343,18 @@ pub fn edit(name: &str, args: EditArgs) -> Result<i32, CliError> {
     }
     if let Some(v) = args.rng {
         c.rng = v;
+    }
+    match args.vsock {
+        None => {}
+        Some(crate::VsockArg::None) => c.vsock = None,
+        Some(crate::VsockArg::Auto) if c.vsock.is_none() => {
+            c.vsock = Some(vmm::VsockConfig {
+                cid: crate::store::free_cid().map_err(fail)?,
+                socket: None,
+            });
+        }
+        Some(crate::VsockArg::Auto) => {}
+        Some(crate::VsockArg::Set(v)) => c.vsock = Some(v),
     }
     vm.write_config(&c).map_err(fail)?;
     println!("edited {name}");

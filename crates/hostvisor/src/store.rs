@@ -100,6 +100,15 @@ pub fn check_name(name: &str) -> Result<(), StoreError> {
     }
 }
 
+/// The lowest guest CID (3 or above) no managed VM uses.
+pub fn free_cid() -> Result<u32, StoreError> {
+    let used: std::collections::HashSet<u32> = VmDir::all()?
+        .iter()
+        .filter_map(|vm| vm.config().ok()?.vsock.map(|v| v.cid))
+        .collect();
+    Ok((3..).find(|c| !used.contains(c)).unwrap_or(3))
+}
+
 /// One VM's directory.
 #[derive(Debug, Clone)]
 pub struct VmDir {
@@ -181,6 +190,12 @@ impl VmDir {
     }
     pub fn socket(&self) -> PathBuf {
         self.path("api.sock")
+    }
+    /// Where the VM's vsock device listens (host programs reach guest
+    /// ports through it): the configured socket, or `vsock.sock` here.
+    pub fn vsock_socket(&self, config: &VmConfig) -> Option<PathBuf> {
+        let v = config.vsock.as_ref()?;
+        Some(v.socket.clone().unwrap_or_else(|| self.path("vsock.sock")))
     }
     pub fn pidfile(&self) -> PathBuf {
         self.path("pid")

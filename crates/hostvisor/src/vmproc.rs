@@ -20,6 +20,10 @@ struct VmBackend {
     console: std::path::PathBuf,
     /// Set when the VMM has returned: console streams end.
     ended: Arc<AtomicBool>,
+    /// The guest agent, when the VM has a vsock device.
+    agent: Option<agent::client::Client>,
+    /// Tells the clock keeper to check the guest's clock now.
+    resync: std::sync::mpsc::Sender<()>,
 }
 
 impl VmBackend {
@@ -38,6 +42,81 @@ impl VmBackend {
     }
 }
 
+/// Carries out a stop request.
+struct Stopper {
+    control: VmControl,
+    ended: Arc<AtomicBool>,
+    agent: Option<agent::client::Client>,
+}
+
+impl Stopper {
+    fn stop(self, timeout: Duration) {
+        // A paused guest cannot power off: resume it first.
+        let _ = self.control.request(ControlRequest::Resume);
+        if !self.ask_agent_to_power_off(timeout) {
+            let _ = self.control.request(ControlRequest::Kill);
+        }
+    }
+
+    /// Asks the guest agent to power the guest off and waits up to
+    /// `timeout` for the VM to end; false when there is no agent, it does
+    /// not answer, or the guest does not go down in time.
+    fn ask_agent_to_power_off(&self, timeout: Duration) -> bool {
+        let Some(agent) = &self.agent else {
+            tracing::info!("stop: no vsock device, so no agent to ask; ending the VM");
+            return false;
+        };
+        if let Err(e) = agent.shutdown(false) {
+            tracing::info!("stop: {e}; ending the VM");
+            return false;
+        }
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.ended.load(Ordering::Acquire) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        tracing::info!("stop: the guest did not power off within {timeout:?}; ending the VM");
+        false
+    }
+}
+
+/// How often the guest's clock is compared with the host's (as VirtualBox's
+/// time sync does).
+const CLOCK_CHECK: Duration = Duration::from_secs(10);
+/// Drift beyond this is corrected.
+const CLOCK_TOLERANCE: Duration = Duration::from_secs(1);
+
+/// Keeps the guest's clock on the host's through the agent: once the
+/// agent first answers, every [`CLOCK_CHECK`], and when asked (after a
+/// resume). Ends with the VM.
+fn keep_clock(
+    agent: agent::client::Client,
+    resync: std::sync::mpsc::Receiver<()>,
+    ended: Arc<AtomicBool>,
+) {
+    use std::sync::mpsc::RecvTimeoutError;
+    // Until the agent is up, look every 2 s.
+    let mut wait = Duration::from_secs(2);
+    while !ended.load(Ordering::Acquire) {
+        match agent.sync_time(CLOCK_TOLERANCE) {
+            Ok(drift) => {
+                if drift.abs() > CLOCK_TOLERANCE.as_secs_f64() {
+                    tracing::info!("guest clock was {drift:+.3} s off the host's; set");
+                }
+                wait = CLOCK_CHECK;
+            }
+            Err(agent::client::AgentError::Unreachable(_)) => {}
+            Err(e) => tracing::debug!("clock check: {e}"),
+        }
+        match resync.recv_timeout(wait) {
+            Ok(()) | Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => return,
+        }
+    }
+}
+
 impl Backend for VmBackend {
     fn act(&self, action: Action) -> Result<serde_json::Value, ApiError> {
         let request = match action {
@@ -46,20 +125,23 @@ impl Backend for VmBackend {
             Action::Resume => ControlRequest::Resume,
             Action::Kill => ControlRequest::Kill,
             Action::Stop { timeout } => {
-                // No channel to ask the guest to power off exists yet (no
-                // ACPI power button; the guest agent will provide one), so
-                // the VM is resumed if paused and ended now.
-                tracing::info!(
-                    "stop requested (timeout {timeout:?}): the guest cannot be asked to power off yet; ending the VM"
-                );
-                let _ = self.control.request(ControlRequest::Resume);
-                self.control
-                    .request(ControlRequest::Kill)
-                    .map_err(|e| self.error(e))?;
+                // Accepted now (202); the guest gets `timeout` to power off
+                // before the VM is ended.
+                let stopper = Stopper {
+                    control: self.control.clone(),
+                    ended: self.ended.clone(),
+                    agent: self.agent.clone(),
+                };
+                std::thread::spawn(move || stopper.stop(timeout));
                 return Ok(serde_json::Value::Null);
             }
         };
+        let resumed = matches!(request, ControlRequest::Resume);
         let status = self.control.request(request).map_err(|e| self.error(e))?;
+        if resumed {
+            // The guest's clock stood still while paused.
+            let _ = self.resync.send(());
+        }
         Ok(match status {
             Some(status) => serde_json::json!({
                 "name": self.name,
@@ -122,18 +204,31 @@ pub fn run(name: &str) -> Result<i32, String> {
         }
     };
     let mut config = vm.config().map_err(|e| e.to_string())?;
+    let vsock_socket = vm.vsock_socket(&config);
+    if let (Some(v), Some(socket)) = (config.vsock.as_mut(), &vsock_socket) {
+        v.socket = Some(socket.clone());
+    }
     vm.begin_run().map_err(|e| e.to_string())?;
     let console = vm.console_log();
     std::fs::write(&console, b"").map_err(|e| format!("{}: {e}", console.display()))?;
     config.serial = SerialConfig::File(console.clone());
     let control = VmControl::new();
     let ended = Arc::new(AtomicBool::new(false));
+    let agent =
+        vsock_socket.map(|s| agent::client::Client::new(agent::client::Transport::Muxer(s)));
+    let (resync, resync_rx) = std::sync::mpsc::channel();
+    if let Some(agent) = agent.clone() {
+        let ended = ended.clone();
+        std::thread::spawn(move || keep_clock(agent, resync_rx, ended));
+    }
     let backend = Arc::new(VmBackend {
         name: name.to_string(),
         config: serde_json::to_value(&config).unwrap_or_default(),
         control: control.clone(),
         console,
         ended: ended.clone(),
+        agent,
+        resync,
     });
     let server = api::serve(&vm.socket(), backend).map_err(|e| e.to_string())?;
     tracing::info!(vm = name, pid = std::process::id(), "VM process started");

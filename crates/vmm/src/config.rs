@@ -216,6 +216,78 @@ impl FromStr for DiskConfig {
     }
 }
 
+/// A virtio-vsock device: `cid=N[,socket=PATH]` on the command line.
+/// Host programs reach guest port P by connecting to `socket` and writing
+/// `CONNECT P\n`; guest connections to host port P go to `socket_P`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockConfig {
+    /// The guest's context ID (3 or above).
+    pub cid: u32,
+    /// The host-side socket; `None`: [`VsockConfig::default_socket`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket: Option<PathBuf>,
+}
+
+impl VsockConfig {
+    /// `$XDG_RUNTIME_DIR/hostvisor-vsock-CID.sock` (or under /tmp).
+    pub fn default_socket(cid: u32) -> PathBuf {
+        let dir = std::env::var_os("XDG_RUNTIME_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(std::env::temp_dir);
+        dir.join(format!("hostvisor-vsock-{cid}.sock"))
+    }
+
+    /// Where the host side listens.
+    pub fn socket_path(&self) -> PathBuf {
+        self.socket
+            .clone()
+            .unwrap_or_else(|| Self::default_socket(self.cid))
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum VsockConfigError {
+    #[error("a vsock device needs cid=N")]
+    NoCid,
+    #[error("cid must be a number from 3 to 4294967294, not `{0}`")]
+    BadCid(String),
+    #[error("unknown vsock option `{0}` (known: cid, socket)")]
+    UnknownKey(String),
+    #[error("`{0}` is not key=value")]
+    NotKeyValue(String),
+}
+
+impl FromStr for VsockConfig {
+    type Err = VsockConfigError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut cid = None;
+        let mut socket = None;
+        for part in s.split(',') {
+            let (key, value) = part
+                .split_once('=')
+                .ok_or_else(|| VsockConfigError::NotKeyValue(part.to_string()))?;
+            match key {
+                "cid" => {
+                    cid = Some(
+                        value
+                            .parse::<u32>()
+                            .ok()
+                            .filter(|c| (3..u32::MAX).contains(c))
+                            .ok_or_else(|| VsockConfigError::BadCid(value.to_string()))?,
+                    )
+                }
+                "socket" | "path" if !value.is_empty() => socket = Some(PathBuf::from(value)),
+                other => return Err(VsockConfigError::UnknownKey(other.to_string())),
+            }
+        }
+        Ok(VsockConfig {
+            cid: cid.ok_or(VsockConfigError::NoCid)?,
+            socket,
+        })
+    }
+}
+
 fn default_cpus() -> u32 {
     1
 }
@@ -259,6 +331,9 @@ pub struct VmConfig {
     /// CPU features hidden from the guest (see `arch::cpuid::FEATURES`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub hide_cpu_features: Vec<String>,
+    /// A virtio-vsock device (the guest agent's channel).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock: Option<VsockConfig>,
 }
 
 impl VmConfig {
@@ -277,6 +352,7 @@ impl VmConfig {
             disks: Vec::new(),
             rng: false,
             hide_cpu_features: Vec::new(),
+            vsock: None,
         }
     }
 }
@@ -284,6 +360,37 @@ impl VmConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn vsock_options_parse() {
+        assert_eq!(
+            "cid=3".parse(),
+            Ok(VsockConfig {
+                cid: 3,
+                socket: None
+            })
+        );
+        assert_eq!(
+            "cid=7,socket=/run/v.sock".parse(),
+            Ok(VsockConfig {
+                cid: 7,
+                socket: Some("/run/v.sock".into())
+            })
+        );
+        for (bad, err) in [
+            ("", VsockConfigError::NotKeyValue(String::new())),
+            ("socket=/x", VsockConfigError::NoCid),
+            ("cid=2", VsockConfigError::BadCid("2".into())),
+            (
+                "cid=4294967295",
+                VsockConfigError::BadCid("4294967295".into()),
+            ),
+            ("cid=x", VsockConfigError::BadCid("x".into())),
+            ("cid=3,port=1", VsockConfigError::UnknownKey("port".into())),
+        ] {
+            assert_eq!(bad.parse::<VsockConfig>(), Err(err), "{bad}");
+        }
+    }
 
     #[test]
     fn sizes_parse_and_print() {

@@ -18,7 +18,9 @@ use devices::PlatformRequest;
 use hypervisor::kvm::KvmHypervisor;
 use hypervisor::{HostProfile, Hypervisor};
 
-pub use config::{ConsoleDevice, DiskConfig, MemorySize, ResetAction, SerialConfig, VmConfig};
+pub use config::{
+    ConsoleDevice, DiskConfig, MemorySize, ResetAction, SerialConfig, VmConfig, VsockConfig,
+};
 pub use machine::{Machine, MachineSpec};
 
 /// Messages to the VMM's control loop.
@@ -113,6 +115,8 @@ pub enum VmmError {
     Bus(#[from] devices::BusError),
     #[error(transparent)]
     Disk(#[from] block::BlockError),
+    #[error("vsock device")]
+    Vsock(#[from] devices::virtio::vsock::VsockError),
     #[error("no interrupt line is left for another device")]
     TooManyDevices,
     #[error("virtio device: {0}")]
@@ -273,6 +277,11 @@ pub fn run_controlled(
         }
         if config.rng {
             machine.add_virtio_device(Box::new(devices::virtio::rng::Rng::new()))?;
+        }
+        if let Some(vsock) = &config.vsock {
+            let device =
+                devices::virtio::vsock::Vsock::new(u64::from(vsock.cid), &vsock.socket_path())?;
+            machine.add_virtio_device(Box::new(device))?;
         }
         if let Some(out) = virtio_out {
             machine.add_virtio_console(out)?;

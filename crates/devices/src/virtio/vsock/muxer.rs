@@ -410,7 +410,7 @@ impl Muxer {
             }
             used = true;
             match packet {
-                Ok(h) => self.from_guest(&h, &payload[..h.len as usize]),
+                Ok(h) => self.guest_packet(&h, &payload[..h.len as usize]),
                 Err(why) => {
                     tracing::debug!("vsock: dropped a guest packet: {why}");
                     self.stats.dropped_packets.fetch_add(1, Ordering::Relaxed);
@@ -434,7 +434,7 @@ impl Muxer {
         }
     }
 
-    fn from_guest(&mut self, h: &Header, payload: &[u8]) {
+    fn guest_packet(&mut self, h: &Header, payload: &[u8]) {
         let key = (h.dst_port, h.src_port);
         let Some(c) = self.conns.get_mut(&key) else {
             match h.op {

@@ -1,0 +1,383 @@
+//! The host side: reaches the agent through hostvisor's vsock socket
+//! (`CONNECT <port>` on the VM's Unix socket) or, for other VMMs' vhost
+//! vsock, through an `AF_VSOCK` socket to the guest's CID.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crate::{
+    recv, send, ExecRequest, ExitStatus, FrameError, FromAgent, GuestInfo, ToAgent, AGENT_PORT,
+    CHUNK, PROTOCOL_VERSION,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// Nothing answers on the agent's port (not started yet, or no agent).
+    #[error("the guest agent is not reachable: {0}")]
+    Unreachable(String),
+    #[error("the guest agent speaks protocol {agent}, this hostvisor speaks {host}")]
+    Version { agent: u32, host: u32 },
+    #[error("guest agent: {0}")]
+    Remote(String),
+    #[error("unexpected reply from the guest agent: {0}")]
+    Protocol(String),
+    #[error("{path}: {source}")]
+    File {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("connection to the guest agent: {0}")]
+    Frame(#[from] FrameError),
+}
+
+/// How to reach the guest's vsock.
+#[derive(Debug, Clone)]
+pub enum Transport {
+    /// hostvisor's vsock device: its host-side Unix socket.
+    Muxer(PathBuf),
+    /// A kernel (vhost) vsock device: the guest's CID.
+    Vsock(u32),
+}
+
+trait Duplex: Read + Write + Send {
+    fn clone_box(&self) -> std::io::Result<Box<dyn Duplex>>;
+}
+
+impl Duplex for UnixStream {
+    fn clone_box(&self) -> std::io::Result<Box<dyn Duplex>> {
+        Ok(Box::new(self.try_clone()?))
+    }
+}
+
+impl Duplex for vsock::VsockStream {
+    fn clone_box(&self) -> std::io::Result<Box<dyn Duplex>> {
+        Ok(Box::new(self.try_clone()?))
+    }
+}
+
+/// A client for one guest's agent. Each call is its own connection.
+#[derive(Debug, Clone)]
+pub struct Client {
+    transport: Transport,
+    port: u32,
+}
+
+fn expect_done(reply: FromAgent) -> Result<(), AgentError> {
+    match reply {
+        FromAgent::Done => Ok(()),
+        other => Err(unexpected(other)),
+    }
+}
+
+fn unexpected(reply: FromAgent) -> AgentError {
+    match reply {
+        FromAgent::Error(text) => AgentError::Remote(text),
+        other => AgentError::Protocol(format!("{other:?}").chars().take(80).collect()),
+    }
+}
+
+fn now_ns() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// Where a command's output goes.
+pub struct ExecIo<'a> {
+    pub stdin: Option<Box<dyn Read + Send>>,
+    pub stdout: &'a mut dyn Write,
+    pub stderr: &'a mut dyn Write,
+}
+
+impl Client {
+    pub fn new(transport: Transport) -> Self {
+        Client {
+            transport,
+            port: AGENT_PORT,
+        }
+    }
+
+    fn raw_connect(&self) -> Result<Box<dyn Duplex>, AgentError> {
+        let unreachable = |e: std::io::Error| AgentError::Unreachable(e.to_string());
+        match &self.transport {
+            Transport::Vsock(cid) => {
+                let s = vsock::VsockStream::connect_with_cid_port(*cid, self.port)
+                    .map_err(unreachable)?;
+                Ok(Box::new(s))
+            }
+            Transport::Muxer(path) => {
+                let mut s = UnixStream::connect(path)
+                    .map_err(|e| AgentError::Unreachable(format!("{}: {e}", path.display())))?;
+                s.set_read_timeout(Some(Duration::from_secs(10)))
+                    .map_err(unreachable)?;
+                s.write_all(format!("CONNECT {}\n", self.port).as_bytes())
+                    .map_err(unreachable)?;
+                let mut line = Vec::new();
+                let mut b = [0u8; 1];
+                loop {
+                    match s.read(&mut b) {
+                        Ok(1) if b[0] == b'\n' => break,
+                        Ok(1) if line.len() < 64 => line.push(b[0]),
+                        Ok(_) => {
+                            return Err(AgentError::Unreachable(
+                                "nothing listens on the agent's port".into(),
+                            ))
+                        }
+                        Err(e) => return Err(unreachable(e)),
+                    }
+                }
+                if !line.starts_with(b"OK ") {
+                    return Err(AgentError::Unreachable(
+                        String::from_utf8_lossy(&line).into_owned(),
+                    ));
+                }
+                s.set_read_timeout(None).map_err(unreachable)?;
+                Ok(Box::new(s))
+            }
+        }
+    }
+
+    /// Connects and says hello.
+    fn connect(&self) -> Result<Box<dyn Duplex>, AgentError> {
+        let mut s = self.raw_connect()?;
+        send(
+            &mut s,
+            &ToAgent::Hello {
+                protocol: PROTOCOL_VERSION,
+            },
+        )?;
+        match recv::<FromAgent>(&mut s) {
+            Ok(FromAgent::Hello { protocol, .. }) if protocol == PROTOCOL_VERSION => Ok(s),
+            Ok(FromAgent::Hello { protocol, .. }) => Err(AgentError::Version {
+                agent: protocol,
+                host: PROTOCOL_VERSION,
+            }),
+            Ok(other) => Err(unexpected(other)),
+            Err(FrameError::Closed) => Err(AgentError::Unreachable(
+                "the connection closed before the agent answered".into(),
+            )),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn request(&self, req: &ToAgent) -> Result<(Box<dyn Duplex>, FromAgent), AgentError> {
+        let mut s = self.connect()?;
+        send(&mut s, req)?;
+        let reply = recv(&mut s)?;
+        Ok((s, reply))
+    }
+
+    /// The agent's version and the guest's clock (ns since the epoch).
+    pub fn ping(&self) -> Result<(String, i64), AgentError> {
+        let mut s = self.raw_connect()?;
+        send(
+            &mut s,
+            &ToAgent::Hello {
+                protocol: PROTOCOL_VERSION,
+            },
+        )?;
+        let version = match recv::<FromAgent>(&mut s)? {
+            FromAgent::Hello { protocol, version } if protocol == PROTOCOL_VERSION => version,
+            FromAgent::Hello { protocol, .. } => {
+                return Err(AgentError::Version {
+                    agent: protocol,
+                    host: PROTOCOL_VERSION,
+                })
+            }
+            other => return Err(unexpected(other)),
+        };
+        send(&mut s, &ToAgent::Ping)?;
+        match recv(&mut s)? {
+            FromAgent::Pong { unix_ns } => Ok((version, unix_ns)),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Waits until the agent answers, up to `timeout`.
+    pub fn wait_ready(&self, timeout: Duration) -> Result<String, AgentError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.ping() {
+                Ok((version, _)) => return Ok(version),
+                Err(AgentError::Unreachable(why)) if Instant::now() < deadline => {
+                    let _ = why;
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Runs a command; its output goes to `io`, stdin comes from it.
+    pub fn exec(&self, req: &ExecRequest, io: ExecIo<'_>) -> Result<ExitStatus, AgentError> {
+        let req = ExecRequest {
+            stdin: io.stdin.is_some(),
+            ..req.clone()
+        };
+        let (mut s, reply) = self.request(&ToAgent::Exec(req))?;
+        match reply {
+            FromAgent::Started { .. } => {}
+            other => return Err(unexpected(other)),
+        }
+        if let Some(mut input) = io.stdin {
+            let mut w = s.clone_box().map_err(FrameError::Io)?;
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; CHUNK];
+                loop {
+                    match input.read(&mut buf) {
+                        Ok(0) | Err(_) => {
+                            let _ = send(&mut w, &ToAgent::StdinEof);
+                            return;
+                        }
+                        Ok(n) => {
+                            if send(&mut w, &ToAgent::Stdin(buf[..n].to_vec())).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            });
+        }
+        let file = |e| AgentError::File {
+            path: "output".into(),
+            source: e,
+        };
+        loop {
+            match recv(&mut s)? {
+                FromAgent::Stdout(d) => io.stdout.write_all(&d).and_then(|()| io.stdout.flush()),
+                FromAgent::Stderr(d) => io.stderr.write_all(&d).and_then(|()| io.stderr.flush()),
+                FromAgent::Exited(status) => return Ok(status),
+                other => return Err(unexpected(other)),
+            }
+            .map_err(file)?;
+        }
+    }
+
+    /// Copies the host file `local` to `remote` in the guest, with the
+    /// local file's permissions. Returns the bytes copied.
+    pub fn upload(&self, local: &Path, remote: &str) -> Result<u64, AgentError> {
+        let file_err = |source| AgentError::File {
+            path: local.to_path_buf(),
+            source,
+        };
+        let mut file = std::fs::File::open(local).map_err(file_err)?;
+        let meta = file.metadata().map_err(file_err)?;
+        if meta.is_dir() {
+            return Err(file_err(std::io::Error::other("is a directory")));
+        }
+        use std::os::unix::fs::MetadataExt;
+        let (mut s, reply) = self.request(&ToAgent::Upload {
+            path: remote.into(),
+            mode: meta.mode() & 0o7777,
+            size: meta.len(),
+        })?;
+        expect_done(reply)?;
+        let mut buf = vec![0u8; CHUNK];
+        let mut sent = 0u64;
+        while sent < meta.len() {
+            let want = (meta.len() - sent).min(CHUNK as u64) as usize;
+            let n = file.read(&mut buf[..want]).map_err(file_err)?;
+            if n == 0 {
+                break;
+            }
+            send(&mut s, &ToAgent::Data(buf[..n].to_vec()))?;
+            sent += n as u64;
+        }
+        send(&mut s, &ToAgent::End)?;
+        expect_done(recv(&mut s)?)?;
+        Ok(sent)
+    }
+
+    /// Copies the guest file `remote` to `local` (written beside it and
+    /// renamed into place), with the guest file's permissions.
+    pub fn download(&self, remote: &str, local: &Path) -> Result<u64, AgentError> {
+        let (mut s, reply) = self.request(&ToAgent::Download {
+            path: remote.into(),
+        })?;
+        let mode = match reply {
+            FromAgent::FileStart { mode, .. } => mode,
+            other => return Err(unexpected(other)),
+        };
+        let tmp = local.with_file_name(format!(
+            ".{}.hostvisor-{}",
+            local
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            std::process::id()
+        ));
+        let file_err = |source| AgentError::File {
+            path: local.to_path_buf(),
+            source,
+        };
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&tmp)
+            .map_err(file_err)?;
+        let result = (|| {
+            let mut got = 0u64;
+            loop {
+                match recv(&mut s)? {
+                    FromAgent::Data(d) => {
+                        file.write_all(&d).map_err(file_err)?;
+                        got += d.len() as u64;
+                    }
+                    FromAgent::End => break,
+                    other => return Err(unexpected(other)),
+                }
+            }
+            use std::os::unix::fs::PermissionsExt;
+            file.sync_all()
+                .and_then(|()| {
+                    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))
+                })
+                .and_then(|()| std::fs::rename(&tmp, local))
+                .map_err(file_err)?;
+            Ok(got)
+        })();
+        if result.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        result
+    }
+
+    /// Sets the guest's clock to `unix_ns`.
+    pub fn set_time(&self, unix_ns: i64) -> Result<(), AgentError> {
+        expect_done(self.request(&ToAgent::SetTime { unix_ns })?.1)
+    }
+
+    /// Reads the guest's clock and sets it to the host's when it is off by
+    /// more than `tolerance`. Returns the drift found (guest − host, in
+    /// seconds, corrected for half the round trip).
+    pub fn sync_time(&self, tolerance: Duration) -> Result<f64, AgentError> {
+        let before = now_ns();
+        let (_, guest) = self.ping()?;
+        let after = now_ns();
+        let host_mid = before + (after - before) / 2;
+        let drift = (guest - host_mid) as f64 / 1e9;
+        if drift.abs() > tolerance.as_secs_f64() {
+            self.set_time(now_ns())?;
+        }
+        Ok(drift)
+    }
+
+    /// Asks the guest to power off (or restart).
+    pub fn shutdown(&self, reboot: bool) -> Result<(), AgentError> {
+        expect_done(self.request(&ToAgent::Shutdown { reboot })?.1)
+    }
+
+    pub fn info(&self) -> Result<GuestInfo, AgentError> {
+        match self.request(&ToAgent::Info)?.1 {
+            FromAgent::Info(info) => Ok(info),
+            other => Err(unexpected(other)),
+        }
+    }
+}

@@ -1,0 +1,267 @@
+//! Client and agent together on the host: a Unix socket stands in for the
+//! vsock device's (answering `CONNECT` as the muxer does), and a recording
+//! `System` stands in for the guest's clock and power.
+#![allow(clippy::unwrap_used)]
+
+use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use agent::client::{AgentError, Client, ExecIo, Transport};
+use agent::server::{handle_connection, System};
+use agent::{recv, send, ExecRequest, FromAgent, ToAgent};
+
+#[derive(Default)]
+struct Recorder(Mutex<Vec<String>>);
+
+impl System for Recorder {
+    fn set_time(&self, unix_ns: i64) -> std::io::Result<()> {
+        self.0.lock().unwrap().push(format!("time {unix_ns}"));
+        Ok(())
+    }
+    fn shutdown(&self, reboot: bool) -> std::io::Result<()> {
+        self.0
+            .lock()
+            .unwrap()
+            .push(format!("shutdown reboot={reboot}"));
+        Ok(())
+    }
+}
+
+struct Fixture {
+    dir: PathBuf,
+    sock: PathBuf,
+    system: Arc<Recorder>,
+}
+
+impl Fixture {
+    fn new(name: &str) -> Fixture {
+        let dir = std::env::temp_dir().join(format!("hv-agent-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("v.sock");
+        let listener = UnixListener::bind(&sock).unwrap();
+        let system = Arc::new(Recorder::default());
+        let sys = system.clone();
+        std::thread::spawn(move || {
+            for s in listener.incoming() {
+                let mut s = s.unwrap();
+                let sys = sys.clone();
+                std::thread::spawn(move || {
+                    let mut line = Vec::new();
+                    let mut b = [0u8; 1];
+                    while s.read(&mut b).unwrap() == 1 && b[0] != b'\n' {
+                        line.push(b[0]);
+                    }
+                    assert_eq!(line, b"CONNECT 52");
+                    s.write_all(b"OK 1073741824\n").unwrap();
+                    let _ = handle_connection(s, &*sys);
+                });
+            }
+        });
+        Fixture { dir, sock, system }
+    }
+
+    fn client(&self) -> Client {
+        Client::new(Transport::Muxer(self.sock.clone()))
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn run(
+    c: &Client,
+    argv: &[&str],
+    stdin: Option<&'static [u8]>,
+) -> (agent::ExitStatus, Vec<u8>, Vec<u8>) {
+    let req = ExecRequest {
+        argv: argv.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    };
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let io = ExecIo {
+        stdin: stdin.map(|b| Box::new(b) as Box<dyn Read + Send>),
+        stdout: &mut out,
+        stderr: &mut err,
+    };
+    let status = c.exec(&req, io).unwrap();
+    (status, out, err)
+}
+
+#[test]
+fn exec_streams_output_and_reports_codes_and_signals() {
+    let fx = Fixture::new("exec");
+    let c = fx.client();
+    let (st, out, err) = run(&c, &["sh", "-c", "echo out; echo err >&2; exit 3"], None);
+    assert_eq!((st.code, st.signal, st.timed_out), (Some(3), None, false));
+    assert_eq!((&out[..], &err[..]), (&b"out\n"[..], &b"err\n"[..]));
+    let (st, _, _) = run(&c, &["sh", "-c", "kill -TERM $$"], None);
+    assert_eq!((st.code, st.signal), (None, Some(15)));
+    let (st, out, _) = run(&c, &["cat"], Some(b"piped through\n"));
+    assert_eq!((st.code, &out[..]), (Some(0), &b"piped through\n"[..]));
+    // Environment and working directory.
+    let req = ExecRequest {
+        argv: vec!["sh".into(), "-c".into(), "echo $GREETING; pwd".into()],
+        env: vec![("GREETING".into(), "hi".into())],
+        cwd: Some("/".into()),
+        ..Default::default()
+    };
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let io = ExecIo {
+        stdin: None,
+        stdout: &mut out,
+        stderr: &mut err,
+    };
+    c.exec(&req, io).unwrap();
+    assert_eq!(out, b"hi\n/\n");
+    // A timeout kills it.
+    let req = ExecRequest {
+        argv: vec!["sleep".into(), "30".into()],
+        timeout_ms: Some(200),
+        ..Default::default()
+    };
+    let io = ExecIo {
+        stdin: None,
+        stdout: &mut out,
+        stderr: &mut err,
+    };
+    let st = c.exec(&req, io).unwrap();
+    assert_eq!((st.signal, st.timed_out), (Some(9), true));
+    // A program that does not exist is an error, not a hang.
+    let req = ExecRequest {
+        argv: vec!["/no/such/program".into()],
+        ..Default::default()
+    };
+    let io = ExecIo {
+        stdin: None,
+        stdout: &mut out,
+        stderr: &mut err,
+    };
+    match c.exec(&req, io) {
+        Err(AgentError::Remote(text)) => assert!(text.contains("/no/such/program"), "{text}"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn files_round_trip_with_their_mode() {
+    let fx = Fixture::new("files");
+    let c = fx.client();
+    let src = fx.dir.join("src.bin");
+    let data: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
+    std::fs::write(&src, &data).unwrap();
+    std::fs::set_permissions(&src, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let remote = fx.dir.join("remote.bin");
+    assert_eq!(
+        c.upload(&src, remote.to_str().unwrap()).unwrap(),
+        data.len() as u64
+    );
+    assert_eq!(std::fs::read(&remote).unwrap(), data);
+    assert_eq!(
+        std::fs::metadata(&remote).unwrap().permissions().mode() & 0o777,
+        0o640
+    );
+    let back = fx.dir.join("back.bin");
+    c.download(remote.to_str().unwrap(), &back).unwrap();
+    assert_eq!(std::fs::read(&back).unwrap(), data);
+    assert_eq!(
+        std::fs::metadata(&back).unwrap().permissions().mode() & 0o777,
+        0o640
+    );
+    // Failures name the file and leave nothing behind.
+    match c.upload(&src, "/no/such/dir/x") {
+        Err(AgentError::Remote(t)) => assert!(t.contains("/no/such/dir/x"), "{t}"),
+        other => panic!("{other:?}"),
+    }
+    match c.download("/no/such/file", &fx.dir.join("y")) {
+        Err(AgentError::Remote(t)) => assert!(t.contains("/no/such/file"), "{t}"),
+        other => panic!("{other:?}"),
+    }
+    let mut names: Vec<_> = std::fs::read_dir(&fx.dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["back.bin", "remote.bin", "src.bin", "v.sock"]);
+}
+
+#[test]
+fn ping_info_time_and_shutdown() {
+    let fx = Fixture::new("misc");
+    let c = fx.client();
+    let (version, guest_ns) = c.ping().unwrap();
+    assert_eq!(version, agent::VERSION);
+    assert!(guest_ns > 1_600_000_000_000_000_000);
+    let info = c.info().unwrap();
+    assert!(!info.kernel_release.is_empty());
+    assert!(info.mem_total_kib > 0);
+    assert!(info
+        .addresses
+        .iter()
+        .any(|a| a.address == "127.0.0.1" && a.prefix == 8));
+    // In sync: nothing is set. One hour off: it is.
+    let drift = c.sync_time(std::time::Duration::from_secs(1)).unwrap();
+    assert!(drift.abs() < 1.0);
+    assert!(fx.system.0.lock().unwrap().is_empty());
+    c.set_time(42).unwrap();
+    c.shutdown(false).unwrap();
+    c.shutdown(true).unwrap();
+    assert_eq!(
+        *fx.system.0.lock().unwrap(),
+        ["time 42", "shutdown reboot=false", "shutdown reboot=true"]
+    );
+}
+
+#[test]
+fn protocol_violations_get_errors_not_crashes() {
+    let fx = Fixture::new("hostile");
+    let connect = || {
+        let mut s = UnixStream::connect(&fx.sock).unwrap();
+        s.write_all(b"CONNECT 52\n").unwrap();
+        let mut ok = [0u8; 14];
+        s.read_exact(&mut ok).unwrap();
+        s
+    };
+    let mut s = connect();
+    send(&mut s, &ToAgent::Hello { protocol: 99 }).unwrap();
+    match recv::<FromAgent>(&mut s).unwrap() {
+        FromAgent::Error(t) => assert!(t.contains("99"), "{t}"),
+        other => panic!("{other:?}"),
+    }
+    let mut s = connect();
+    send(&mut s, &ToAgent::Ping).unwrap();
+    assert!(matches!(
+        recv::<FromAgent>(&mut s).unwrap(),
+        FromAgent::Error(_)
+    ));
+    let mut s = connect();
+    send(
+        &mut s,
+        &ToAgent::Hello {
+            protocol: agent::PROTOCOL_VERSION,
+        },
+    )
+    .unwrap();
+    let _ = recv::<FromAgent>(&mut s).unwrap();
+    send(&mut s, &ToAgent::End).unwrap();
+    assert!(matches!(
+        recv::<FromAgent>(&mut s).unwrap(),
+        FromAgent::Error(_)
+    ));
+    // Garbage and a huge declared frame: the connection ends, the agent
+    // lives on.
+    let mut s = connect();
+    s.write_all(&[0xff; 64]).unwrap();
+    let mut rest = Vec::new();
+    let _ = s.read_to_end(&mut rest);
+    let mut s = connect();
+    s.write_all(&[1, 0, 0, 0, 250]).unwrap();
+    let _ = s.read_to_end(&mut rest);
+    assert!(fx.client().ping().is_ok());
+}
