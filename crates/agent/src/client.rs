@@ -44,17 +44,83 @@ pub enum Transport {
 
 trait Duplex: Read + Write + Send {
     fn clone_box(&self) -> std::io::Result<Box<dyn Duplex>>;
+    fn set_read_timeout(&self, timeout: Option<Duration>) -> std::io::Result<()>;
 }
 
 impl Duplex for UnixStream {
     fn clone_box(&self) -> std::io::Result<Box<dyn Duplex>> {
         Ok(Box::new(self.try_clone()?))
     }
+    fn set_read_timeout(&self, timeout: Option<Duration>) -> std::io::Result<()> {
+        UnixStream::set_read_timeout(self, timeout)
+    }
 }
 
 impl Duplex for vsock::VsockStream {
     fn clone_box(&self) -> std::io::Result<Box<dyn Duplex>> {
         Ok(Box::new(self.try_clone()?))
+    }
+    fn set_read_timeout(&self, timeout: Option<Duration>) -> std::io::Result<()> {
+        vsock::VsockStream::set_read_timeout(self, timeout)
+    }
+}
+
+/// How many times a file copy is tried.
+pub const COPY_ATTEMPTS: u32 = 3;
+
+/// A transfer that stalls this long has lost its way.
+const TRANSFER_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A finished copy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Copied {
+    pub bytes: u64,
+    /// More than 1 when a copy arrived damaged and was made again.
+    pub attempts: u32,
+}
+
+/// Whether a failed copy may succeed when made again: its data or its
+/// stream arrived damaged (never the case on sound hosts; seen on nested
+/// PVM hosts, see the agent's `keep_buffers_mapped`).
+fn damaged(e: &AgentError) -> bool {
+    match e {
+        AgentError::Remote(text) => text == crate::server::CORRUPTED,
+        AgentError::Protocol(_) => true,
+        AgentError::Frame(FrameError::Malformed(_) | FrameError::TooLarge(_)) => true,
+        AgentError::Frame(FrameError::Io(e)) => matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ),
+        _ => false,
+    }
+}
+
+fn retry(mut copy: impl FnMut() -> Result<u64, AgentError>) -> Result<Copied, AgentError> {
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        match copy() {
+            Ok(bytes) => return Ok(Copied { bytes, attempts }),
+            Err(e) if attempts < COPY_ATTEMPTS && damaged(&e) => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn local_sha256(path: &Path) -> Result<[u8; 32], AgentError> {
+    use sha2::Digest;
+    let file_err = |source| AgentError::File {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut file = std::fs::File::open(path).map_err(file_err)?;
+    let mut hasher = sha2::Sha256::new();
+    let mut buf = vec![0u8; CHUNK];
+    loop {
+        match file.read(&mut buf).map_err(file_err)? {
+            0 => return Ok(hasher.finalize().into()),
+            n => hasher.update(&buf[..n]),
+        }
     }
 }
 
@@ -258,8 +324,15 @@ impl Client {
     }
 
     /// Copies the host file `local` to `remote` in the guest, with the
-    /// local file's permissions. Returns the bytes copied.
-    pub fn upload(&self, local: &Path, remote: &str) -> Result<u64, AgentError> {
+    /// local file's permissions. A copy whose SHA-256 does not match at the
+    /// other end (or whose stream breaks) is made again, up to
+    /// [`COPY_ATTEMPTS`] times.
+    pub fn upload(&self, local: &Path, remote: &str) -> Result<Copied, AgentError> {
+        let sha256 = local_sha256(local)?;
+        retry(|| self.upload_once(local, remote, sha256))
+    }
+
+    fn upload_once(&self, local: &Path, remote: &str, sha256: [u8; 32]) -> Result<u64, AgentError> {
         let file_err = |source| AgentError::File {
             path: local.to_path_buf(),
             source,
@@ -274,8 +347,11 @@ impl Client {
             path: remote.into(),
             mode: meta.mode() & 0o7777,
             size: meta.len(),
+            sha256,
         })?;
         expect_done(reply)?;
+        s.set_read_timeout(Some(TRANSFER_TIMEOUT))
+            .map_err(FrameError::Io)?;
         let mut buf = vec![0u8; CHUNK];
         let mut sent = 0u64;
         while sent < meta.len() {
@@ -293,8 +369,14 @@ impl Client {
     }
 
     /// Copies the guest file `remote` to `local` (written beside it and
-    /// renamed into place), with the guest file's permissions.
-    pub fn download(&self, remote: &str, local: &Path) -> Result<u64, AgentError> {
+    /// renamed into place once its SHA-256 matches the agent's), with the
+    /// guest file's permissions; retried as [`upload`](Self::upload).
+    pub fn download(&self, remote: &str, local: &Path) -> Result<Copied, AgentError> {
+        retry(|| self.download_once(remote, local))
+    }
+
+    fn download_once(&self, remote: &str, local: &Path) -> Result<u64, AgentError> {
+        use sha2::Digest;
         let (mut s, reply) = self.request(&ToAgent::Download {
             path: remote.into(),
         })?;
@@ -302,6 +384,8 @@ impl Client {
             FromAgent::FileStart { mode, .. } => mode,
             other => return Err(unexpected(other)),
         };
+        s.set_read_timeout(Some(TRANSFER_TIMEOUT))
+            .map_err(FrameError::Io)?;
         let tmp = local.with_file_name(format!(
             ".{}.hostvisor-{}",
             local
@@ -324,13 +408,20 @@ impl Client {
             .map_err(file_err)?;
         let result = (|| {
             let mut got = 0u64;
+            let mut hasher = sha2::Sha256::new();
             loop {
                 match recv(&mut s)? {
                     FromAgent::Data(d) => {
+                        hasher.update(&d);
                         file.write_all(&d).map_err(file_err)?;
                         got += d.len() as u64;
                     }
-                    FromAgent::End => break,
+                    FromAgent::FileEnd { sha256 } => {
+                        if <[u8; 32]>::from(hasher.finalize()) != sha256 {
+                            return Err(AgentError::Remote(crate::server::CORRUPTED.into()));
+                        }
+                        break;
+                    }
                     other => return Err(unexpected(other)),
                 }
             }

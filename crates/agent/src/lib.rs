@@ -13,8 +13,8 @@
 //! |---|---|
 //! | `Ping` | `Pong` (guest time) |
 //! | `Exec` | `Started`, then `Stdout`/`Stderr` chunks while the host sends `Stdin`/`StdinEof`, then `Exited` |
-//! | `Upload` | `Done` (file opened), host sends `Data`… `End`, `Done` (file in place) |
-//! | `Download` | `FileStart`, `Data`…, `End` |
+//! | `Upload` | `Done` (file opened), host sends `Data`… `End`, `Done` (file checked against the request's SHA-256 and in place) |
+//! | `Download` | `FileStart`, `Data`…, `FileEnd` (SHA-256 of the file) |
 //! | `SetTime` | `Done` |
 //! | `Shutdown` | `Done`, then the guest goes down |
 //! | `Info` | `Info` |
@@ -54,10 +54,13 @@ pub enum ToAgent {
     Stdin(#[serde(with = "serde_bytes")] Vec<u8>),
     StdinEof,
     /// Write the file `path` (replaced whole, atomically) with `mode`.
+    /// The agent checks what it wrote against `sha256` before putting the
+    /// file in place.
     Upload {
         path: String,
         mode: u32,
         size: u64,
+        sha256: [u8; 32],
     },
     Download {
         path: String,
@@ -100,15 +103,28 @@ pub struct ExitStatus {
 /// What the agent sends.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum FromAgent {
-    Hello { protocol: u32, version: String },
-    Pong { unix_ns: i64 },
-    Started { pid: u32 },
+    Hello {
+        protocol: u32,
+        version: String,
+    },
+    Pong {
+        unix_ns: i64,
+    },
+    Started {
+        pid: u32,
+    },
     Stdout(#[serde(with = "serde_bytes")] Vec<u8>),
     Stderr(#[serde(with = "serde_bytes")] Vec<u8>),
     Exited(ExitStatus),
-    FileStart { mode: u32, size: u64 },
+    FileStart {
+        mode: u32,
+        size: u64,
+    },
     Data(#[serde(with = "serde_bytes")] Vec<u8>),
-    End,
+    /// The end of a download, with the SHA-256 of the file as read.
+    FileEnd {
+        sha256: [u8; 32],
+    },
     Done,
     Info(GuestInfo),
     Error(String),
@@ -157,19 +173,26 @@ fn options() -> impl bincode::Options {
     bincode::DefaultOptions::new().with_limit(u64::from(MAX_FRAME))
 }
 
-/// Encodes one message as a frame.
-pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, FrameError> {
+/// Encodes one message as a frame into `frame` (replacing its contents).
+fn encode_into<T: Serialize>(frame: &mut Vec<u8>, msg: &T) -> Result<(), FrameError> {
     use bincode::Options;
-    let body = options()
-        .serialize(msg)
+    frame.clear();
+    frame.extend_from_slice(&[0; 4]);
+    options()
+        .serialize_into(&mut *frame, msg)
         .map_err(|e| FrameError::Malformed(e.to_string()))?;
-    let len = u32::try_from(body.len())
+    let len = u32::try_from(frame.len() - 4)
         .ok()
         .filter(|&l| l <= MAX_FRAME)
         .ok_or(FrameError::TooLarge(u32::MAX))?;
-    let mut frame = Vec::with_capacity(4 + body.len());
-    frame.extend_from_slice(&len.to_le_bytes());
-    frame.extend_from_slice(&body);
+    frame[..4].copy_from_slice(&len.to_le_bytes());
+    Ok(())
+}
+
+/// Encodes one message as a frame.
+pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, FrameError> {
+    let mut frame = Vec::new();
+    encode_into(&mut frame, msg)?;
     Ok(frame)
 }
 
@@ -182,10 +205,22 @@ pub fn decode<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, FrameError> {
         .map_err(|e| FrameError::Malformed(e.to_string()))
 }
 
+thread_local! {
+    /// Each thread's frame buffer, reused for every frame it sends or
+    /// receives. Besides saving allocations, this keeps the agent's big
+    /// buffers on pages that stay mapped: see the agent's
+    /// `keep_buffers_mapped` for what fresh mappings cost on nested hosts.
+    static FRAME: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// Writes one message.
 pub fn send<T: Serialize>(w: &mut impl Write, msg: &T) -> Result<(), FrameError> {
-    w.write_all(&encode(msg)?)?;
-    Ok(())
+    FRAME.with(|frame| {
+        let mut frame = frame.borrow_mut();
+        encode_into(&mut frame, msg)?;
+        w.write_all(&frame)?;
+        Ok(())
+    })
 }
 
 /// Reads one message.
@@ -200,9 +235,12 @@ pub fn recv<T: for<'a> Deserialize<'a>>(r: &mut impl Read) -> Result<T, FrameErr
     if len > MAX_FRAME {
         return Err(FrameError::TooLarge(len));
     }
-    let mut body = vec![0u8; len as usize];
-    r.read_exact(&mut body)?;
-    decode(&body)
+    FRAME.with(|frame| {
+        let mut body = frame.borrow_mut();
+        body.resize(len as usize, 0);
+        r.read_exact(&mut body)?;
+        decode(&body)
+    })
 }
 
 #[cfg(test)]

@@ -111,7 +111,12 @@ pub fn handle_connection<S: Stream>(mut s: S, system: &dyn System) -> Result<(),
     match recv::<ToAgent>(&mut s)? {
         ToAgent::Ping => send(&mut s, &FromAgent::Pong { unix_ns: now_ns() }),
         ToAgent::Exec(req) => exec(s, req),
-        ToAgent::Upload { path, mode, size } => upload(&mut s, Path::new(&path), mode, size),
+        ToAgent::Upload {
+            path,
+            mode,
+            size,
+            sha256,
+        } => upload(&mut s, Path::new(&path), mode, size, &sha256),
         ToAgent::Download { path } => download(&mut s, Path::new(&path)),
         ToAgent::SetTime { unix_ns } => match system.set_time(unix_ns) {
             Ok(()) => send(&mut s, &FromAgent::Done),
@@ -286,7 +291,13 @@ fn exec<S: Stream>(s: S, req: ExecRequest) -> Result<(), FrameError> {
 
 /// Receives a file into a temporary name beside `path` and renames it
 /// into place, so a failed copy leaves the old file (or none).
-fn upload<S: Stream>(s: &mut S, path: &Path, mode: u32, size: u64) -> Result<(), FrameError> {
+fn upload<S: Stream>(
+    s: &mut S,
+    path: &Path,
+    mode: u32,
+    size: u64,
+    sha256: &[u8; 32],
+) -> Result<(), FrameError> {
     let Some(name) = path.file_name() else {
         return error(s, format!("{}: not a file name", path.display()));
     };
@@ -334,8 +345,17 @@ fn upload<S: Stream>(s: &mut S, path: &Path, mode: u32, size: u64) -> Result<(),
         if got != size {
             return Ok(Err(format!("{got} bytes arrived, {size} were announced")));
         }
-        let placed = file
-            .sync_all()
+        if let Err(e) = file.sync_all() {
+            return Ok(Err(format!("{}: {e}", path.display())));
+        }
+        // What reached the file, not what arrived: the check covers the
+        // whole way to the guest's disk.
+        match file_sha256(&tmp) {
+            Ok(digest) if digest == *sha256 => {}
+            Ok(_) => return Ok(Err(CORRUPTED.into())),
+            Err(e) => return Ok(Err(format!("{}: {e}", path.display()))),
+        }
+        let placed = Ok(())
             .and_then(|()| std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode)))
             .and_then(|()| std::fs::rename(&tmp, path));
         Ok(placed.map_err(|e| format!("{}: {e}", path.display())))
@@ -353,7 +373,27 @@ fn upload<S: Stream>(s: &mut S, path: &Path, mode: u32, size: u64) -> Result<(),
     }
 }
 
+/// The error text of a copy whose SHA-256 does not match; the client
+/// retries on it.
+pub const CORRUPTED: &str = "the file was corrupted on its way (SHA-256 mismatch)";
+
+fn file_sha256(path: &Path) -> std::io::Result<[u8; 32]> {
+    use sha2::Digest;
+    let mut file = File::open(path)?;
+    let mut hasher = sha2::Sha256::new();
+    let mut buf = vec![0u8; CHUNK];
+    loop {
+        match file.read(&mut buf) {
+            Ok(0) => return Ok(hasher.finalize().into()),
+            Ok(n) => hasher.update(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 fn download<S: Stream>(s: &mut S, path: &Path) -> Result<(), FrameError> {
+    use sha2::Digest;
     let mut file = match File::open(path) {
         Ok(f) => f,
         Err(e) => return error(s, format!("{}: {e}", path.display())),
@@ -370,10 +410,21 @@ fn download<S: Stream>(s: &mut S, path: &Path) -> Result<(), FrameError> {
         },
     )?;
     let mut buf = vec![0u8; CHUNK];
+    let mut hasher = sha2::Sha256::new();
     loop {
         match file.read(&mut buf) {
-            Ok(0) => return send(s, &FromAgent::End),
-            Ok(n) => send(s, &FromAgent::Data(buf[..n].to_vec()))?,
+            Ok(0) => {
+                return send(
+                    s,
+                    &FromAgent::FileEnd {
+                        sha256: hasher.finalize().into(),
+                    },
+                )
+            }
+            Ok(n) => {
+                hasher.update(&buf[..n]);
+                send(s, &FromAgent::Data(buf[..n].to_vec()))?
+            }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => return error(s, format!("{}: {e}", path.display())),
         }

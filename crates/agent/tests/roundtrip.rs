@@ -7,6 +7,7 @@ use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use agent::client::{AgentError, Client, ExecIo, Transport};
@@ -38,6 +39,13 @@ struct Fixture {
 
 impl Fixture {
     fn new(name: &str) -> Fixture {
+        Self::with_damage(name, 0)
+    }
+
+    /// As `new`, but the first `damaged` connections that carry more than
+    /// 200 kB towards the agent get one byte of it flipped on the way (a
+    /// host that corrupts data).
+    fn with_damage(name: &str, damaged: usize) -> Fixture {
         let dir = std::env::temp_dir().join(format!("hv-agent-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
@@ -45,10 +53,12 @@ impl Fixture {
         let listener = UnixListener::bind(&sock).unwrap();
         let system = Arc::new(Recorder::default());
         let sys = system.clone();
+        let damage = Arc::new(AtomicUsize::new(damaged));
         std::thread::spawn(move || {
             for s in listener.incoming() {
                 let mut s = s.unwrap();
                 let sys = sys.clone();
+                let damage = damage.clone();
                 std::thread::spawn(move || {
                     let mut line = Vec::new();
                     let mut b = [0u8; 1];
@@ -57,7 +67,41 @@ impl Fixture {
                     }
                     assert_eq!(line, b"CONNECT 52");
                     s.write_all(b"OK 1073741824\n").unwrap();
-                    let _ = handle_connection(s, &*sys);
+                    if damage.load(Ordering::SeqCst) == 0 {
+                        let _ = handle_connection(s, &*sys);
+                        return;
+                    }
+                    // A proxy that flips byte 200000 of what the host sends.
+                    let (agent_end, proxy_end) = UnixStream::pair().unwrap();
+                    let mut agent_out = proxy_end.try_clone().unwrap();
+                    let mut host_in = s.try_clone().unwrap();
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut agent_out, &mut host_in);
+                    });
+                    let (mut from_host, mut to_host) = (s, proxy_end);
+                    let damage = damage.clone();
+                    std::thread::spawn(move || {
+                        let mut seen = 0usize;
+                        let mut buf = vec![0u8; 65536];
+                        loop {
+                            let n = match from_host.read(&mut buf) {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => n,
+                            };
+                            if seen <= 200_000 && seen + n > 200_000 {
+                                let left = damage.load(Ordering::SeqCst);
+                                if left > 0 {
+                                    damage.store(left - 1, Ordering::SeqCst);
+                                    buf[200_000 - seen] ^= 0x40;
+                                }
+                            }
+                            seen += n;
+                            if to_host.write_all(&buf[..n]).is_err() {
+                                return;
+                            }
+                        }
+                    });
+                    let _ = handle_connection(agent_end, &*sys);
                 });
             }
         });
@@ -159,7 +203,7 @@ fn files_round_trip_with_their_mode() {
     std::fs::set_permissions(&src, std::fs::Permissions::from_mode(0o640)).unwrap();
     let remote = fx.dir.join("remote.bin");
     assert_eq!(
-        c.upload(&src, remote.to_str().unwrap()).unwrap(),
+        c.upload(&src, remote.to_str().unwrap()).unwrap().bytes,
         data.len() as u64
     );
     assert_eq!(std::fs::read(&remote).unwrap(), data);
@@ -189,6 +233,33 @@ fn files_round_trip_with_their_mode() {
         .collect();
     names.sort();
     assert_eq!(names, ["back.bin", "remote.bin", "src.bin", "v.sock"]);
+}
+
+#[test]
+fn damaged_copies_are_detected_and_made_again() {
+    let src_fx = Fixture::new("damage-src");
+    let data: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
+    let src = src_fx.dir.join("src.bin");
+    std::fs::write(&src, &data).unwrap();
+    // Once damaged: the agent notices, the client copies again.
+    let fx = Fixture::with_damage("damage1", 1);
+    let remote = fx.dir.join("remote.bin");
+    let copied = fx.client().upload(&src, remote.to_str().unwrap()).unwrap();
+    assert_eq!((copied.bytes, copied.attempts), (1_000_000, 2));
+    assert_eq!(std::fs::read(&remote).unwrap(), data);
+    // Damaged every time: an error naming the mismatch, and no file.
+    let fx = Fixture::with_damage("damage9", 9);
+    let remote = fx.dir.join("remote.bin");
+    match fx.client().upload(&src, remote.to_str().unwrap()) {
+        Err(AgentError::Remote(t)) => assert!(t.contains("SHA-256"), "{t}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(!remote.exists());
+    assert_eq!(
+        std::fs::read_dir(&fx.dir).unwrap().count(),
+        1,
+        "only the socket"
+    );
 }
 
 #[test]

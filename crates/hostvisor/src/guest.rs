@@ -136,8 +136,8 @@ pub fn cp(src: &str, dst: &str, wait: u64) -> Result<i32, CliError> {
                     .ok_or_else(|| CliError::Usage(format!("{src}: not a file")))?;
                 path.push_str(&file.to_string_lossy());
             }
-            let n = agent(name, wait)?.upload(local, &path).map_err(fail)?;
-            println!("copied {n} bytes to {name}:{path}");
+            let copied = agent(name, wait)?.upload(local, &path).map_err(fail)?;
+            report_copy(copied, &format!("{name}:{path}"));
             Ok(0)
         }
         (Some((name, path)), None) => {
@@ -148,8 +148,8 @@ pub fn cp(src: &str, dst: &str, wait: u64) -> Result<i32, CliError> {
                     .ok_or_else(|| CliError::Usage(format!("{src}: not a file")))?;
                 local.push(file);
             }
-            let n = agent(name, wait)?.download(path, &local).map_err(fail)?;
-            println!("copied {n} bytes to {}", local.display());
+            let copied = agent(name, wait)?.download(path, &local).map_err(fail)?;
+            report_copy(copied, &local.display().to_string());
             Ok(0)
         }
         (Some(_), Some(_)) => Err(CliError::Usage(
@@ -158,6 +158,16 @@ pub fn cp(src: &str, dst: &str, wait: u64) -> Result<i32, CliError> {
         (None, None) => Err(CliError::Usage(
             "one of SRC and DST must be NAME:PATH (a VM's file)".into(),
         )),
+    }
+}
+
+fn report_copy(c: agent::client::Copied, to: &str) {
+    println!("copied {} bytes to {to}", c.bytes);
+    if c.attempts > 1 {
+        eprintln!(
+            "hostvisor: warning: the copy arrived damaged {} time(s) (SHA-256 mismatch) and was made again; this host's virtualization is corrupting data",
+            c.attempts - 1
+        );
     }
 }
 
