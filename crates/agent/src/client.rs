@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::{
-    recv, send, ExecRequest, ExitStatus, FrameError, FromAgent, GuestInfo, ToAgent, AGENT_PORT,
-    CHUNK, PROTOCOL_VERSION,
+    encode, recv, send, ExecRequest, ExitStatus, FrameError, FromAgent, GuestInfo, ToAgent,
+    AGENT_PORT, CHUNK, PROTOCOL_VERSION,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -129,6 +129,9 @@ fn local_sha256(path: &Path) -> Result<[u8; 32], AgentError> {
 pub struct Client {
     transport: Transport,
     port: u32,
+    /// How long a request keeps trying to reach an agent that is not up
+    /// yet (a guest still booting).
+    patience: Duration,
 }
 
 fn expect_done(reply: FromAgent) -> Result<(), AgentError> {
@@ -164,7 +167,15 @@ impl Client {
         Client {
             transport,
             port: AGENT_PORT,
+            patience: Duration::ZERO,
         }
+    }
+
+    /// A client whose requests wait up to `patience` for the agent to
+    /// come up, instead of failing at once.
+    pub fn patient(mut self, patience: Duration) -> Self {
+        self.patience = patience;
+        self
     }
 
     fn raw_connect(&self) -> Result<Box<dyn Duplex>, AgentError> {
@@ -207,59 +218,60 @@ impl Client {
         }
     }
 
-    /// Connects and says hello.
-    fn connect(&self) -> Result<Box<dyn Duplex>, AgentError> {
-        let mut s = self.raw_connect()?;
-        send(
-            &mut s,
-            &ToAgent::Hello {
-                protocol: PROTOCOL_VERSION,
-            },
-        )?;
-        match recv::<FromAgent>(&mut s) {
-            Ok(FromAgent::Hello { protocol, .. }) if protocol == PROTOCOL_VERSION => Ok(s),
-            Ok(FromAgent::Hello { protocol, .. }) => Err(AgentError::Version {
-                agent: protocol,
-                host: PROTOCOL_VERSION,
-            }),
-            Ok(other) => Err(unexpected(other)),
-            Err(FrameError::Closed) => Err(AgentError::Unreachable(
-                "the connection closed before the agent answered".into(),
-            )),
-            Err(e) => Err(e.into()),
+    /// Connects to the agent's port, retrying while nothing answers there
+    /// for up to the client's patience.
+    fn reach(&self) -> Result<Box<dyn Duplex>, AgentError> {
+        let deadline = Instant::now() + self.patience;
+        loop {
+            match self.raw_connect() {
+                Err(AgentError::Unreachable(_)) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                other => return other,
+            }
         }
     }
 
-    fn request(&self, req: &ToAgent) -> Result<(Box<dyn Duplex>, FromAgent), AgentError> {
-        let mut s = self.connect()?;
-        send(&mut s, req)?;
-        let reply = recv(&mut s)?;
-        Ok((s, reply))
-    }
-
-    /// The agent's version and the guest's clock (ns since the epoch).
-    pub fn ping(&self) -> Result<(String, i64), AgentError> {
-        let mut s = self.raw_connect()?;
-        send(
-            &mut s,
-            &ToAgent::Hello {
-                protocol: PROTOCOL_VERSION,
-            },
-        )?;
-        let version = match recv::<FromAgent>(&mut s)? {
-            FromAgent::Hello { protocol, version } if protocol == PROTOCOL_VERSION => version,
-            FromAgent::Hello { protocol, .. } => {
+    /// Connects, says hello and makes `req` in one write (a round trip
+    /// less: on slow guests each costs tens of milliseconds); returns the
+    /// stream, the agent's version and its first reply.
+    fn open(&self, req: &ToAgent) -> Result<(Box<dyn Duplex>, String, FromAgent), AgentError> {
+        let mut s = self.reach()?;
+        let mut both = encode(&ToAgent::Hello {
+            protocol: PROTOCOL_VERSION,
+        })?;
+        both.extend_from_slice(&encode(req)?);
+        s.write_all(&both).map_err(FrameError::Io)?;
+        let version = match recv::<FromAgent>(&mut s) {
+            Ok(FromAgent::Hello { protocol, version }) if protocol == PROTOCOL_VERSION => version,
+            Ok(FromAgent::Hello { protocol, .. }) => {
                 return Err(AgentError::Version {
                     agent: protocol,
                     host: PROTOCOL_VERSION,
                 })
             }
-            other => return Err(unexpected(other)),
+            Ok(other) => return Err(unexpected(other)),
+            Err(FrameError::Closed) => {
+                return Err(AgentError::Unreachable(
+                    "the connection closed before the agent answered".into(),
+                ))
+            }
+            Err(e) => return Err(e.into()),
         };
-        send(&mut s, &ToAgent::Ping)?;
-        match recv(&mut s)? {
-            FromAgent::Pong { unix_ns } => Ok((version, unix_ns)),
-            other => Err(unexpected(other)),
+        let reply = recv(&mut s)?;
+        Ok((s, version, reply))
+    }
+
+    fn request(&self, req: &ToAgent) -> Result<(Box<dyn Duplex>, FromAgent), AgentError> {
+        let (s, _, reply) = self.open(req)?;
+        Ok((s, reply))
+    }
+
+    /// The agent's version and the guest's clock (ns since the epoch).
+    pub fn ping(&self) -> Result<(String, i64), AgentError> {
+        match self.open(&ToAgent::Ping)? {
+            (_, version, FromAgent::Pong { unix_ns }) => Ok((version, unix_ns)),
+            (_, _, other) => Err(unexpected(other)),
         }
     }
 

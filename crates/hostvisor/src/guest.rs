@@ -30,15 +30,20 @@ fn agent(name: &str, wait: Duration) -> Result<Client, CliError> {
         VmState::Running | VmState::Paused => {}
         _ => return Err(fail(format!("{name} is not running"))),
     }
-    let client = Client::new(Transport::Muxer(socket));
-    client.wait_ready(wait).map_err(|e| match e {
-        AgentError::Unreachable(why) => fail(format!(
+    // No separate readiness check: each request waits for the agent itself
+    // (a round trip less per command).
+    Ok(Client::new(Transport::Muxer(socket)).patient(wait))
+}
+
+/// An agent error as the CLI's.
+fn agent_error(name: &str, wait: Duration, e: AgentError) -> CliError {
+    CliError::Failure(match e {
+        AgentError::Unreachable(why) => format!(
             "{name}: the guest agent did not answer within {} s ({why}); is hostvisor-agent running in the guest?",
             wait.as_secs()
-        )),
-        other => fail(format!("{name}: {other}")),
-    })?;
-    Ok(client)
+        ),
+        other => format!("{name}: {other}"),
+    })
 }
 
 pub struct ExecArgs {
@@ -75,7 +80,8 @@ fn exec_inner(args: ExecArgs) -> Result<i32, CliError> {
             .ok_or_else(|| CliError::Usage(format!("--env {e}: expected KEY=VALUE")))?;
         env.push((k.to_string(), v.to_string()));
     }
-    let client = agent(&args.name, Duration::from_secs(args.wait))?;
+    let wait = Duration::from_secs(args.wait);
+    let client = agent(&args.name, wait)?;
     let req = ExecRequest {
         argv: args.command.clone(),
         env,
@@ -112,7 +118,7 @@ fn exec_inner(args: ExecArgs) -> Result<i32, CliError> {
             eprintln!("hostvisor: {m}");
             Ok(EXEC_NOT_STARTED)
         }
-        Err(e) => Err(CliError::Failure(e.to_string())),
+        Err(e) => Err(agent_error(&args.name, wait, e)),
     }
 }
 
@@ -125,7 +131,6 @@ fn remote(arg: &str) -> Option<(&str, &str)> {
 /// `cp SRC NAME:DST` or `cp NAME:SRC DST`.
 pub fn cp(src: &str, dst: &str, wait: u64) -> Result<i32, CliError> {
     let wait = Duration::from_secs(wait);
-    let fail = |e: AgentError| CliError::Failure(e.to_string());
     match (remote(src), remote(dst)) {
         (None, Some((name, path))) => {
             let local = Path::new(src);
@@ -136,7 +141,9 @@ pub fn cp(src: &str, dst: &str, wait: u64) -> Result<i32, CliError> {
                     .ok_or_else(|| CliError::Usage(format!("{src}: not a file")))?;
                 path.push_str(&file.to_string_lossy());
             }
-            let copied = agent(name, wait)?.upload(local, &path).map_err(fail)?;
+            let copied = agent(name, wait)?
+                .upload(local, &path)
+                .map_err(|e| agent_error(name, wait, e))?;
             report_copy(copied, &format!("{name}:{path}"));
             Ok(0)
         }
@@ -148,7 +155,9 @@ pub fn cp(src: &str, dst: &str, wait: u64) -> Result<i32, CliError> {
                     .ok_or_else(|| CliError::Usage(format!("{src}: not a file")))?;
                 local.push(file);
             }
-            let copied = agent(name, wait)?.download(path, &local).map_err(fail)?;
+            let copied = agent(name, wait)?
+                .download(path, &local)
+                .map_err(|e| agent_error(name, wait, e))?;
             report_copy(copied, &local.display().to_string());
             Ok(0)
         }
@@ -176,9 +185,10 @@ fn mib(kib: u64) -> String {
 }
 
 pub fn guest_info(name: &str, json: bool, wait: u64) -> Result<i32, CliError> {
-    let info = agent(name, Duration::from_secs(wait))?
+    let wait = Duration::from_secs(wait);
+    let info = agent(name, wait)?
         .info()
-        .map_err(|e| CliError::Failure(e.to_string()))?;
+        .map_err(|e| agent_error(name, wait, e))?;
     if json {
         println!(
             "{}",
