@@ -4,13 +4,14 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::{
@@ -19,21 +20,11 @@ use crate::{
 };
 
 /// A connection the agent serves.
-pub trait Stream: Read + Write + Send + 'static + Sized {
-    fn try_clone(&self) -> std::io::Result<Self>;
-}
+pub trait Stream: Read + Write + AsRawFd + Send + 'static + Sized {}
 
-impl Stream for UnixStream {
-    fn try_clone(&self) -> std::io::Result<Self> {
-        UnixStream::try_clone(self)
-    }
-}
+impl Stream for UnixStream {}
 
-impl Stream for vsock::VsockStream {
-    fn try_clone(&self) -> std::io::Result<Self> {
-        vsock::VsockStream::try_clone(self)
-    }
-}
+impl Stream for vsock::VsockStream {}
 
 /// The operations that act on the whole guest.
 pub trait System: Sync {
@@ -145,33 +136,6 @@ fn message_name(m: &ToAgent) -> &'static str {
     }
 }
 
-/// Copies a child's output into frames until it closes.
-fn pump<S: Stream>(
-    src: Option<impl Read + Send + 'static>,
-    out: Arc<Mutex<S>>,
-    wrap: fn(Vec<u8>) -> FromAgent,
-) -> std::thread::JoinHandle<()> {
-    std::thread::spawn(move || {
-        let Some(mut src) = src else {
-            return;
-        };
-        let mut buf = vec![0u8; CHUNK];
-        loop {
-            match src.read(&mut buf) {
-                Ok(0) => return,
-                Ok(n) => {
-                    let Ok(mut w) = out.lock() else { return };
-                    if send(&mut *w, &wrap(buf[..n].to_vec())).is_err() {
-                        return;
-                    }
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(_) => return,
-            }
-        }
-    })
-}
-
 fn kill(pid: u32) {
     if let Ok(pid) = libc::pid_t::try_from(pid) {
         // SAFETY: kill(2) with a plain pid and signal.
@@ -183,7 +147,6 @@ fn kill(pid: u32) {
 const BUSYBOX: &str = "/bin/busybox";
 
 fn exec<S: Stream>(s: S, req: ExecRequest) -> Result<(), FrameError> {
-    let out = Arc::new(Mutex::new(s.try_clone()?));
     let mut reader = s;
     let Some((program, args)) = req.argv.split_first() else {
         return error(&mut reader, "an empty command".into());
@@ -221,72 +184,183 @@ fn exec<S: Stream>(s: S, req: ExecRequest) -> Result<(), FrameError> {
         Err(e) => return error(&mut reader, format!("cannot run {program}: {e}")),
     };
     let pid = child.id();
-    {
-        let mut w = out.lock().map_err(|_| FrameError::Closed)?;
-        send(&mut *w, &FromAgent::Started { pid })?;
-    }
-    let stdout = pump(child.stdout.take(), out.clone(), FromAgent::Stdout);
-    let stderr = pump(child.stderr.take(), out.clone(), FromAgent::Stderr);
-    // Set once the child is reaped, so that nothing kills a reused pid.
-    let finished = Arc::new((Mutex::new(false), Condvar::new()));
+    send(&mut reader, &FromAgent::Started { pid })?;
+    let (status, timed_out) = run_child(&mut reader, &mut child, &req)?;
+    send(
+        &mut reader,
+        &FromAgent::Exited(ExitStatus {
+            code: status.code(),
+            signal: status.signal(),
+            timed_out,
+        }),
+    )
+}
 
-    // Stdin from the host; the host hanging up kills the command.
-    let mut stdin = child.stdin.take();
-    let done = finished.clone();
-    std::thread::spawn(move || loop {
-        match recv::<ToAgent>(&mut reader) {
-            Ok(ToAgent::Stdin(data)) => {
-                if let Some(i) = stdin.as_mut() {
-                    if i.write_all(&data).is_err() {
+fn set_nonblocking(fd: i32) {
+    // SAFETY: fcntl on a descriptor this process owns.
+    unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK);
+    }
+}
+
+/// Serves a running command from this thread alone: its output, stdin
+/// from the host, the host hanging up (which kills it) and the timeout,
+/// in one poll loop. (Threads per command cost ~70 ms each on nested
+/// hosts, where every guest system call is emulated.)
+fn run_child<S: Stream>(
+    s: &mut S,
+    child: &mut std::process::Child,
+    req: &ExecRequest,
+) -> Result<(std::process::ExitStatus, bool), FrameError> {
+    let pid = child.id();
+    let mut outputs: [Option<File>; 2] = [
+        child.stdout.take().map(|o| File::from(OwnedFd::from(o))),
+        child.stderr.take().map(|o| File::from(OwnedFd::from(o))),
+    ];
+    let mut stdin = child.stdin.take().map(|i| File::from(OwnedFd::from(i)));
+    if let Some(i) = &stdin {
+        set_nonblocking(i.as_raw_fd());
+    }
+    let mut pending: Vec<u8> = Vec::new();
+    let mut stdin_eof = false;
+    let mut host_gone = false;
+    let mut deadline = req
+        .timeout_ms
+        .map(|ms| std::time::Instant::now() + Duration::from_millis(ms));
+    let mut timed_out = false;
+    let mut buf = vec![0u8; CHUNK];
+    let expire = |deadline: &mut Option<std::time::Instant>, timed_out: &mut bool| {
+        if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+            kill(pid);
+            *timed_out = true;
+            *deadline = None;
+        }
+    };
+    while outputs.iter().any(Option::is_some) {
+        // What to watch: open outputs, stdin while bytes wait for it, the
+        // host while no stdin bytes wait (backpressure) and it is there.
+        let mut fds: Vec<libc::pollfd> = Vec::with_capacity(4);
+        let mut what = Vec::with_capacity(4);
+        for (i, o) in outputs.iter().enumerate() {
+            if let Some(o) = o {
+                fds.push(libc::pollfd {
+                    fd: o.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                });
+                what.push(i);
+            }
+        }
+        if let (Some(i), false) = (&stdin, pending.is_empty()) {
+            fds.push(libc::pollfd {
+                fd: i.as_raw_fd(),
+                events: libc::POLLOUT,
+                revents: 0,
+            });
+            what.push(2);
+        }
+        if !host_gone && pending.is_empty() {
+            fds.push(libc::pollfd {
+                fd: s.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            });
+            what.push(3);
+        }
+        let timeout = deadline.map_or(-1, |d| {
+            d.saturating_duration_since(std::time::Instant::now())
+                .as_millis()
+                .min(i32::MAX as u128) as i32
+        });
+        // SAFETY: `fds` is a valid array of `fds.len()` pollfd entries.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e.into());
+        }
+        expire(&mut deadline, &mut timed_out);
+        for (fd, which) in fds.iter().zip(what) {
+            if fd.revents == 0 {
+                continue;
+            }
+            match which {
+                0 | 1 => {
+                    let Some(o) = outputs[which].as_mut() else {
+                        continue;
+                    };
+                    match o.read(&mut buf) {
+                        Ok(0) => outputs[which] = None,
+                        Ok(n) => {
+                            let data = buf[..n].to_vec();
+                            let msg = if which == 0 {
+                                FromAgent::Stdout(data)
+                            } else {
+                                FromAgent::Stderr(data)
+                            };
+                            if send(s, &msg).is_err() && !host_gone {
+                                host_gone = true;
+                                kill(pid);
+                            }
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(_) => outputs[which] = None,
+                    }
+                }
+                2 => {
+                    if let Some(i) = stdin.as_mut() {
+                        match i.write(&pending) {
+                            Ok(n) => {
+                                pending.drain(..n);
+                            }
+                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                            Err(_) => {
+                                // The command closed its stdin.
+                                pending.clear();
+                                stdin = None;
+                            }
+                        }
+                    }
+                    if pending.is_empty() && stdin_eof {
                         stdin = None;
                     }
                 }
-            }
-            Ok(ToAgent::StdinEof) => stdin = None,
-            Ok(_) => {}
-            Err(_) => {
-                if let Ok(reaped) = done.0.lock() {
-                    if !*reaped {
+                _ => match recv::<ToAgent>(s) {
+                    Ok(ToAgent::Stdin(data)) if stdin.is_some() => pending = data,
+                    Ok(ToAgent::StdinEof) => {
+                        stdin_eof = true;
+                        if pending.is_empty() {
+                            stdin = None;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => {
+                        host_gone = true;
                         kill(pid);
                     }
-                }
-                return;
+                },
             }
         }
-    });
-
-    let timed_out = Arc::new(AtomicBool::new(false));
-    if let Some(ms) = req.timeout_ms {
-        let done = finished.clone();
-        let flag = timed_out.clone();
-        std::thread::spawn(move || {
-            let (lock, cvar) = &*done;
-            let Ok(guard) = lock.lock() else { return };
-            if let Ok((reaped, _)) =
-                cvar.wait_timeout_while(guard, Duration::from_millis(ms), |r| !*r)
-            {
-                if !*reaped {
-                    flag.store(true, Ordering::SeqCst);
-                    kill(pid);
-                }
-            }
-        });
     }
-    let status = child.wait();
-    if let Ok(mut reaped) = finished.0.lock() {
-        *reaped = true;
-        finished.1.notify_all();
-    }
-    let status = status?;
-    let _ = stdout.join();
-    let _ = stderr.join();
-    let exit = ExitStatus {
-        code: status.code(),
-        signal: status.signal(),
-        timed_out: timed_out.load(Ordering::SeqCst),
+    drop(stdin);
+    // The outputs are closed; the command may still run.
+    let status = loop {
+        let Some(d) = deadline else {
+            break child.wait()?;
+        };
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        expire(&mut deadline, &mut timed_out);
+        std::thread::sleep(
+            d.saturating_duration_since(std::time::Instant::now())
+                .min(Duration::from_millis(20)),
+        );
     };
-    let mut w = out.lock().map_err(|_| FrameError::Closed)?;
-    send(&mut *w, &FromAgent::Exited(exit))
+    Ok((status, timed_out))
 }
 
 /// Receives a file into a temporary name beside `path` and renames it
@@ -539,19 +613,24 @@ fn addresses() -> Vec<Address> {
     out
 }
 
-/// The agent's main loop: a thread per connection on the vsock `port`.
+/// The agent's main loop on the vsock `port`: connections go to a pool of
+/// threads, which grows to the most connections served at once and keeps
+/// its threads (creating a thread costs ~70 ms of guest kernel time on
+/// nested hosts; a wake-up costs a futex call).
 pub fn serve_vsock(port: u32) -> std::io::Result<()> {
     let listener = vsock::VsockListener::bind_with_cid_port(vsock::VMADDR_CID_ANY, port)?;
+    let (queue, connections) = std::sync::mpsc::channel::<vsock::VsockStream>();
+    let connections = Arc::new(Mutex::new(connections));
+    let idle = Arc::new(AtomicUsize::new(0));
     loop {
         match listener.accept() {
             Ok((stream, _)) => {
-                std::thread::spawn(move || {
-                    if let Err(e) = handle_connection(stream, &RealSystem) {
-                        if !matches!(e, FrameError::Closed) {
-                            eprintln!("hostvisor-agent: {e}");
-                        }
-                    }
-                });
+                if idle.load(Ordering::SeqCst) == 0 {
+                    spawn_worker(connections.clone(), idle.clone());
+                }
+                if queue.send(stream).is_err() {
+                    return Err(std::io::Error::other("the worker pool is gone"));
+                }
             }
             Err(e) => {
                 eprintln!("hostvisor-agent: accept: {e}");
@@ -559,4 +638,21 @@ pub fn serve_vsock(port: u32) -> std::io::Result<()> {
             }
         }
     }
+}
+
+fn spawn_worker(
+    connections: Arc<Mutex<std::sync::mpsc::Receiver<vsock::VsockStream>>>,
+    idle: Arc<AtomicUsize>,
+) {
+    std::thread::spawn(move || loop {
+        idle.fetch_add(1, Ordering::SeqCst);
+        let next = connections.lock().map(|rx| rx.recv());
+        idle.fetch_sub(1, Ordering::SeqCst);
+        let Ok(Ok(stream)) = next else { return };
+        if let Err(e) = handle_connection(stream, &RealSystem) {
+            if !matches!(e, FrameError::Closed) {
+                eprintln!("hostvisor-agent: {e}");
+            }
+        }
+    });
 }

@@ -177,6 +177,30 @@ fn exec_streams_output_and_reports_codes_and_signals() {
     };
     let st = c.exec(&req, io).unwrap();
     assert_eq!((st.signal, st.timed_out), (Some(9), true));
+    // A megabyte through `cat`: stdin and stdout flow together (neither
+    // side blocks the other).
+    let big: &'static [u8] = Box::leak(
+        (0..1_000_000u32)
+            .map(|i| (i % 253) as u8)
+            .collect::<Vec<_>>()
+            .into_boxed_slice(),
+    );
+    let (st, mut out, _) = run(&c, &["cat"], Some(big));
+    assert_eq!(st.code, Some(0));
+    assert!(out == big, "cat returned {} bytes", out.len());
+    // A command that closes its output and lives on still times out.
+    let req = ExecRequest {
+        argv: vec!["sh".into(), "-c".into(), "exec >&- 2>&-; sleep 30".into()],
+        timeout_ms: Some(300),
+        ..Default::default()
+    };
+    let io = ExecIo {
+        stdin: None,
+        stdout: &mut out.clone(),
+        stderr: &mut err,
+    };
+    let st = c.exec(&req, io).unwrap();
+    assert_eq!((st.signal, st.timed_out), (Some(9), true));
     // A program that does not exist is an error, not a hang.
     let req = ExecRequest {
         argv: vec!["/no/such/program".into()],
@@ -283,10 +307,16 @@ fn ping_info_time_and_shutdown() {
     c.set_time(42).unwrap();
     c.shutdown(false).unwrap();
     c.shutdown(true).unwrap();
-    assert_eq!(
-        *fx.system.0.lock().unwrap(),
-        ["time 42", "shutdown reboot=false", "shutdown reboot=true"]
-    );
+    // The agent answers before it acts.
+    let want = ["time 42", "shutdown reboot=false", "shutdown reboot=true"];
+    let start = std::time::Instant::now();
+    while fx.system.0.lock().unwrap().len() < want.len()
+        && start.elapsed() < std::time::Duration::from_secs(5)
+    {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let seen = fx.system.0.lock().unwrap().clone();
+    assert_eq!(seen, want);
 }
 
 #[test]
