@@ -82,9 +82,30 @@ struct HostConn {
     shut_write: bool,
     /// The host side is done; the connection goes once the guest knows.
     host_done: bool,
+    /// Leading bytes of `to_host` that are hostvisor's `OK` line, not the
+    /// guest's data (no credit is given back for them).
+    line_bytes: u32,
 }
 
 impl HostConn {
+    /// Writes what the host socket takes and gives the guest credit for
+    /// its bytes among them; a socket that is gone ends the host side.
+    fn pump_to_host(&mut self) {
+        match self.flush() {
+            Ok(n) => {
+                let line = n.min(self.line_bytes);
+                self.line_bytes -= line;
+                self.conn.delivered(n - line);
+            }
+            Err(_) => {
+                self.to_host.clear();
+                self.line_bytes = 0;
+                self.host_done = true;
+                self.conn.host_closed();
+            }
+        }
+    }
+
     /// Writes as much of `to_host` as the socket takes; returns the bytes
     /// written, or `Err` if the socket is gone.
     fn flush(&mut self) -> std::io::Result<u32> {
@@ -230,14 +251,7 @@ impl Muxer {
                 c.readable = true;
             }
             if events.intersects(EventSet::OUT | EventSet::HANG_UP | EventSet::ERROR) {
-                match c.flush() {
-                    Ok(n) => c.conn.delivered(n),
-                    Err(_) => {
-                        c.to_host.clear();
-                        c.host_done = true;
-                        c.conn.host_closed();
-                    }
-                }
+                c.pump_to_host();
             }
         }
     }
@@ -374,6 +388,7 @@ impl Muxer {
                 to_host: VecDeque::new(),
                 shut_write: false,
                 host_done: false,
+                line_bytes: 0,
             },
         );
     }
@@ -452,12 +467,9 @@ impl Muxer {
             Reply::Connected => {
                 let line = format!("OK {}\n", c.conn.local_port);
                 c.to_host.extend(line.as_bytes());
+                c.line_bytes += line.len() as u32;
                 c.readable = true;
-                if c.flush().is_err() {
-                    c.to_host.clear();
-                    c.host_done = true;
-                    c.conn.host_closed();
-                }
+                c.pump_to_host();
             }
             Reply::Closed => {
                 // Whatever the guest sent before still goes to the host.
@@ -467,14 +479,7 @@ impl Muxer {
             }
             Reply::Data(bytes) => {
                 c.to_host.extend(bytes);
-                match c.flush() {
-                    Ok(n) => c.conn.delivered(n),
-                    Err(_) => {
-                        c.to_host.clear();
-                        c.host_done = true;
-                        c.conn.host_closed();
-                    }
-                }
+                c.pump_to_host();
             }
             Reply::PeerShutdown(flags) => {
                 if flags & SHUTDOWN_SEND != 0 {
