@@ -51,6 +51,15 @@ const FIRST_LOCAL_PORT: u32 = 1 << 30;
 /// The longest `CONNECT <port>\n` line accepted.
 const MAX_HELLO: usize = 32;
 
+/// Resets waiting for receive buffers, at most: a guest that sends bogus
+/// packets without posting buffers cannot grow the queue (further resets
+/// are dropped; they are courtesies).
+const MAX_PENDING_RESETS: usize = 1024;
+
+/// Open connections allowed at once (each holds a host socket): a guest
+/// opening more gets resets, a host program an `ERROR` line.
+pub const MAX_CONNECTIONS: usize = 1024;
+
 /// Counters for the VM's status and tests.
 #[derive(Debug, Default)]
 pub struct VsockStats {
@@ -157,9 +166,15 @@ pub struct Muxer {
     cursor: (u32, u32),
     stats: Arc<VsockStats>,
     buf: Vec<u8>,
+    max_connections: usize,
 }
 
 impl Muxer {
+    /// Lowers the connection limit (tests).
+    pub fn set_max_connections(&mut self, max: usize) {
+        self.max_connections = max;
+    }
+
     /// A muxer for the guest `guest_cid`, accepting host connections on
     /// `listener` (bound at `path`).
     pub fn new(
@@ -191,6 +206,7 @@ impl Muxer {
             cursor: (0, 0),
             stats,
             buf: vec![0u8; MAX_PAYLOAD as usize],
+            max_connections: MAX_CONNECTIONS,
         })
     }
 
@@ -338,6 +354,10 @@ impl Muxer {
             return;
         };
         let port = match port {
+            Ok(_) if self.conns.len() >= self.max_connections => Err("too many connections"),
+            other => other,
+        };
+        let port = match port {
             Ok(port) => port,
             Err(why) => {
                 tracing::debug!("vsock: host connection dropped: {why}");
@@ -455,9 +475,7 @@ impl Muxer {
             match h.op {
                 Op::Request => self.guest_connect(h),
                 Op::Rst => {}
-                _ => self
-                    .resets
-                    .push_back(Connection::reset_for(self.guest_cid, h)),
+                _ => self.reset_guest(h),
             }
             return;
         };
@@ -493,8 +511,21 @@ impl Muxer {
         }
     }
 
+    /// Queues the reset answering guest packet `h`.
+    fn reset_guest(&mut self, h: &Header) {
+        if self.resets.len() < MAX_PENDING_RESETS {
+            self.resets
+                .push_back(Connection::reset_for(self.guest_cid, h));
+        }
+    }
+
     /// A guest connection to host port P goes to the socket `PATH_P`.
     fn guest_connect(&mut self, h: &Header) {
+        if self.conns.len() >= self.max_connections {
+            tracing::debug!("vsock: guest connection refused: too many connections");
+            self.reset_guest(h);
+            return;
+        }
         let mut target = self.path.clone().into_os_string();
         target.push(format!("_{}", h.dst_port));
         let stream = UnixStream::connect(&target).and_then(|s| {
@@ -508,8 +539,7 @@ impl Muxer {
                     "vsock: guest connection to port {} refused: {e}",
                     h.dst_port
                 );
-                self.resets
-                    .push_back(Connection::reset_for(self.guest_cid, h));
+                self.reset_guest(h);
                 return;
             }
         };
@@ -517,8 +547,7 @@ impl Muxer {
             stream.as_raw_fd(),
             EventSet::IN | EventSet::OUT | EventSet::EDGE_TRIGGERED,
         ) else {
-            self.resets
-                .push_back(Connection::reset_for(self.guest_cid, h));
+            self.reset_guest(h);
             return;
         };
         let conn = Connection::guest_initiated(self.guest_cid, h);

@@ -388,3 +388,34 @@ fn hostile_packets_are_dropped_or_reset_and_counted() {
     m.fill_rx();
     assert!(drv.received().iter().any(|(h, _)| h.op == Op::Rst));
 }
+
+#[test]
+fn connections_are_limited() {
+    let fx = Fixture::new("limit");
+    let mem = memory();
+    let mut drv = FakeDriver::new(&mem);
+    drv.post_rx(20);
+    let mut m = fx.muxer(&mem, &drv);
+    m.set_max_connections(1);
+    let mut port_path = fx.path.clone().into_os_string();
+    port_path.push("_9");
+    let _service = UnixListener::bind(&port_path).unwrap();
+    drv.send(guest_packet(Op::Request, 100, 9, 0), &[]);
+    drv.send(guest_packet(Op::Request, 101, 9, 0), &[]);
+    m.process_tx();
+    m.fill_rx();
+    let ops: Vec<_> = drv
+        .received()
+        .iter()
+        .map(|(h, _)| (h.op, h.dst_port))
+        .collect();
+    assert!(ops.contains(&(Op::Response, 100)), "{ops:?}");
+    assert!(ops.contains(&(Op::Rst, 101)), "over the limit: {ops:?}");
+    // A host program over the limit is told so.
+    let mut host = UnixStream::connect(&fx.path).unwrap();
+    host.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    host.write_all(b"CONNECT 52\n").unwrap();
+    m.poll_host(1000).unwrap();
+    assert_eq!(read_line(&mut host), "ERROR too many connections");
+    assert_eq!(m.connections(), 1);
+}
