@@ -16,3 +16,15 @@ impl Write for SharedOutput {
         Ok(())
     }
 }
+
+/// A split-ring descriptor for the tests' mock queues.
+pub(crate) fn desc(
+    addr: u64,
+    len: u32,
+    flags: u16,
+    next: u16,
+) -> virtio_queue::desc::RawDescriptor {
+    virtio_queue::desc::RawDescriptor::from(virtio_queue::desc::split::Descriptor::new(
+        addr, len, flags, next,
+    ))
+}

@@ -186,17 +186,13 @@ impl VirtioDevice for Console {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::desc as d;
     use crate::test_util::SharedOutput as Shared;
     use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
 
     fn mem() -> GuestMemoryMmap {
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap()
-    }
-
-    fn d(addr: u64, len: u32, flags: u16, next: u16) -> RawDescriptor {
-        RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next))
     }
 
     fn irq() -> Interrupt {

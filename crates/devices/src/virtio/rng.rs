@@ -111,9 +111,9 @@ impl VirtioDevice for Rng {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::desc;
     use std::sync::Arc;
     use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
-    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
     use vmm_sys_util::eventfd::EventFd;
 
@@ -124,10 +124,6 @@ mod tests {
     fn interrupt() -> (Interrupt, EventFd) {
         let line = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         (Interrupt::new(line.try_clone().unwrap()), line)
-    }
-
-    fn desc(addr: u64, len: u32, flags: u16, next: u16) -> RawDescriptor {
-        RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next))
     }
 
     fn used_len(mem: &GuestMemoryMmap, mock: &MockSplitQueue<GuestMemoryMmap>, i: u16) -> u32 {

@@ -1,8 +1,9 @@
 use std::io;
 use std::sync::Mutex;
 
+use crate::test_util::desc as d;
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+use virtio_queue::desc::RawDescriptor;
 use virtio_queue::mock::MockSplitQueue;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -73,10 +74,6 @@ fn rig(read_only: bool) -> Rig {
         mem: GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap(),
         disk: MemDisk::new(64 * 1024, read_only),
     }
-}
-
-fn d(addr: u64, len: u32, flags: u16, next: u16) -> RawDescriptor {
-    RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next))
 }
 
 impl Rig {

@@ -8,8 +8,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::test_util::desc as d;
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
@@ -23,10 +23,6 @@ const CID: u64 = 3;
 const RX_BUFS: u64 = 0x100000;
 const TX_BUFS: u64 = 0x200000;
 const BUF: u32 = 4096 + HDR_LEN as u32;
-
-fn d(addr: u64, len: u32, flags: u16, next: u16) -> RawDescriptor {
-    RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next))
-}
 
 struct FakeDriver<'a> {
     mem: &'a GuestMemoryMmap,
