@@ -107,23 +107,6 @@ fn retry(mut copy: impl FnMut() -> Result<u64, AgentError>) -> Result<Copied, Ag
     }
 }
 
-fn local_sha256(path: &Path) -> Result<[u8; 32], AgentError> {
-    use sha2::Digest;
-    let file_err = |source| AgentError::File {
-        path: path.to_path_buf(),
-        source,
-    };
-    let mut file = std::fs::File::open(path).map_err(file_err)?;
-    let mut hasher = sha2::Sha256::new();
-    let mut buf = vec![0u8; CHUNK];
-    loop {
-        match file.read(&mut buf).map_err(file_err)? {
-            0 => return Ok(hasher.finalize().into()),
-            n => hasher.update(&buf[..n]),
-        }
-    }
-}
-
 /// A client for one guest's agent. Each call is its own connection.
 #[derive(Debug, Clone)]
 pub struct Client {
@@ -218,12 +201,15 @@ impl Client {
         }
     }
 
-    /// Connects to the agent's port, retrying while nothing answers there
-    /// for up to the client's patience.
-    fn reach(&self) -> Result<Box<dyn Duplex>, AgentError> {
+    /// Connects, says hello and makes `req` in one write (a round trip
+    /// less: on slow guests each costs tens of milliseconds); returns the
+    /// stream, the agent's version and its first reply.
+    /// While the agent is unreachable (not up yet, or gone before it
+    /// answered), this is retried for up to the client's patience.
+    fn open(&self, req: &ToAgent) -> Result<(Box<dyn Duplex>, String, FromAgent), AgentError> {
         let deadline = Instant::now() + self.patience;
         loop {
-            match self.raw_connect() {
+            match self.open_once(req) {
                 Err(AgentError::Unreachable(_)) if Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(200));
                 }
@@ -232,11 +218,8 @@ impl Client {
         }
     }
 
-    /// Connects, says hello and makes `req` in one write (a round trip
-    /// less: on slow guests each costs tens of milliseconds); returns the
-    /// stream, the agent's version and its first reply.
-    fn open(&self, req: &ToAgent) -> Result<(Box<dyn Duplex>, String, FromAgent), AgentError> {
-        let mut s = self.reach()?;
+    fn open_once(&self, req: &ToAgent) -> Result<(Box<dyn Duplex>, String, FromAgent), AgentError> {
+        let mut s = self.raw_connect()?;
         let mut both = encode(&ToAgent::Hello {
             protocol: PROTOCOL_VERSION,
         })?;
@@ -277,17 +260,8 @@ impl Client {
 
     /// Waits until the agent answers, up to `timeout`.
     pub fn wait_ready(&self, timeout: Duration) -> Result<String, AgentError> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            match self.ping() {
-                Ok((version, _)) => return Ok(version),
-                Err(AgentError::Unreachable(why)) if Instant::now() < deadline => {
-                    let _ = why;
-                    std::thread::sleep(Duration::from_millis(200));
-                }
-                Err(e) => return Err(e),
-            }
-        }
+        let (version, _) = self.clone().patient(timeout).ping()?;
+        Ok(version)
     }
 
     /// Runs a command; its output goes to `io`, stdin comes from it.
@@ -340,7 +314,10 @@ impl Client {
     /// other end (or whose stream breaks) is made again, up to
     /// [`COPY_ATTEMPTS`] times.
     pub fn upload(&self, local: &Path, remote: &str) -> Result<Copied, AgentError> {
-        let sha256 = local_sha256(local)?;
+        let sha256 = crate::file_sha256(local).map_err(|source| AgentError::File {
+            path: local.to_path_buf(),
+            source,
+        })?;
         retry(|| self.upload_once(local, remote, sha256))
     }
 
@@ -398,14 +375,7 @@ impl Client {
         };
         s.set_read_timeout(Some(TRANSFER_TIMEOUT))
             .map_err(FrameError::Io)?;
-        let tmp = local.with_file_name(format!(
-            ".{}.hostvisor-{}",
-            local
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default(),
-            std::process::id()
-        ));
+        let tmp = crate::temp_beside(local);
         let file_err = |source| AgentError::File {
             path: local.to_path_buf(),
             source,

@@ -196,6 +196,33 @@ pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, FrameError> {
     Ok(frame)
 }
 
+/// The SHA-256 of a file's contents (copies are checked with it at both
+/// ends).
+pub fn file_sha256(path: &std::path::Path) -> std::io::Result<[u8; 32]> {
+    use sha2::Digest;
+    let mut file = std::fs::File::open(path)?;
+    let mut hasher = sha2::Sha256::new();
+    let mut buf = vec![0u8; CHUNK];
+    loop {
+        match file.read(&mut buf) {
+            Ok(0) => return Ok(hasher.finalize().into()),
+            Ok(n) => hasher.update(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Where a copy to `path` is written before it is renamed into place:
+/// a hidden name beside it, so the rename stays within one filesystem.
+pub fn temp_beside(path: &std::path::Path) -> std::path::PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    path.with_file_name(format!(".{name}.hostvisor-{}", std::process::id()))
+}
+
 /// Decodes a frame's body. Never panics and never allocates more than the
 /// body's size, whatever the bytes.
 pub fn decode<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, FrameError> {

@@ -8,7 +8,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::ExitStatusExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -372,21 +372,13 @@ fn upload<S: Stream>(
     size: u64,
     sha256: &[u8; 32],
 ) -> Result<(), FrameError> {
-    let Some(name) = path.file_name() else {
+    if path.file_name().is_none() {
         return error(s, format!("{}: not a file name", path.display()));
-    };
+    }
     if path.is_dir() {
         return error(s, format!("{}: is a directory", path.display()));
     }
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let tmp = dir.join(format!(
-        ".{}.hostvisor-{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
+    let tmp = crate::temp_beside(path);
     let mode = mode & 0o7777;
     let mut file = match std::fs::OpenOptions::new()
         .write(true)
@@ -424,7 +416,7 @@ fn upload<S: Stream>(
         }
         // What reached the file, not what arrived: the check covers the
         // whole way to the guest's disk.
-        match file_sha256(&tmp) {
+        match crate::file_sha256(&tmp) {
             Ok(digest) if digest == *sha256 => {}
             Ok(_) => return Ok(Err(CORRUPTED.into())),
             Err(e) => return Ok(Err(format!("{}: {e}", path.display()))),
@@ -450,21 +442,6 @@ fn upload<S: Stream>(
 /// The error text of a copy whose SHA-256 does not match; the client
 /// retries on it.
 pub const CORRUPTED: &str = "the file was corrupted on its way (SHA-256 mismatch)";
-
-fn file_sha256(path: &Path) -> std::io::Result<[u8; 32]> {
-    use sha2::Digest;
-    let mut file = File::open(path)?;
-    let mut hasher = sha2::Sha256::new();
-    let mut buf = vec![0u8; CHUNK];
-    loop {
-        match file.read(&mut buf) {
-            Ok(0) => return Ok(hasher.finalize().into()),
-            Ok(n) => hasher.update(&buf[..n]),
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-}
 
 fn download<S: Stream>(s: &mut S, path: &Path) -> Result<(), FrameError> {
     use sha2::Digest;
