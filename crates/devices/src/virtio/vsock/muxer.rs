@@ -493,7 +493,7 @@ impl Muxer {
                 // Whatever the guest sent before still goes to the host.
                 c.shut_write = true;
                 c.host_done = true;
-                let _ = c.flush();
+                c.pump_to_host();
             }
             Reply::Data(bytes) => {
                 c.to_host.extend(bytes);
@@ -502,7 +502,7 @@ impl Muxer {
             Reply::PeerShutdown(flags) => {
                 if flags & SHUTDOWN_SEND != 0 {
                     c.shut_write = true;
-                    let _ = c.flush();
+                    c.pump_to_host();
                 }
             }
         }
