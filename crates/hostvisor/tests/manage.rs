@@ -115,26 +115,18 @@ fn a_managed_vm_lives_its_whole_life() {
 
     // `console` (not a terminal here: no raw mode) sees the READY line,
     // and so does `logs -f`.
-    let seen = run_until(
-        &["console", name],
-        &[("XDG_DATA_HOME", data.to_str().unwrap())],
-        b"TICK",
-    );
-    assert!(
-        contains(&seen, b"HOSTVISOR-GUEST-READY cpus=1"),
-        "{}",
-        String::from_utf8_lossy(&seen)
-    );
-    let seen = run_until(
-        &["logs", "-f", name],
-        &[("XDG_DATA_HOME", data.to_str().unwrap())],
-        b"TICK",
-    );
-    assert!(
-        contains(&seen, b"HOSTVISOR-GUEST-READY cpus=1"),
-        "{}",
-        String::from_utf8_lossy(&seen)
-    );
+    for follow in [&["console", name][..], &["logs", "-f", name]] {
+        let seen = run_until(
+            follow,
+            &[("XDG_DATA_HOME", data.to_str().unwrap())],
+            b"TICK",
+        );
+        assert!(
+            contains(&seen, b"HOSTVISOR-GUEST-READY cpus=1"),
+            "{follow:?}: {}",
+            String::from_utf8_lossy(&seen)
+        );
+    }
 
     // The API, on the real VM.
     let client = api::Client::new(&sock);
