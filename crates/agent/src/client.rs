@@ -5,7 +5,7 @@
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use crate::{
     encode, recv, send, ExecRequest, ExitStatus, FrameError, FromAgent, GuestInfo, ToAgent,
@@ -129,13 +129,6 @@ fn unexpected(reply: FromAgent) -> AgentError {
         FromAgent::Error(text) => AgentError::Remote(text),
         other => AgentError::Protocol(format!("{other:?}").chars().take(80).collect()),
     }
-}
-
-fn now_ns() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
 }
 
 /// Where a command's output goes.
@@ -431,13 +424,13 @@ impl Client {
     /// more than `tolerance`. Returns the drift found (guest − host, in
     /// seconds, corrected for half the round trip).
     pub fn sync_time(&self, tolerance: Duration) -> Result<f64, AgentError> {
-        let before = now_ns();
+        let before = crate::now_ns();
         let (_, guest) = self.ping()?;
-        let after = now_ns();
+        let after = crate::now_ns();
         let host_mid = before + (after - before) / 2;
         let drift = (guest - host_mid) as f64 / 1e9;
         if drift.abs() > tolerance.as_secs_f64() {
-            self.set_time(now_ns())?;
+            self.set_time(crate::now_ns())?;
         }
         Ok(drift)
     }

@@ -196,6 +196,16 @@ pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, FrameError> {
     Ok(frame)
 }
 
+/// This machine's clock in nanoseconds since the Unix epoch (negative
+/// before it), as the protocol carries times.
+pub fn now_ns() -> i64 {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    match SystemTime::now().duration_since(UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_nanos()).unwrap_or(i64::MAX),
+        Err(e) => -i64::try_from(e.duration().as_nanos()).unwrap_or(i64::MAX),
+    }
+}
+
 /// The SHA-256 of a file's contents (copies are checked with it at both
 /// ends).
 pub fn file_sha256(path: &std::path::Path) -> std::io::Result<[u8; 32]> {

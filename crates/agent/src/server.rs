@@ -12,7 +12,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use crate::{
     recv, send, Address, ExecRequest, ExitStatus, FrameError, FromAgent, GuestInfo, ToAgent, CHUNK,
@@ -67,13 +67,6 @@ impl System for RealSystem {
     }
 }
 
-fn now_ns() -> i64 {
-    match SystemTime::now().duration_since(UNIX_EPOCH) {
-        Ok(d) => i64::try_from(d.as_nanos()).unwrap_or(i64::MAX),
-        Err(e) => -i64::try_from(e.duration().as_nanos()).unwrap_or(i64::MAX),
-    }
-}
-
 fn error(s: &mut impl Write, text: String) -> Result<(), FrameError> {
     send(s, &FromAgent::Error(text))
 }
@@ -100,7 +93,12 @@ pub fn handle_connection<S: Stream>(mut s: S, system: &dyn System) -> Result<(),
         },
     )?;
     match recv::<ToAgent>(&mut s)? {
-        ToAgent::Ping => send(&mut s, &FromAgent::Pong { unix_ns: now_ns() }),
+        ToAgent::Ping => send(
+            &mut s,
+            &FromAgent::Pong {
+                unix_ns: crate::now_ns(),
+            },
+        ),
         ToAgent::Exec(req) => exec(s, req),
         ToAgent::Upload {
             path,
@@ -519,7 +517,7 @@ pub fn guest_info() -> GuestInfo {
         mem_available_kib: meminfo_kib(&meminfo, "MemAvailable"),
         addresses: addresses(),
         agent_version: VERSION.into(),
-        time_unix_ns: now_ns(),
+        time_unix_ns: crate::now_ns(),
     }
 }
 

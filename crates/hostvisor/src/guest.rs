@@ -7,7 +7,7 @@ use std::time::Duration;
 use agent::client::{AgentError, Client, ExecIo, Transport};
 use agent::ExecRequest;
 
-use crate::store::{VmDir, VmState};
+use crate::store::VmDir;
 use crate::CliError;
 
 /// `exec`'s own failures (as `docker exec`): 125 hostvisor or the agent
@@ -26,10 +26,7 @@ fn agent(name: &str, wait: Duration) -> Result<Client, CliError> {
             "{name} has no vsock device, so no guest agent; add one with `hostvisor edit {name} --vsock auto`"
         )));
     };
-    match vm.state().map_err(|e| fail(e.to_string()))? {
-        VmState::Running | VmState::Paused => {}
-        _ => return Err(fail(format!("{name} is not running"))),
-    }
+    crate::manage::require_running(&vm)?;
     // No separate readiness check: each request waits for the agent itself
     // (a round trip less per command).
     Ok(Client::new(Transport::Muxer(socket)).patient(wait))
@@ -196,10 +193,7 @@ pub fn guest_info(name: &str, json: bool, wait: u64) -> Result<i32, CliError> {
         );
         return Ok(0);
     }
-    let host_ns = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as i64)
-        .unwrap_or(0);
+    let host_ns = agent::now_ns();
     let addresses: Vec<String> = info
         .addresses
         .iter()

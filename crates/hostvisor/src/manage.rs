@@ -261,7 +261,7 @@ fn wait_ended(vm: &VmDir, limit: Duration) -> Result<bool, CliError> {
     Ok(false)
 }
 
-fn require_running(vm: &VmDir) -> Result<(), CliError> {
+pub(crate) fn require_running(vm: &VmDir) -> Result<(), CliError> {
     if running(vm)? {
         Ok(())
     } else {
