@@ -7,8 +7,10 @@
 #   rootfs.img      the same busybox tree as an ext4 image, to boot from a
 #                   disk: hostvisor run --disk path=COPY --append root=/dev/vda
 #
-# Usage: guest/build.sh [rootfs | --print-dir]
-# (`rootfs` prints the image's path; everything is built either way.)
+# Usage: guest/build.sh [rootfs | deps | --print-dir]
+# (`rootfs` prints the image's path; everything is built either way.
+# `deps` only installs the Debian packages hostvisor's build and tests
+# need, libslirp's among them.)
 # Outputs go to ${HOSTVISOR_GUEST_DIR:-~/.cache/hostvisor/guest}. The build is
 # idempotent: each output records a hash of its inputs and is rebuilt only
 # when they change.
@@ -18,8 +20,8 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 out=${HOSTVISOR_GUEST_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/hostvisor/guest}
 case ${1:-} in
   --print-dir) echo "$out"; exit 0 ;;
-  rootfs | "") ;;
-  *) echo "usage: guest/build.sh [rootfs | --print-dir]" >&2; exit 2 ;;
+  rootfs | deps | "") ;;
+  *) echo "usage: guest/build.sh [rootfs | deps | --print-dir]" >&2; exit 2 ;;
 esac
 mkdir -p "$out"
 
@@ -36,6 +38,12 @@ done
 command -v mkfs.ext4 >/dev/null || need_pkgs+=(e2fsprogs)
 # The disk-image tests compare hostvisor's qcow2 with qemu-img's.
 command -v qemu-img >/dev/null || need_pkgs+=(qemu-utils)
+# hostvisor itself links libslirp (the NAT) through pkg-config; the network
+# tests make namespaces and TAP devices with iproute2.
+[[ -f /usr/include/slirp/libslirp.h ]] || need_pkgs+=(libslirp-dev)
+pkg-config --exists glib-2.0 2>/dev/null || need_pkgs+=(libglib2.0-dev)
+command -v pkg-config >/dev/null || need_pkgs+=(pkg-config)
+command -v ip >/dev/null || need_pkgs+=(iproute2)
 if ((${#need_pkgs[@]})); then
   if [[ $(id -u) -ne 0 ]]; then
     log "missing Debian packages: ${need_pkgs[*]} (install them with apt-get as root)"
@@ -45,6 +53,8 @@ if ((${#need_pkgs[@]})); then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_pkgs[@]}" >/dev/null
 fi
+
+[[ ${1:-} == deps ]] && exit 0
 
 src_version=$(dpkg-query -W -f '${Version}' linux-source-6.1)
 
@@ -88,9 +98,9 @@ log "building the guest agent"
 
 # ---- initramfs and root filesystem ---------------------------------------
 busybox_version=$(dpkg-query -W -f '${Version}' busybox-static 2>/dev/null || /bin/busybox | head -1)
-tree_hash=$(cat "$here/init" "$here/build.sh" "$agent_bin" <(echo "$busybox_version") | sha256sum | cut -c1-16)
+tree_hash=$(cat "$here/init" "$here/udhcpc.script" "$here/build.sh" "$agent_bin" <(echo "$busybox_version") | sha256sum | cut -c1-16)
 
-# The guest's files: busybox, /init and a few files in /etc.
+# The guest's files: busybox, /init, a few files in /etc and a web page.
 make_tree() {
   local root=$1
   mkdir -p "$root"/{bin,sbin,dev,proc,sys,tmp,root,etc,mnt,run}
@@ -101,6 +111,10 @@ make_tree() {
   ln -s busybox "$root/bin/sh"
   install -m 0755 "$here/init" "$root/init"
   install -m 0755 "$agent_bin" "$root/bin/hostvisor-agent"
+  install -m 0755 "$here/udhcpc.script" "$root/etc/udhcpc.script"
+  # busybox httpd's default page: `httpd -p 80 -h /www`.
+  mkdir -p "$root/www"
+  echo "hostvisor guest" > "$root/www/index.html"
   ln -s /init "$root/sbin/init"
   echo "root:x:0:0:root:/root:/bin/sh" > "$root/etc/passwd"
   echo "root:x:0:" > "$root/etc/group"

@@ -179,6 +179,54 @@ struct RunArgs {
     /// with a CID no other managed VM has; `run` only when asked.
     #[arg(long, value_name = "OPTIONS")]
     vsock: Option<VsockArg>,
+    /// A NIC: nat[,hostfwd=tcp:127.0.0.1:8080-:80]... (user-mode NAT,
+    /// no root), tap=IFNAME (bridged or host-only) or internal=NAME
+    /// (VM-to-VM only), each with [,mac=52:54:00:12:34:56]. Repeatable:
+    /// eth0, eth1, ... Managed VMs get one nat NIC unless given `none`;
+    /// `run` gets NICs only when asked.
+    #[arg(long, value_name = "OPTIONS")]
+    net: Vec<NetArg>,
+}
+
+/// `--net`: none, or a NIC.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum NetArg {
+    None,
+    Set(vmm::NetConfig),
+}
+
+impl std::str::FromStr for NetArg {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "none" => Ok(NetArg::None),
+            _ => s.parse().map(NetArg::Set).map_err(|e| format!("{e}")),
+        }
+    }
+}
+
+/// The NICs `--net` asks for: `None` when it was not given, an empty list
+/// for `none`.
+pub(crate) fn nics(args: &[NetArg]) -> Result<Option<Vec<vmm::NetConfig>>, CliError> {
+    if args.is_empty() {
+        return Ok(None);
+    }
+    if args.contains(&NetArg::None) {
+        if args.len() > 1 {
+            return Err(CliError::Usage(
+                "--net none cannot be combined with other --net options".into(),
+            ));
+        }
+        return Ok(Some(Vec::new()));
+    }
+    Ok(Some(
+        args.iter()
+            .filter_map(|a| match a {
+                NetArg::Set(n) => Some(n.clone()),
+                NetArg::None => None,
+            })
+            .collect(),
+    ))
 }
 
 /// `--vsock`: none, auto (a free CID) or a device.
@@ -277,7 +325,9 @@ fn vm_config(args: RunArgs) -> Result<VmConfig, CliError> {
             .parse::<arch::cpuid::CpuFeature>()
             .map_err(|e| CliError::Usage(format!("--hide-cpu-features: {e}")))?;
     }
+    let nets = nics(&args.net)?.unwrap_or_default();
     Ok(VmConfig {
+        nets,
         cpus: args.cpus,
         memory: args.memory,
         kernel,
@@ -370,7 +420,8 @@ fn main() -> ExitCode {
         Command::Disk { command } => exit_with(disk::run(command)),
         Command::Create { name, run } => {
             let vsock = run.vsock.clone();
-            exit_with(vm_config(run).and_then(|c| manage::create(&name, c, vsock)))
+            let default_nic = run.net.is_empty();
+            exit_with(vm_config(run).and_then(|c| manage::create(&name, c, vsock, default_nic)))
         }
         Command::List { json } => exit_with(manage::list(json)),
         Command::Show { name, json } => exit_with(manage::show(&name, json)),

@@ -48,6 +48,18 @@ pub struct EditArgs {
     /// cid=N[,socket=PATH], auto (a free CID) or none.
     #[arg(long, value_name = "OPTIONS")]
     pub vsock: Option<crate::VsockArg>,
+    /// Replaces all NICs (repeatable); `none` removes them.
+    #[arg(long, value_name = "OPTIONS")]
+    pub net: Vec<crate::NetArg>,
+}
+
+/// Gives every NIC without a MAC the VM's own: derived from its name and
+/// the NIC's place, so it is the same at every start and after edits.
+fn assign_macs(name: &str, nets: &mut [vmm::NetConfig]) {
+    for (i, nic) in nets.iter_mut().enumerate() {
+        nic.mac
+            .get_or_insert_with(|| net::MacAddr::for_vm(name, i as u32));
+    }
 }
 
 fn parse_on_off(s: &str) -> Result<bool, String> {
@@ -88,7 +100,18 @@ pub fn create(
     name: &str,
     mut config: vmm::VmConfig,
     vsock: Option<crate::VsockArg>,
+    default_nic: bool,
 ) -> Result<i32, CliError> {
+    // A managed VM gets a NAT NIC unless told otherwise, as VirtualBox's do.
+    if default_nic {
+        config.nets = vec![vmm::NetConfig {
+            mode: vmm::NetMode::Nat {
+                hostfwd: Vec::new(),
+            },
+            mac: None,
+        }];
+    }
+    assign_macs(name, &mut config.nets);
     // A managed VM gets the agent's channel unless told otherwise.
     if matches!(vsock, None | Some(crate::VsockArg::Auto)) {
         config.vsock = Some(vmm::VsockConfig {
@@ -169,6 +192,9 @@ pub fn show(name: &str, json: bool) -> Result<i32, CliError> {
         }
         if let (Some(v), Some(socket)) = (&config.vsock, vm.vsock_socket(&config)) {
             println!("vsock: cid {} (socket {})", v.cid, socket.display());
+        }
+        for (i, nic) in config.nets.iter().enumerate() {
+            println!("eth{i}: {nic}");
         }
         print!("{}", toml::to_string(&config).unwrap_or_default());
         if let Some(s) = &status {
@@ -355,6 +381,10 @@ pub fn edit(name: &str, args: EditArgs) -> Result<i32, CliError> {
         }
         Some(crate::VsockArg::Auto) => {}
         Some(crate::VsockArg::Set(v)) => c.vsock = Some(v),
+    }
+    if let Some(mut nets) = crate::nics(&args.net)? {
+        assign_macs(name, &mut nets);
+        c.nets = nets;
     }
     vm.write_config(&c).map_err(fail)?;
     println!("edited {name}");

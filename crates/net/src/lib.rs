@@ -49,6 +49,12 @@ pub trait Backend: Send + std::fmt::Debug {
         false
     }
 
+    /// The largest IP packet the backend takes, when it differs from
+    /// Ethernet's 1500 (the device then tells the guest).
+    fn mtu(&self) -> Option<u16> {
+        None
+    }
+
     /// Tells the backend which offloads the guest accepts in received
     /// frames (only meaningful with a virtio-net header).
     fn set_offloads(&mut self, _offloads: Offloads) -> std::io::Result<()> {

@@ -288,6 +288,116 @@ impl FromStr for VsockConfig {
     }
 }
 
+/// A NIC: `nat[,hostfwd=RULE]...`, `tap=IFNAME` or `internal=NAME`, each
+/// with an optional `,mac=52:54:00:12:34:56`. Stored as that same string.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetConfig {
+    pub mode: NetMode,
+    /// `None`: an address made for the VM (see `hostvisor` for managed
+    /// VMs, which store theirs).
+    pub mac: Option<net::MacAddr>,
+}
+
+/// Where a NIC's frames go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NetMode {
+    /// The user-mode NAT, with port forwards.
+    Nat { hostfwd: Vec<net::nat::HostFwd> },
+    /// A host TAP device.
+    Tap { ifname: String },
+    /// An internal network between VMs.
+    Internal { name: String },
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum NetConfigError {
+    #[error("a NIC is nat, tap=IFNAME or internal=NAME, not `{0}`")]
+    Mode(String),
+    #[error("unknown NIC option `{0}` (known: hostfwd with nat, mac)")]
+    UnknownKey(String),
+    #[error("`{0}` is not key=value")]
+    NotKeyValue(String),
+    #[error("{0}")]
+    Value(String),
+}
+
+impl FromStr for NetConfig {
+    type Err = NetConfigError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut parts = s.split(',');
+        let first = parts.next().unwrap_or_default();
+        let mut mode = match first.split_once('=') {
+            None if first == "nat" || first == "user" => NetMode::Nat {
+                hostfwd: Vec::new(),
+            },
+            Some(("tap", ifname)) if net::tap::valid_ifname(ifname) => NetMode::Tap {
+                ifname: ifname.to_string(),
+            },
+            Some(("tap", ifname)) => {
+                return Err(NetConfigError::Value(format!(
+                    "`{ifname}` is not an interface name"
+                )))
+            }
+            Some(("internal", name)) if net::switch::valid_name(name) => NetMode::Internal {
+                name: name.to_string(),
+            },
+            Some(("internal", name)) => {
+                return Err(NetConfigError::Value(format!(
+                    "`{name}` cannot name an internal network (1-64 letters, digits, - _ .)"
+                )))
+            }
+            _ => return Err(NetConfigError::Mode(first.to_string())),
+        };
+        let mut mac = None;
+        for part in parts {
+            let (key, value) = part
+                .split_once('=')
+                .ok_or_else(|| NetConfigError::NotKeyValue(part.to_string()))?;
+            match (key, &mut mode) {
+                ("mac", _) => mac = Some(value.parse().map_err(NetConfigError::Value)?),
+                ("hostfwd", NetMode::Nat { hostfwd }) => {
+                    hostfwd.push(value.parse().map_err(NetConfigError::Value)?)
+                }
+                _ => return Err(NetConfigError::UnknownKey(key.to_string())),
+            }
+        }
+        Ok(NetConfig { mode, mac })
+    }
+}
+
+impl std::fmt::Display for NetConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.mode {
+            NetMode::Nat { hostfwd } => {
+                f.write_str("nat")?;
+                for h in hostfwd {
+                    write!(f, ",hostfwd={h}")?;
+                }
+            }
+            NetMode::Tap { ifname } => write!(f, "tap={ifname}")?,
+            NetMode::Internal { name } => write!(f, "internal={name}")?,
+        }
+        if let Some(mac) = self.mac {
+            write!(f, ",mac={mac}")?;
+        }
+        Ok(())
+    }
+}
+
+impl Serialize for NetConfig {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for NetConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
 fn default_cpus() -> u32 {
     1
 }
@@ -334,6 +444,9 @@ pub struct VmConfig {
     /// A virtio-vsock device (the guest agent's channel).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vsock: Option<VsockConfig>,
+    /// NICs, in order: eth0, eth1, ...
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nets: Vec<NetConfig>,
 }
 
 impl VmConfig {
@@ -353,6 +466,7 @@ impl VmConfig {
             rng: false,
             hide_cpu_features: Vec::new(),
             vsock: None,
+            nets: Vec::new(),
         }
     }
 }
@@ -469,5 +583,45 @@ mod tests {
         let d: VmConfig = serde_json::from_str(r#"{"kernel":"/k"}"#).unwrap();
         assert_eq!(d, VmConfig::new("/k"));
         assert!(serde_json::from_str::<VmConfig>(r#"{"kernel":"/k","memory":"lots"}"#).is_err());
+    }
+
+    #[test]
+    fn nics_parse_print_and_round_trip() {
+        let n: NetConfig =
+            "nat,hostfwd=tcp:127.0.0.1:8080-:80,hostfwd=udp::53-:53,mac=52:54:00:00:00:01"
+                .parse()
+                .unwrap();
+        let NetMode::Nat { hostfwd } = &n.mode else {
+            panic!("{n:?}")
+        };
+        assert_eq!(hostfwd.len(), 2);
+        assert_eq!(n.mac.unwrap().to_string(), "52:54:00:00:00:01");
+        assert_eq!(n.to_string().parse::<NetConfig>().unwrap(), n);
+        let json = serde_json::to_string(&n).unwrap();
+        assert_eq!(serde_json::from_str::<NetConfig>(&json).unwrap(), n);
+        assert_eq!(
+            "tap=tap0".parse::<NetConfig>().unwrap().mode,
+            NetMode::Tap {
+                ifname: "tap0".into()
+            }
+        );
+        assert_eq!(
+            "internal=lab".parse::<NetConfig>().unwrap().to_string(),
+            "internal=lab"
+        );
+        for (bad, needle) in [
+            ("", "nat, tap=IFNAME or internal=NAME"),
+            ("bridge=br0", "nat, tap=IFNAME"),
+            ("tap=", "not an interface name"),
+            ("internal=a/b", "cannot name"),
+            ("tap=tap0,hostfwd=tcp::1-:2", "unknown NIC option `hostfwd`"),
+            ("nat,hostfwd=tcp:1-2", "hostfwd"),
+            ("nat,mac=01:00:00:00:00:00", "multicast"),
+            ("nat,mac", "not key=value"),
+            ("nat,speed=10", "unknown NIC option"),
+        ] {
+            let e = bad.parse::<NetConfig>().unwrap_err().to_string();
+            assert!(e.contains(needle), "{bad}: {e}");
+        }
     }
 }

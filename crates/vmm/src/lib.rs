@@ -19,7 +19,8 @@ use hypervisor::kvm::KvmHypervisor;
 use hypervisor::{HostProfile, Hypervisor};
 
 pub use config::{
-    ConsoleDevice, DiskConfig, MemorySize, ResetAction, SerialConfig, VmConfig, VsockConfig,
+    ConsoleDevice, DiskConfig, MemorySize, NetConfig, NetMode, ResetAction, SerialConfig, VmConfig,
+    VsockConfig,
 };
 pub use machine::{Machine, MachineSpec};
 
@@ -117,6 +118,8 @@ pub enum VmmError {
     Disk(#[from] block::BlockError),
     #[error("vsock device")]
     Vsock(#[from] devices::virtio::vsock::VsockError),
+    #[error(transparent)]
+    Net(#[from] net::NetError),
     #[error("no interrupt line is left for another device")]
     TooManyDevices,
     #[error("virtio device: {0}")]
@@ -125,6 +128,16 @@ pub enum VmmError {
     Thread(#[source] std::io::Error),
     #[error("cannot install the vCPU kick signal handler: {0}")]
     Signal(String),
+}
+
+/// The address of NIC `index` of a VM whose configuration names none: one
+/// of its own for this run (`hostvisor` stores one per managed VM, which
+/// stays the same across its runs).
+pub fn ephemeral_mac(index: usize) -> net::MacAddr {
+    let boot = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    net::MacAddr::for_vm(&format!("{}-{boot}", std::process::id()), index as u32)
 }
 
 /// "outer: inner: innermost" for an error and its sources.
@@ -248,6 +261,13 @@ pub fn run_controlled(
         SerialConfig::Stdio => console::RawTerminal::enter(),
         _ => None,
     };
+    // Chosen once, so a rebooting guest keeps its addresses.
+    let macs: Vec<net::MacAddr> = config
+        .nets
+        .iter()
+        .enumerate()
+        .map(|(i, nic)| nic.mac.unwrap_or_else(|| ephemeral_mac(i)))
+        .collect();
     loop {
         let (uart_out, virtio_out) = match config.console {
             ConsoleDevice::Serial => (serial_output(&config.serial)?, None),
@@ -281,6 +301,18 @@ pub fn run_controlled(
         if let Some(vsock) = &config.vsock {
             let device =
                 devices::virtio::vsock::Vsock::new(u64::from(vsock.cid), &vsock.socket_path())?;
+            machine.add_virtio_device(Box::new(device))?;
+        }
+        for (nic, &mac) in config.nets.iter().zip(&macs) {
+            let backend: Box<dyn net::Backend> = match &nic.mode {
+                NetMode::Nat { hostfwd } => Box::new(net::nat::Nat::start(&net::nat::NatConfig {
+                    hostfwd: hostfwd.clone(),
+                    restricted: false,
+                })?),
+                NetMode::Tap { ifname } => Box::new(net::tap::Tap::open(ifname)?),
+                NetMode::Internal { name } => Box::new(net::switch::Switch::join(name, mac)?),
+            };
+            let device = devices::virtio::net::Net::new(mac, backend);
             machine.add_virtio_device(Box::new(device))?;
         }
         if let Some(out) = virtio_out {

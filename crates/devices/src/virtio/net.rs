@@ -27,7 +27,8 @@ use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_ECN, VIRTIO_NET_F_GUEST_TSO4,
     VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_HOST_ECN, VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6,
-    VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
+    VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS,
+    VIRTIO_NET_S_LINK_UP,
 };
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -66,9 +67,10 @@ const BUDGET: usize = 256;
 
 pub use ::net::MacAddr;
 
-/// The config space: MAC, then the status word.
-pub fn config_space(mac: MacAddr, link_up: bool) -> [u8; 8] {
-    let mut c = [0u8; 8];
+/// The config space: MAC, the status word, max_virtqueue_pairs (1), and
+/// the MTU (read by the guest only with VIRTIO_NET_F_MTU).
+pub fn config_space(mac: MacAddr, link_up: bool, mtu: u16) -> [u8; 12] {
+    let mut c = [0u8; 12];
     c[..6].copy_from_slice(&mac.0);
     let status = if link_up {
         VIRTIO_NET_S_LINK_UP as u16
@@ -76,6 +78,8 @@ pub fn config_space(mac: MacAddr, link_up: bool) -> [u8; 8] {
         0
     };
     c[6..8].copy_from_slice(&status.to_le_bytes());
+    c[8..10].copy_from_slice(&1u16.to_le_bytes());
+    c[10..12].copy_from_slice(&mtu.to_le_bytes());
     c
 }
 
@@ -217,6 +221,7 @@ pub struct Net {
     mac: MacAddr,
     backend: Arc<Mutex<Box<dyn Backend>>>,
     vnet_hdr: bool,
+    mtu: Option<u16>,
     stats: Arc<NetStats>,
     worker: Option<WorkerThread>,
 }
@@ -226,6 +231,7 @@ impl Net {
         Net {
             mac,
             vnet_hdr: backend.vnet_hdr(),
+            mtu: backend.mtu(),
             backend: Arc::new(Mutex::new(backend)),
             stats: Arc::default(),
             worker: None,
@@ -251,15 +257,19 @@ impl VirtioDevice for Net {
     }
 
     fn features(&self) -> u64 {
+        let mut f = FEATURES;
         if self.vnet_hdr {
-            FEATURES | OFFLOAD_FEATURES
-        } else {
-            FEATURES
+            f |= OFFLOAD_FEATURES;
         }
+        if self.mtu.is_some() {
+            f |= 1 << VIRTIO_NET_F_MTU;
+        }
+        f
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        read_config_bytes(&config_space(self.mac, true), offset, data);
+        let config = config_space(self.mac, true, self.mtu.unwrap_or(1500));
+        read_config_bytes(&config, offset, data);
     }
 
     fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {
@@ -490,13 +500,12 @@ mod tests {
     #[test]
     fn config_space_has_the_mac_and_link_status() {
         let a = MacAddr::for_vm("web", 0);
-        let c = config_space(a, true);
+        let c = config_space(a, true, 65_520);
         assert_eq!(&c[..6], &a.0);
         assert_eq!(u16::from_le_bytes([c[6], c[7]]), 1);
-        assert_eq!(
-            u16::from_le_bytes(config_space(a, false)[6..8].try_into().unwrap()),
-            0
-        );
+        assert_eq!(u16::from_le_bytes([c[10], c[11]]), 65_520);
+        let down = config_space(a, false, 1500);
+        assert_eq!(u16::from_le_bytes([down[6], down[7]]), 0);
     }
 
     #[test]
