@@ -1,0 +1,238 @@
+//! Networks end to end, on the default guest: the NAT (DHCP lease, a page
+//! from the host's loopback, ICMP echo, a port forward into the guest's
+//! httpd), an internal network between two VMs that cannot reach the host,
+//! and a TAP in a network namespace. Tests that need a namespace make
+//! their own on a thread of their own (CLONE_NEWNET is per thread, and
+//! the processes it starts inherit it), which needs root: CI sets
+//! HOSTVISOR_REQUIRE_NETNS=1 to fail instead of skipping.
+
+#![allow(clippy::unwrap_used)] // test helpers: a failed setup step should fail the test
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// Runs `body` on a thread in a new network namespace with loopback up;
+/// false (after printing why) when namespaces cannot be made.
+fn in_netns(body: impl FnOnce() + Send + 'static) -> bool {
+    let t = std::thread::spawn(move || {
+        // SAFETY: unshare(2) with CLONE_NEWNET moves only this thread
+        // (which ends with the test) into a new namespace; no memory is
+        // passed.
+        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+            let e = std::io::Error::last_os_error();
+            assert!(
+                std::env::var("HOSTVISOR_REQUIRE_NETNS").as_deref() != Ok("1"),
+                "network namespaces are required (HOSTVISOR_REQUIRE_NETNS=1): {e}"
+            );
+            eprintln!("SKIPPED: cannot make a network namespace ({e}); run as root");
+            return false;
+        }
+        tool("ip", &["link", "set", "lo", "up"]);
+        body();
+        true
+    });
+    match t.join() {
+        Ok(ran) => ran,
+        Err(panic) => std::panic::resume_unwind(panic),
+    }
+}
+
+/// Runs `script` in the guest until its output contains `needle`.
+fn wait_for(vm: &TestVm, script: &str, needle: &str, limit: Duration) -> String {
+    let start = Instant::now();
+    loop {
+        let out = vm.exec(&["sh", "-c", script]);
+        if out.stdout.contains(needle) {
+            return out.stdout;
+        }
+        assert!(
+            start.elapsed() < limit,
+            "{script}: no {needle:?} within {limit:?}; last: {}{}",
+            out.stdout,
+            out.stderr
+        );
+        std::thread::sleep(Duration::from_secs(2));
+    }
+}
+
+/// A host HTTP server answering every request with `body`; returns its
+/// port and a counter of connections.
+fn http_server(
+    addr: &str,
+    body: &'static [u8],
+) -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = TcpListener::bind((addr, 0)).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = hits.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let mut req = [0u8; 4096];
+            let _ = conn.read(&mut req);
+            let head = format!(
+                "HTTP/1.0 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = conn.write_all(head.as_bytes());
+            let _ = conn.write_all(body);
+        }
+    });
+    (port, hits)
+}
+
+/// GET / from the host; the body, once something answers.
+fn host_get(port: u16, limit: Duration) -> String {
+    let start = Instant::now();
+    loop {
+        let got = TcpStream::connect(("127.0.0.1", port)).and_then(|mut s| {
+            s.set_read_timeout(Some(Duration::from_secs(30)))?;
+            s.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
+            let mut out = String::new();
+            s.read_to_string(&mut out)?;
+            Ok(out)
+        });
+        match got {
+            Ok(text) if text.contains("\r\n\r\n") => {
+                return text.split_once("\r\n\r\n").unwrap().1.to_string()
+            }
+            other => assert!(
+                start.elapsed() < limit,
+                "nothing answered on 127.0.0.1:{port}: {other:?}"
+            ),
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+#[test]
+fn nat_gives_a_lease_reaches_the_host_and_forwards_ports() {
+    if !kvm_usable() || default_guest().is_none() {
+        return;
+    }
+    in_netns(|| {
+        let (port, _) = http_server("127.0.0.1", b"hello from the host\n");
+        let vm = TestVm::start("nat", &["--net", "nat,hostfwd=tcp:127.0.0.1:18080-:80"]);
+        let show = vm.ok(&["show", "nat"]);
+        assert!(
+            show.contains("eth0: nat,hostfwd=tcp:127.0.0.1:18080-10.0.2.15:80,mac=52:54:00:"),
+            "{show}"
+        );
+
+        // The lease: address, gateway, DNS relay; and the large NAT MTU.
+        let addr = wait_for(
+            &vm,
+            "ip -4 addr show eth0",
+            "10.0.2.15/24",
+            Duration::from_secs(120),
+        );
+        assert!(addr.contains("mtu 65520"), "{addr}");
+        let conf = vm.sh("ip route; cat /etc/resolv.conf");
+        assert!(conf.contains("default via 10.0.2.2 dev eth0"), "{conf}");
+        assert!(conf.contains("nameserver 10.0.2.3"), "{conf}");
+
+        // Out: the gateway is the host's loopback.
+        let page = vm.sh(&format!("wget -q -O - http://10.0.2.2:{port}/"));
+        assert_eq!(page, "hello from the host\n");
+        let ping = vm.sh("ping -c 2 -W 10 10.0.2.2");
+        assert!(ping.contains("2 packets received"), "{ping}");
+
+        // In: a port forward to the guest's httpd.
+        vm.sh("httpd -p 80 -h /www");
+        assert_eq!(
+            host_get(18080, Duration::from_secs(60)),
+            "hostvisor guest\n"
+        );
+    });
+}
+
+#[test]
+fn vms_on_an_internal_network_reach_each_other_and_not_the_host() {
+    if !kvm_usable() || default_guest().is_none() {
+        return;
+    }
+    let net = format!("lab-{}", std::process::id());
+    let nic = format!("internal={net}");
+    let a = TestVm::start("lab-a", &["--net", &nic]);
+    let b = TestVm::start("lab-b", &["--net", &nic]);
+    // A host service on every address, which nothing on the network may
+    // reach.
+    let (port, hits) = http_server("0.0.0.0", b"host\n");
+    for (vm, me) in [(&a, "192.168.50.1"), (&b, "192.168.50.2")] {
+        wait_for(vm, "ip link show eth0", "UP", Duration::from_secs(120));
+        vm.sh(&format!(
+            "ip addr add {me}/24 dev eth0 && ip route add default dev eth0"
+        ));
+    }
+    let ping = a.sh("ping -c 3 -W 10 192.168.50.2");
+    assert!(ping.contains("3 packets received"), "{ping}");
+    let ping = b.sh("ping -c 3 -W 10 192.168.50.1");
+    assert!(ping.contains("3 packets received"), "{ping}");
+    // Frames for anyone else go nowhere: no gateway answers, the host's
+    // service sees nothing.
+    for target in ["10.0.2.2", "127.0.0.1", "192.168.50.254"] {
+        let out = a.exec(&[
+            "wget",
+            "-q",
+            "-T",
+            "5",
+            "-O",
+            "-",
+            &format!("http://{target}:{port}/"),
+        ]);
+        assert_ne!(out.code, 0, "{target} answered: {}", out.stdout);
+    }
+    assert_ne!(a.exec(&["ping", "-c", "1", "-W", "3", "10.0.2.2"]).code, 0);
+    assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 0);
+    drop((a, b));
+    let dir = net::switch::network_dir(&net);
+    let left: Vec<_> = std::fs::read_dir(&dir)
+        .map(|d| d.flatten().collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "stopped VMs leave their sockets: {left:?}");
+    let _ = std::fs::remove_dir(&dir);
+}
+
+#[test]
+fn a_guest_on_a_tap_reaches_a_peer_in_its_namespace() {
+    if !kvm_usable() || default_guest().is_none() {
+        return;
+    }
+    in_netns(|| {
+        tool("ip", &["tuntap", "add", "dev", "hvtap0", "mode", "tap"]);
+        tool("ip", &["addr", "add", "192.168.77.1/24", "dev", "hvtap0"]);
+        tool("ip", &["link", "set", "hvtap0", "up"]);
+        // 1 MiB: TCP segments big enough for the offloads the TAP takes.
+        static BODY: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+        let body: &'static [u8] =
+            BODY.get_or_init(|| (0..1 << 20).map(|i| (i % 251) as u8).collect());
+        let (port, _) = http_server("192.168.77.1", body);
+        let vm = TestVm::start("tap", &["--net", "tap=hvtap0"]);
+        vm.sh("ip link set eth0 up && ip addr add 192.168.77.2/24 dev eth0");
+        let ping = vm.sh("ping -c 3 -W 10 192.168.77.1");
+        assert!(ping.contains("3 packets received"), "{ping}");
+        let sum = vm.sh(&format!(
+            "wget -q -O /tmp/body http://192.168.77.1:{port}/ && wc -c < /tmp/body && md5sum /tmp/body"
+        ));
+        let file = temp_dir("tap-body").join("body");
+        std::fs::write(&file, body).unwrap();
+        let host_sum = tool("md5sum", &[file.to_str().unwrap()]);
+        let digest = host_sum.split_whitespace().next().unwrap();
+        assert_eq!(
+            sum.lines().next(),
+            Some(body.len().to_string().as_str()),
+            "{sum}"
+        );
+        assert!(
+            sum.contains(digest),
+            "the guest got other bytes: {sum} vs {host_sum}"
+        );
+        let _ = std::fs::remove_dir_all(file.parent().unwrap());
+    });
+}
