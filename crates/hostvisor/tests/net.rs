@@ -1,6 +1,6 @@
 //! Networks end to end, on the default guest: the NAT (DHCP lease, a page
-//! from the host's loopback, ICMP echo, a port forward into the guest's
-//! httpd), an internal network between two VMs that cannot reach the host,
+//! from the host's loopback, ICMP echo, DNS through the relay to the
+//! host's resolver, a port forward into the guest's httpd), an internal network between two VMs that cannot reach the host,
 //! and a TAP in a network namespace. Tests that need a namespace make
 //! their own on a thread of their own (CLONE_NEWNET is per thread, and
 //! the processes it starts inherit it), which needs root: CI sets
@@ -87,6 +87,81 @@ fn http_server(
     (port, hits)
 }
 
+/// Makes this thread's view of /etc/resolv.conf name 127.0.0.1 (in a
+/// mount namespace of its own, inherited by the VM process) and answers
+/// DNS there: A queries for `name` get `addr`, others an empty answer.
+fn fake_resolver(name: &'static str, addr: [u8; 4]) {
+    // SAFETY: unshare(2) and mount(2) with constant C strings; they change
+    // only this thread's mount namespace.
+    unsafe {
+        assert_eq!(
+            libc::unshare(libc::CLONE_NEWNS),
+            0,
+            "{}",
+            std::io::Error::last_os_error()
+        );
+        let root = c"/";
+        assert_eq!(
+            libc::mount(
+                std::ptr::null(),
+                root.as_ptr(),
+                std::ptr::null(),
+                libc::MS_REC | libc::MS_PRIVATE,
+                std::ptr::null()
+            ),
+            0
+        );
+    }
+    let conf = temp_dir("resolv").join("resolv.conf");
+    std::fs::write(&conf, "nameserver 127.0.0.1\n").unwrap();
+    let src = std::ffi::CString::new(conf.to_str().unwrap()).unwrap();
+    // SAFETY: a bind mount of a file we made over /etc/resolv.conf, in
+    // this thread's own mount namespace.
+    let r = unsafe {
+        libc::mount(
+            src.as_ptr(),
+            c"/etc/resolv.conf".as_ptr(),
+            std::ptr::null(),
+            libc::MS_BIND,
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+    let sock = std::net::UdpSocket::bind("127.0.0.1:53").unwrap();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 512];
+        while let Ok((n, from)) = sock.recv_from(&mut buf) {
+            let q = &buf[..n];
+            if n < 17 {
+                continue;
+            }
+            // The question: labels from byte 12, then type and class.
+            let mut at = 12;
+            let mut labels = Vec::new();
+            while at < n && q[at] != 0 {
+                let len = usize::from(q[at]);
+                labels
+                    .push(String::from_utf8_lossy(&q[at + 1..(at + 1 + len).min(n)]).into_owned());
+                at += 1 + len;
+            }
+            let end = at + 5;
+            if end > n {
+                continue;
+            }
+            let qtype = u16::from_be_bytes([q[at + 1], q[at + 2]]);
+            let hit = qtype == 1 && labels.join(".") == name;
+            let mut r = Vec::from(&q[..2]);
+            r.extend_from_slice(&[0x81, 0x80, 0, 1, 0, u8::from(hit), 0, 0, 0, 0]);
+            r.extend_from_slice(&q[12..end]);
+            if hit {
+                r.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4]);
+                r.extend_from_slice(&addr);
+            }
+            let _ = sock.send_to(&r, from);
+        }
+    });
+}
+
 /// GET / from the host; the body, once something answers.
 fn host_get(port: u16, limit: Duration) -> String {
     let start = Instant::now();
@@ -117,6 +192,7 @@ fn nat_gives_a_lease_reaches_the_host_and_forwards_ports() {
         return;
     }
     in_netns(|| {
+        fake_resolver("web.hostvisor.test", [192, 0, 2, 7]);
         let (port, _) = http_server("127.0.0.1", b"hello from the host\n");
         let vm = TestVm::start("nat", &["--net", "nat,hostfwd=tcp:127.0.0.1:18080-:80"]);
         let show = vm.ok(&["show", "nat"]);
@@ -142,6 +218,9 @@ fn nat_gives_a_lease_reaches_the_host_and_forwards_ports() {
         assert_eq!(page, "hello from the host\n");
         let ping = vm.sh("ping -c 2 -W 10 10.0.2.2");
         assert!(ping.contains("2 packets received"), "{ping}");
+        // DNS (UDP) through the relay at 10.0.2.3 to the host's resolver.
+        let dns = vm.sh("nslookup web.hostvisor.test 10.0.2.3");
+        assert!(dns.contains("192.0.2.7"), "{dns}");
 
         // In: a port forward to the guest's httpd.
         vm.sh("httpd -p 80 -h /www");
@@ -235,4 +314,23 @@ fn a_guest_on_a_tap_reaches_a_peer_in_its_namespace() {
         );
         let _ = std::fs::remove_dir_all(file.parent().unwrap());
     });
+}
+
+#[test]
+fn bad_nic_options_are_one_line_errors() {
+    let out = hostvisor(&["run", "--net", "bridge=br0"], &[], QUICK);
+    assert_one_line_error(&out, 2, "nat, tap=IFNAME or internal=NAME");
+    let out = hostvisor(&["run", "--net", "nat,hostfwd=tcp:127.0.0.1:x-:80"], &[], QUICK);
+    assert_one_line_error(&out, 2, "is not a port");
+    let out = hostvisor(&["run", "--net", "none", "--net", "nat"], &[], QUICK);
+    assert_one_line_error(&out, 2, "cannot be combined");
+    if !kvm_usable() || default_guest().is_none() {
+        return;
+    }
+    // A forward whose port is taken stops the VM before it boots.
+    let busy = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = busy.local_addr().unwrap().port();
+    let rule = format!("nat,hostfwd=tcp:127.0.0.1:{port}-:80");
+    let out = hostvisor(&["run", "--serial", "none", "--net", &rule], &[], QUICK);
+    assert_one_line_error(&out, 1, &format!("port forward tcp:127.0.0.1:{port}-10.0.2.15:80"));
 }

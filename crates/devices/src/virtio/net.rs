@@ -360,8 +360,12 @@ impl NetWorker {
         }
         let mut interest = EventSet::IN;
         let mut ready = [EpollEvent::default(); 4];
+        // Whether the transmit queue still held frames after a turn: then
+        // the next turn comes at once (the guest will not kick again).
+        let mut tx_more = false;
         loop {
-            let n = match epoll.wait(-1, &mut ready) {
+            let timeout = if tx_more { 0 } else { -1 };
+            let n = match epoll.wait(timeout, &mut ready) {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
@@ -378,7 +382,7 @@ impl NetWorker {
                     _ => {}
                 }
             }
-            self.process_tx(backend);
+            tx_more = self.process_tx(backend);
             self.process_rx(backend);
             // Read the backend only while a frame can go somewhere; wait
             // for it to be writable only while a frame waits for it.
@@ -400,7 +404,9 @@ impl NetWorker {
         }
     }
 
-    fn process_tx(&mut self, backend: &mut dyn Backend) {
+    /// Moves the guest's frames to the backend; true when the turn's
+    /// budget ran out with frames left.
+    fn process_tx(&mut self, backend: &mut dyn Backend) -> bool {
         let vnet = self.vnet_hdr;
         let stats = self.stats.clone();
         let mut blocked = false;
@@ -434,6 +440,7 @@ impl NetWorker {
         if used {
             notify(&mut self.tx, &self.mem, &self.interrupt);
         }
+        taken >= BUDGET && !blocked
     }
 
     fn process_rx(&mut self, backend: &mut dyn Backend) {
@@ -760,5 +767,29 @@ mod tests {
         m.read_slice(&mut got, GuestAddress(0x80000)).unwrap();
         incoming[10] = 1; // num_buffers
         assert_eq!(got, incoming);
+    }
+
+    #[test]
+    fn a_long_transmit_queue_is_served_in_turns_without_a_new_kick() {
+        let m = mem();
+        let rxq = MockSplitQueue::new(&m, 16);
+        let txq = MockSplitQueue::create(&m, GuestAddress(0x200000), 512);
+        m.write_slice(&[0u8; HDR_LEN + 60], GuestAddress(0x10000))
+            .unwrap();
+        for i in 0..300u16 {
+            txq.add_desc_chains(&[d(0x10000, (HDR_LEN + 60) as u32, 0, 0)], i)
+                .unwrap();
+        }
+        let mut nw = worker(
+            &m,
+            rxq.create_queue().unwrap(),
+            txq.create_queue().unwrap(),
+            false,
+        );
+        let mut be = FakeBackend::default();
+        assert!(nw.process_tx(&mut be), "more to do after one turn");
+        assert_eq!(be.sent.len(), BUDGET);
+        assert!(!nw.process_tx(&mut be));
+        assert_eq!(be.sent.len(), 300);
     }
 }
