@@ -202,16 +202,16 @@ fn nat_gives_a_lease_reaches_the_host_and_forwards_ports() {
         );
 
         // The lease: address, gateway, DNS relay; and the large NAT MTU.
-        let addr = wait_for(
+        // (udhcpc's script writes resolv.conf last.)
+        let conf = wait_for(
             &vm,
-            "ip -4 addr show eth0",
-            "10.0.2.15/24",
+            "ip -4 addr show eth0; ip route; cat /etc/resolv.conf",
+            "nameserver 10.0.2.3",
             Duration::from_secs(120),
         );
-        assert!(addr.contains("mtu 65520"), "{addr}");
-        let conf = vm.sh("ip route; cat /etc/resolv.conf");
+        assert!(conf.contains("inet 10.0.2.15/24"), "{conf}");
+        assert!(conf.contains("mtu 65520"), "{conf}");
         assert!(conf.contains("default via 10.0.2.2 dev eth0"), "{conf}");
-        assert!(conf.contains("nameserver 10.0.2.3"), "{conf}");
 
         // Out: the gateway is the host's loopback.
         let page = vm.sh(&format!("wget -q -O - http://10.0.2.2:{port}/"));
@@ -320,7 +320,11 @@ fn a_guest_on_a_tap_reaches_a_peer_in_its_namespace() {
 fn bad_nic_options_are_one_line_errors() {
     let out = hostvisor(&["run", "--net", "bridge=br0"], &[], QUICK);
     assert_one_line_error(&out, 2, "nat, tap=IFNAME or internal=NAME");
-    let out = hostvisor(&["run", "--net", "nat,hostfwd=tcp:127.0.0.1:x-:80"], &[], QUICK);
+    let out = hostvisor(
+        &["run", "--net", "nat,hostfwd=tcp:127.0.0.1:x-:80"],
+        &[],
+        QUICK,
+    );
     assert_one_line_error(&out, 2, "is not a port");
     let out = hostvisor(&["run", "--net", "none", "--net", "nat"], &[], QUICK);
     assert_one_line_error(&out, 2, "cannot be combined");
@@ -332,5 +336,9 @@ fn bad_nic_options_are_one_line_errors() {
     let port = busy.local_addr().unwrap().port();
     let rule = format!("nat,hostfwd=tcp:127.0.0.1:{port}-:80");
     let out = hostvisor(&["run", "--serial", "none", "--net", &rule], &[], QUICK);
-    assert_one_line_error(&out, 1, &format!("port forward tcp:127.0.0.1:{port}-10.0.2.15:80"));
+    assert_one_line_error(
+        &out,
+        1,
+        &format!("port forward tcp:127.0.0.1:{port}-10.0.2.15:80"),
+    );
 }
