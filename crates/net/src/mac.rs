@@ -1,10 +1,13 @@
 //! Ethernet MAC addresses.
 
-use serde::{Deserialize, Serialize};
+use serde_with::{DeserializeFromStr, SerializeDisplay};
 
 /// A MAC address, `52:54:00:xx:xx:xx` by default (QEMU's locally
 /// administered prefix, so both tools' VMs look familiar on a bridge).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// Stored as its text (serde through Display and FromStr).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, SerializeDisplay, DeserializeFromStr,
+)]
 pub struct MacAddr(pub [u8; 6]);
 
 impl MacAddr {
@@ -73,19 +76,6 @@ impl std::str::FromStr for MacAddr {
             ));
         }
         Ok(mac)
-    }
-}
-
-impl Serialize for MacAddr {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
-
-impl<'de> Deserialize<'de> for MacAddr {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
     }
 }
 

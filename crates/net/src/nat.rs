@@ -32,7 +32,7 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use libslirp_sys as sys;
-use serde::{Deserialize, Serialize};
+use serde_with::{DeserializeFromStr, SerializeDisplay};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::{Backend, NetError, MAX_PACKET};
@@ -66,7 +66,7 @@ const INPUT_BATCH: usize = 256;
 /// A port forward, in QEMU's syntax: `[tcp|udp]:[HOSTADDR]:HOSTPORT-[GUESTADDR]:GUESTPORT`.
 /// An empty host address is every address (0.0.0.0), as in QEMU; an empty
 /// guest address is the guest's DHCP address.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, SerializeDisplay, DeserializeFromStr)]
 pub struct HostFwd {
     pub udp: bool,
     pub host_addr: Ipv4Addr,
@@ -129,20 +129,6 @@ impl FromStr for HostFwd {
             guest_addr,
             guest_port,
         })
-    }
-}
-
-impl Serialize for HostFwd {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
-
-impl<'de> Deserialize<'de> for HostFwd {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        String::deserialize(d)?
-            .parse()
-            .map_err(serde::de::Error::custom)
     }
 }
 

@@ -6,9 +6,12 @@ use std::path::PathBuf;
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
+use serde_with::{DeserializeFromStr, SerializeDisplay};
 
 /// A memory size, written like `512M`, `2G` or a byte count.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, SerializeDisplay, DeserializeFromStr,
+)]
 pub struct MemorySize(pub u64);
 
 impl MemorySize {
@@ -58,19 +61,6 @@ impl fmt::Display for MemorySize {
             }
         }
         write!(f, "{b}")
-    }
-}
-
-impl Serialize for MemorySize {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
-
-impl<'de> Deserialize<'de> for MemorySize {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
     }
 }
 
@@ -290,7 +280,7 @@ impl FromStr for VsockConfig {
 
 /// A NIC: `nat[,hostfwd=RULE]...`, `tap=IFNAME` or `internal=NAME`, each
 /// with an optional `,mac=52:54:00:12:34:56`. Stored as that same string.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, SerializeDisplay, DeserializeFromStr)]
 pub struct NetConfig {
     pub mode: NetMode,
     /// `None`: an address made for the VM (see `hostvisor` for managed
@@ -381,20 +371,6 @@ impl std::fmt::Display for NetConfig {
             write!(f, ",mac={mac}")?;
         }
         Ok(())
-    }
-}
-
-impl Serialize for NetConfig {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
-
-impl<'de> Deserialize<'de> for NetConfig {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        String::deserialize(d)?
-            .parse()
-            .map_err(serde::de::Error::custom)
     }
 }
 
