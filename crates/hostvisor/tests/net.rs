@@ -42,20 +42,29 @@ fn in_netns(body: impl FnOnce() + Send + 'static) -> bool {
     }
 }
 
-/// Runs `script` in the guest until its output contains `needle`.
-fn wait_for(vm: &TestVm, script: &str, needle: &str, limit: Duration) -> String {
+/// Runs `script` in the guest until its output contains every one of
+/// `needles` (a command of the script that the nested host's exec-time
+/// crash ended leaves its part out: the script runs again).
+fn wait_for(vm: &TestVm, script: &str, needles: &[&str], limit: Duration) -> String {
     let start = Instant::now();
     loop {
         let out = vm.exec(&["sh", "-c", script]);
-        if out.stdout.contains(needle) {
+        if needles.iter().all(|n| out.stdout.contains(n)) {
             return out.stdout;
         }
-        assert!(
-            start.elapsed() < limit,
-            "{script}: no {needle:?} within {limit:?}; last: {}{}",
-            out.stdout,
-            out.stderr
-        );
+        if start.elapsed() > limit {
+            let state = vm.exec(&["sh", "-c", "ps; ip addr; ls /run; dmesg | tail -15"]);
+            let console = std::fs::read_to_string(vm.dir().join("console.log")).unwrap_or_default();
+            let tail: Vec<&str> = console.lines().rev().take(20).collect();
+            panic!(
+                "{script}: not all of {needles:?} within {limit:?}; last: {}{}\nguest state:\n{}{}\nconsole ends:\n{}",
+                out.stdout,
+                out.stderr,
+                state.stdout,
+                state.stderr,
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
         std::thread::sleep(Duration::from_secs(2));
     }
 }
@@ -202,16 +211,17 @@ fn nat_gives_a_lease_reaches_the_host_and_forwards_ports() {
         );
 
         // The lease: address, gateway, DNS relay; and the large NAT MTU.
-        // (udhcpc's script writes resolv.conf last.)
-        let conf = wait_for(
+        wait_for(
             &vm,
             "ip -4 addr show eth0; ip route; cat /etc/resolv.conf",
-            "nameserver 10.0.2.3",
+            &[
+                "inet 10.0.2.15/24",
+                "mtu 65520",
+                "default via 10.0.2.2 dev eth0",
+                "nameserver 10.0.2.3",
+            ],
             Duration::from_secs(120),
         );
-        assert!(conf.contains("inet 10.0.2.15/24"), "{conf}");
-        assert!(conf.contains("mtu 65520"), "{conf}");
-        assert!(conf.contains("default via 10.0.2.2 dev eth0"), "{conf}");
 
         // Out: the gateway is the host's loopback.
         let page = vm.sh(&format!("wget -q -O - http://10.0.2.2:{port}/"));
@@ -244,9 +254,8 @@ fn vms_on_an_internal_network_reach_each_other_and_not_the_host() {
     // reach.
     let (port, hits) = http_server("0.0.0.0", b"host\n");
     for (vm, me) in [(&a, "192.168.50.1"), (&b, "192.168.50.2")] {
-        wait_for(vm, "ip link show eth0", "UP", Duration::from_secs(120));
         vm.sh(&format!(
-            "ip addr add {me}/24 dev eth0 && ip route add default dev eth0"
+            "ip link set eth0 up && ip addr replace {me}/24 dev eth0 && ip route replace default dev eth0"
         ));
     }
     let ping = a.sh("ping -c 3 -W 10 192.168.50.2");
@@ -293,7 +302,7 @@ fn a_guest_on_a_tap_reaches_a_peer_in_its_namespace() {
             BODY.get_or_init(|| (0..1 << 20).map(|i| (i % 251) as u8).collect());
         let (port, _) = http_server("192.168.77.1", body);
         let vm = TestVm::start("tap", &["--net", "tap=hvtap0"]);
-        vm.sh("ip link set eth0 up && ip addr add 192.168.77.2/24 dev eth0");
+        vm.sh("ip link set eth0 up && ip addr replace 192.168.77.2/24 dev eth0");
         let ping = vm.sh("ping -c 3 -W 10 192.168.77.1");
         assert!(ping.contains("3 packets received"), "{ping}");
         let sum = vm.sh(&format!(
