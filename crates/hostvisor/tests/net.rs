@@ -54,15 +54,13 @@ fn wait_for(vm: &TestVm, script: &str, needles: &[&str], limit: Duration) -> Str
         }
         if start.elapsed() > limit {
             let state = vm.exec(&["sh", "-c", "ps; ip addr; ls /run; dmesg | tail -15"]);
-            let console = std::fs::read_to_string(vm.dir().join("console.log")).unwrap_or_default();
-            let tail: Vec<&str> = console.lines().rev().take(20).collect();
             panic!(
                 "{script}: not all of {needles:?} within {limit:?}; last: {}{}\nguest state:\n{}{}\nconsole ends:\n{}",
                 out.stdout,
                 out.stderr,
                 state.stdout,
                 state.stderr,
-                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                vm.console_tail(20)
             );
         }
         std::thread::sleep(Duration::from_secs(2));

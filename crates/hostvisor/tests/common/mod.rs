@@ -269,12 +269,9 @@ impl TestVm {
         full.extend_from_slice(args);
         let out = self.hv(&full);
         if out.code == 125 {
-            let console =
-                std::fs::read_to_string(self.dir().join("console.log")).unwrap_or_default();
-            let tail: Vec<&str> = console.lines().rev().take(15).collect();
             eprintln!(
                 "exec failed; the console ends with:\n{}",
-                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                self.console_tail(15)
             );
         }
         let mut out = out;
@@ -296,6 +293,13 @@ impl TestVm {
         let out = self.exec(&["sh", "-c", script]);
         assert_eq!(out.code, 0, "{script}: {}{}", out.stdout, out.stderr);
         out.stdout
+    }
+
+    /// The last `lines` lines of the VM's console log.
+    pub fn console_tail(&self, lines: usize) -> String {
+        let console = std::fs::read_to_string(self.dir().join("console.log")).unwrap_or_default();
+        let tail: Vec<&str> = console.lines().rev().take(lines).collect();
+        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
     }
 
     pub fn dir(&self) -> PathBuf {
