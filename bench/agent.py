@@ -32,7 +32,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from boot import ROOT, default_cmdline, guest_dir  # noqa: E402
+from boot import ROOT, default_cmdline, guest_dir, read_until_marker  # noqa: E402
 
 HV = os.path.join(ROOT, "target", "release", "hostvisor")
 SIZE = 10_000_000
@@ -94,12 +94,7 @@ def qemu_peer(kernel, initrd, cmdline, data, runs, execs):
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL)
     try:
-        seen = b""
-        end = time.monotonic() + 300
-        while b"BENCH-SERVING" not in seen:
-            if time.monotonic() > end or proc.poll() is not None:
-                raise RuntimeError(f"QEMU's guest did not serve: {seen[-300:]!r}")
-            seen += os.read(proc.stdout.fileno(), 4096)
+        read_until_marker(proc, b"BENCH-SERVING", 300, "QEMU's guest")
         # The servers start in the background: wait until one answers.
         end = time.monotonic() + 120
         while True:

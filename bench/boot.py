@@ -35,6 +35,20 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 READY = b"HOSTVISOR-GUEST-READY"
 
 
+def read_until_marker(proc, marker, timeout, what, stop=None):
+    """Reads `proc`'s stdout until `marker` appears; raises if it does not
+    within `timeout` seconds, if the process ends, or if `stop` shows up."""
+    seen = b""
+    end = time.monotonic() + timeout
+    while marker not in seen:
+        if time.monotonic() > end or proc.poll() is not None:
+            raise RuntimeError(f"{what}: no {marker!r}: {seen[-500:]!r}")
+        seen += os.read(proc.stdout.fileno(), 4096)
+        if stop and stop in seen:
+            raise RuntimeError(f"{what}: {stop!r}")
+    return seen
+
+
 def guest_dir():
     d = os.environ.get("HOSTVISOR_GUEST_DIR")
     if d:

@@ -35,7 +35,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from agent import free_port, median  # noqa: E402
-from boot import ROOT, default_cmdline, guest_dir  # noqa: E402
+from boot import ROOT, default_cmdline, guest_dir, read_until_marker  # noqa: E402
 
 HV = os.path.join(ROOT, "target", "release", "hostvisor")
 SIZE_MB = 10
@@ -118,14 +118,7 @@ def measure(argv, mode, fwd_port, runs, label):
                             stderr=subprocess.DEVNULL)
     res = {"h2g": [], "g2h": [], "failed": 0}
     try:
-        buf = b""
-        end = time.monotonic() + 600
-        while b"BENCH-SERVING" not in buf:
-            if time.monotonic() > end or proc.poll() is not None:
-                raise RuntimeError(f"{label}: the guest did not finish: {buf[-500:]!r}")
-            buf += os.read(proc.stdout.fileno(), 4096)
-            if b"BENCH-NO-LEASE" in buf:
-                raise RuntimeError(f"{label}: the guest got no DHCP lease")
+        buf = read_until_marker(proc, b"BENCH-SERVING", 600, label, stop=b"BENCH-NO-LEASE")
         for line in buf.decode(errors="replace").splitlines():
             if line.startswith("BENCH-DOWN "):
                 status, size, a, b = line.split()[1:5]
