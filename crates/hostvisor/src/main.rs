@@ -1,6 +1,7 @@
 //! `hostvisor`: run virtual machines on KVM.
 
 mod disk;
+mod doctor;
 mod guest;
 mod manage;
 mod store;
@@ -9,7 +10,7 @@ mod vmproc;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use vmm::config::{MemorySize, ResetAction, SerialConfig, VmConfig};
 use vmm::{exit_code, VmOutcome, VmmError};
 
@@ -130,6 +131,19 @@ enum Command {
         #[arg(long, value_name = "SECS", default_value_t = 120)]
         wait: u64,
     },
+    /// Check the host: KVM and access to it, libslirp, the default guest,
+    /// qemu-img, TAP, huge pages, user namespaces. One line a check, with
+    /// its fix; exit status 1 when something required is missing.
+    Doctor {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a shell completion script: `hostvisor completions bash >
+    /// /etc/bash_completion.d/hostvisor` (or zsh, fish, elvish,
+    /// powershell).
+    Completions { shell: clap_complete::Shell },
+    /// Write man pages (hostvisor.1 and one per command) into DIR.
+    Man { dir: PathBuf },
     /// The process behind a started VM (used by `start`).
     #[command(hide = true)]
     VmProcess { name: String },
@@ -287,7 +301,7 @@ pub(crate) fn parse_reset(s: &str) -> Result<ResetAction, String> {
 }
 
 /// Where guest/build.sh puts the default guest.
-fn default_guest_dir() -> PathBuf {
+pub(crate) fn default_guest_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("HOSTVISOR_GUEST_DIR") {
         return dir.into();
     }
@@ -356,7 +370,7 @@ fn describe(err: &VmmError) -> CliError {
     let text = vmm::error_chain(err);
     match err {
         VmmError::Kvm(_) => CliError::Failure(format!(
-            "{text}; hostvisor needs KVM: load the kvm_intel or kvm_amd module, enable VT-x/AMD-V in the firmware, and give your user access to /dev/kvm (group kvm)"
+            "{text}; hostvisor needs KVM (the kvm_intel or kvm_amd module, and access to /dev/kvm): `hostvisor doctor` says what is missing and how to fix it"
         )),
         VmmError::NoCpus
         | VmmError::TooManyCpus { .. }
@@ -369,6 +383,15 @@ fn describe(err: &VmmError) -> CliError {
 fn run(args: RunArgs) -> Result<VmOutcome, CliError> {
     let config = vm_config(args)?;
     vmm::run(&config).map_err(|e| describe(&e))
+}
+
+/// Writes `hostvisor.1` and `hostvisor-COMMAND.1` (and
+/// `hostvisor-disk-COMMAND.1`) for every visible command into `dir`.
+fn man_pages(dir: &Path) -> Result<i32, CliError> {
+    let fail = |e: std::io::Error| CliError::Failure(format!("{}: {e}", dir.display()));
+    std::fs::create_dir_all(dir).map_err(fail)?;
+    clap_mangen::generate_to(Cli::command(), dir).map_err(fail)?;
+    Ok(0)
 }
 
 /// Prints an error as its one line; returns its exit code.
@@ -453,6 +476,17 @@ fn main() -> ExitCode {
         })),
         Command::Cp { src, dst, wait } => exit_with(guest::cp(&src, &dst, wait)),
         Command::GuestInfo { name, json, wait } => exit_with(guest::guest_info(&name, json, wait)),
+        Command::Doctor { json } => exit_with(doctor::run(json)),
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "hostvisor",
+                &mut std::io::stdout(),
+            );
+            std::process::exit(0)
+        }
+        Command::Man { dir } => exit_with(man_pages(&dir)),
         Command::VmProcess { name } => exit_with(vmproc::run(&name).map_err(CliError::Failure)),
     };
     let code = match result {

@@ -118,12 +118,15 @@ fn initrd_larger_than_ram_is_refused() {
 fn missing_kvm_says_how_to_get_it() {
     // /dev/kvm hidden in a private mount namespace (needs root and unshare).
     let Ok(unshare) = which("unshare") else {
-        eprintln!("SKIPPED: no unshare");
+        skip("HOSTVISOR_REQUIRE_MOUNTNS", "no unshare");
         return;
     };
     let probe = Command::new(&unshare).args(["-m", "true"]).status();
     if !probe.is_ok_and(|s| s.success()) {
-        eprintln!("SKIPPED: cannot create a mount namespace here");
+        skip(
+            "HOSTVISOR_REQUIRE_MOUNTNS",
+            "cannot create a mount namespace here (needs root)",
+        );
         return;
     }
     let script = format!("mount -t tmpfs none /dev && exec {BIN} run --kernel /nonexistent");
@@ -135,7 +138,7 @@ fn missing_kvm_says_how_to_get_it() {
     let out = run_with_limit(cmd, QUICK);
     assert_one_line_error(&out, 1, "/dev/kvm");
     assert!(
-        out.stderr.contains("kvm_intel or kvm_amd"),
+        out.stderr.contains("kvm_intel or kvm_amd") && out.stderr.contains("hostvisor doctor"),
         "{}",
         out.stderr
     );

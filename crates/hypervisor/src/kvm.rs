@@ -41,28 +41,78 @@ impl KvmHypervisor {
 
     /// Opens `/dev/kvm` and checks that it offers what hostvisor needs.
     pub fn new() -> Result<Self> {
-        let kvm = Kvm::new().map_err(|source| HypervisorError::OpenDevice {
-            path: Self::DEVICE.to_string(),
-            source,
-        })?;
+        let kvm = open()?;
         let version = kvm.get_api_version();
-        if version != 12 {
+        if version != API_VERSION {
             return Err(HypervisorError::ApiVersion(version));
         }
-        for (cap, name) in [
-            (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
-            (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
-            (Cap::SetTssAddr, "KVM_CAP_SET_TSS_ADDR"),
-            (Cap::Pit2, "KVM_CAP_PIT2"),
-            (Cap::Irqfd, "KVM_CAP_IRQFD"),
-            (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
-            (Cap::ExtCpuid, "KVM_CAP_EXT_CPUID"),
-        ] {
-            if !kvm.check_extension(cap) {
-                return Err(HypervisorError::MissingCapability(name));
-            }
+        if let Some(name) = missing_capabilities(&kvm).first() {
+            return Err(HypervisorError::MissingCapability(name));
         }
         Ok(Self { kvm })
+    }
+}
+
+/// The only KVM API version there has ever been.
+const API_VERSION: i32 = 12;
+
+/// The capabilities hostvisor cannot do without.
+const REQUIRED_CAPABILITIES: [(Cap, &str); 7] = [
+    (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
+    (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
+    (Cap::SetTssAddr, "KVM_CAP_SET_TSS_ADDR"),
+    (Cap::Pit2, "KVM_CAP_PIT2"),
+    (Cap::Irqfd, "KVM_CAP_IRQFD"),
+    (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
+    (Cap::ExtCpuid, "KVM_CAP_EXT_CPUID"),
+];
+
+fn open() -> Result<Kvm> {
+    Kvm::new().map_err(|source| HypervisorError::OpenDevice {
+        path: KvmHypervisor::DEVICE.to_string(),
+        source,
+    })
+}
+
+fn missing_capabilities(kvm: &Kvm) -> Vec<&'static str> {
+    REQUIRED_CAPABILITIES
+        .iter()
+        .filter(|(cap, _)| !kvm.check_extension(*cap))
+        .map(|&(_, name)| name)
+        .collect()
+}
+
+/// What `/dev/kvm` offers, for a host check (`hostvisor doctor`).
+#[derive(Debug, Clone)]
+pub struct KvmReport {
+    pub api_version: i32,
+    /// How many of the required capabilities there are.
+    pub required_capabilities: usize,
+    /// The required capabilities this KVM lacks.
+    pub missing_capabilities: Vec<&'static str>,
+    pub max_vcpus: usize,
+    pub profile: HostProfile,
+}
+
+/// Opens `/dev/kvm` and reports what it offers, without refusing a KVM
+/// that lacks something (the report says what).
+pub fn probe() -> Result<KvmReport> {
+    let kvm = open()?;
+    Ok(KvmReport {
+        api_version: kvm.get_api_version(),
+        required_capabilities: REQUIRED_CAPABILITIES.len(),
+        missing_capabilities: missing_capabilities(&kvm),
+        max_vcpus: kvm.get_max_vcpus(),
+        profile: host_profile(),
+    })
+}
+
+fn host_profile() -> HostProfile {
+    HostProfile {
+        // PVM ("Pagetable-based Virtual Machine") runs guests without
+        // VT-x/AMD-V by emulating their kernel mode; it registers as the
+        // kvm_pvm module.
+        emulated_cpl0: Path::new("/sys/module/kvm_pvm").exists(),
     }
 }
 
@@ -83,12 +133,7 @@ impl Hypervisor for KvmHypervisor {
     }
 
     fn host_profile(&self) -> HostProfile {
-        HostProfile {
-            // PVM ("Pagetable-based Virtual Machine") runs guests without
-            // VT-x/AMD-V by emulating their kernel mode; it registers as the
-            // kvm_pvm module.
-            emulated_cpl0: Path::new("/sys/module/kvm_pvm").exists(),
-        }
+        host_profile()
     }
 }
 

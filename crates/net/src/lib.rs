@@ -78,6 +78,8 @@ pub enum NetError {
     HostFwd(String),
     #[error("the NAT engine could not start: {0}")]
     Nat(String),
+    #[error("the NAT needs libslirp: {0}; {hint} (`hostvisor doctor` checks the host)", hint = nat::LIBSLIRP_HINT)]
+    NoLibslirp(String),
     #[error("TAP device {name}: {why}")]
     Tap { name: String, why: String },
     #[error("internal network `{name}`: {why}")]

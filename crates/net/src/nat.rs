@@ -6,7 +6,8 @@
 //! Port forwards (`hostfwd`) listen on the host and connect into the guest.
 //!
 //! The engine is libslirp, the C library QEMU, podman (slirp4netns) and
-//! libvirt's user networking use, called through `libslirp-sys`. It was
+//! libvirt's user networking use, loaded at run time (`libslirp`) with the
+//! types of `libslirp-sys`. It was
 //! chosen over a Rust TCP/IP stack (smoltcp) because smoltcp is a stack,
 //! not a NAT: the DHCP server, the DNS relay and the proxying of every
 //! guest connection to a host socket would all be ours to write and
@@ -36,6 +37,9 @@ use serde_with::{DeserializeFromStr, SerializeDisplay};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::{Backend, NetError, MAX_PACKET};
+
+mod libslirp;
+pub use libslirp::{version as libslirp_version, INSTALL_HINT as LIBSLIRP_HINT};
 
 pub const NETWORK: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 0);
 pub const NETMASK: Ipv4Addr = Ipv4Addr::new(255, 255, 255, 0);
@@ -172,6 +176,7 @@ pub struct Engine {
     /// Owned (from `Box::into_raw`); reached by libslirp's callbacks, so
     /// only borrowed in short scopes that call no libslirp function.
     state: *mut State,
+    lib: &'static libslirp::Libslirp,
 }
 
 impl std::fmt::Debug for Engine {
@@ -317,6 +322,7 @@ static CALLBACKS: sys::SlirpCb = sys::SlirpCb {
 impl Engine {
     /// A NAT with `config`'s port forwards listening.
     pub fn new(config: &NatConfig, stats: Arc<NatStats>) -> Result<Engine, NetError> {
+        let lib = libslirp::get().map_err(NetError::NoLibslirp)?;
         let state = Box::into_raw(Box::new(State {
             epoch: Instant::now(),
             out: VecDeque::new(),
@@ -357,17 +363,17 @@ impl Engine {
         // SAFETY: the config is complete for version 3 and read during the
         // call; the callbacks are static; `state` outlives the instance
         // (freed in Drop after slirp_cleanup).
-        let slirp = unsafe { sys::slirp_new(&cfg, &CALLBACKS, state.cast()) };
+        let slirp = unsafe { (lib.new)(&cfg, &CALLBACKS, state.cast()) };
         let Some(slirp) = NonNull::new(slirp) else {
             // SAFETY: not handed to any libslirp instance.
             drop(unsafe { Box::from_raw(state) });
             return Err(NetError::Nat("slirp_new failed".into()));
         };
-        let engine = Engine { slirp, state };
+        let engine = Engine { slirp, state, lib };
         for fwd in &config.hostfwd {
             // SAFETY: a live instance; plain values.
             let r = unsafe {
-                sys::slirp_add_hostfwd(
+                (lib.add_hostfwd)(
                     engine.slirp.as_ptr(),
                     c_int::from(fwd.udp),
                     fwd.host_addr.into(),
@@ -389,7 +395,7 @@ impl Engine {
             return;
         }
         // SAFETY: a live instance; the frame is valid for the call.
-        unsafe { sys::slirp_input(self.slirp.as_ptr(), frame.as_ptr(), frame.len() as c_int) };
+        unsafe { (self.lib.input)(self.slirp.as_ptr(), frame.as_ptr(), frame.len() as c_int) };
     }
 
     /// The next frame for the guest, without taking it.
@@ -413,7 +419,7 @@ impl Engine {
         unsafe { (*st).pollfds.clear() };
         // SAFETY: a live instance; `add_poll` gets our state.
         unsafe {
-            sys::slirp_pollfds_fill(self.slirp.as_ptr(), &mut timeout, Some(add_poll), st.cast())
+            (self.lib.pollfds_fill)(self.slirp.as_ptr(), &mut timeout, Some(add_poll), st.cast())
         };
         let ready = {
             // SAFETY: no libslirp call while the borrow lives.
@@ -437,7 +443,7 @@ impl Engine {
         // SAFETY: a live instance; `get_revents` gets our state, whose
         // pollfds are those filled above.
         unsafe {
-            sys::slirp_pollfds_poll(
+            (self.lib.pollfds_poll)(
                 self.slirp.as_ptr(),
                 c_int::from(ready < 0),
                 Some(get_revents),
@@ -496,7 +502,7 @@ impl Drop for Engine {
     fn drop(&mut self) {
         // SAFETY: the instance is live and not used after this; cleanup
         // frees its timers through our callbacks.
-        unsafe { sys::slirp_cleanup(self.slirp.as_ptr()) };
+        unsafe { (self.lib.cleanup)(self.slirp.as_ptr()) };
         // SAFETY: made by Box::into_raw in `new`; libslirp is gone.
         let state = unsafe { Box::from_raw(self.state) };
         for t in state.timers {

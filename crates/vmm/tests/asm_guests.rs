@@ -27,15 +27,24 @@ const IDTR: u64 = 0x2ff0;
 const RECORDER_PORT: u16 = 0x510;
 const MMIO_DEVICE: u64 = 0xd000_0000;
 
+/// A test that cannot run here: prints `SKIPPED: why`, or fails when the
+/// environment variable `require` is 1 (as CI sets it).
+fn skip(require: &str, why: &str) {
+    if std::env::var(require).as_deref() == Ok("1") {
+        panic!("{why}, but {require}=1 requires this test to run");
+    }
+    eprintln!("SKIPPED: {why} (set {require}=1 to make this a failure)");
+}
+
 /// KVM, or a skip (a failure when HOSTVISOR_REQUIRE_KVM=1).
 fn kvm() -> Option<KvmHypervisor> {
     match KvmHypervisor::new() {
         Ok(hv) => Some(hv),
         Err(e) => {
-            if std::env::var("HOSTVISOR_REQUIRE_KVM").as_deref() == Ok("1") {
-                panic!("KVM is required (HOSTVISOR_REQUIRE_KVM=1) but unusable: {e}");
-            }
-            eprintln!("SKIPPED: KVM is unusable here: {e}");
+            skip(
+                "HOSTVISOR_REQUIRE_KVM",
+                &format!("KVM is unusable here: {e}"),
+            );
             None
         }
     }
@@ -400,7 +409,7 @@ fn fwait_continues_without_pending_x87_exception() {
 /// nested KVMs cannot execute other x87/SSE instructions in kernel mode.
 fn xrstor_then_fwait(bv: u64) -> Option<Run> {
     if !std::arch::is_x86_feature_detected!("xsave") {
-        eprintln!("SKIPPED: the host CPU has no XSAVE");
+        skip("HOSTVISOR_REQUIRE_XSAVE", "the host CPU has no XSAVE");
         return None;
     }
     let area = DATA;
@@ -530,7 +539,10 @@ fn clac_and_stac_toggle_ac() {
         .unwrap_or_default()
         .contains(" smap")
     {
-        eprintln!("SKIPPED: the host CPU has no SMAP (CLAC/STAC would be #UD)");
+        skip(
+            "HOSTVISOR_REQUIRE_SMAP",
+            "the host CPU has no SMAP (CLAC/STAC would be #UD)",
+        );
         return;
     }
     let mut g = Guest::new();

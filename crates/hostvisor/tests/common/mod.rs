@@ -83,6 +83,16 @@ pub fn read_until(from: &mut impl Read, limit: Duration, done: impl Fn(&[u8]) ->
     seen
 }
 
+/// A test that cannot run here: prints `SKIPPED: why`, or fails when the
+/// environment variable `require` is 1 (CI sets it where the host can run
+/// the test, so nothing is skipped there silently).
+pub fn skip(require: &str, why: &str) {
+    if std::env::var(require).as_deref() == Ok("1") {
+        panic!("{why}, but {require}=1 requires this test to run");
+    }
+    eprintln!("SKIPPED: {why} (set {require}=1 to make this a failure)");
+}
+
 pub fn kvm_usable() -> bool {
     let ok = std::fs::OpenOptions::new()
         .read(true)
