@@ -9,6 +9,7 @@ pub mod bus;
 pub mod cmos;
 pub mod debug_exit;
 pub mod i8042;
+pub mod pci;
 pub mod serial;
 pub mod virtio;
 

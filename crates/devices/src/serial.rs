@@ -44,20 +44,60 @@ type Output = Box<dyn Write + Send>;
 
 pub struct SerialDevice {
     inner: Serial<EventFdTrigger, InputSpace, Output>,
+    /// The guest's line control and interrupt enable registers, as last
+    /// written (the UART keeps its own copies; these gate input).
+    lcr: u8,
+    ier: u8,
+    input_space: Arc<EventFd>,
 }
+
+/// LCR bit 7: the divisor latch, not IER, is at offset 1.
+const LCR_DLAB: u8 = 0x80;
+/// IER bit 0: the guest wants received-data interrupts.
+const IER_RDI: u8 = 0x01;
+const IER_OFFSET: u64 = 1;
+const LCR_OFFSET: u64 = 3;
 
 impl SerialDevice {
     /// A UART that raises `irq` and writes what the guest sends to `out`.
     /// `input_space` is signalled when the receive FIFO empties.
     pub fn new(irq: EventFd, out: Output, input_space: Arc<EventFd>) -> Self {
         SerialDevice {
-            inner: Serial::with_events(EventFdTrigger(irq), InputSpace(input_space), out),
+            inner: Serial::with_events(EventFdTrigger(irq), InputSpace(input_space.clone()), out),
+            lcr: 0,
+            ier: 0,
+            input_space,
         }
     }
 
     /// Queues bytes for the guest; returns how many fit in the FIFO.
+    ///
+    /// Input waits (with the caller) until the guest's driver asks for
+    /// received-data interrupts: a driver that is not listening yet would
+    /// clear the FIFO when it starts, losing what was typed (or piped)
+    /// ahead — Linux's 8250 driver does so when the console shell opens
+    /// ttyS0.
     pub fn enqueue_input(&mut self, bytes: &[u8]) -> usize {
+        if self.ier & IER_RDI == 0 {
+            return 0;
+        }
         self.inner.enqueue_raw_bytes(bytes).unwrap_or(0)
+    }
+
+    /// Keeps track of LCR and IER; wakes the input feeder when the guest
+    /// starts listening.
+    fn note_register_write(&mut self, offset: u64, value: u8) {
+        match offset {
+            LCR_OFFSET => self.lcr = value,
+            IER_OFFSET if self.lcr & LCR_DLAB == 0 => {
+                let was = self.ier;
+                self.ier = value;
+                if was & IER_RDI == 0 && value & IER_RDI != 0 {
+                    let _ = self.input_space.write(1);
+                }
+            }
+            _ => {}
+        }
     }
 }
 
@@ -71,6 +111,7 @@ impl BusDevice for SerialDevice {
 
     fn write(&mut self, _base: u64, offset: u64, data: &[u8]) {
         if let (Some(&value), Ok(reg)) = (data.first(), u8::try_from(offset)) {
+            self.note_register_write(offset, value);
             if let Err(e) = self.inner.write(reg, value) {
                 // The console sink failed (a closed pipe, a full disk): the
                 // guest must not notice; say so once in the log.
@@ -124,6 +165,9 @@ mod tests {
     #[test]
     fn input_is_queued_and_read_back() {
         let (mut dev, _irq, space, _out) = device();
+        // The driver listens for received data.
+        dev.write(COM1_PORT, 1, &[IER_RDI]);
+        assert_eq!(space.read().unwrap(), 1, "a listening driver is signalled");
         assert_eq!(dev.enqueue_input(b"ab"), 2);
         let mut b = [0u8];
         dev.read(COM1_PORT, 5, &mut b);
@@ -136,5 +180,27 @@ mod tests {
         // A full FIFO takes what fits.
         assert_eq!(dev.enqueue_input(&[b'z'; 100]), 64);
         assert_eq!(dev.enqueue_input(b"more"), 0);
+    }
+
+    #[test]
+    fn input_waits_until_the_driver_listens() {
+        let (mut dev, _irq, space, _out) = device();
+        // No driver yet (IER 0): typed-ahead input stays with the caller,
+        // so a driver starting up cannot clear it away.
+        assert_eq!(dev.enqueue_input(b"echo hi"), 0);
+        assert!(space.read().is_err(), "nothing to wake for yet");
+        // The divisor latch at offset 1 is not IER.
+        dev.write(COM1_PORT, 3, &[LCR_DLAB]);
+        dev.write(COM1_PORT, 1, &[IER_RDI]);
+        assert_eq!(dev.enqueue_input(b"echo hi"), 0);
+        dev.write(COM1_PORT, 3, &[0x03]);
+        // The driver turns on received-data interrupts: the feeder is
+        // woken and the input goes in.
+        dev.write(COM1_PORT, 1, &[IER_RDI]);
+        assert_eq!(space.read().unwrap(), 1);
+        assert_eq!(dev.enqueue_input(b"echo hi"), 7);
+        // A console write masks IER for a moment; input waits again.
+        dev.write(COM1_PORT, 1, &[0]);
+        assert_eq!(dev.enqueue_input(b"x"), 0);
     }
 }

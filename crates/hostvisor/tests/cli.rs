@@ -199,6 +199,7 @@ fn default_guest_runs_a_script_with_one_vcpu() {
         out.stdout
     );
     assert!(out.stdout.contains("RNG=virtio_rng.0"), "{}", out.stdout);
+    assert_clean_boot_log(&out.stdout);
     let rng_hex = out
         .stdout
         .lines()
@@ -253,6 +254,7 @@ fn default_guest_boots_with_two_vcpus_on_a_virtio_console() {
         "{}",
         out.stdout
     );
+    assert_clean_boot_log(&out.stdout);
 }
 
 #[test]
@@ -817,6 +819,7 @@ fn default_guest_boots_from_its_root_disk() {
         out.stdout, out.stderr
     );
     assert!(out.stdout.contains("ROOT=/dev/vda:ext4"), "{}", out.stdout);
+    assert_clean_boot_log(&out.stdout);
     let ls = Command::new("debugfs")
         .args(["-R", "ls /"])
         .arg(&disk)

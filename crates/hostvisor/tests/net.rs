@@ -239,6 +239,47 @@ fn nat_gives_a_lease_reaches_the_host_and_forwards_ports() {
     });
 }
 
+/// `hostvisor run --net nat` with a `hostvisor.run=` script: /init brings
+/// the network up before the script, so its first command can fetch from
+/// the host. The same boot (a NIC, a vsock device and the agent, an RNG)
+/// prints no alarming lines.
+#[test]
+fn a_run_script_has_the_network_on_its_first_line() {
+    if !kvm_usable() || default_guest().is_none() {
+        return;
+    }
+    in_netns(|| {
+        let (port, hits) = http_server("127.0.0.1", b"fetched at once\n");
+        let dir = temp_dir("runnet");
+        let socket = dir.join("vsock.sock");
+        // Run once more only if a signal (the nested host's exec-time
+        // crash) ended wget; a failure for want of a network is final.
+        let get = format!("wget -q -O - http://10.0.2.2:{port}/");
+        let script =
+            format!("{get}; s=$?; if [ $s -gt 128 ]; then {get}; s=$?; fi; echo WGET-STATUS=$s");
+        let append = format!("hostvisor.run={}", base64(script.as_bytes()));
+        let vsock = format!("cid=9,socket={}", socket.display());
+        let out = hostvisor(
+            &[
+                "run", "--net", "nat", "--rng", "--vsock", &vsock, "--append", &append,
+            ],
+            &[],
+            BOOT + Duration::from_secs(60),
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(out.code, 0, "{}\n{}", out.stdout, out.stderr);
+        assert!(out.stdout.contains("fetched at once"), "{}", out.stdout);
+        assert!(out.stdout.contains("WGET-STATUS=0"), "{}", out.stdout);
+        assert!(hits.load(std::sync::atomic::Ordering::SeqCst) >= 1);
+        assert!(
+            out.stdout.contains("hostvisor: eth0 has 10.0.2.15/24"),
+            "{}",
+            out.stdout
+        );
+        assert_clean_boot_log(&out.stdout);
+    });
+}
+
 #[test]
 fn vms_on_an_internal_network_reach_each_other_and_not_the_host() {
     if !kvm_usable() || default_guest().is_none() {

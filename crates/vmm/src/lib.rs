@@ -162,10 +162,9 @@ pub fn mark_process_start() {
     let _ = PROCESS_START.set(Instant::now());
 }
 
-/// The kernel command line hostvisor uses when none is given. `pci=off`
-/// until hostvisor has a PCI host bridge: there is no PCI bus to scan.
-/// (Linux still prints "PCI: Fatal: No config space access function
-/// found" at boot; that goes away with the bridge.)
+/// The kernel command line hostvisor uses when none is given. (No
+/// `pci=off`: the machine has a PCI root with a host bridge, and without
+/// one Linux calls the missing config space "Fatal".)
 ///
 /// On hosts that emulate guest kernel mode (nested PVM), it adds what such
 /// a guest needs: features the emulator cannot execute are cleared
@@ -180,7 +179,7 @@ pub fn default_cmdline(profile: HostProfile, console: ConsoleDevice, pausable: b
         ConsoleDevice::Serial => "console=ttyS0",
         ConsoleDevice::Virtio => "console=hvc0",
     };
-    let mut args = vec![console, "reboot=k", "panic=-1", "pci=off"];
+    let mut args = vec![console, "reboot=k", "panic=-1"];
     if profile.emulated_cpl0 {
         args.extend([
             "quiet",
@@ -364,7 +363,7 @@ mod tests {
         };
         assert_eq!(
             default_cmdline(native, ConsoleDevice::Serial, true),
-            "console=ttyS0 reboot=k panic=-1 pci=off"
+            "console=ttyS0 reboot=k panic=-1"
         );
         assert!(default_cmdline(native, ConsoleDevice::Virtio, false).starts_with("console=hvc0 "));
         assert!(host_hidden_features(native).is_empty());

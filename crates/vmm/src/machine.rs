@@ -460,7 +460,8 @@ struct LegacyDevices {
 
 /// Puts the PC's legacy devices on the port bus: the COM1 UART (IRQ 4
 /// through an irqfd; output watched for kernel panics), the i8042 reset
-/// line, the CMOS RTC and the debug-exit port.
+/// line, the CMOS RTC, the debug-exit port and the PCI root (an empty bus 0
+/// behind its host bridge).
 fn add_legacy_devices(
     vm: &dyn Vm,
     pio: &Bus,
@@ -491,6 +492,14 @@ fn add_legacy_devices(
     pio.insert(cmos, CMOS_PORT, CMOS_PORT_LEN)?;
     let debug_exit = Arc::new(Mutex::new(DebugExit::new(sink)));
     pio.insert(debug_exit, DEBUG_EXIT_PORT, 1)?;
+    // PCI configuration mechanism #1 with a host bridge: guest kernels with
+    // PCI support probe for it (and call its absence fatal).
+    let pci = Arc::new(Mutex::new(devices::pci::PciRoot::new()));
+    pio.insert(
+        pci,
+        devices::pci::CONFIG_ADDRESS_PORT,
+        devices::pci::CONFIG_PORTS_LEN,
+    )?;
     Ok(LegacyDevices {
         serial,
         input_space,

@@ -83,6 +83,23 @@ pub fn read_until(from: &mut impl Read, limit: Duration, done: impl Fn(&[u8]) ->
     seen
 }
 
+/// A healthy boot of the default guest prints nothing a newcomer would
+/// read as broken: no console line with "fatal", "error" or "failed" (in
+/// any case). `console` is everything the guest printed.
+pub fn assert_clean_boot_log(console: &str) {
+    let alarming: Vec<&str> = console
+        .lines()
+        .filter(|l| {
+            let l = l.to_ascii_lowercase();
+            ["fatal", "error", "failed"].iter().any(|w| l.contains(w))
+        })
+        .collect();
+    assert!(
+        alarming.is_empty(),
+        "a healthy boot printed alarming lines: {alarming:#?}\nwhole console:\n{console}"
+    );
+}
+
 /// A test that cannot run here: prints `SKIPPED: why`, or fails when the
 /// environment variable `require` is 1 (CI sets it where the host can run
 /// the test, so nothing is skipped there silently).

@@ -1,0 +1,246 @@
+//! The PCI root: configuration mechanism #1 (I/O ports 0xCF8–0xCFF) over
+//! bus 0, with a host bridge at 00:00.0.
+//!
+//! It is what a PC's chipset offers before any PCI device exists: Linux
+//! probes mechanism #1 at boot and, finding neither it nor a host bridge,
+//! prints "PCI: Fatal: No config space access function found" — on every
+//! boot of a guest whose kernel has PCI support. With this root the probe
+//! succeeds and finds a bus with nothing on it but the bridge. Devices
+//! (virtio-pci) join it through [`PciDevice`].
+//!
+//! Written by hand: the rust-vmm crates have no PCI configuration space
+//! (Cloud Hypervisor's and crosvm's live inside those VMMs), and this part
+//! is a few registers.
+
+use std::collections::BTreeMap;
+
+use crate::BusDevice;
+
+/// The address port (4 bytes) and the data window (4 bytes).
+pub const CONFIG_ADDRESS_PORT: u64 = 0xcf8;
+pub const CONFIG_PORTS_LEN: u64 = 8;
+
+/// Bit 31 of CONFIG_ADDRESS: the access goes to configuration space.
+const ENABLE: u32 = 1 << 31;
+
+/// A function's configuration space, as a PCI device on bus 0 offers it.
+pub trait PciDevice: Send {
+    /// Reads `data.len()` (1, 2 or 4) bytes at `offset`, which is aligned
+    /// to that size and below 256.
+    fn config_read(&self, offset: u8, data: &mut [u8]);
+    /// Writes likewise; a device ignores writes to read-only registers.
+    fn config_write(&mut self, offset: u8, data: &[u8]);
+}
+
+/// The host bridge: class 06/00, no BARs, nothing writable.
+#[derive(Debug)]
+pub struct HostBridge {
+    config: [u8; 64],
+}
+
+impl HostBridge {
+    /// Intel's vendor ID with the device ID Cloud Hypervisor also gives its
+    /// virtual host bridge; guests need only the class to be a host bridge.
+    const VENDOR: u16 = 0x8086;
+    const DEVICE: u16 = 0x0d57;
+
+    pub fn new() -> Self {
+        let mut config = [0u8; 64];
+        config[0..2].copy_from_slice(&Self::VENDOR.to_le_bytes());
+        config[2..4].copy_from_slice(&Self::DEVICE.to_le_bytes());
+        // Class code 06/00/00: bridge, host bridge.
+        config[0x0b] = 0x06;
+        // Header type 0, single function.
+        config[0x0e] = 0;
+        HostBridge { config }
+    }
+}
+
+impl Default for HostBridge {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl PciDevice for HostBridge {
+    fn config_read(&self, offset: u8, data: &mut [u8]) {
+        let start = usize::from(offset);
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = self.config.get(start + i).copied().unwrap_or(0);
+        }
+    }
+
+    fn config_write(&mut self, _offset: u8, _data: &[u8]) {}
+}
+
+/// Bus 0's functions by device/function number, and the address register.
+pub struct PciRoot {
+    address: u32,
+    functions: BTreeMap<u8, Box<dyn PciDevice>>,
+}
+
+impl std::fmt::Debug for PciRoot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PciRoot")
+            .field("address", &self.address)
+            .field("functions", &self.functions.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl PciRoot {
+    /// A bus with the host bridge at 00:00.0.
+    pub fn new() -> Self {
+        let mut functions: BTreeMap<u8, Box<dyn PciDevice>> = BTreeMap::new();
+        functions.insert(0, Box::new(HostBridge::new()));
+        PciRoot {
+            address: 0,
+            functions,
+        }
+    }
+
+    /// The function the address register selects, and the register offset
+    /// of the data port byte `port_offset` (0–3) within it.
+    fn selected(&self, port_offset: u8) -> Option<(u8, u8)> {
+        if self.address & ENABLE == 0 {
+            return None;
+        }
+        let bus = (self.address >> 16) & 0xff;
+        if bus != 0 {
+            return None;
+        }
+        let devfn = u8::try_from((self.address >> 8) & 0xff).ok()?;
+        let register = u8::try_from(self.address & 0xfc).ok()?;
+        Some((devfn, register | port_offset))
+    }
+
+    fn data_read(&self, port_offset: u8, data: &mut [u8]) {
+        data.fill(0xff);
+        let Some((devfn, offset)) = self.selected(port_offset) else {
+            return;
+        };
+        // Only naturally aligned accesses of 1, 2 or 4 bytes reach a device.
+        if !matches!(data.len(), 1 | 2 | 4) || usize::from(offset) % data.len() != 0 {
+            return;
+        }
+        if let Some(f) = self.functions.get(&devfn) {
+            f.config_read(offset, data);
+        }
+    }
+
+    fn data_write(&mut self, port_offset: u8, data: &[u8]) {
+        let Some((devfn, offset)) = self.selected(port_offset) else {
+            return;
+        };
+        if !matches!(data.len(), 1 | 2 | 4) || usize::from(offset) % data.len() != 0 {
+            return;
+        }
+        if let Some(f) = self.functions.get_mut(&devfn) {
+            f.config_write(offset, data);
+        }
+    }
+}
+
+impl Default for PciRoot {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl BusDevice for PciRoot {
+    fn read(&mut self, _base: u64, offset: u64, data: &mut [u8]) {
+        match (offset, data.len()) {
+            (0, 4) => data.copy_from_slice(&self.address.to_le_bytes()),
+            (4..=7, _) => {
+                // In range by the match arm.
+                let port_offset = u8::try_from(offset - 4).unwrap_or(0);
+                self.data_read(port_offset, data);
+            }
+            _ => data.fill(0xff),
+        }
+    }
+
+    fn write(&mut self, _base: u64, offset: u64, data: &[u8]) {
+        match (offset, data.len()) {
+            (0, 4) => {
+                let mut b = [0u8; 4];
+                b.copy_from_slice(data);
+                // The two lowest bits are reserved and read as zero.
+                self.address = u32::from_le_bytes(b) & !0b11;
+            }
+            (4..=7, _) => {
+                let port_offset = u8::try_from(offset - 4).unwrap_or(0);
+                self.data_write(port_offset, data);
+            }
+            // Byte writes to 0xCF8–0xCFB are mechanism #2's or a probe's
+            // (Linux writes 0xCFB first); they do not change the address.
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read32(root: &mut PciRoot, devfn: u8, reg: u8) -> u32 {
+        let addr = ENABLE | (u32::from(devfn) << 8) | u32::from(reg);
+        root.write(CONFIG_ADDRESS_PORT, 0, &addr.to_le_bytes());
+        let mut v = [0u8; 4];
+        root.read(CONFIG_ADDRESS_PORT, 4, &mut v);
+        u32::from_le_bytes(v)
+    }
+
+    #[test]
+    fn linux_type1_probe_finds_the_host_bridge() {
+        let mut root = PciRoot::new();
+        // pci_check_type1: a byte to 0xCFB, then the address reads back.
+        root.write(CONFIG_ADDRESS_PORT, 3, &[1]);
+        root.write(CONFIG_ADDRESS_PORT, 0, &0x8000_0000u32.to_le_bytes());
+        let mut v = [0u8; 4];
+        root.read(CONFIG_ADDRESS_PORT, 0, &mut v);
+        assert_eq!(u32::from_le_bytes(v), 0x8000_0000);
+        // pci_sanity_check: the class word at 0x0a of 00:00.0 is 0x0600.
+        root.write(CONFIG_ADDRESS_PORT, 0, &(ENABLE | 0x08).to_le_bytes());
+        let mut class = [0u8; 2];
+        root.read(CONFIG_ADDRESS_PORT, 6, &mut class);
+        assert_eq!(u16::from_le_bytes(class), 0x0600);
+        assert_eq!(read32(&mut root, 0, 0), 0x0d57_8086);
+    }
+
+    #[test]
+    fn empty_slots_other_buses_and_disabled_accesses_read_all_ones() {
+        let mut root = PciRoot::new();
+        assert_eq!(read32(&mut root, 8, 0), 0xffff_ffff);
+        // Bus 1.
+        root.write(CONFIG_ADDRESS_PORT, 0, &(ENABLE | 1 << 16).to_le_bytes());
+        let mut v = [0u8; 4];
+        root.read(CONFIG_ADDRESS_PORT, 4, &mut v);
+        assert_eq!(v, [0xff; 4]);
+        // Enable bit clear.
+        root.write(CONFIG_ADDRESS_PORT, 0, &0u32.to_le_bytes());
+        root.read(CONFIG_ADDRESS_PORT, 4, &mut v);
+        assert_eq!(v, [0xff; 4]);
+    }
+
+    #[test]
+    fn hostile_accesses_neither_panic_nor_change_the_bridge() {
+        let mut root = PciRoot::new();
+        root.write(CONFIG_ADDRESS_PORT, 0, &(ENABLE | 0xfc).to_le_bytes());
+        for len in [1usize, 2, 3, 4, 8] {
+            for off in 0..8u64 {
+                let mut buf = vec![0u8; len];
+                root.read(CONFIG_ADDRESS_PORT, off, &mut buf);
+                root.write(CONFIG_ADDRESS_PORT, off, &vec![0xaa; len]);
+            }
+        }
+        // Misaligned data reads return all ones.
+        root.write(CONFIG_ADDRESS_PORT, 0, &ENABLE.to_le_bytes());
+        let mut w = [0u8; 2];
+        root.read(CONFIG_ADDRESS_PORT, 5, &mut w);
+        assert_eq!(w, [0xff, 0xff]);
+        // Writes to the bridge's registers are ignored.
+        root.write(CONFIG_ADDRESS_PORT, 4, &0u32.to_le_bytes());
+        assert_eq!(read32(&mut root, 0, 0), 0x0d57_8086);
+    }
+}
