@@ -7,6 +7,7 @@ use block::tools::{self, CreateSpec, ImageInfo, NewSize, ToolError};
 use block::Format;
 use clap::Subcommand;
 
+use crate::progress::{progress_bar, spinner};
 use crate::CliError;
 
 #[derive(Debug, Subcommand)]
@@ -118,24 +119,6 @@ fn failure(e: ToolError) -> CliError {
     CliError::Failure(vmm::error_chain(&e))
 }
 
-/// A progress bar on stderr, drawn only when stderr is a terminal.
-fn progress_bar(what: &str) -> (indicatif::ProgressBar, impl FnMut(u64, u64)) {
-    let bar = indicatif::ProgressBar::new(0);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{msg} [{bar:40}] {percent:>3}% {bytes}/{total_bytes} ({eta})",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-        .progress_chars("=> "),
-    );
-    bar.set_message(what.to_string());
-    let handle = bar.clone();
-    (bar, move |done, total| {
-        handle.set_length(total);
-        handle.set_position(done);
-    })
-}
-
 /// Runs a disk command; returns the process exit code.
 pub fn run(cmd: DiskCommand) -> Result<i32, CliError> {
     match cmd {
@@ -187,7 +170,10 @@ pub fn run(cmd: DiskCommand) -> Result<i32, CliError> {
             result.map_err(failure)?;
         }
         DiskCommand::Resize { file, size, format } => {
-            let size = tools::resize(&file, format, size).map_err(failure)?;
+            let bar = spinner("resizing");
+            let result = tools::resize(&file, format, size);
+            bar.finish_and_clear();
+            let size = result.map_err(failure)?;
             println!("{} is now {}", file.display(), tools::human_size(size));
         }
         DiskCommand::Check {
@@ -196,7 +182,10 @@ pub fn run(cmd: DiskCommand) -> Result<i32, CliError> {
             json,
             format,
         } => {
-            let report = tools::check(&file, format, repair).map_err(failure)?;
+            let bar = spinner(if repair { "checking and repairing" } else { "checking" });
+            let result = tools::check(&file, format, repair);
+            bar.finish_and_clear();
+            let report = result.map_err(failure)?;
             if json {
                 let text = serde_json::to_string_pretty(&report)
                     .map_err(|e| CliError::Failure(e.to_string()))?;

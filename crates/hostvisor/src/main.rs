@@ -4,6 +4,7 @@ mod disk;
 mod doctor;
 mod guest;
 mod manage;
+mod progress;
 mod store;
 mod vmproc;
 

@@ -299,7 +299,10 @@ pub fn stop(name: &str, timeout: u64) -> Result<i32, CliError> {
     let vm = VmDir::open(name).map_err(fail)?;
     require_running(&vm)?;
     act(&vm, "/vm/stop", &format!("{{\"timeout_s\": {timeout}}}"))?;
-    if !wait_ended(&vm, Duration::from_secs(timeout + 10))? {
+    let bar = crate::progress::spinner(&format!("stopping {name}"));
+    let ended = wait_ended(&vm, Duration::from_secs(timeout.saturating_add(10)));
+    bar.finish_and_clear();
+    if !ended? {
         return kill(name);
     }
     println!("stopped {name}");
