@@ -38,6 +38,7 @@ impl VmBackend {
             }
             ControlError::NotRunning => ApiError::new(503, "the VM is not running"),
             ControlError::Failed(m) => ApiError::internal(m),
+            ControlError::Timeout(m) => ApiError::new(504, m),
         }
     }
 }
@@ -70,7 +71,7 @@ impl Stopper {
             tracing::info!("stop: {e}; ending the VM");
             return false;
         }
-        let deadline = Instant::now() + timeout;
+        let deadline = deadline_after(timeout);
         while Instant::now() < deadline {
             if self.ended.load(Ordering::Acquire) {
                 return true;
@@ -80,6 +81,15 @@ impl Stopper {
         tracing::info!("stop: the guest did not power off within {timeout:?}; ending the VM");
         false
     }
+}
+
+/// `timeout` from now, at most [`api::MAX_STOP_TIMEOUT_S`] (the API
+/// refuses more; this keeps `Instant + Duration` from overflowing whatever
+/// a caller passes).
+fn deadline_after(timeout: Duration) -> Instant {
+    let now = Instant::now();
+    let timeout = timeout.min(Duration::from_secs(api::MAX_STOP_TIMEOUT_S));
+    now.checked_add(timeout).unwrap_or(now)
 }
 
 /// How often the guest's clock is compared with the host's (as VirtualBox's
@@ -257,4 +267,24 @@ pub fn run(name: &str) -> Result<i32, String> {
         return Err(vmm::error_chain(&e));
     }
     Ok(code)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A huge stop timeout (it once overflowed `Instant + Duration` in the
+    /// stopper thread, after the API had answered 202) makes a deadline a
+    /// day away at most.
+    #[test]
+    fn stop_deadlines_are_bounded() {
+        let now = Instant::now();
+        for t in [Duration::MAX, Duration::from_secs(u64::MAX)] {
+            let d = deadline_after(t);
+            assert!(d >= now);
+            assert!(d <= Instant::now() + Duration::from_secs(api::MAX_STOP_TIMEOUT_S));
+        }
+        let d = deadline_after(Duration::from_secs(5));
+        assert!(d > now && d <= Instant::now() + Duration::from_secs(5));
+    }
 }

@@ -8,7 +8,7 @@ use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::console::ConsoleTarget;
+use crate::console::{ConsoleTarget, DeliverError};
 use crate::vcpu::VcpuStats;
 use crate::VmmEvent;
 
@@ -95,7 +95,15 @@ pub enum ControlError {
     NotRunning,
     #[error("{0}")]
     Failed(String),
+    /// The guest did not do its part in time (it does not read its
+    /// console, or is paused).
+    #[error("{0}")]
+    Timeout(String),
 }
+
+/// How long console input from a controller waits for the guest to take
+/// it.
+pub const CONSOLE_INPUT_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub type ControlReply = Result<Option<VmStatus>, ControlError>;
 
@@ -129,19 +137,30 @@ impl VmControl {
     }
 
     /// Types `bytes` on the guest's console (on the caller's thread: it
-    /// waits while the console device is full).
+    /// waits while the console device is full, at most
+    /// [`CONSOLE_INPUT_TIMEOUT`], and not after the VM stops).
     pub fn console_input(&self, bytes: &[u8]) -> Result<(), ControlError> {
+        self.console_input_within(bytes, CONSOLE_INPUT_TIMEOUT)
+    }
+
+    /// [`console_input`](Self::console_input) with its own deadline.
+    pub fn console_input_within(
+        &self,
+        bytes: &[u8],
+        timeout: Duration,
+    ) -> Result<(), ControlError> {
         let target = self
             .console
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
             .ok_or(ControlError::NotRunning)?;
-        if target.deliver(bytes.to_vec()) {
-            Ok(())
-        } else {
-            Err(ControlError::NotRunning)
-        }
+        target.deliver(bytes, timeout).map_err(|e| match e {
+            DeliverError::Closed => ControlError::NotRunning,
+            e @ DeliverError::Timeout { .. } => ControlError::Timeout(format!(
+                "{e}: the guest is paused or not reading its console"
+            )),
+        })
     }
 
     /// Sends `request` to the VM and waits for the answer.

@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod console;
+pub mod console_input;
 pub mod control;
 pub mod machine;
 pub mod panic_watch;
@@ -22,7 +23,7 @@ pub use config::{
     ConsoleDevice, DiskConfig, MemorySize, NetConfig, NetMode, ResetAction, SerialConfig, VmConfig,
     VsockConfig,
 };
-pub use machine::{Machine, MachineSpec};
+pub use machine::{Machine, MachineSpec, RunEnd, RunOptions};
 
 /// Messages to the VMM's control loop.
 #[derive(Debug)]
@@ -261,6 +262,12 @@ pub fn run_controlled(
         SerialConfig::Stdio => console::RawTerminal::enter(),
         _ => None,
     };
+    // One console input thread for every boot of this VM (dropping it
+    // stops it).
+    let stdin = match config.serial {
+        SerialConfig::Stdio => Some(console::StdinConsole::start().map_err(VmmError::Thread)?),
+        _ => None,
+    };
     // Chosen once, so a rebooting guest keeps its addresses.
     let macs: Vec<net::MacAddr> = config
         .nets
@@ -269,6 +276,10 @@ pub fn run_controlled(
         .map(|(i, nic)| nic.mac.unwrap_or_else(|| ephemeral_mac(i)))
         .collect();
     loop {
+        if stdin.as_ref().is_some_and(|s| s.exit_requested()) {
+            // `Ctrl-A x` between two boots.
+            return Ok(VmOutcome::Terminated);
+        }
         let (uart_out, virtio_out) = match config.console {
             ConsoleDevice::Serial => (serial_output(&config.serial)?, None),
             ConsoleDevice::Virtio => (
@@ -329,7 +340,11 @@ pub fn run_controlled(
         tracing::debug!(%cmdline, "booting");
         machine.load_linux(&config.kernel, config.initrd.as_deref(), &cmdline)?;
         let stats = machine.stats();
-        let outcome = machine.run(config.serial == SerialConfig::Stdio, started, control)?;
+        let RunEnd { outcome, stuck } = machine.run_with(RunOptions {
+            started,
+            control,
+            stdin: stdin.as_ref(),
+        })?;
         let assists = stats.assist_counts();
         if !assists.is_empty() {
             let list: Vec<String> = assists.iter().map(|(n, c)| format!("{n} x{c}")).collect();
@@ -347,7 +362,15 @@ pub fn run_controlled(
             "VM ended"
         );
         if outcome == VmOutcome::Reset && config.on_reset == ResetAction::Restart {
-            continue;
+            if stuck.is_empty() {
+                continue;
+            }
+            // What is stuck would be stuck again (console output nobody
+            // reads) and would pile up with every boot.
+            eprintln!(
+                "\r\nhostvisor: not restarting the VM: {} did not stop",
+                stuck.join(", ")
+            );
         }
         return Ok(outcome);
     }

@@ -2,10 +2,10 @@
 //! so that `run` boots Linux and tests can boot a few bytes of code.
 
 use std::io::Write;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use arch::cpuid::{CpuFeature, CpuidPolicy};
 use arch::layout::{self, ZERO_PAGE_START};
@@ -21,7 +21,7 @@ use hypervisor::{GuestMemoryMmap, Hypervisor, SystemEvent, Vcpu, Vm};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::console::ConsoleTarget;
+use crate::console::{ConsoleTarget, StdinConsole};
 use crate::control::{
     ControlError, ControlRequest, DeviceInfo, PauseGate, RunState, VcpuCounters, VmControl,
     VmStatus,
@@ -52,6 +52,9 @@ pub struct Machine {
     mmio: Bus,
     vcpus: Vec<Box<dyn Vcpu>>,
     console: ConsoleTarget,
+    /// Set when the machine stops (vCPUs leave their loop, console input
+    /// is refused).
+    stop: Arc<AtomicBool>,
     events: (Sender<VmmEvent>, Receiver<VmmEvent>),
     stats: Arc<VcpuStats>,
     memory: u64,
@@ -158,16 +161,15 @@ impl Machine {
             vcpu.set_lapic(&lapic)?;
             vcpus.push(vcpu);
         }
+        let stop = Arc::new(AtomicBool::new(false));
         Ok(Machine {
             vm,
             mem,
             pio,
             mmio: Bus::new(),
             vcpus,
-            console: ConsoleTarget::Uart {
-                serial: legacy.serial,
-                input_space: legacy.input_space,
-            },
+            console: ConsoleTarget::uart(legacy.serial, legacy.input_space, stop.clone()),
+            stop,
             events,
             stats: Arc::new(VcpuStats::default()),
             memory: spec.memory,
@@ -241,7 +243,7 @@ impl Machine {
         let input = Arc::new(ConsoleInput::new().map_err(VmmError::EventFd)?);
         let watched = Box::new(PanicWatch::new(output, self.panic_note.clone()));
         self.add_virtio_device(Box::new(Console::new(watched, input.clone())))?;
-        self.console = ConsoleTarget::Virtio(input);
+        self.console = ConsoleTarget::virtio(input, self.stop.clone());
         Ok(())
     }
 
@@ -297,9 +299,30 @@ impl Machine {
         started: Instant,
         control: Option<&VmControl>,
     ) -> Result<VmOutcome, VmmError> {
+        let stdin = if interactive {
+            Some(StdinConsole::start().map_err(VmmError::Thread)?)
+        } else {
+            None
+        };
+        let ended = self.run_with(RunOptions {
+            started,
+            control,
+            stdin: stdin.as_ref(),
+        })?;
+        Ok(ended.outcome)
+    }
+
+    /// Runs the guest until it ends (see [`Machine::run`]); the end says
+    /// whether every thread of the machine stopped in time.
+    pub fn run_with(self, options: RunOptions<'_>) -> Result<RunEnd, VmmError> {
+        let RunOptions {
+            started,
+            control,
+            stdin,
+        } = options;
         hypervisor::install_kick_handler().map_err(|e| VmmError::Signal(e.to_string()))?;
         let (tx, rx) = self.events;
-        let stop = Arc::new(AtomicBool::new(false));
+        let stop = self.stop.clone();
         let gate = Arc::new(PauseGate::default());
         let mut handles = Vec::new();
         for vcpu in self.vcpus {
@@ -316,13 +339,20 @@ impl Machine {
             };
             let thread = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
-                .spawn(move || vcpu::run(vcpu, ctx))
-                .map_err(VmmError::Thread)?;
-            handles.push(VcpuHandle { id, thread });
+                .spawn(move || vcpu::run(vcpu, ctx));
+            match thread {
+                Ok(thread) => handles.push(VcpuHandle { id, thread }),
+                Err(e) => {
+                    stop.store(true, Ordering::Release);
+                    for h in &handles {
+                        h.kick();
+                    }
+                    return Err(VmmError::Thread(e));
+                }
+            }
         }
-        if interactive {
-            crate::console::spawn_input_thread(self.console.clone(), tx.clone())
-                .map_err(VmmError::Thread)?;
+        if let Some(stdin) = stdin {
+            stdin.attach(self.console.clone(), tx.clone());
         }
         if let Some(control) = control {
             control.attach(tx.clone(), self.console.clone());
@@ -430,13 +460,24 @@ impl Machine {
         if let Some(control) = control {
             control.detach();
         }
-        stop.store(true, std::sync::atomic::Ordering::Release);
-        gate.wake();
-        for h in &handles {
-            h.kick();
+        if let Some(stdin) = stdin {
+            stdin.detach();
         }
-        for h in handles {
-            let _ = h.thread.join();
+        stop.store(true, Ordering::Release);
+        gate.wake();
+        let mut stuck = stop_vcpus(handles, VCPU_STOP_TIMEOUT);
+        // The devices go with the last references to the buses: their
+        // workers are stopped (each within its own bound) on a thread of
+        // their own, so that the whole teardown has one deadline.
+        let teardown = (self.pio, self.mmio, self.vm, self.mem);
+        if !drop_within(teardown, DEVICE_STOP_TIMEOUT) {
+            stuck.push("device workers".to_string());
+        }
+        if !stuck.is_empty() {
+            tracing::warn!(
+                "left behind, still running: {}; the process should exit",
+                stuck.join(", ")
+            );
         }
         // A reset right after a kernel panic is the panic's reboot.
         let panic = self
@@ -444,10 +485,82 @@ impl Machine {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .take();
-        Ok(match (outcome, panic) {
+        let outcome = match (outcome, panic) {
             (VmOutcome::Reset, Some(message)) => VmOutcome::Crashed(message),
             (outcome, _) => outcome,
-        })
+        };
+        Ok(RunEnd { outcome, stuck })
+    }
+}
+
+/// How long the vCPUs get to leave their loops once told to stop. A vCPU
+/// can be held up by a device: a reset waits up to
+/// [`devices::virtio::worker::STOP_TIMEOUT`] for the device's worker.
+pub const VCPU_STOP_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long the devices get to stop their workers at teardown.
+pub const DEVICE_STOP_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What [`Machine::run_with`] needs besides the machine.
+#[derive(Debug, Clone, Copy)]
+pub struct RunOptions<'a> {
+    /// When the process started, for timing logs.
+    pub started: Instant,
+    /// A handle through which another thread controls the VM.
+    pub control: Option<&'a VmControl>,
+    /// The console input thread to attach to this machine.
+    pub stdin: Option<&'a StdinConsole>,
+}
+
+/// How a machine's run ended.
+#[derive(Debug)]
+pub struct RunEnd {
+    pub outcome: VmOutcome,
+    /// Threads that did not stop in time (a vCPU blocked writing console
+    /// output nobody reads, a device worker stuck in its backend). They
+    /// are left running; the process should exit rather than boot again.
+    pub stuck: Vec<String>,
+}
+
+/// Kicks the (already told to stop) vCPUs and joins them, waiting until
+/// `timeout` at most; the names of those left running.
+fn stop_vcpus(handles: Vec<VcpuHandle>, timeout: Duration) -> Vec<String> {
+    for h in &handles {
+        h.kick();
+    }
+    let deadline = Instant::now() + timeout;
+    let mut waiting = handles;
+    while !waiting.is_empty() && Instant::now() < deadline {
+        let (done, rest): (Vec<_>, Vec<_>) =
+            waiting.into_iter().partition(|h| h.thread.is_finished());
+        for h in done {
+            let _ = h.thread.join();
+        }
+        waiting = rest;
+        if !waiting.is_empty() {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    // Dropping a JoinHandle detaches its thread.
+    waiting
+        .into_iter()
+        .map(|h| format!("vCPU {}", h.id))
+        .collect()
+}
+
+/// Drops `value` on a thread of its own and waits for that at most
+/// `timeout`; false if the drop is still going on.
+fn drop_within<T: Send + 'static>(value: T, timeout: Duration) -> bool {
+    let (done, finished) = std::sync::mpsc::channel::<()>();
+    let spawned = std::thread::Builder::new()
+        .name("teardown".into())
+        .spawn(move || {
+            drop(value);
+            let _ = done.send(());
+        });
+    match spawned {
+        Ok(_) => finished.recv_timeout(timeout).is_ok(),
+        // No thread to spare: drop it here.
+        Err(_) => true,
     }
 }
 
@@ -475,7 +588,7 @@ fn add_legacy_devices(
     };
     let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)?;
     vm.register_irqfd(&irq, COM1_IRQ)?;
-    let input_space = Arc::new(EventFd::new(0).map_err(VmmError::EventFd)?);
+    let input_space = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)?);
     let panic_note = PanicNote::default();
     let watched = Box::new(PanicWatch::new(serial_out, panic_note.clone()));
     let serial = Arc::new(Mutex::new(SerialDevice::new(
