@@ -1,6 +1,8 @@
 //! The virtual machine monitor: turns a [`VmConfig`] into a running VM and
 //! reports how it ended.
 
+#![warn(clippy::cast_possible_truncation)]
+
 pub mod config;
 pub mod console;
 pub mod console_input;
@@ -138,7 +140,9 @@ pub fn ephemeral_mac(index: usize) -> net::MacAddr {
     let boot = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos());
-    net::MacAddr::for_vm(&format!("{}-{boot}", std::process::id()), index as u32)
+    // NICs are few; the index only varies the derived address.
+    let index = u32::try_from(index).unwrap_or(u32::MAX);
+    net::MacAddr::for_vm(&format!("{}-{boot}", std::process::id()), index)
 }
 
 /// "outer: inner: innermost" for an error and its sources.

