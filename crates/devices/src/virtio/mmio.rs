@@ -184,6 +184,11 @@ impl MmioTransport {
             self.reset();
             return;
         }
+        if value > 0xff {
+            // The status is 8 bits wide; no bit above them means anything.
+            tracing::debug!(value, "virtio status beyond 8 bits ignored");
+            return;
+        }
         // The driver only ever adds bits (or writes 0 to reset).
         if value & self.status != self.status {
             tracing::warn!(

@@ -294,6 +294,16 @@ fn misaligned_ring_addresses_are_refused() {
     }
 }
 
+/// Status values beyond the 8 status bits are ignored, not taken in part.
+#[test]
+fn status_beyond_eight_bits_is_ignored() {
+    let mut h = harness(false);
+    h.w(0x70, 0x100 | VIRTIO_CONFIG_S_ACKNOWLEDGE);
+    assert_eq!(h.r(0x70), 0);
+    h.w(0x70, VIRTIO_CONFIG_S_ACKNOWLEDGE);
+    assert_eq!(h.r(0x70), VIRTIO_CONFIG_S_ACKNOWLEDGE);
+}
+
 /// Selectors and notifications beyond the queues (or beyond `usize`) are
 /// ignored.
 #[test]
