@@ -5,8 +5,6 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 
-pub use crate::console_input::{ConsoleTarget, DeliverError, StdinConsole};
-
 static SAVED_TERMIOS: OnceLock<libc::termios> = OnceLock::new();
 static RAW_ACTIVE: AtomicBool = AtomicBool::new(false);
 

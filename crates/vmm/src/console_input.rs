@@ -17,7 +17,7 @@ use devices::virtio::console::ConsoleInput;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::console::{ConsoleKey, EscapeParser, ESCAPE_HELP};
-use crate::VmmEvent;
+use crate::event::VmmEvent;
 
 /// The device that console input goes to.
 #[derive(Clone)]

@@ -4,35 +4,29 @@
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arch::cpuid::{CpuFeature, CpuidPolicy};
 use arch::layout::{self, ZERO_PAGE_START};
-use devices::cmos::{Cmos, CMOS_PORT, CMOS_PORT_LEN};
-use devices::debug_exit::{DebugExit, DEBUG_EXIT_PORT};
-use devices::i8042::{COMMAND_PORT, DATA_PORT, I8042};
-use devices::serial::{SerialDevice, COM1_IRQ, COM1_PORT, UART_PORT_LEN};
 use devices::virtio::console::{Console, ConsoleInput};
-use devices::virtio::mmio::{MmioTransport, MMIO_WINDOW, NOTIFY_OFFSET};
-use devices::virtio::{Interrupt, VirtioDevice};
-use devices::{Bus, PlatformRequest, PlatformRequestSink};
+use devices::virtio::VirtioDevice;
+use devices::{Bus, PlatformRequest};
 use hypervisor::{GuestMemoryMmap, Hypervisor, SystemEvent, Vcpu, Vm};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
-use vmm_sys_util::eventfd::EventFd;
 
-use crate::console::{ConsoleTarget, StdinConsole};
-use crate::control::{
-    ControlError, ControlRequest, DeviceInfo, PauseGate, RunState, VcpuCounters, VmControl,
-    VmStatus,
-};
+use crate::builder::{add_legacy_devices, VirtioMmio};
+use crate::console_input::{ConsoleTarget, StdinConsole};
+use crate::control::VmControl;
+use crate::error::VmmError;
+use crate::event::VmmEvent;
+use crate::outcome::VmOutcome;
 use crate::panic_watch::{PanicNote, PanicWatch};
-use crate::vcpu::{self, VcpuContext, VcpuHandle, VcpuStats, VcpuStop};
-use crate::{VmOutcome, VmmError, VmmEvent};
+use crate::request::{ControlError, ControlRequest, RunState, VcpuCounters, VmStatus};
+use crate::shared::{PauseGate, VcpuStats, VcpuStop};
+use crate::vcpu::{self, VcpuContext, VcpuHandle};
 
-/// The interrupt line of the first virtio device; the next ones follow.
-/// (0-4 are the PIT, keyboard, cascade and COM ports.)
-pub const VIRTIO_FIRST_IRQ: u32 = 5;
+pub use crate::builder::VIRTIO_FIRST_IRQ;
 
 /// The shape of a machine, independent of what it boots.
 pub struct MachineSpec {
@@ -59,19 +53,9 @@ pub struct Machine {
     stats: Arc<VcpuStats>,
     memory: u64,
     panic_note: PanicNote,
-    /// `virtio_mmio.device=` arguments for the devices added so far.
-    virtio_cmdline: Vec<String>,
-    /// The virtio devices, for status reports.
-    devices: Vec<DeviceEntry>,
+    /// The virtio devices.
+    virtio: VirtioMmio,
     cpus: u32,
-}
-
-/// A virtio device as the status report shows it.
-struct DeviceEntry {
-    kind: String,
-    base: u64,
-    irq: u32,
-    interrupt: Arc<Interrupt>,
 }
 
 impl std::fmt::Debug for Machine {
@@ -181,8 +165,7 @@ impl Machine {
             stats: Arc::new(VcpuStats::default()),
             memory: spec.memory,
             panic_note: legacy.panic_note,
-            virtio_cmdline: Vec::new(),
-            devices: Vec::new(),
+            virtio: VirtioMmio::default(),
             cpus: spec.cpus,
         })
     }
@@ -205,42 +188,12 @@ impl Machine {
 
     /// Adds a virtio device behind a virtio-mmio window: the next 4 KiB
     /// window and interrupt line, an irqfd for its interrupt, and an
-    /// ioeventfd per queue at QueueNotify. Linux learns of it from the
-    /// command line [`Machine::load_linux`] writes.
+    /// ioeventfd per queue at QueueNotify (see [`VirtioMmio::add`]).
+    /// Linux learns of it from the command line [`Machine::load_linux`]
+    /// writes.
     pub fn add_virtio_device(&mut self, device: Box<dyn VirtioDevice>) -> Result<(), VmmError> {
-        let irq = u32::try_from(self.virtio_cmdline.len())
-            .ok()
-            .and_then(|index| VIRTIO_FIRST_IRQ.checked_add(index))
-            .filter(|&irq| irq < u32::from(arch::mptable::IOAPIC_PINS))
-            .ok_or(VmmError::TooManyDevices)?;
-        let base = layout::DEVICE_MMIO_START + u64::from(irq - VIRTIO_FIRST_IRQ) * MMIO_WINDOW;
-        let line = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)?;
-        self.vm.register_irqfd(&line, irq)?;
-        let interrupt = Arc::new(Interrupt::new(line));
-        let kind = match device.device_type() {
-            1 => "net",
-            2 => "block",
-            3 => "console",
-            4 => "rng",
-            _ => "other",
-        };
-        self.devices.push(DeviceEntry {
-            kind: kind.to_string(),
-            base,
-            irq,
-            interrupt: interrupt.clone(),
-        });
-        let transport = MmioTransport::new(device, self.mem.clone(), interrupt)
-            .map_err(|e| VmmError::Virtio(e.to_string()))?;
-        for (queue, event) in (0u32..).zip(transport.queue_events()) {
-            self.vm
-                .register_mmio_ioevent(event, base + NOTIFY_OFFSET, queue)?;
-        }
-        self.mmio
-            .insert(Arc::new(Mutex::new(transport)), base, MMIO_WINDOW)?;
-        self.virtio_cmdline
-            .push(format!("virtio_mmio.device=4K@{base:#x}:{irq}"));
-        Ok(())
+        self.virtio
+            .add(self.vm.as_ref(), &self.mem, &self.mmio, device)
     }
 
     /// Makes a virtio-console port the console: what the guest writes to
@@ -264,7 +217,7 @@ impl Machine {
         cmdline: &str,
     ) -> Result<(), VmmError> {
         let cmdline = std::iter::once(cmdline.to_string())
-            .chain(self.virtio_cmdline.iter().cloned())
+            .chain(self.virtio.cmdline())
             .collect::<Vec<_>>()
             .join(" ");
         let cmdline = cmdline.as_str();
@@ -422,16 +375,7 @@ impl Machine {
                                 vcpus: self.cpus,
                                 memory: self.memory,
                                 counters: VcpuCounters::from_stats(&self.stats),
-                                devices: self
-                                    .devices
-                                    .iter()
-                                    .map(|d| DeviceInfo {
-                                        kind: d.kind.clone(),
-                                        mmio_base: d.base,
-                                        irq: d.irq,
-                                        interrupts: d.interrupt.raised(),
-                                    })
-                                    .collect(),
+                                devices: self.virtio.info(),
                             }))
                         }
                     };
@@ -569,53 +513,6 @@ fn drop_within<T: Send + 'static>(value: T, timeout: Duration) -> bool {
         // No thread to spare: drop it here.
         Err(_) => true,
     }
-}
-
-/// The UART's handles the machine keeps.
-struct LegacyDevices {
-    serial: Arc<Mutex<SerialDevice>>,
-    input_space: Arc<EventFd>,
-    panic_note: PanicNote,
-}
-
-/// Puts the PC's legacy devices on the port bus: the COM1 UART (IRQ 4
-/// through an irqfd; output watched for kernel panics), the i8042 reset
-/// line, the CMOS RTC and the debug-exit port.
-fn add_legacy_devices(
-    vm: &dyn Vm,
-    pio: &Bus,
-    events: &Sender<VmmEvent>,
-    serial_out: Box<dyn Write + Send>,
-) -> Result<LegacyDevices, VmmError> {
-    let sink: PlatformRequestSink = {
-        let tx = events.clone();
-        Arc::new(move |r: PlatformRequest| {
-            let _ = tx.send(VmmEvent::Platform(r));
-        })
-    };
-    let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)?;
-    vm.register_irqfd(&irq, COM1_IRQ)?;
-    let input_space = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)?);
-    let panic_note = PanicNote::default();
-    let watched = Box::new(PanicWatch::new(serial_out, panic_note.clone()));
-    let serial = Arc::new(Mutex::new(SerialDevice::new(
-        irq,
-        watched,
-        input_space.clone(),
-    )));
-    pio.insert(serial.clone(), COM1_PORT, UART_PORT_LEN)?;
-    let i8042 = Arc::new(Mutex::new(I8042::new(sink.clone())));
-    pio.insert(i8042.clone(), DATA_PORT, 1)?;
-    pio.insert(i8042, COMMAND_PORT, 1)?;
-    let cmos = Arc::new(Mutex::new(Cmos::default()));
-    pio.insert(cmos, CMOS_PORT, CMOS_PORT_LEN)?;
-    let debug_exit = Arc::new(Mutex::new(DebugExit::new(sink)));
-    pio.insert(debug_exit, DEBUG_EXIT_PORT, 1)?;
-    Ok(LegacyDevices {
-        serial,
-        input_space,
-        panic_note,
-    })
 }
 
 /// Milliseconds (u64 milliseconds last 584 million years).

@@ -75,6 +75,9 @@ impl VirtioDevice for SlowDevice {
     fn device_type(&self) -> u32 {
         4
     }
+    fn name(&self) -> &'static str {
+        "slow"
+    }
     fn queue_max_sizes(&self) -> &[u16] {
         &[16]
     }

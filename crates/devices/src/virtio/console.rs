@@ -154,6 +154,9 @@ impl VirtioDevice for Console {
     fn device_type(&self) -> u32 {
         VIRTIO_ID_CONSOLE
     }
+    fn name(&self) -> &'static str {
+        "console"
+    }
 
     fn queue_max_sizes(&self) -> &[u16] {
         &[QUEUE_SIZE, QUEUE_SIZE]

@@ -109,7 +109,7 @@ impl MmioTransport {
 
     /// Records a queue setting the device refused.
     fn refuse_queue_setup(&mut self, why: String) {
-        tracing::debug!(device = self.device.device_type(), "virtio-mmio: {why}");
+        tracing::debug!(device = self.device.name(), "virtio-mmio: {why}");
         self.bad_queue_setup.get_or_insert(why);
     }
 
@@ -258,7 +258,7 @@ impl MmioTransport {
             Ok(()) => self.activated = true,
             Err(why) => {
                 tracing::warn!(
-                    device = self.device.device_type(),
+                    device = self.device.name(),
                     "virtio device needs reset: {why}"
                 );
                 self.status |= VIRTIO_CONFIG_S_NEEDS_RESET;

@@ -254,6 +254,9 @@ impl VirtioDevice for Net {
     fn device_type(&self) -> u32 {
         VIRTIO_ID_NET
     }
+    fn name(&self) -> &'static str {
+        "net"
+    }
 
     fn queue_max_sizes(&self) -> &[u16] {
         &QUEUE_SIZES

@@ -88,6 +88,9 @@ impl VirtioDevice for Rng {
     fn device_type(&self) -> u32 {
         VIRTIO_ID_RNG
     }
+    fn name(&self) -> &'static str {
+        "rng"
+    }
 
     fn queue_max_sizes(&self) -> &[u16] {
         &[QUEUE_SIZE]

@@ -21,6 +21,9 @@ impl VirtioDevice for FakeDevice {
     fn device_type(&self) -> u32 {
         42
     }
+    fn name(&self) -> &'static str {
+        "fake"
+    }
     fn queue_max_sizes(&self) -> &[u16] {
         &self.sizes
     }
