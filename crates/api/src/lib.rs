@@ -20,6 +20,12 @@ pub use client::{Client, ClientError, Response};
 /// Bodies larger than this are refused (413).
 const MAX_BODY: u64 = 64 << 10;
 
+/// The longest `PUT /vm/stop` waits for the guest, in seconds (a day);
+/// larger values are refused (400).
+pub const MAX_STOP_TIMEOUT_S: u64 = 24 * 60 * 60;
+/// `PUT /vm/stop`'s wait when the body names none, in seconds.
+pub const DEFAULT_STOP_TIMEOUT_S: u64 = 30;
+
 /// What a request asks of the VM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
@@ -29,7 +35,8 @@ pub enum Action {
     Pause,
     /// `PUT /vm/resume`
     Resume,
-    /// `PUT /vm/stop`: ask the guest to power off; kill it after `timeout`.
+    /// `PUT /vm/stop`: ask the guest to power off; kill it after `timeout`
+    /// (at most [`MAX_STOP_TIMEOUT_S`]).
     Stop { timeout: Duration },
     /// `PUT /vm/kill`
     Kill,
@@ -75,7 +82,7 @@ pub trait Backend: Send + Sync + 'static {
     fn act(&self, action: Action) -> Result<serde_json::Value, ApiError>;
     /// The console's output so far and as it comes, until the VM ends.
     fn console(&self) -> Result<Box<dyn Read + Send>, ApiError>;
-    /// Types `bytes` on the guest's console.
+    /// Types `bytes` (any bytes, not only text) on the guest's console.
     fn console_input(&self, bytes: &[u8]) -> Result<(), ApiError>;
 }
 
@@ -87,7 +94,8 @@ pub const CONSOLE_PROTOCOL: &str = "hostvisor-console";
 #[derive(Debug, Default, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct StopBody {
-    /// Seconds to wait for the guest before killing it (default 30).
+    /// Seconds to wait for the guest before killing it (default 30, at
+    /// most a day).
     timeout_s: Option<u64>,
 }
 
@@ -97,15 +105,16 @@ struct StopBody {
 struct EmptyBody {}
 
 /// Parses an optional JSON body: empty means the defaults.
-fn parse_body<T: serde::de::DeserializeOwned + Default>(body: &str) -> Result<T, ApiError> {
-    if body.trim().is_empty() {
+fn parse_body<T: serde::de::DeserializeOwned + Default>(body: &[u8]) -> Result<T, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(T::default());
     }
-    serde_json::from_str(body).map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
 }
 
 /// The routes: which action a method and path ask for.
-fn route(method: &str, path: &str, body: &str) -> Result<Route, ApiError> {
+fn route(method: &str, path: &str, body: &[u8]) -> Result<Route, ApiError> {
     let path = path.split('?').next().unwrap_or(path);
     let known = [
         ("/vm", "GET"),
@@ -138,8 +147,14 @@ fn route(method: &str, path: &str, body: &str) -> Result<Route, ApiError> {
         "/vm/console" => Route::Console,
         "/vm/stop" => {
             let b: StopBody = parse_body(body)?;
+            let seconds = b.timeout_s.unwrap_or(DEFAULT_STOP_TIMEOUT_S);
+            if seconds > MAX_STOP_TIMEOUT_S {
+                return Err(ApiError::bad_request(format!(
+                    "timeout_s is {seconds}; it must be at most {MAX_STOP_TIMEOUT_S} (a day)"
+                )));
+            }
             Route::Act(Action::Stop {
-                timeout: Duration::from_secs(b.timeout_s.unwrap_or(30)),
+                timeout: Duration::from_secs(seconds),
             })
         }
         other => {
@@ -210,8 +225,10 @@ fn error_response(e: &ApiError) -> tiny_http::Response<std::io::Cursor<Vec<u8>>>
 fn handle(mut request: tiny_http::Request, backend: &dyn Backend) {
     let method = request.method().as_str().to_string();
     let url = request.url().to_string();
-    let mut body = String::new();
-    let too_big = request.body_length().is_some_and(|n| n as u64 > MAX_BODY);
+    let mut body = Vec::new();
+    let too_big = request
+        .body_length()
+        .is_some_and(|n| u64::try_from(n).map_or(true, |n| n > MAX_BODY));
     let read = if too_big {
         Err(ApiError::new(
             413,
@@ -221,10 +238,10 @@ fn handle(mut request: tiny_http::Request, backend: &dyn Backend) {
         request
             .as_reader()
             .take(MAX_BODY + 1)
-            .read_to_string(&mut body)
-            .map_err(|_| ApiError::bad_request("the body is not UTF-8 text"))
+            .read_to_end(&mut body)
+            .map_err(|e| ApiError::bad_request(format!("cannot read the body: {e}")))
             .and_then(|n| {
-                if n as u64 > MAX_BODY {
+                if u64::try_from(n).map_or(true, |n| n > MAX_BODY) {
                     Err(ApiError::new(
                         413,
                         format!("bodies are limited to {MAX_BODY} bytes"),
@@ -249,7 +266,7 @@ fn handle(mut request: tiny_http::Request, backend: &dyn Backend) {
             }
             Err(e) => request.respond(error_response(&e)),
         },
-        Ok(Route::ConsoleInput) => match backend.console_input(body.as_bytes()) {
+        Ok(Route::ConsoleInput) => match backend.console_input(&body) {
             Ok(()) => request.respond(tiny_http::Response::empty(204)),
             Err(e) => request.respond(error_response(&e)),
         },
@@ -335,34 +352,76 @@ mod tests {
 
     #[test]
     fn routes_map_methods_and_paths_to_actions() {
-        assert_eq!(route("GET", "/vm", ""), Ok(Route::Act(Action::Info)));
-        assert_eq!(route("PUT", "/vm/pause", ""), Ok(Route::Act(Action::Pause)));
+        assert_eq!(route("GET", "/vm", b""), Ok(Route::Act(Action::Info)));
         assert_eq!(
-            route("PUT", "/vm/resume", "{}"),
+            route("PUT", "/vm/pause", b""),
+            Ok(Route::Act(Action::Pause))
+        );
+        assert_eq!(
+            route("PUT", "/vm/resume", b"{}"),
             Ok(Route::Act(Action::Resume))
         );
         assert_eq!(
-            route("PUT", "/vm/stop", r#"{"timeout_s": 5}"#),
+            route("PUT", "/vm/stop", br#"{"timeout_s": 5}"#),
             Ok(Route::Act(Action::Stop {
                 timeout: Duration::from_secs(5)
             }))
         );
-        assert_eq!(route("GET", "/vm/console", ""), Ok(Route::Console));
-        assert_eq!(route("PUT", "/vm/console", "ls\n"), Ok(Route::ConsoleInput));
-        assert_eq!(route("GET", "/nope", "").unwrap_err().status, 404);
-        assert_eq!(route("DELETE", "/vm", "").unwrap_err().status, 405);
-        assert_eq!(route("PUT", "/vm/stop", "{oops").unwrap_err().status, 400);
-        let unknown = route("PUT", "/vm/stop", r#"{"timeout": 5}"#).unwrap_err();
+        assert_eq!(route("GET", "/vm/console", b""), Ok(Route::Console));
+        assert_eq!(
+            route("PUT", "/vm/console", b"ls\n"),
+            Ok(Route::ConsoleInput)
+        );
+        assert_eq!(route("GET", "/nope", b"").unwrap_err().status, 404);
+        assert_eq!(route("DELETE", "/vm", b"").unwrap_err().status, 405);
+        assert_eq!(route("PUT", "/vm/stop", b"{oops").unwrap_err().status, 400);
+        let unknown = route("PUT", "/vm/stop", br#"{"timeout": 5}"#).unwrap_err();
         assert_eq!(unknown.status, 400);
         assert!(
             unknown.message.contains("unknown field `timeout`"),
             "{unknown}"
         );
         assert_eq!(
-            route("PUT", "/vm/kill", r#"{"now": true}"#)
+            route("PUT", "/vm/kill", br#"{"now": true}"#)
                 .unwrap_err()
                 .status,
             400
         );
+    }
+
+    /// A stop timeout beyond a day is refused before anything happens
+    /// (it used to overflow `Instant + Duration` in the stopper thread
+    /// after the request was accepted, and the VM never stopped).
+    #[test]
+    fn stop_timeouts_are_bounded() {
+        let max = format!(r#"{{"timeout_s": {MAX_STOP_TIMEOUT_S}}}"#);
+        assert_eq!(
+            route("PUT", "/vm/stop", max.as_bytes()),
+            Ok(Route::Act(Action::Stop {
+                timeout: Duration::from_secs(MAX_STOP_TIMEOUT_S)
+            }))
+        );
+        for huge in [MAX_STOP_TIMEOUT_S + 1, u64::MAX] {
+            let body = format!(r#"{{"timeout_s": {huge}}}"#);
+            let e = route("PUT", "/vm/stop", body.as_bytes()).unwrap_err();
+            assert_eq!(e.status, 400);
+            assert!(e.message.contains("at most 86400"), "{e}");
+        }
+        assert_eq!(
+            route("PUT", "/vm/stop", b""),
+            Ok(Route::Act(Action::Stop {
+                timeout: Duration::from_secs(DEFAULT_STOP_TIMEOUT_S)
+            }))
+        );
+        // Out of u64 altogether, or negative: a JSON error, also 400.
+        for bad in ["18446744073709551616", "-1"] {
+            let body = format!(r#"{{"timeout_s": {bad}}}"#);
+            assert_eq!(
+                route("PUT", "/vm/stop", body.as_bytes())
+                    .unwrap_err()
+                    .status,
+                400
+            );
+        }
     }
 }

@@ -65,6 +65,12 @@ impl Backend for FakeVm {
     }
 
     fn console_input(&self, bytes: &[u8]) -> Result<(), ApiError> {
+        if bytes == b"to a guest that does not read" {
+            return Err(ApiError::new(
+                504,
+                "the guest took 0 of 29 bytes of console input within 5s",
+            ));
+        }
         self.typed.lock().unwrap().extend_from_slice(bytes);
         Ok(())
     }
@@ -165,9 +171,17 @@ fn the_server_answers_as_its_openapi_document_says() {
         ("PUT", "/vm/resume", r#"{"force": true}"#, 400),
         ("PUT", "/vm/stop", r#"{"timeout_s": "soon"}"#, 400),
         ("PUT", "/vm/stop", r#"{"timeout": 3}"#, 400),
+        ("PUT", "/vm/stop", r#"{"timeout_s": 86401}"#, 400),
+        (
+            "PUT",
+            "/vm/stop",
+            r#"{"timeout_s": 18446744073709551615}"#,
+            400,
+        ),
         ("PUT", "/vm/kill", "[1,2]", 400),
         ("PUT", "/vm/stop", r#"{"timeout_s": 3}"#, 202),
         ("PUT", "/vm/console", "uname -a\n", 204),
+        ("PUT", "/vm/console", "to a guest that does not read", 504),
         ("PUT", "/vm/kill", "", 204),
         // A stopped VM is in the wrong state for everything but GET.
         ("PUT", "/vm/pause", "", 409),
@@ -222,6 +236,14 @@ fn the_server_answers_as_its_openapi_document_says() {
         413
     );
     assert_eq!(vm.typed.lock().unwrap().as_slice(), b"uname -a\n");
+    // Console input is a byte stream, not text: any bytes get through.
+    let binary = b"\xff\xfe\x00\x1b[A\x80";
+    let r = client.request_bytes("PUT", "/vm/console", binary).unwrap();
+    assert_eq!(r.status, 204, "{}", r.error_message());
+    assert_eq!(
+        vm.typed.lock().unwrap().as_slice(),
+        [&b"uname -a\n"[..], binary].concat()
+    );
     // The console stream: a protocol switch, then the output.
     let op = &spec["paths"]["/vm/console"]["get"];
     exercised_console(op);

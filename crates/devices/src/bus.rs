@@ -109,7 +109,7 @@ mod tests {
 
     impl BusDevice for Recorder {
         fn read(&mut self, base: u64, offset: u64, data: &mut [u8]) {
-            data.fill((base + offset) as u8);
+            data.fill((base + offset).to_le_bytes()[0]);
         }
         fn write(&mut self, base: u64, offset: u64, data: &[u8]) {
             self.writes.push((base, offset, data.to_vec()));

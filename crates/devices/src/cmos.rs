@@ -51,15 +51,17 @@ impl DateTime {
     /// calendar).
     pub fn from_unix(secs: i64) -> Self {
         let days = secs.div_euclid(86_400);
-        let rem = secs.rem_euclid(86_400) as u32;
+        // rem_euclid keeps these in range: 0..86_400 seconds, days 1..=31,
+        // months 1..=12, weekdays 0..7.
+        let rem = small(secs.rem_euclid(86_400));
         let z = days + 719_468;
         let era = z.div_euclid(146_097);
         let doe = z.rem_euclid(146_097);
         let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
         let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
         let mp = (5 * doy + 2) / 153;
-        let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
-        let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+        let day = small(doy - (153 * mp + 2) / 5 + 1);
+        let month = small(if mp < 10 { mp + 3 } else { mp - 9 });
         let year = yoe + era * 400 + i64::from(month <= 2);
         DateTime {
             year,
@@ -68,13 +70,20 @@ impl DateTime {
             hour: rem / 3600,
             minute: rem / 60 % 60,
             second: rem % 60,
-            weekday: (days + 4).rem_euclid(7) as u32,
+            weekday: small((days + 4).rem_euclid(7)),
         }
     }
 }
 
+/// A calendar field known to be small and non-negative.
+fn small(v: i64) -> u32 {
+    u32::try_from(v).unwrap_or(0)
+}
+
+/// The two low decimal digits of `v` in BCD (at most 0x99).
 fn bcd(v: u32) -> u8 {
-    (((v / 10) % 10) << 4 | (v % 10)) as u8
+    let [low, ..] = (((v / 10) % 10) << 4 | (v % 10)).to_le_bytes();
+    low
 }
 
 fn host_clock() -> i64 {
@@ -107,8 +116,8 @@ impl Cmos {
             REG_WEEKDAY => bcd(now().weekday + 1),
             REG_DAY => bcd(now().day),
             REG_MONTH => bcd(now().month),
-            REG_YEAR => bcd(now().year.rem_euclid(100) as u32),
-            REG_CENTURY => bcd((now().year / 100) as u32),
+            REG_YEAR => bcd(small(now().year.rem_euclid(100))),
+            REG_CENTURY => bcd(small((now().year / 100).rem_euclid(100))),
             // Divider on, 1024 Hz rate; never "update in progress".
             REG_STATUS_A => 0x26,
             // 24-hour mode, BCD, no interrupts enabled.
@@ -212,7 +221,7 @@ mod tests {
     fn host_clock_is_used_by_default() {
         let mut cmos = Cmos::default();
         let now = DateTime::from_unix(host_clock());
-        assert_eq!(read(&mut cmos, REG_CENTURY), bcd((now.year / 100) as u32));
+        assert_eq!(read(&mut cmos, REG_CENTURY), bcd(small(now.year / 100)));
     }
 
     #[test]

@@ -5,6 +5,8 @@
 //!
 //! [`EventFd`]: vmm_sys_util::eventfd::EventFd
 
+#![warn(clippy::cast_possible_truncation)]
+
 pub mod bus;
 pub mod cmos;
 pub mod debug_exit;

@@ -44,10 +44,12 @@ type Output = Box<dyn Write + Send>;
 
 pub struct SerialDevice {
     inner: Serial<EventFdTrigger, InputSpace, Output>,
-    /// The guest's line control and interrupt enable registers, as last
-    /// written (the UART keeps its own copies; these gate input).
+    /// The guest's line control, interrupt enable and modem control
+    /// registers, as last written (the UART keeps its own copies; these
+    /// gate input).
     lcr: u8,
     ier: u8,
+    mcr: u8,
     input_space: Arc<EventFd>,
 }
 
@@ -55,8 +57,12 @@ pub struct SerialDevice {
 const LCR_DLAB: u8 = 0x80;
 /// IER bit 0: the guest wants received-data interrupts.
 const IER_RDI: u8 = 0x01;
+/// MCR OUT2 gates a PC UART's interrupt line; LOOP is the self-test mode.
+const MCR_OUT2: u8 = 0x08;
+const MCR_LOOP: u8 = 0x10;
 const IER_OFFSET: u64 = 1;
 const LCR_OFFSET: u64 = 3;
+const MCR_OFFSET: u64 = 4;
 
 impl SerialDevice {
     /// A UART that raises `irq` and writes what the guest sends to `out`.
@@ -66,37 +72,42 @@ impl SerialDevice {
             inner: Serial::with_events(EventFdTrigger(irq), InputSpace(input_space.clone()), out),
             lcr: 0,
             ier: 0,
+            mcr: 0,
             input_space,
         }
     }
 
     /// Queues bytes for the guest; returns how many fit in the FIFO.
     ///
-    /// Input waits (with the caller) until the guest's driver asks for
-    /// received-data interrupts: a driver that is not listening yet would
-    /// clear the FIFO when it starts, losing what was typed (or piped)
-    /// ahead — Linux's 8250 driver does so when the console shell opens
-    /// ttyS0.
+    /// Input waits (with the caller) until the guest's driver listens:
+    /// received-data interrupts enabled and the interrupt line connected
+    /// (OUT2), not in loopback. A driver that is not listening yet clears
+    /// the FIFO when it starts, losing what was typed (or piped) ahead —
+    /// Linux's 8250 driver probes IER (setting it to 0x0F for a moment) and
+    /// clears the FIFOs before the console shell opens ttyS0.
     pub fn enqueue_input(&mut self, bytes: &[u8]) -> usize {
-        if self.ier & IER_RDI == 0 {
+        if !self.listening() {
             return 0;
         }
         self.inner.enqueue_raw_bytes(bytes).unwrap_or(0)
     }
 
-    /// Keeps track of LCR and IER; wakes the input feeder when the guest
-    /// starts listening.
+    fn listening(&self) -> bool {
+        self.ier & IER_RDI != 0 && self.mcr & (MCR_OUT2 | MCR_LOOP) == MCR_OUT2
+    }
+
+    /// Keeps track of LCR, IER and MCR; wakes the input feeder when the
+    /// guest starts listening.
     fn note_register_write(&mut self, offset: u64, value: u8) {
+        let was = self.listening();
         match offset {
             LCR_OFFSET => self.lcr = value,
-            IER_OFFSET if self.lcr & LCR_DLAB == 0 => {
-                let was = self.ier;
-                self.ier = value;
-                if was & IER_RDI == 0 && value & IER_RDI != 0 {
-                    let _ = self.input_space.write(1);
-                }
-            }
+            IER_OFFSET if self.lcr & LCR_DLAB == 0 => self.ier = value,
+            MCR_OFFSET => self.mcr = value,
             _ => {}
+        }
+        if !was && self.listening() {
+            let _ = self.input_space.write(1);
         }
     }
 }
@@ -166,6 +177,7 @@ mod tests {
     fn input_is_queued_and_read_back() {
         let (mut dev, _irq, space, _out) = device();
         // The driver listens for received data.
+        dev.write(COM1_PORT, 4, &[MCR_OUT2]);
         dev.write(COM1_PORT, 1, &[IER_RDI]);
         assert_eq!(space.read().unwrap(), 1, "a listening driver is signalled");
         assert_eq!(dev.enqueue_input(b"ab"), 2);
@@ -189,11 +201,23 @@ mod tests {
         // so a driver starting up cannot clear it away.
         assert_eq!(dev.enqueue_input(b"echo hi"), 0);
         assert!(space.read().is_err(), "nothing to wake for yet");
+        // Linux's probe sets IER to 0x0F for a moment, with OUT2 clear,
+        // and then clears the FIFOs: input must not go in then.
+        dev.write(COM1_PORT, 1, &[0x0f]);
+        assert_eq!(dev.enqueue_input(b"echo hi"), 0);
+        dev.write(COM1_PORT, 1, &[0]);
+        // Nor in loopback (its self-test).
+        dev.write(COM1_PORT, 4, &[MCR_LOOP | MCR_OUT2]);
+        dev.write(COM1_PORT, 1, &[IER_RDI]);
+        assert_eq!(dev.enqueue_input(b"echo hi"), 0);
+        dev.write(COM1_PORT, 1, &[0]);
         // The divisor latch at offset 1 is not IER.
+        dev.write(COM1_PORT, 4, &[MCR_OUT2]);
         dev.write(COM1_PORT, 3, &[LCR_DLAB]);
         dev.write(COM1_PORT, 1, &[IER_RDI]);
         assert_eq!(dev.enqueue_input(b"echo hi"), 0);
         dev.write(COM1_PORT, 3, &[0x03]);
+        assert!(space.read().is_err(), "nothing to wake for yet");
         // The driver turns on received-data interrupts: the feeder is
         // woken and the input goes in.
         dev.write(COM1_PORT, 1, &[IER_RDI]);

@@ -17,6 +17,18 @@ impl Write for SharedOutput {
     }
 }
 
+/// Descriptor flags as descriptors carry them (the bindings' constants
+/// are u32).
+pub(crate) const F_NEXT: u16 = 1;
+pub(crate) const F_WRITE: u16 = 2;
+
+#[test]
+fn descriptor_flags_match_the_bindings() {
+    use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+    assert_eq!(u32::from(F_NEXT), VRING_DESC_F_NEXT);
+    assert_eq!(u32::from(F_WRITE), VRING_DESC_F_WRITE);
+}
+
 /// A split-ring descriptor for the tests' mock queues.
 pub(crate) fn desc(
     addr: u64,

@@ -182,7 +182,11 @@ pub fn run(cmd: DiskCommand) -> Result<i32, CliError> {
             json,
             format,
         } => {
-            let bar = spinner(if repair { "checking and repairing" } else { "checking" });
+            let bar = spinner(if repair {
+                "checking and repairing"
+            } else {
+                "checking"
+            });
             let result = tools::check(&file, format, repair);
             bar.finish_and_clear();
             let report = result.map_err(failure)?;

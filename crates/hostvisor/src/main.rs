@@ -270,7 +270,7 @@ pub(crate) fn parse_memory(s: &str) -> Result<MemorySize, String> {
     let size: MemorySize = s
         .parse()
         .map_err(|e: vmm::config::SizeError| e.to_string())?;
-    let min = MemorySize(arch::layout::MIN_MEMORY);
+    let min = MemorySize(vmm::MIN_MEMORY);
     if size < min {
         return Err(format!("{size} is too small; a VM needs at least {min}"));
     }
@@ -337,7 +337,7 @@ fn vm_config(args: RunArgs) -> Result<VmConfig, CliError> {
     };
     for feature in &args.hide_cpu_features {
         feature
-            .parse::<arch::cpuid::CpuFeature>()
+            .parse::<vmm::CpuFeature>()
             .map_err(|e| CliError::Usage(format!("--hide-cpu-features: {e}")))?;
     }
     let nets = nics(&args.net)?.unwrap_or_default();

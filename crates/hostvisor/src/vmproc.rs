@@ -38,6 +38,7 @@ impl VmBackend {
             }
             ControlError::NotRunning => ApiError::new(503, "the VM is not running"),
             ControlError::Failed(m) => ApiError::internal(m),
+            ControlError::Timeout(m) => ApiError::new(504, m),
         }
     }
 }
@@ -59,18 +60,38 @@ impl Stopper {
     }
 
     /// Asks the guest agent to power the guest off and waits up to
-    /// `timeout` for the VM to end; false when there is no agent, it does
-    /// not answer, or the guest does not go down in time.
+    /// `timeout` (in all: an agent that accepts the request and then
+    /// hangs counts against it) for the VM to end; false when there is no
+    /// agent, it does not answer, or the guest does not go down in time.
     fn ask_agent_to_power_off(&self, timeout: Duration) -> bool {
-        let Some(agent) = &self.agent else {
+        let Some(agent) = self.agent.clone() else {
             tracing::info!("stop: no vsock device, so no agent to ask; ending the VM");
             return false;
         };
-        if let Err(e) = agent.shutdown(false) {
-            tracing::info!("stop: {e}; ending the VM");
+        let deadline = deadline_after(timeout);
+        // The request runs on a thread of its own, left behind if the
+        // agent never answers.
+        let (answer, answered) = std::sync::mpsc::channel();
+        let asked = std::thread::Builder::new()
+            .name("stop-agent".into())
+            .spawn(move || {
+                let _ = answer.send(agent.shutdown(false));
+            });
+        if let Err(e) = asked {
+            tracing::info!("stop: cannot ask the agent ({e}); ending the VM");
             return false;
         }
-        let deadline = Instant::now() + timeout;
+        match answered.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::info!("stop: {e}; ending the VM");
+                return false;
+            }
+            Err(_) => {
+                tracing::info!("stop: the agent did not answer within {timeout:?}; ending the VM");
+                return false;
+            }
+        }
         while Instant::now() < deadline {
             if self.ended.load(Ordering::Acquire) {
                 return true;
@@ -80,6 +101,15 @@ impl Stopper {
         tracing::info!("stop: the guest did not power off within {timeout:?}; ending the VM");
         false
     }
+}
+
+/// `timeout` from now, at most [`api::MAX_STOP_TIMEOUT_S`] (the API
+/// refuses more; this keeps `Instant + Duration` from overflowing whatever
+/// a caller passes).
+fn deadline_after(timeout: Duration) -> Instant {
+    let now = Instant::now();
+    let timeout = timeout.min(Duration::from_secs(api::MAX_STOP_TIMEOUT_S));
+    now.checked_add(timeout).unwrap_or(now)
 }
 
 /// How often the guest's clock is compared with the host's (as VirtualBox's
@@ -257,4 +287,66 @@ pub fn run(name: &str) -> Result<i32, String> {
         return Err(vmm::error_chain(&e));
     }
     Ok(code)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A huge stop timeout (it once overflowed `Instant + Duration` in the
+    /// stopper thread, after the API had answered 202) makes a deadline a
+    /// day away at most.
+    #[test]
+    fn stop_deadlines_are_bounded() {
+        let now = Instant::now();
+        for t in [Duration::MAX, Duration::from_secs(u64::MAX)] {
+            let d = deadline_after(t);
+            assert!(d >= now);
+            assert!(d <= Instant::now() + Duration::from_secs(api::MAX_STOP_TIMEOUT_S));
+        }
+        let d = deadline_after(Duration::from_secs(5));
+        assert!(d > now && d <= Instant::now() + Duration::from_secs(5));
+    }
+
+    /// An agent that takes the power-off request and never answers does
+    /// not hold the stop past its timeout (it used to wait forever, and
+    /// the VM was never killed).
+    #[test]
+    fn a_hung_agent_does_not_hold_up_a_stop() {
+        use std::io::{BufRead, Write};
+        let dir = std::env::temp_dir().join(format!("hv-stop-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("vsock.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        // A muxer that connects, then an agent that reads and says nothing.
+        let hung = std::thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            let mut reader = std::io::BufReader::new(stream.try_clone().unwrap());
+            let mut line = String::new();
+            reader.read_line(&mut line).unwrap();
+            (&stream).write_all(b"OK 1024\n").unwrap();
+            let mut sink = Vec::new();
+            let _ = std::io::Read::read_to_end(&mut reader, &mut sink);
+        });
+        let stopper = Stopper {
+            control: VmControl::new(),
+            ended: Arc::new(AtomicBool::new(false)),
+            agent: Some(agent::client::Client::new(agent::client::Transport::Muxer(
+                path,
+            ))),
+        };
+        let started = Instant::now();
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            stopper.stop(Duration::from_secs(1));
+            let _ = done.send(());
+        });
+        assert!(
+            finished.recv_timeout(Duration::from_secs(20)).is_ok(),
+            "the stop waited for the hung agent"
+        );
+        assert!(started.elapsed() < Duration::from_secs(10));
+        let _ = std::fs::remove_dir_all(&dir);
+        drop(hung);
+    }
 }

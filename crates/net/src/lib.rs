@@ -9,6 +9,8 @@
 //! - [`switch`]: an internal network between VMs, through Unix datagram
 //!   sockets, with no host access.
 
+#![warn(clippy::cast_possible_truncation)]
+
 pub mod mac;
 pub mod nat;
 pub mod switch;

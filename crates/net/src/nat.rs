@@ -218,7 +218,8 @@ unsafe extern "C" fn guest_error(msg: *const c_char, opaque: *mut c_void) {
 unsafe extern "C" fn clock_get_ns(opaque: *mut c_void) -> i64 {
     // SAFETY: libslirp passes its engine's state.
     let st = unsafe { state(opaque) };
-    st.epoch.elapsed().as_nanos() as i64
+    // i64 nanoseconds last 292 years.
+    i64::try_from(st.epoch.elapsed().as_nanos()).unwrap_or(i64::MAX)
 }
 
 unsafe extern "C" fn timer_new(
@@ -281,7 +282,9 @@ unsafe extern "C" fn add_poll(fd: c_int, events: c_int, opaque: *mut c_void) -> 
         events: ev,
         revents: 0,
     });
-    (st.pollfds.len() - 1) as c_int
+    // libslirp asks for a few descriptors per connection; past c_int
+    // it gets an index it cannot use, which it treats as no events.
+    c_int::try_from(st.pollfds.len() - 1).unwrap_or(-1)
 }
 
 unsafe extern "C" fn get_revents(idx: c_int, opaque: *mut c_void) -> c_int {
@@ -394,8 +397,11 @@ impl Engine {
         if frame.is_empty() || frame.len() > MAX_PACKET {
             return;
         }
+        let Ok(len) = c_int::try_from(frame.len()) else {
+            return;
+        };
         // SAFETY: a live instance; the frame is valid for the call.
-        unsafe { (self.lib.input)(self.slirp.as_ptr(), frame.as_ptr(), frame.len() as c_int) };
+        unsafe { (self.lib.input)(self.slirp.as_ptr(), frame.as_ptr(), len) };
     }
 
     /// The next frame for the guest, without taking it.
@@ -455,7 +461,8 @@ impl Engine {
 
     fn now_ms(&self) -> i64 {
         // SAFETY: no libslirp call while the borrow lives.
-        unsafe { (*self.state).epoch.elapsed().as_millis() as i64 }
+        let elapsed = unsafe { (*self.state).epoch.elapsed() };
+        i64::try_from(elapsed.as_millis()).unwrap_or(i64::MAX)
     }
 
     /// Milliseconds until the next timer is due.
@@ -468,7 +475,7 @@ impl Engine {
             .iter()
             // SAFETY: live timers (in the list).
             .filter_map(|&t| unsafe { (*t).expire_ms })
-            .map(|e| (e - now).clamp(0, i64::from(u32::MAX)) as u32)
+            .map(|e| u32::try_from(e.saturating_sub(now).max(0)).unwrap_or(u32::MAX))
             .min()
             .unwrap_or(u32::MAX)
     }
@@ -547,7 +554,8 @@ fn seqpacket_pair() -> std::io::Result<(OwnedFd, OwnedFd)> {
                 libc::SOL_SOCKET,
                 libc::SO_SNDBUF,
                 (&size as *const c_int).cast(),
-                std::mem::size_of::<c_int>() as libc::socklen_t,
+                // 4 bytes.
+                libc::socklen_t::try_from(std::mem::size_of::<c_int>()).unwrap_or(4),
             )
         };
     }
@@ -689,4 +697,6 @@ impl Backend for Nat {
 }
 
 #[cfg(test)]
+// Test lengths and byte patterns are small constants.
+#[allow(clippy::cast_possible_truncation)]
 mod tests;

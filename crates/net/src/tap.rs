@@ -24,6 +24,7 @@ const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
 const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
 const IFF_TAP: libc::c_short = 0x0002;
 const IFF_NO_PI: libc::c_short = 0x1000;
+const IFF_UP: libc::c_short = 0x0001;
 const IFF_VNET_HDR: libc::c_short = 0x4000;
 const TUN_F_CSUM: libc::c_uint = 0x01;
 const TUN_F_TSO4: libc::c_uint = 0x02;
@@ -99,7 +100,7 @@ impl Tap {
                 _ => format!("cannot attach: {e}"),
             }));
         }
-        let hdr_len = VNET_HDR_LEN as libc::c_int;
+        let hdr_len = libc::c_int::try_from(VNET_HDR_LEN).unwrap_or(libc::c_int::MAX);
         // SAFETY: TUNSETVNETHDRSZ reads an int.
         if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETVNETHDRSZ, &hdr_len) } < 0 {
             return Err(err(format!(
@@ -165,10 +166,10 @@ fn bring_up(name: &str) -> std::io::Result<()> {
     let r = unsafe {
         if libc::ioctl(sock, libc::SIOCGIFFLAGS, &mut req) < 0 {
             -1
-        } else if req.flags & libc::IFF_UP as libc::c_short != 0 {
+        } else if req.flags & IFF_UP != 0 {
             0
         } else {
-            req.flags |= libc::IFF_UP as libc::c_short;
+            req.flags |= IFF_UP;
             libc::ioctl(sock, libc::SIOCSIFFLAGS, &mut req)
         }
     };

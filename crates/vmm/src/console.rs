@@ -1,17 +1,9 @@
 //! The terminal side of the serial console: raw mode while attached
-//! (restored on every way out — return, panic, fatal signal), and an input
-//! thread that feeds the UART and understands QEMU's `Ctrl-A` escapes.
+//! (restored on every way out — return, panic, fatal signal) and QEMU's
+//! `Ctrl-A` escapes. The input thread is in [`crate::console_input`].
 
-use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::Sender;
-use std::sync::{Arc, Mutex, OnceLock};
-
-use devices::serial::SerialDevice;
-use devices::virtio::console::ConsoleInput;
-use vmm_sys_util::eventfd::EventFd;
-
-use crate::VmmEvent;
+use std::sync::OnceLock;
 
 static SAVED_TERMIOS: OnceLock<libc::termios> = OnceLock::new();
 static RAW_ACTIVE: AtomicBool = AtomicBool::new(false);
@@ -134,99 +126,6 @@ impl EscapeParser {
 
 pub const ESCAPE_HELP: &str =
     "\r\nC-a x    kill the VM\r\nC-a h    this help\r\nC-a C-a  send C-a\r\n";
-
-/// The device that console input goes to.
-#[derive(Clone)]
-pub enum ConsoleTarget {
-    /// The UART's receive FIFO; `input_space` fires when the guest has
-    /// drained it.
-    Uart {
-        serial: Arc<Mutex<SerialDevice>>,
-        input_space: Arc<EventFd>,
-    },
-    /// The virtio-console port.
-    Virtio(Arc<ConsoleInput>),
-}
-
-impl ConsoleTarget {
-    /// Hands `pending` to the guest, waiting while the device is full;
-    /// false if it can take no more, ever.
-    pub fn deliver(&self, mut pending: Vec<u8>) -> bool {
-        while !pending.is_empty() {
-            let taken = match self {
-                ConsoleTarget::Uart { serial, .. } => serial
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .enqueue_input(&pending),
-                ConsoleTarget::Virtio(input) => input.push(&pending),
-            };
-            pending.drain(..taken);
-            if taken == 0 {
-                match self {
-                    ConsoleTarget::Uart { input_space, .. } => {
-                        if input_space.read().is_err() {
-                            return false;
-                        }
-                    }
-                    ConsoleTarget::Virtio(_) => {
-                        std::thread::sleep(std::time::Duration::from_millis(10))
-                    }
-                }
-            }
-        }
-        true
-    }
-}
-
-/// Reads stdin until EOF, feeding the guest's console; `Ctrl-A x` asks the
-/// VMM to end the VM.
-pub fn spawn_input_thread(target: ConsoleTarget, events: Sender<VmmEvent>) -> std::io::Result<()> {
-    std::thread::Builder::new()
-        .name("console-in".into())
-        .spawn(move || {
-            let mut parser = EscapeParser::default();
-            let mut buf = [0u8; 256];
-            loop {
-                // SAFETY: reading into a valid buffer of the given length.
-                let n =
-                    unsafe { libc::read(libc::STDIN_FILENO, buf.as_mut_ptr().cast(), buf.len()) };
-                if n == 0 {
-                    return;
-                }
-                if n < 0 {
-                    if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
-                        continue;
-                    }
-                    return;
-                }
-                let mut pending = Vec::with_capacity(n as usize);
-                let mut exit = false;
-                for &b in &buf[..n as usize] {
-                    match parser.feed(b) {
-                        ConsoleKey::Byte(b) => pending.push(b),
-                        ConsoleKey::Exit => {
-                            exit = true;
-                            break;
-                        }
-                        ConsoleKey::Help => {
-                            let _ = std::io::stdout().write_all(ESCAPE_HELP.as_bytes());
-                            let _ = std::io::stdout().flush();
-                        }
-                        ConsoleKey::Nothing => {}
-                    }
-                }
-                // What was typed before an escape still reaches the guest.
-                if !target.deliver(pending) {
-                    return;
-                }
-                if exit {
-                    let _ = events.send(VmmEvent::ConsoleExit);
-                    return;
-                }
-            }
-        })
-        .map(|_| ())
-}
 
 #[cfg(test)]
 mod tests {

@@ -2,37 +2,31 @@
 //! so that `run` boots Linux and tests can boot a few bytes of code.
 
 use std::io::Write;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
-use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use arch::cpuid::{CpuFeature, CpuidPolicy};
 use arch::layout::{self, ZERO_PAGE_START};
-use devices::cmos::{Cmos, CMOS_PORT, CMOS_PORT_LEN};
-use devices::debug_exit::{DebugExit, DEBUG_EXIT_PORT};
-use devices::i8042::{COMMAND_PORT, DATA_PORT, I8042};
-use devices::serial::{SerialDevice, COM1_IRQ, COM1_PORT, UART_PORT_LEN};
 use devices::virtio::console::{Console, ConsoleInput};
-use devices::virtio::mmio::{MmioTransport, MMIO_WINDOW, NOTIFY_OFFSET};
-use devices::virtio::{Interrupt, VirtioDevice};
-use devices::{Bus, PlatformRequest, PlatformRequestSink};
+use devices::virtio::VirtioDevice;
+use devices::{Bus, PlatformRequest};
 use hypervisor::{GuestMemoryMmap, Hypervisor, SystemEvent, Vcpu, Vm};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
-use vmm_sys_util::eventfd::EventFd;
 
-use crate::console::ConsoleTarget;
-use crate::control::{
-    ControlError, ControlRequest, DeviceInfo, PauseGate, RunState, VcpuCounters, VmControl,
-    VmStatus,
-};
+use crate::builder::{add_legacy_devices, VirtioMmio};
+use crate::console_input::{ConsoleTarget, StdinConsole};
+use crate::control::VmControl;
+use crate::error::VmmError;
+use crate::event::VmmEvent;
+use crate::outcome::VmOutcome;
 use crate::panic_watch::{PanicNote, PanicWatch};
-use crate::vcpu::{self, VcpuContext, VcpuHandle, VcpuStats, VcpuStop};
-use crate::{VmOutcome, VmmError, VmmEvent};
+use crate::request::{ControlError, ControlRequest, RunState, VcpuCounters, VmStatus};
+use crate::shared::{PauseGate, VcpuStats, VcpuStop};
+use crate::vcpu::{self, VcpuContext, VcpuHandle};
 
-/// The interrupt line of the first virtio device; the next ones follow.
-/// (0-4 are the PIT, keyboard, cascade and COM ports.)
-pub const VIRTIO_FIRST_IRQ: u32 = 5;
+pub use crate::builder::VIRTIO_FIRST_IRQ;
 
 /// The shape of a machine, independent of what it boots.
 pub struct MachineSpec {
@@ -52,23 +46,16 @@ pub struct Machine {
     mmio: Bus,
     vcpus: Vec<Box<dyn Vcpu>>,
     console: ConsoleTarget,
+    /// Set when the machine stops (vCPUs leave their loop, console input
+    /// is refused).
+    stop: Arc<AtomicBool>,
     events: (Sender<VmmEvent>, Receiver<VmmEvent>),
     stats: Arc<VcpuStats>,
     memory: u64,
     panic_note: PanicNote,
-    /// `virtio_mmio.device=` arguments for the devices added so far.
-    virtio_cmdline: Vec<String>,
-    /// The virtio devices, for status reports.
-    devices: Vec<DeviceEntry>,
+    /// The virtio devices.
+    virtio: VirtioMmio,
     cpus: u32,
-}
-
-/// A virtio device as the status report shows it.
-struct DeviceEntry {
-    kind: String,
-    base: u64,
-    irq: u32,
-    interrupt: Arc<Interrupt>,
 }
 
 impl std::fmt::Debug for Machine {
@@ -82,8 +69,9 @@ impl std::fmt::Debug for Machine {
 
 /// The highest vCPU count this host and platform allow, and why.
 pub fn max_cpus(hv: &dyn Hypervisor) -> (u32, &'static str) {
-    let host = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
-    let kvm = hv.max_vcpus() as u32;
+    let host = std::thread::available_parallelism()
+        .map_or(1, |n| u32::try_from(n.get()).unwrap_or(u32::MAX));
+    let kvm = u32::try_from(hv.max_vcpus()).unwrap_or(u32::MAX);
     let mp = arch::mptable::max_cpus();
     [
         (host, "the host's CPU count"),
@@ -115,18 +103,24 @@ impl Machine {
         }
 
         let vm = hv.create_vm()?;
-        let ranges: Vec<(GuestAddress, usize)> = layout::ram_ranges(spec.memory)
+        let ranges = layout::ram_ranges(spec.memory)
             .into_iter()
-            .map(|(start, size)| (GuestAddress(start), size as usize))
-            .collect();
+            .map(|(start, size)| {
+                usize::try_from(size)
+                    .map(|size| (GuestAddress(start), size))
+                    .map_err(|_| {
+                        VmmError::GuestMemory(format!("{size} bytes do not fit the address space"))
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let mem = GuestMemoryMmap::from_ranges(&ranges)
             .map_err(|e| VmmError::GuestMemory(e.to_string()))?;
-        for (slot, region) in mem.iter().enumerate() {
+        for (slot, region) in (0u32..).zip(mem.iter()) {
             // SAFETY: the regions belong to `mem`, which the Machine keeps
             // (and the vCPU threads clone) for as long as the VM runs.
             unsafe {
                 vm.map_memory(
-                    slot as u32,
+                    slot,
                     region.start_addr().0,
                     region.len(),
                     region.as_ptr() as u64,
@@ -158,22 +152,20 @@ impl Machine {
             vcpu.set_lapic(&lapic)?;
             vcpus.push(vcpu);
         }
+        let stop = Arc::new(AtomicBool::new(false));
         Ok(Machine {
             vm,
             mem,
             pio,
             mmio: Bus::new(),
             vcpus,
-            console: ConsoleTarget::Uart {
-                serial: legacy.serial,
-                input_space: legacy.input_space,
-            },
+            console: ConsoleTarget::uart(legacy.serial, legacy.input_space, stop.clone()),
+            stop,
             events,
             stats: Arc::new(VcpuStats::default()),
             memory: spec.memory,
             panic_note: legacy.panic_note,
-            virtio_cmdline: Vec::new(),
-            devices: Vec::new(),
+            virtio: VirtioMmio::default(),
             cpus: spec.cpus,
         })
     }
@@ -196,42 +188,12 @@ impl Machine {
 
     /// Adds a virtio device behind a virtio-mmio window: the next 4 KiB
     /// window and interrupt line, an irqfd for its interrupt, and an
-    /// ioeventfd per queue at QueueNotify. Linux learns of it from the
-    /// command line [`Machine::load_linux`] writes.
+    /// ioeventfd per queue at QueueNotify (see [`VirtioMmio::add`]).
+    /// Linux learns of it from the command line [`Machine::load_linux`]
+    /// writes.
     pub fn add_virtio_device(&mut self, device: Box<dyn VirtioDevice>) -> Result<(), VmmError> {
-        let index = self.virtio_cmdline.len() as u64;
-        let irq = VIRTIO_FIRST_IRQ + index as u32;
-        if irq >= u32::from(arch::mptable::IOAPIC_PINS) {
-            return Err(VmmError::TooManyDevices);
-        }
-        let base = layout::DEVICE_MMIO_START + index * MMIO_WINDOW;
-        let line = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)?;
-        self.vm.register_irqfd(&line, irq)?;
-        let interrupt = Arc::new(Interrupt::new(line));
-        let kind = match device.device_type() {
-            1 => "net",
-            2 => "block",
-            3 => "console",
-            4 => "rng",
-            _ => "other",
-        };
-        self.devices.push(DeviceEntry {
-            kind: kind.to_string(),
-            base,
-            irq,
-            interrupt: interrupt.clone(),
-        });
-        let transport = MmioTransport::new(device, self.mem.clone(), interrupt)
-            .map_err(|e| VmmError::Virtio(e.to_string()))?;
-        for (queue, event) in transport.queue_events().iter().enumerate() {
-            self.vm
-                .register_mmio_ioevent(event, base + NOTIFY_OFFSET, queue as u32)?;
-        }
-        self.mmio
-            .insert(Arc::new(Mutex::new(transport)), base, MMIO_WINDOW)?;
-        self.virtio_cmdline
-            .push(format!("virtio_mmio.device=4K@{base:#x}:{irq}"));
-        Ok(())
+        self.virtio
+            .add(self.vm.as_ref(), &self.mem, &self.mmio, device)
     }
 
     /// Makes a virtio-console port the console: what the guest writes to
@@ -241,7 +203,7 @@ impl Machine {
         let input = Arc::new(ConsoleInput::new().map_err(VmmError::EventFd)?);
         let watched = Box::new(PanicWatch::new(output, self.panic_note.clone()));
         self.add_virtio_device(Box::new(Console::new(watched, input.clone())))?;
-        self.console = ConsoleTarget::Virtio(input);
+        self.console = ConsoleTarget::virtio(input, self.stop.clone());
         Ok(())
     }
 
@@ -255,7 +217,7 @@ impl Machine {
         cmdline: &str,
     ) -> Result<(), VmmError> {
         let cmdline = std::iter::once(cmdline.to_string())
-            .chain(self.virtio_cmdline.iter().cloned())
+            .chain(self.virtio.cmdline())
             .collect::<Vec<_>>()
             .join(" ");
         let cmdline = cmdline.as_str();
@@ -266,7 +228,7 @@ impl Machine {
         arch::boot::write_cmdline(&self.mem, cmdline)?;
         let params = arch::boot::boot_params(&loaded, cmdline.len(), initrd, self.memory);
         arch::boot::write_boot_params(&self.mem, &params)?;
-        arch::mptable::setup(&self.mem, self.vcpus.len() as u32)?;
+        arch::mptable::setup(&self.mem, self.cpus)?;
         tracing::debug!(entry = format_args!("{:#x}", loaded.entry), format = ?loaded.format, "kernel loaded");
         self.set_entry(loaded.entry, ZERO_PAGE_START)
     }
@@ -297,9 +259,30 @@ impl Machine {
         started: Instant,
         control: Option<&VmControl>,
     ) -> Result<VmOutcome, VmmError> {
+        let stdin = if interactive {
+            Some(StdinConsole::start().map_err(VmmError::Thread)?)
+        } else {
+            None
+        };
+        let ended = self.run_with(RunOptions {
+            started,
+            control,
+            stdin: stdin.as_ref(),
+        })?;
+        Ok(ended.outcome)
+    }
+
+    /// Runs the guest until it ends (see [`Machine::run`]); the end says
+    /// whether every thread of the machine stopped in time.
+    pub fn run_with(self, options: RunOptions<'_>) -> Result<RunEnd, VmmError> {
+        let RunOptions {
+            started,
+            control,
+            stdin,
+        } = options;
         hypervisor::install_kick_handler().map_err(|e| VmmError::Signal(e.to_string()))?;
         let (tx, rx) = self.events;
-        let stop = Arc::new(AtomicBool::new(false));
+        let stop = self.stop.clone();
         let gate = Arc::new(PauseGate::default());
         let mut handles = Vec::new();
         for vcpu in self.vcpus {
@@ -316,13 +299,20 @@ impl Machine {
             };
             let thread = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
-                .spawn(move || vcpu::run(vcpu, ctx))
-                .map_err(VmmError::Thread)?;
-            handles.push(VcpuHandle { id, thread });
+                .spawn(move || vcpu::run(vcpu, ctx));
+            match thread {
+                Ok(thread) => handles.push(VcpuHandle { id, thread }),
+                Err(e) => {
+                    stop.store(true, Ordering::Release);
+                    for h in &handles {
+                        h.kick();
+                    }
+                    return Err(VmmError::Thread(e));
+                }
+            }
         }
-        if interactive {
-            crate::console::spawn_input_thread(self.console.clone(), tx.clone())
-                .map_err(VmmError::Thread)?;
+        if let Some(stdin) = stdin {
+            stdin.attach(self.console.clone(), tx.clone());
         }
         if let Some(control) = control {
             control.attach(tx.clone(), self.console.clone());
@@ -380,21 +370,12 @@ impl Machine {
                             let paused_now = paused.map_or(std::time::Duration::ZERO, |(_, t)| t.elapsed());
                             Ok(Some(VmStatus {
                                 state: if paused.is_some() { RunState::Paused } else { RunState::Running },
-                                uptime_ms: booted.elapsed().as_millis() as u64,
-                                paused_ms: (paused_total + paused_now).as_millis() as u64,
+                                uptime_ms: millis(booted.elapsed()),
+                                paused_ms: millis(paused_total + paused_now),
                                 vcpus: self.cpus,
                                 memory: self.memory,
                                 counters: VcpuCounters::from_stats(&self.stats),
-                                devices: self
-                                    .devices
-                                    .iter()
-                                    .map(|d| DeviceInfo {
-                                        kind: d.kind.clone(),
-                                        mmio_base: d.base,
-                                        irq: d.irq,
-                                        interrupts: d.interrupt.raised(),
-                                    })
-                                    .collect(),
+                                devices: self.virtio.info(),
                             }))
                         }
                     };
@@ -430,13 +411,24 @@ impl Machine {
         if let Some(control) = control {
             control.detach();
         }
-        stop.store(true, std::sync::atomic::Ordering::Release);
-        gate.wake();
-        for h in &handles {
-            h.kick();
+        if let Some(stdin) = stdin {
+            stdin.detach();
         }
-        for h in handles {
-            let _ = h.thread.join();
+        stop.store(true, Ordering::Release);
+        gate.wake();
+        let mut stuck = stop_vcpus(handles, VCPU_STOP_TIMEOUT);
+        // The devices go with the last references to the buses: their
+        // workers are stopped (each within its own bound) on a thread of
+        // their own, so that the whole teardown has one deadline.
+        let teardown = (self.pio, self.mmio, self.vm, self.mem);
+        if !drop_within(teardown, DEVICE_STOP_TIMEOUT) {
+            stuck.push("device workers".to_string());
+        }
+        if !stuck.is_empty() {
+            tracing::warn!(
+                "left behind, still running: {}; the process should exit",
+                stuck.join(", ")
+            );
         }
         // A reset right after a kernel panic is the panic's reboot.
         let panic = self
@@ -444,67 +436,88 @@ impl Machine {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .take();
-        Ok(match (outcome, panic) {
+        let outcome = match (outcome, panic) {
             (VmOutcome::Reset, Some(message)) => VmOutcome::Crashed(message),
             (outcome, _) => outcome,
-        })
+        };
+        Ok(RunEnd { outcome, stuck })
     }
 }
 
-/// The UART's handles the machine keeps.
-struct LegacyDevices {
-    serial: Arc<Mutex<SerialDevice>>,
-    input_space: Arc<EventFd>,
-    panic_note: PanicNote,
+/// How long the vCPUs get to leave their loops once told to stop. A vCPU
+/// can be held up by a device: a reset waits up to
+/// [`devices::virtio::worker::STOP_TIMEOUT`] for the device's worker.
+pub const VCPU_STOP_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long the devices get to stop their workers at teardown.
+pub const DEVICE_STOP_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What [`Machine::run_with`] needs besides the machine.
+#[derive(Debug, Clone, Copy)]
+pub struct RunOptions<'a> {
+    /// When the process started, for timing logs.
+    pub started: Instant,
+    /// A handle through which another thread controls the VM.
+    pub control: Option<&'a VmControl>,
+    /// The console input thread to attach to this machine.
+    pub stdin: Option<&'a StdinConsole>,
 }
 
-/// Puts the PC's legacy devices on the port bus: the COM1 UART (IRQ 4
-/// through an irqfd; output watched for kernel panics), the i8042 reset
-/// line, the CMOS RTC, the debug-exit port and the PCI root (an empty bus 0
-/// behind its host bridge).
-fn add_legacy_devices(
-    vm: &dyn Vm,
-    pio: &Bus,
-    events: &Sender<VmmEvent>,
-    serial_out: Box<dyn Write + Send>,
-) -> Result<LegacyDevices, VmmError> {
-    let sink: PlatformRequestSink = {
-        let tx = events.clone();
-        Arc::new(move |r: PlatformRequest| {
-            let _ = tx.send(VmmEvent::Platform(r));
-        })
-    };
-    let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)?;
-    vm.register_irqfd(&irq, COM1_IRQ)?;
-    let input_space = Arc::new(EventFd::new(0).map_err(VmmError::EventFd)?);
-    let panic_note = PanicNote::default();
-    let watched = Box::new(PanicWatch::new(serial_out, panic_note.clone()));
-    let serial = Arc::new(Mutex::new(SerialDevice::new(
-        irq,
-        watched,
-        input_space.clone(),
-    )));
-    pio.insert(serial.clone(), COM1_PORT, UART_PORT_LEN)?;
-    let i8042 = Arc::new(Mutex::new(I8042::new(sink.clone())));
-    pio.insert(i8042.clone(), DATA_PORT, 1)?;
-    pio.insert(i8042, COMMAND_PORT, 1)?;
-    let cmos = Arc::new(Mutex::new(Cmos::default()));
-    pio.insert(cmos, CMOS_PORT, CMOS_PORT_LEN)?;
-    let debug_exit = Arc::new(Mutex::new(DebugExit::new(sink)));
-    pio.insert(debug_exit, DEBUG_EXIT_PORT, 1)?;
-    // PCI configuration mechanism #1 with a host bridge: guest kernels with
-    // PCI support probe for it (and call its absence fatal).
-    let pci = Arc::new(Mutex::new(devices::pci::PciRoot::new()));
-    pio.insert(
-        pci,
-        devices::pci::CONFIG_ADDRESS_PORT,
-        devices::pci::CONFIG_PORTS_LEN,
-    )?;
-    Ok(LegacyDevices {
-        serial,
-        input_space,
-        panic_note,
-    })
+/// How a machine's run ended.
+#[derive(Debug)]
+pub struct RunEnd {
+    pub outcome: VmOutcome,
+    /// Threads that did not stop in time (a vCPU blocked writing console
+    /// output nobody reads, a device worker stuck in its backend). They
+    /// are left running; the process should exit rather than boot again.
+    pub stuck: Vec<String>,
+}
+
+/// Kicks the (already told to stop) vCPUs and joins them, waiting until
+/// `timeout` at most; the names of those left running.
+fn stop_vcpus(handles: Vec<VcpuHandle>, timeout: Duration) -> Vec<String> {
+    for h in &handles {
+        h.kick();
+    }
+    let deadline = Instant::now() + timeout;
+    let mut waiting = handles;
+    while !waiting.is_empty() && Instant::now() < deadline {
+        let (done, rest): (Vec<_>, Vec<_>) =
+            waiting.into_iter().partition(|h| h.thread.is_finished());
+        for h in done {
+            let _ = h.thread.join();
+        }
+        waiting = rest;
+        if !waiting.is_empty() {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    // Dropping a JoinHandle detaches its thread.
+    waiting
+        .into_iter()
+        .map(|h| format!("vCPU {}", h.id))
+        .collect()
+}
+
+/// Drops `value` on a thread of its own and waits for that at most
+/// `timeout`; false if the drop is still going on.
+fn drop_within<T: Send + 'static>(value: T, timeout: Duration) -> bool {
+    let (done, finished) = std::sync::mpsc::channel::<()>();
+    let spawned = std::thread::Builder::new()
+        .name("teardown".into())
+        .spawn(move || {
+            drop(value);
+            let _ = done.send(());
+        });
+    match spawned {
+        Ok(_) => finished.recv_timeout(timeout).is_ok(),
+        // No thread to spare: drop it here.
+        Err(_) => true,
+    }
+}
+
+/// Milliseconds (u64 milliseconds last 584 million years).
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 fn at(rip: Option<u64>) -> String {

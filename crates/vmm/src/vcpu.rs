@@ -1,35 +1,18 @@
 //! The vCPU thread: an explicit state machine around `KVM_RUN`, with exits
 //! classified by the pure [`handle_exit`].
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use devices::Bus;
-use hypervisor::assist::{self, AssistKind};
-use hypervisor::{EmulationFailure, GuestMemoryMmap, SystemEvent, Vcpu, VmExit};
+use hypervisor::assist;
+use hypervisor::{EmulationFailure, GuestMemoryMmap, Vcpu, VmExit};
 
-use crate::VmmEvent;
-
-/// Why a vCPU stopped for good.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum VcpuStop {
-    /// The VMM asked it to stop.
-    Requested,
-    /// The guest triple-faulted.
-    TripleFault,
-    /// The guest asked the platform for a power event.
-    SystemEvent(SystemEvent),
-    /// The accelerator failed an instruction and no assist completed it.
-    EmulationFailure {
-        rip: u64,
-        bytes: Vec<u8>,
-        reason: String,
-    },
-    /// Another accelerator error.
-    InternalError(String),
-}
+use crate::event::VmmEvent;
+use crate::shared::PauseGate;
+pub use crate::shared::{VcpuStats, VcpuStop};
 
 /// What the run loop does after an exit.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,27 +25,6 @@ pub enum ExitAction {
     Assist(EmulationFailure),
     /// Leave the loop.
     Stop(VcpuStop),
-}
-
-/// Counters of one VM's vCPUs.
-#[derive(Debug, Default)]
-pub struct VcpuStats {
-    pub exits: AtomicU64,
-    pub pio_exits: AtomicU64,
-    pub mmio_exits: AtomicU64,
-    pub unhandled_accesses: AtomicU64,
-    pub assists: [AtomicU64; AssistKind::ALL.len()],
-}
-
-impl VcpuStats {
-    /// `(name, count)` of every assist that happened.
-    pub fn assist_counts(&self) -> Vec<(&'static str, u64)> {
-        AssistKind::ALL
-            .iter()
-            .map(|k| (k.name(), self.assists[k.index()].load(Ordering::Relaxed)))
-            .filter(|(_, n)| *n > 0)
-            .collect()
-    }
 }
 
 /// Classifies one exit, dispatching port and MMIO accesses to the buses.
@@ -130,7 +92,7 @@ pub struct VcpuContext {
     pub stats: Arc<VcpuStats>,
     pub stop: Arc<AtomicBool>,
     /// Where the thread waits while the VM is paused.
-    pub pause: Arc<crate::control::PauseGate>,
+    pub pause: Arc<PauseGate>,
     pub events: Sender<VmmEvent>,
     /// When the VMM process started, for the first-entry timing log.
     pub started: std::time::Instant,
@@ -158,7 +120,7 @@ pub fn run(mut vcpu: Box<dyn Vcpu>, ctx: VcpuContext) {
         }
         let action = match vcpu.run() {
             Ok(exit) => handle_exit(exit, &ctx.pio, &ctx.mmio, &ctx.stats),
-            Err(e) => ExitAction::Stop(VcpuStop::InternalError(crate::error_chain(&e))),
+            Err(e) => ExitAction::Stop(VcpuStop::InternalError(crate::error::error_chain(&e))),
         };
         match action {
             ExitAction::Resume => {}
@@ -220,7 +182,7 @@ fn assist_instruction(
             Err(VcpuStop::EmulationFailure {
                 rip,
                 bytes: failure.insn_bytes.clone().unwrap_or_default(),
-                reason: crate::error_chain(&e),
+                reason: crate::error::error_chain(&e),
             })
         }
     }
@@ -248,12 +210,13 @@ impl VcpuHandle {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use hypervisor::SystemEvent;
     use std::sync::Mutex;
 
     struct Echo(Vec<(u64, Vec<u8>)>);
     impl devices::BusDevice for Echo {
         fn read(&mut self, _: u64, offset: u64, data: &mut [u8]) {
-            data.fill(offset as u8 + 1);
+            data.fill(offset.to_le_bytes()[0] + 1);
         }
         fn write(&mut self, base: u64, offset: u64, data: &[u8]) {
             self.0.push((base + offset, data.to_vec()));

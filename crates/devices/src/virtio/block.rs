@@ -360,6 +360,9 @@ impl VirtioDevice for Block {
     fn device_type(&self) -> u32 {
         VIRTIO_ID_BLOCK
     }
+    fn name(&self) -> &'static str {
+        "block"
+    }
 
     fn queue_max_sizes(&self) -> &[u16] {
         &[QUEUE_SIZE]

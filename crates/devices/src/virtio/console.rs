@@ -137,7 +137,7 @@ pub fn process_rx(
                 break;
             }
             pending.drain(..n);
-            written += n as u32;
+            written = written.saturating_add(super::len_u32(n));
         }
         if queue.add_used(mem, head, written).is_err() {
             break;
@@ -153,6 +153,9 @@ pub fn process_rx(
 impl VirtioDevice for Console {
     fn device_type(&self) -> u32 {
         VIRTIO_ID_CONSOLE
+    }
+    fn name(&self) -> &'static str {
+        "console"
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
@@ -184,11 +187,12 @@ impl VirtioDevice for Console {
 }
 
 #[cfg(test)]
+// Test lengths, indices and byte patterns are small constants.
+#[allow(clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
     use crate::test_util::desc as d;
     use crate::test_util::SharedOutput as Shared;
-    use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
     use virtio_queue::mock::MockSplitQueue;
 
     fn mem() -> GuestMemoryMmap {
@@ -206,7 +210,7 @@ mod tests {
         m.write_slice(b"hvc0\n", GuestAddress(0x2000)).unwrap();
         let mock = MockSplitQueue::new(&m, 16);
         mock.build_desc_chain(&[
-            d(0x1000, 6, VRING_DESC_F_NEXT as u16, 1),
+            d(0x1000, 6, crate::test_util::F_NEXT, 1),
             d(0x2000, 5, 0, 0),
         ])
         .unwrap();
@@ -221,7 +225,7 @@ mod tests {
     fn input_fills_receive_buffers_in_order() {
         let m = mem();
         let mock = MockSplitQueue::new(&m, 16);
-        let w = VRING_DESC_F_WRITE as u16;
+        let w = crate::test_util::F_WRITE;
         mock.build_multiple_desc_chains(&[d(0x1000, 4, w, 0), d(0x2000, 4, w, 0)])
             .unwrap();
         let mut q: Queue = mock.create_queue().unwrap();
@@ -258,7 +262,7 @@ mod tests {
     fn receive_buffers_outside_ram_do_not_lose_input_or_panic() {
         let m = mem();
         let mock = MockSplitQueue::new(&m, 16);
-        mock.build_desc_chain(&[d(0xffff_0000_0000, 8, VRING_DESC_F_WRITE as u16, 0)])
+        mock.build_desc_chain(&[d(0xffff_0000_0000, 8, crate::test_util::F_WRITE, 0)])
             .unwrap();
         let mut q: Queue = mock.create_queue().unwrap();
         let input = ConsoleInput::new().unwrap();

@@ -39,6 +39,11 @@ pub struct MmioTransport {
     acked_features: u64,
     status: u32,
     activated: bool,
+    /// A queue setting the device cannot use (a size that is out of range,
+    /// not a power of two or above the maximum; a misaligned ring): the
+    /// next DRIVER_OK fails with NEEDS_RESET instead of running with a
+    /// value the driver did not write.
+    bad_queue_setup: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -74,6 +79,7 @@ impl MmioTransport {
             acked_features: 0,
             status: 0,
             activated: false,
+            bad_queue_setup: None,
         })
     }
 
@@ -97,7 +103,63 @@ impl MmioTransport {
             // The driver must not reconfigure live queues.
             return None;
         }
-        self.queues.get_mut(self.queue_select as usize)
+        let index = usize::try_from(self.queue_select).ok()?;
+        self.queues.get_mut(index)
+    }
+
+    /// Records a queue setting the device refused.
+    fn refuse_queue_setup(&mut self, why: String) {
+        tracing::debug!(device = self.device.name(), "virtio-mmio: {why}");
+        self.bad_queue_setup.get_or_insert(why);
+    }
+
+    /// QueueNum: a size the queue can have, or refused.
+    fn set_queue_size(&mut self, value: u32) {
+        let select = self.queue_select;
+        let Some(q) = self.selected_queue() else {
+            return;
+        };
+        let max = q.max_size();
+        let fits = u16::try_from(value)
+            .ok()
+            .is_some_and(|size| q.try_set_size(size).is_ok());
+        if !fits {
+            self.refuse_queue_setup(format!(
+                "queue {select}: size {value:#x} refused (a power of two up to {max})"
+            ));
+        }
+    }
+
+    /// One half of a ring address register (`offset & 4` says which).
+    fn set_queue_address(&mut self, offset: u64, value: u32) {
+        let select = self.queue_select;
+        let Some(q) = self.selected_queue() else {
+            return;
+        };
+        let ring = offset & !4;
+        let old = match ring {
+            0x080 => q.desc_table(),
+            0x090 => q.avail_ring(),
+            _ => q.used_ring(),
+        };
+        let new = if offset & 4 == 0 {
+            (old & !0xffff_ffff) | u64::from(value)
+        } else {
+            (old & 0xffff_ffff) | (u64::from(value) << 32)
+        };
+        let addr = vm_memory::GuestAddress(new);
+        let set = match ring {
+            0x080 => q.try_set_desc_table_address(addr),
+            0x090 => q.try_set_avail_ring_address(addr),
+            _ => q.try_set_used_ring_address(addr),
+        };
+        // The low half is written first: only a misaligned low half
+        // makes the address misaligned.
+        if set.is_err() {
+            self.refuse_queue_setup(format!(
+                "queue {select}: misaligned ring address {new:#x} refused"
+            ));
+        }
     }
 
     fn reset(&mut self) {
@@ -113,12 +175,18 @@ impl MmioTransport {
         self.driver_features_select = 0;
         self.acked_features = 0;
         self.status = 0;
+        self.bad_queue_setup = None;
         self.interrupt.acknowledge(u32::MAX);
     }
 
     fn set_status(&mut self, value: u32) {
         if value == 0 {
             self.reset();
+            return;
+        }
+        if value > 0xff {
+            // The status is 8 bits wide; no bit above them means anything.
+            tracing::debug!(value, "virtio status beyond 8 bits ignored");
             return;
         }
         // The driver only ever adds bits (or writes 0 to reset).
@@ -156,7 +224,9 @@ impl MmioTransport {
             .queues
             .iter()
             .all(|q| q.ready() && q.is_valid(&self.mem));
-        let result = if valid {
+        let result = if let Some(why) = &self.bad_queue_setup {
+            Err(why.clone())
+        } else if valid {
             let queues = self
                 .queues
                 .iter()
@@ -188,7 +258,7 @@ impl MmioTransport {
             Ok(()) => self.activated = true,
             Err(why) => {
                 tracing::warn!(
-                    device = self.device.device_type(),
+                    device = self.device.name(),
                     "virtio device needs reset: {why}"
                 );
                 self.status |= VIRTIO_CONFIG_S_NEEDS_RESET;
@@ -198,15 +268,17 @@ impl MmioTransport {
     }
 
     fn read_register(&self, offset: u64) -> u32 {
-        let queue = self.queues.get(self.queue_select as usize);
+        let queue = usize::try_from(self.queue_select)
+            .ok()
+            .and_then(|i| self.queues.get(i));
         match offset {
             0x000 => MAGIC,
             0x004 => VERSION,
             0x008 => self.device.device_type(),
             0x00c => VENDOR_ID,
             0x010 => match self.device_features_select {
-                0 => self.offered_features() as u32,
-                1 => (self.offered_features() >> 32) as u32,
+                0 => low_half(self.offered_features()),
+                1 => high_half(self.offered_features()),
                 _ => 0,
             },
             0x034 => queue.map_or(0, |q| u32::from(q.max_size())),
@@ -235,11 +307,7 @@ impl MmioTransport {
             }
             0x024 => self.driver_features_select = value,
             0x030 => self.queue_select = value,
-            0x038 => {
-                if let Some(q) = self.selected_queue() {
-                    q.set_size(value as u16);
-                }
-            }
+            0x038 => self.set_queue_size(value),
             0x044 => {
                 if let Some(q) = self.selected_queue() {
                     q.set_ready(value == 1);
@@ -247,26 +315,14 @@ impl MmioTransport {
             }
             0x050 => {
                 // Normally caught by an ioeventfd; this is the slow path.
-                if let Some(evt) = self.queue_events.get(value as usize) {
+                let index = usize::try_from(value).ok();
+                if let Some(evt) = index.and_then(|i| self.queue_events.get(i)) {
                     let _ = evt.write(1);
                 }
             }
             0x064 => self.interrupt.acknowledge(value),
             0x070 => self.set_status(value),
-            0x080 | 0x084 | 0x090 | 0x094 | 0x0a0 | 0x0a4 => {
-                let (low, high) = if offset & 4 == 0 {
-                    (Some(value), None)
-                } else {
-                    (None, Some(value))
-                };
-                if let Some(q) = self.selected_queue() {
-                    match offset & !4 {
-                        0x080 => q.set_desc_table_address(low, high),
-                        0x090 => q.set_avail_ring_address(low, high),
-                        _ => q.set_used_ring_address(low, high),
-                    }
-                }
-            }
+            0x080 | 0x084 | 0x090 | 0x094 | 0x0a0 | 0x0a4 => self.set_queue_address(offset, value),
             _ => tracing::debug!(
                 offset,
                 value,
@@ -274,6 +330,16 @@ impl MmioTransport {
             ),
         }
     }
+}
+
+/// Bits 0..32 of a 64-bit register pair.
+fn low_half(value: u64) -> u32 {
+    u32::try_from(value & 0xffff_ffff).unwrap_or(u32::MAX)
+}
+
+/// Bits 32..64 of a 64-bit register pair.
+fn high_half(value: u64) -> u32 {
+    u32::try_from(value >> 32).unwrap_or(u32::MAX)
 }
 
 impl BusDevice for MmioTransport {

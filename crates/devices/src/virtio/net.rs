@@ -73,7 +73,7 @@ pub fn config_space(mac: MacAddr, link_up: bool, mtu: u16) -> [u8; 12] {
     let mut c = [0u8; 12];
     c[..6].copy_from_slice(&mac.0);
     let status = if link_up {
-        VIRTIO_NET_S_LINK_UP as u16
+        u16::try_from(VIRTIO_NET_S_LINK_UP).unwrap_or(1)
     } else {
         0
     };
@@ -183,7 +183,10 @@ pub fn deliver_rx_frame(
             break;
         }
     }
-    if room < packet.len() || chains.iter().any(|(_, w)| w.is_none()) {
+    // The header's num_buffers: the chains come from one queue (at most
+    // 32768 entries), so the count fits.
+    let count = u16::try_from(chains.len());
+    if room < packet.len() || count.is_err() || chains.iter().any(|(_, w)| w.is_none()) {
         // Too small a buffer without merging, or an unusable chain: the
         // buffers go back empty and the frame is dropped.
         for (head, _) in &chains {
@@ -192,7 +195,7 @@ pub fn deliver_rx_frame(
         stats.rx_dropped.fetch_add(1, Ordering::Relaxed);
         return Err(RxError::Dropped);
     }
-    let count = chains.len() as u16;
+    let count = count.unwrap_or(u16::MAX);
     packet[10..12].copy_from_slice(&count.to_le_bytes());
     let mut at = 0usize;
     for (head, writer) in chains {
@@ -200,7 +203,7 @@ pub fn deliver_rx_frame(
         let n = w.available_bytes().min(packet.len() - at);
         let written = std::io::Write::write_all(&mut w, &packet[at..at + n]).map_or(0, |()| n);
         at += n;
-        if let Err(e) = queue.add_used(mem, head, written as u32) {
+        if let Err(e) = queue.add_used(mem, head, super::len_u32(written)) {
             tracing::warn!("virtio-net: cannot return a receive buffer: {e}");
         }
     }
@@ -250,6 +253,9 @@ impl Net {
 impl VirtioDevice for Net {
     fn device_type(&self) -> u32 {
         VIRTIO_ID_NET
+    }
+    fn name(&self) -> &'static str {
+        "net"
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
@@ -493,10 +499,11 @@ impl NetWorker {
 }
 
 #[cfg(test)]
+// Test lengths, indices and byte patterns are small constants.
+#[allow(clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
     use crate::test_util::desc as d;
-    use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
     use virtio_queue::mock::MockSplitQueue;
     use vm_memory::{Bytes, GuestAddress};
 
@@ -526,7 +533,7 @@ mod tests {
         m.write_slice(&frame, GuestAddress(0x20000)).unwrap();
         mock.add_desc_chains(
             &[
-                d(0x10000, HDR_LEN as u32, VRING_DESC_F_NEXT as u16, 1),
+                d(0x10000, HDR_LEN as u32, crate::test_util::F_NEXT, 1),
                 d(0x20000, 60, 0, 0),
                 d(0x30000, (HDR_LEN + 10) as u32, 0, 0),
                 d(0x40000, (HDR_LEN + MAX_FRAME + 1) as u32, 0, 0),
@@ -552,7 +559,7 @@ mod tests {
     fn received_frames_merge_buffers_or_wait_for_them() {
         let m = mem();
         let mock = MockSplitQueue::new(&m, 16);
-        let w = VRING_DESC_F_WRITE as u16;
+        let w = crate::test_util::F_WRITE;
         // Three 1 KiB buffers: a 2500-byte frame needs all three.
         mock.build_multiple_desc_chains(&[
             d(0x10000, 1024, w, 0),
@@ -598,7 +605,7 @@ mod tests {
     fn without_merging_a_small_buffer_drops_the_frame() {
         let m = mem();
         let mock = MockSplitQueue::new(&m, 16);
-        let w = VRING_DESC_F_WRITE as u16;
+        let w = crate::test_util::F_WRITE;
         mock.build_multiple_desc_chains(&[d(0x10000, 100, w, 0), d(0x20000, 4096, w, 0)])
             .unwrap();
         let mut q: Queue = mock.create_queue().unwrap();
@@ -679,7 +686,7 @@ mod tests {
         let m = mem();
         let rxq = MockSplitQueue::new(&m, 16);
         let txq = MockSplitQueue::create(&m, GuestAddress(0x200000), 16);
-        let w = VRING_DESC_F_WRITE as u16;
+        let w = crate::test_util::F_WRITE;
         for i in 0..3u16 {
             let addr = 0x10000 + u64::from(i) * 0x1000;
             m.write_slice(&[i as u8 + 1; HDR_LEN + 60], GuestAddress(addr))
@@ -745,7 +752,7 @@ mod tests {
         m.write_slice(&packet, GuestAddress(0x10000)).unwrap();
         txq.add_desc_chains(&[d(0x10000, packet.len() as u32, 0, 0)], 0)
             .unwrap();
-        rxq.add_desc_chains(&[d(0x80000, 4096, VRING_DESC_F_WRITE as u16, 0)], 0)
+        rxq.add_desc_chains(&[d(0x80000, 4096, crate::test_util::F_WRITE, 0)], 0)
             .unwrap();
         let mut nw = worker(
             &m,

@@ -73,7 +73,7 @@ pub fn process_queue(queue: &mut Queue, mem: &GuestMemoryMmap, interrupt: &Inter
             }
             written += len;
         }
-        if let Err(e) = queue.add_used(mem, head, written as u32) {
+        if let Err(e) = queue.add_used(mem, head, super::len_u32(written)) {
             tracing::warn!("virtio-rng cannot return a buffer: {e}");
             break;
         }
@@ -87,6 +87,9 @@ pub fn process_queue(queue: &mut Queue, mem: &GuestMemoryMmap, interrupt: &Inter
 impl VirtioDevice for Rng {
     fn device_type(&self) -> u32 {
         VIRTIO_ID_RNG
+    }
+    fn name(&self) -> &'static str {
+        "rng"
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
@@ -109,11 +112,12 @@ impl VirtioDevice for Rng {
 }
 
 #[cfg(test)]
+// Test lengths, indices and byte patterns are small constants.
+#[allow(clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
     use crate::test_util::desc;
     use std::sync::Arc;
-    use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
     use virtio_queue::mock::MockSplitQueue;
     use vmm_sys_util::eventfd::EventFd;
 
@@ -136,8 +140,8 @@ mod tests {
         let mem = memory();
         let mock = MockSplitQueue::new(&mem, 16);
         let descs = [
-            desc(0x8000, 16, VRING_DESC_F_WRITE as u16 | 1, 1),
-            desc(0x9000, 32, VRING_DESC_F_WRITE as u16, 0),
+            desc(0x8000, 16, crate::test_util::F_WRITE | 1, 1),
+            desc(0x9000, 32, crate::test_util::F_WRITE, 0),
         ];
         mock.build_desc_chain(&descs).unwrap();
         let mut queue: Queue = mock.create_queue().unwrap();
@@ -157,8 +161,8 @@ mod tests {
         // A device-readable buffer, a buffer outside RAM, and a giant one.
         mock.build_multiple_desc_chains(&[
             desc(0x8000, 16, 0, 0),
-            desc(0xffff_0000_0000, 64, VRING_DESC_F_WRITE as u16, 0),
-            desc(0x1000, u32::MAX, VRING_DESC_F_WRITE as u16, 0),
+            desc(0xffff_0000_0000, 64, crate::test_util::F_WRITE, 0),
+            desc(0x1000, u32::MAX, crate::test_util::F_WRITE, 0),
         ])
         .unwrap();
         let mut queue: Queue = mock.create_queue().unwrap();

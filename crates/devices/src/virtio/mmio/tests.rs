@@ -21,6 +21,9 @@ impl VirtioDevice for FakeDevice {
     fn device_type(&self) -> u32 {
         42
     }
+    fn name(&self) -> &'static str {
+        "fake"
+    }
     fn queue_max_sizes(&self) -> &[u16] {
         &self.sizes
     }
@@ -79,13 +82,16 @@ impl Harness {
         self.t.write(0, offset, &value.to_le_bytes());
     }
     fn setup_queue(&mut self, index: u32, base: u64) {
+        self.setup_queue_sized(index, base, 8);
+    }
+    fn setup_queue_sized(&mut self, index: u32, base: u64, size: u32) {
         self.w(0x30, index);
-        self.w(0x38, 8);
-        self.w(0x80, base as u32);
-        self.w(0x84, (base >> 32) as u32);
-        self.w(0x90, (base + 0x1000) as u32);
+        self.w(0x38, size);
+        self.w(0x80, low_half(base));
+        self.w(0x84, high_half(base));
+        self.w(0x90, low_half(base + 0x1000));
         self.w(0x94, 0);
-        self.w(0xa0, (base + 0x2000) as u32);
+        self.w(0xa0, low_half(base + 0x2000));
         self.w(0xa4, 0);
         self.w(0x44, 1);
     }
@@ -94,9 +100,9 @@ impl Harness {
         self.w(0x70, VIRTIO_CONFIG_S_ACKNOWLEDGE);
         self.w(0x70, VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER);
         self.w(0x24, 0);
-        self.w(0x20, features as u32);
+        self.w(0x20, low_half(features));
         self.w(0x24, 1);
-        self.w(0x20, (features >> 32) as u32);
+        self.w(0x20, high_half(features));
         self.w(
             0x70,
             VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER | VIRTIO_CONFIG_S_FEATURES_OK,
@@ -241,4 +247,78 @@ fn interrupt_acknowledge() {
     assert_eq!(h.r(0x60), 1);
     h.w(0x64, 1);
     assert_eq!(h.r(0x60), 0);
+}
+
+/// QueueNum is 16 bits wide in the virtio-mmio register file's queue, but
+/// the register is 32: 0x10010 used to be taken as 16 (`value as u16`).
+/// Sizes out of range, not a power of two, or above the maximum are
+/// refused: the device then needs a reset instead of running with a size
+/// the driver did not write.
+#[test]
+fn queue_sizes_out_of_range_are_refused() {
+    for bad in [0x1_0010, 0x8000_0008, 17, 32, 0] {
+        let mut h = harness(false);
+        h.negotiate(V1);
+        h.setup_queue_sized(0, 0x10000, bad);
+        h.setup_queue(1, 0x20000);
+        h.driver_ok();
+        assert!(
+            h.record.lock().unwrap().activations.is_empty(),
+            "size {bad:#x} was accepted"
+        );
+        assert_ne!(h.r(0x70) & VIRTIO_CONFIG_S_NEEDS_RESET, 0, "{bad:#x}");
+        // A reset forgets the refusal; a good size then works.
+        h.w(0x70, 0);
+        h.negotiate(V1);
+        h.setup_queue_sized(0, 0x10000, 16);
+        h.setup_queue(1, 0x20000);
+        h.driver_ok();
+        assert_eq!(h.record.lock().unwrap().activations.len(), 1, "{bad:#x}");
+    }
+}
+
+/// Misaligned rings are refused the same way (they were ignored, leaving
+/// the previous address in place).
+#[test]
+fn misaligned_ring_addresses_are_refused() {
+    for (register, addr) in [(0x80, 0x10008), (0x90, 0x11001), (0xa0, 0x12002)] {
+        let mut h = harness(false);
+        h.negotiate(V1);
+        h.setup_queue(0, 0x10000);
+        h.setup_queue(1, 0x20000);
+        h.w(0x30, 0);
+        h.w(register, addr);
+        h.driver_ok();
+        assert!(
+            h.record.lock().unwrap().activations.is_empty(),
+            "{register:#x}"
+        );
+        assert_ne!(h.r(0x70) & VIRTIO_CONFIG_S_NEEDS_RESET, 0);
+    }
+}
+
+/// Status values beyond the 8 status bits are ignored, not taken in part.
+#[test]
+fn status_beyond_eight_bits_is_ignored() {
+    let mut h = harness(false);
+    h.w(0x70, 0x100 | VIRTIO_CONFIG_S_ACKNOWLEDGE);
+    assert_eq!(h.r(0x70), 0);
+    h.w(0x70, VIRTIO_CONFIG_S_ACKNOWLEDGE);
+    assert_eq!(h.r(0x70), VIRTIO_CONFIG_S_ACKNOWLEDGE);
+}
+
+/// Selectors and notifications beyond the queues (or beyond `usize`) are
+/// ignored.
+#[test]
+fn selectors_out_of_range_are_ignored() {
+    let mut h = harness(false);
+    h.negotiate(V1);
+    h.w(0x30, u32::MAX);
+    h.w(0x38, 8);
+    assert_eq!(h.r(0x34), 0);
+    h.w(0x50, u32::MAX);
+    h.setup_queue(0, 0x10000);
+    h.setup_queue(1, 0x20000);
+    h.driver_ok();
+    assert_eq!(h.record.lock().unwrap().activations.len(), 1);
 }

@@ -217,7 +217,11 @@ impl Connection {
                 if self.peer_shutdown & SHUTDOWN_SEND != 0 {
                     return self.reset();
                 }
-                let len = payload.len() as u32;
+                // Packets are validated to at most 64 KiB; anything
+                // larger is abuse.
+                let Ok(len) = u32::try_from(payload.len()) else {
+                    return self.reset();
+                };
                 let buffered = self.rx_cnt.wrapping_sub(self.fwd_cnt);
                 if buffered.saturating_add(len) > BUF_ALLOC {
                     // More than the credit we gave: credit abuse.
@@ -282,6 +286,8 @@ impl Connection {
 }
 
 #[cfg(test)]
+// Test lengths, indices and byte patterns are small constants.
+#[allow(clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
 

@@ -89,6 +89,9 @@ impl VirtioDevice for Vsock {
     fn device_type(&self) -> u32 {
         VIRTIO_ID_VSOCK
     }
+    fn name(&self) -> &'static str {
+        "vsock"
+    }
 
     fn queue_max_sizes(&self) -> &[u16] {
         &QUEUE_SIZES
@@ -130,4 +133,6 @@ impl VirtioDevice for Vsock {
 }
 
 #[cfg(test)]
+// Test lengths, indices and byte patterns are small constants.
+#[allow(clippy::cast_possible_truncation)]
 mod tests;

@@ -125,7 +125,7 @@ impl HostConn {
                 Ok(0) => return Err(ErrorKind::WriteZero.into()),
                 Ok(n) => {
                     self.to_host.drain(..n);
-                    written += n as u32;
+                    written = written.saturating_add(crate::virtio::len_u32(n));
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
@@ -239,7 +239,9 @@ impl Muxer {
                 match event.data() {
                     KILL => return Ok(()),
                     i @ (RX | TX | EVENTS) => {
-                        let _ = queue_events[i as usize].read();
+                        if let Some(e) = usize::try_from(i).ok().and_then(|i| queue_events.get(i)) {
+                            let _ = e.read();
+                        }
                         if i == TX {
                             self.process_tx();
                         }
@@ -485,7 +487,9 @@ impl Muxer {
             Reply::Connected => {
                 let line = format!("OK {}\n", c.conn.local_port);
                 c.to_host.extend(line.as_bytes());
-                c.line_bytes += line.len() as u32;
+                c.line_bytes = c
+                    .line_bytes
+                    .saturating_add(crate::virtio::len_u32(line.len()));
                 c.readable = true;
                 c.pump_to_host();
             }
@@ -628,7 +632,7 @@ impl Muxer {
                         }
                     }
                     Ok(n) => {
-                        let h = c.conn.data_to_guest(n as u32)?;
+                        let h = c.conn.data_to_guest(crate::virtio::len_u32(n))?;
                         // Next round starts after this connection.
                         self.cursor = (key.0, key.1.wrapping_add(1));
                         return write_packet(w, &h, &self.buf[..n]);
@@ -683,7 +687,7 @@ fn write_packet<B: vm_memory::bitmap::BitmapSlice>(
     if w.write_all(&h.to_bytes()).is_err() || w.write_all(payload).is_err() {
         tracing::debug!("vsock: receive buffer outside guest memory");
     }
-    Some((HDR_LEN + payload.len()) as u32)
+    u32::try_from(HDR_LEN + payload.len()).ok()
 }
 
 fn parse_connect(line: &[u8]) -> Result<u32, &'static str> {

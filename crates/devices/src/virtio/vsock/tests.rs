@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::test_util::desc as d;
-use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
@@ -50,7 +49,7 @@ impl<'a> FakeDriver<'a> {
             let i = self.rx_posted;
             let addr = RX_BUFS + u64::from(i) * 0x2000;
             self.rx
-                .add_desc_chains(&[d(addr, BUF, VRING_DESC_F_WRITE as u16, 0)], i)
+                .add_desc_chains(&[d(addr, BUF, crate::test_util::F_WRITE, 0)], i)
                 .unwrap();
             self.rx_posted += 1;
         }
@@ -95,7 +94,7 @@ impl<'a> FakeDriver<'a> {
                     d(
                         addr,
                         header.len() as u32,
-                        VRING_DESC_F_NEXT as u16,
+                        crate::test_util::F_NEXT,
                         i * 2 + 1,
                     ),
                     d(data, payload.len() as u32, 0, 0),

@@ -1,0 +1,201 @@
+//! Device wiring, in one place: the PC's legacy devices on the port bus,
+//! virtio devices behind virtio-mmio windows (address, interrupt line,
+//! irqfd, ioeventfds, the `virtio_mmio.device=` announcements), and the
+//! devices a [`VmConfig`] asks for.
+
+use std::io::Write;
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex};
+
+use arch::layout;
+use devices::cmos::{Cmos, CMOS_PORT, CMOS_PORT_LEN};
+use devices::debug_exit::{DebugExit, DEBUG_EXIT_PORT};
+use devices::i8042::{COMMAND_PORT, DATA_PORT, I8042};
+use devices::serial::{SerialDevice, COM1_IRQ, COM1_PORT, UART_PORT_LEN};
+use devices::virtio::mmio::{MmioTransport, MMIO_WINDOW, NOTIFY_OFFSET};
+use devices::virtio::{Interrupt, VirtioDevice};
+use devices::{Bus, PlatformRequest, PlatformRequestSink};
+use hypervisor::{GuestMemoryMmap, Vm};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::config::{NetMode, VmConfig};
+use crate::error::VmmError;
+use crate::event::VmmEvent;
+use crate::panic_watch::{PanicNote, PanicWatch};
+use crate::request::DeviceInfo;
+
+/// The interrupt line of the first virtio device; the next ones follow.
+/// (0-4 are the PIT, keyboard, cascade and COM ports.)
+pub const VIRTIO_FIRST_IRQ: u32 = 5;
+
+/// The virtio devices that `config` asks for, in the order the guest sees
+/// them: disks (the first is `/dev/vda`), the entropy device, vsock, then
+/// the NICs with the addresses in `macs`. (A virtio console is added by
+/// [`crate::Machine::add_virtio_console`], since it becomes the console.)
+pub fn configured_devices(
+    config: &VmConfig,
+    macs: &[net::MacAddr],
+) -> Result<Vec<Box<dyn VirtioDevice>>, VmmError> {
+    let mut list: Vec<Box<dyn VirtioDevice>> = Vec::new();
+    for disk in &config.disks {
+        let image = block::open_image(
+            &disk.path,
+            block::OpenOptions {
+                read_only: disk.readonly,
+                cache: disk.cache,
+                format: disk.format,
+            },
+        )?;
+        list.push(Box::new(devices::virtio::block::Block::new(image)));
+    }
+    if config.rng {
+        list.push(Box::new(devices::virtio::rng::Rng::new()));
+    }
+    if let Some(vsock) = &config.vsock {
+        let device =
+            devices::virtio::vsock::Vsock::new(u64::from(vsock.cid), &vsock.socket_path())?;
+        list.push(Box::new(device));
+    }
+    for (nic, &mac) in config.nets.iter().zip(macs) {
+        let backend: Box<dyn net::Backend> = match &nic.mode {
+            NetMode::Nat { hostfwd } => Box::new(net::nat::Nat::start(&net::nat::NatConfig {
+                hostfwd: hostfwd.clone(),
+                restricted: false,
+            })?),
+            NetMode::Tap { ifname } => Box::new(net::tap::Tap::open(ifname)?),
+            NetMode::Internal { name } => Box::new(net::switch::Switch::join(name, mac)?),
+        };
+        list.push(Box::new(devices::virtio::net::Net::new(mac, backend)));
+    }
+    Ok(list)
+}
+
+/// A virtio device as the status report shows it.
+struct MmioSlot {
+    name: &'static str,
+    base: u64,
+    irq: u32,
+    interrupt: Arc<Interrupt>,
+}
+
+/// The machine's virtio-mmio devices: each gets the next 4 KiB window from
+/// [`layout::DEVICE_MMIO_START`] and the next interrupt line from
+/// [`VIRTIO_FIRST_IRQ`].
+#[derive(Default)]
+pub struct VirtioMmio {
+    slots: Vec<MmioSlot>,
+}
+
+impl VirtioMmio {
+    /// Puts `device` behind the next window: an irqfd for its interrupt
+    /// and an ioeventfd per queue at QueueNotify (data = queue index), so
+    /// that a guest kick wakes its worker without a VMM exit.
+    pub fn add(
+        &mut self,
+        vm: &dyn Vm,
+        mem: &GuestMemoryMmap,
+        bus: &Bus,
+        device: Box<dyn VirtioDevice>,
+    ) -> Result<(), VmmError> {
+        let irq = u32::try_from(self.slots.len())
+            .ok()
+            .and_then(|index| VIRTIO_FIRST_IRQ.checked_add(index))
+            .filter(|&irq| irq < u32::from(arch::mptable::IOAPIC_PINS))
+            .ok_or(VmmError::TooManyDevices)?;
+        let base = layout::DEVICE_MMIO_START + u64::from(irq - VIRTIO_FIRST_IRQ) * MMIO_WINDOW;
+        let line = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)?;
+        vm.register_irqfd(&line, irq)?;
+        let interrupt = Arc::new(Interrupt::new(line));
+        let name = device.name();
+        let transport = MmioTransport::new(device, mem.clone(), interrupt.clone())
+            .map_err(|e| VmmError::Virtio(e.to_string()))?;
+        for (queue, event) in (0u32..).zip(transport.queue_events()) {
+            vm.register_mmio_ioevent(event, base + NOTIFY_OFFSET, queue)?;
+        }
+        bus.insert(Arc::new(Mutex::new(transport)), base, MMIO_WINDOW)?;
+        self.slots.push(MmioSlot {
+            name,
+            base,
+            irq,
+            interrupt,
+        });
+        Ok(())
+    }
+
+    /// The `virtio_mmio.device=4K@ADDR:IRQ` arguments that tell Linux
+    /// where the devices are.
+    pub fn cmdline(&self) -> impl Iterator<Item = String> + '_ {
+        self.slots
+            .iter()
+            .map(|s| format!("virtio_mmio.device=4K@{:#x}:{}", s.base, s.irq))
+    }
+
+    /// The devices as `GET /vm` lists them.
+    pub fn info(&self) -> Vec<DeviceInfo> {
+        self.slots
+            .iter()
+            .map(|s| DeviceInfo {
+                kind: s.name.to_string(),
+                mmio_base: s.base,
+                irq: s.irq,
+                interrupts: s.interrupt.raised(),
+            })
+            .collect()
+    }
+}
+
+/// The UART's handles the machine keeps.
+pub(crate) struct LegacyDevices {
+    pub serial: Arc<Mutex<SerialDevice>>,
+    pub input_space: Arc<EventFd>,
+    pub panic_note: PanicNote,
+}
+
+/// Puts the PC's legacy devices on the port bus: the COM1 UART (IRQ 4
+/// through an irqfd; output watched for kernel panics), the i8042 reset
+/// line, the CMOS RTC, the debug-exit port and the PCI root (an empty bus 0
+/// behind its host bridge).
+pub(crate) fn add_legacy_devices(
+    vm: &dyn Vm,
+    pio: &Bus,
+    events: &Sender<VmmEvent>,
+    serial_out: Box<dyn Write + Send>,
+) -> Result<LegacyDevices, VmmError> {
+    let sink: PlatformRequestSink = {
+        let tx = events.clone();
+        Arc::new(move |r: PlatformRequest| {
+            let _ = tx.send(VmmEvent::Platform(r));
+        })
+    };
+    let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)?;
+    vm.register_irqfd(&irq, COM1_IRQ)?;
+    let input_space = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)?);
+    let panic_note = PanicNote::default();
+    let watched = Box::new(PanicWatch::new(serial_out, panic_note.clone()));
+    let serial = Arc::new(Mutex::new(SerialDevice::new(
+        irq,
+        watched,
+        input_space.clone(),
+    )));
+    pio.insert(serial.clone(), COM1_PORT, UART_PORT_LEN)?;
+    let i8042 = Arc::new(Mutex::new(I8042::new(sink.clone())));
+    pio.insert(i8042.clone(), DATA_PORT, 1)?;
+    pio.insert(i8042, COMMAND_PORT, 1)?;
+    let cmos = Arc::new(Mutex::new(Cmos::default()));
+    pio.insert(cmos, CMOS_PORT, CMOS_PORT_LEN)?;
+    let debug_exit = Arc::new(Mutex::new(DebugExit::new(sink)));
+    pio.insert(debug_exit, DEBUG_EXIT_PORT, 1)?;
+    // PCI configuration mechanism #1 with a host bridge: guest kernels with
+    // PCI support probe for it (and call its absence fatal).
+    let pci = Arc::new(Mutex::new(devices::pci::PciRoot::new()));
+    pio.insert(
+        pci,
+        devices::pci::CONFIG_ADDRESS_PORT,
+        devices::pci::CONFIG_PORTS_LEN,
+    )?;
+    Ok(LegacyDevices {
+        serial,
+        input_space,
+        panic_note,
+    })
+}

@@ -1,0 +1,258 @@
+//! Running a VM from its configuration: opening KVM, the host's
+//! defaults (command line, hidden CPU features), and the boot loop that
+//! restarts a VM on reset when asked.
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::sync::OnceLock;
+use std::time::Instant;
+
+use arch::cpuid::CpuFeature;
+use hypervisor::kvm::KvmHypervisor;
+use hypervisor::{HostProfile, Hypervisor};
+
+use crate::config::{ConsoleDevice, ResetAction, SerialConfig, VmConfig};
+use crate::console::RawTerminal;
+use crate::console_input::StdinConsole;
+use crate::control::VmControl;
+use crate::error::VmmError;
+use crate::machine::{Machine, MachineSpec, RunEnd, RunOptions};
+use crate::outcome::VmOutcome;
+
+/// The address of NIC `index` of a VM whose configuration names none: one
+/// of its own for this run (`hostvisor` stores one per managed VM, which
+/// stays the same across its runs).
+pub fn ephemeral_mac(index: usize) -> net::MacAddr {
+    let boot = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    // NICs are few; the index only varies the derived address.
+    let index = u32::try_from(index).unwrap_or(u32::MAX);
+    net::MacAddr::for_vm(&format!("{}-{boot}", std::process::id()), index)
+}
+
+static PROCESS_START: OnceLock<Instant> = OnceLock::new();
+
+/// Records when the process started, for timing logs. Call first in main.
+pub fn mark_process_start() {
+    let _ = PROCESS_START.set(Instant::now());
+}
+
+/// The kernel command line hostvisor uses when none is given. (No
+/// `pci=off`: the machine has a PCI root with a host bridge, and without
+/// one Linux calls the missing config space "Fatal".)
+///
+/// On hosts that emulate guest kernel mode (nested PVM), it adds what such
+/// a guest needs: features the emulator cannot execute are cleared
+/// (`noxsave`, `clearcpuid=`) and costly work is skipped (`quiet`: every
+/// console byte is an exit there). A VM that can be paused (a managed
+/// one) also keeps time with kvmclock there (`clocksource=kvm-clock`): its
+/// TSC is the host's and cannot be held back, so only kvmclock lets a
+/// paused guest's clock stand still. (It costs ~2 s of boot on PVM, so
+/// VMs that cannot be paused go without.)
+pub fn default_cmdline(profile: HostProfile, console: ConsoleDevice, pausable: bool) -> String {
+    let console = match console {
+        ConsoleDevice::Serial => "console=ttyS0",
+        ConsoleDevice::Virtio => "console=hvc0",
+    };
+    let mut args = vec![console, "reboot=k", "panic=-1"];
+    if profile.emulated_cpl0 {
+        args.extend([
+            "quiet",
+            "noxsave",
+            "clearcpuid=cx16,erms,fsrm,popcnt,smap",
+            "random.trust_cpu=on",
+            "percpu_alloc=page",
+            "rodata=off",
+        ]);
+        if pausable {
+            args.push("clocksource=kvm-clock");
+        }
+    }
+    args.join(" ")
+}
+
+/// CPU features hidden on this host whatever the configuration says.
+///
+/// On emulated-CPL0 (PVM) hosts the KVM paravirtual send-IPI hypercall
+/// never reaches the target vCPU, so secondary CPUs hang in bring-up;
+/// without the feature Linux sends IPIs through the LAPIC, which works.
+pub fn host_hidden_features(profile: HostProfile) -> Vec<CpuFeature> {
+    if profile.emulated_cpl0 {
+        vec!["pv-send-ipi"
+            .parse()
+            .expect("pv-send-ipi is a known feature")]
+    } else {
+        Vec::new()
+    }
+}
+
+fn serial_output(config: &SerialConfig) -> Result<Box<dyn Write + Send>, VmmError> {
+    Ok(match config {
+        SerialConfig::Stdio => Box::new(std::io::stdout()),
+        SerialConfig::None => Box::new(std::io::sink()),
+        SerialConfig::File(path) => Box::new(
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|source| VmmError::SerialFile {
+                    path: path.clone(),
+                    source,
+                })?,
+        ),
+    })
+}
+
+/// Opens KVM.
+pub fn open_hypervisor() -> Result<KvmHypervisor, VmmError> {
+    KvmHypervisor::new().map_err(VmmError::Kvm)
+}
+
+/// Boots the VM `config` describes and runs it to the end, rebooting it on
+/// reset when `on_reset = restart`. Prints the assist counts at the end.
+pub fn run(config: &VmConfig) -> Result<VmOutcome, VmmError> {
+    run_controlled(config, None)
+}
+
+/// As [`run`], with a handle through which another thread controls the VM.
+pub fn run_controlled(
+    config: &VmConfig,
+    control: Option<&VmControl>,
+) -> Result<VmOutcome, VmmError> {
+    let started = *PROCESS_START.get_or_init(Instant::now);
+    let hv = open_hypervisor()?;
+    let mut hidden = config
+        .hide_cpu_features
+        .iter()
+        .map(|f| f.parse())
+        .collect::<Result<Vec<_>, _>>()?;
+    for feature in host_hidden_features(hv.host_profile()) {
+        if !hidden.contains(&feature) {
+            hidden.push(feature);
+        }
+    }
+    let _raw = match config.serial {
+        SerialConfig::Stdio => RawTerminal::enter(),
+        _ => None,
+    };
+    // One console input thread for every boot of this VM (dropping it
+    // stops it).
+    let stdin = match config.serial {
+        SerialConfig::Stdio => Some(StdinConsole::start().map_err(VmmError::Thread)?),
+        _ => None,
+    };
+    // Chosen once, so a rebooting guest keeps its addresses.
+    let macs: Vec<net::MacAddr> = config
+        .nets
+        .iter()
+        .enumerate()
+        .map(|(i, nic)| nic.mac.unwrap_or_else(|| ephemeral_mac(i)))
+        .collect();
+    loop {
+        if stdin.as_ref().is_some_and(|s| s.exit_requested()) {
+            // `Ctrl-A x` between two boots.
+            return Ok(VmOutcome::Terminated);
+        }
+        let (uart_out, virtio_out) = match config.console {
+            ConsoleDevice::Serial => (serial_output(&config.serial)?, None),
+            ConsoleDevice::Virtio => (
+                serial_output(&SerialConfig::None)?,
+                Some(serial_output(&config.serial)?),
+            ),
+        };
+        let spec = MachineSpec {
+            cpus: config.cpus,
+            memory: config.memory.bytes(),
+            hidden_features: hidden.clone(),
+            serial_out: uart_out,
+        };
+        let mut machine = Machine::new(&hv, spec)?;
+        for device in crate::builder::configured_devices(config, &macs)? {
+            machine.add_virtio_device(device)?;
+        }
+        if let Some(out) = virtio_out {
+            machine.add_virtio_console(out)?;
+        }
+        let mut cmdline = match &config.cmdline {
+            Some(c) => c.clone(),
+            None => default_cmdline(hv.host_profile(), config.console, control.is_some()),
+        };
+        if let Some(extra) = &config.append {
+            cmdline.push(' ');
+            cmdline.push_str(extra);
+        }
+        tracing::debug!(%cmdline, "booting");
+        machine.load_linux(&config.kernel, config.initrd.as_deref(), &cmdline)?;
+        let stats = machine.stats();
+        let RunEnd { outcome, stuck } = machine.run_with(RunOptions {
+            started,
+            control,
+            stdin: stdin.as_ref(),
+        })?;
+        let assists = stats.assist_counts();
+        if !assists.is_empty() {
+            let list: Vec<String> = assists.iter().map(|(n, c)| format!("{n} x{c}")).collect();
+            eprintln!(
+                "\r\nhostvisor: instructions completed for KVM: {}",
+                list.join(", ")
+            );
+        }
+        tracing::debug!(
+            exits = stats.exits.load(std::sync::atomic::Ordering::Relaxed),
+            unhandled = stats
+                .unhandled_accesses
+                .load(std::sync::atomic::Ordering::Relaxed),
+            ?outcome,
+            "VM ended"
+        );
+        if outcome == VmOutcome::Reset && config.on_reset == ResetAction::Restart {
+            if stuck.is_empty() {
+                continue;
+            }
+            // What is stuck would be stuck again (console output nobody
+            // reads) and would pile up with every boot.
+            eprintln!(
+                "\r\nhostvisor: not restarting the VM: {} did not stop",
+                stuck.join(", ")
+            );
+        }
+        return Ok(outcome);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_command_line_depends_on_the_host() {
+        let native = HostProfile {
+            emulated_cpl0: false,
+        };
+        assert_eq!(
+            default_cmdline(native, ConsoleDevice::Serial, true),
+            "console=ttyS0 reboot=k panic=-1"
+        );
+        assert!(default_cmdline(native, ConsoleDevice::Virtio, false).starts_with("console=hvc0 "));
+        assert!(host_hidden_features(native).is_empty());
+        let pvm = HostProfile {
+            emulated_cpl0: true,
+        };
+        let line = default_cmdline(pvm, ConsoleDevice::Serial, false);
+        assert!(
+            line.contains("noxsave") && line.contains("clearcpuid=cx16"),
+            "{line}"
+        );
+        assert!(!line.contains("clocksource"));
+        assert!(
+            default_cmdline(pvm, ConsoleDevice::Serial, true).ends_with(" clocksource=kvm-clock")
+        );
+        assert!(
+            !line.contains("nopv"),
+            "SMP works through the CPUID fix instead"
+        );
+        let hidden: Vec<_> = host_hidden_features(pvm).iter().map(|f| f.name()).collect();
+        assert_eq!(hidden, ["pv-send-ipi"]);
+    }
+}
