@@ -8,11 +8,12 @@ passes when it exits 0 and prints what its annotation expects.
 
 An HTML comment right before a block (invisible on the rendered page)
 gives what a person at the keyboard would: `stdin` is typed into the
-block (with \\n and \\x01 escapes), `expect` must appear in its output,
+block (with \\n and \\x01 escapes) — once its output shows `prompt`, if
+given, as a person types at the prompt —, `expect` must appear in its output,
 `timeout` is in seconds (default 900), `cleanup` lists files the block
 leaves in the tree, removed afterwards:
 
-    <!-- ci: stdin="echo HELLO-$((6*7))\\nexit\\n" expect="HELLO-42" -->
+    <!-- ci: stdin="echo HELLO-$((6*7))\\nexit\\n" prompt="/ # " expect="HELLO-42" -->
 
 Usage: python3 .ci/readme.py [README.md]
 """
@@ -75,9 +76,16 @@ def run_block(root, env_file, number, annotation, code):
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
-    if stdin is not None:
+    prompt = annotation.get("prompt", "").encode()
+    typed = False
+
+    def type_input():
         proc.stdin.write(stdin.encode("latin-1"))
         proc.stdin.close()
+
+    if stdin is not None and not prompt:
+        type_input()
+        typed = True
     seen = bytearray()
     # Output is passed on as it comes (the test command's summary lines
     # belong in CI's log) and kept for the `expect` check.
@@ -88,6 +96,9 @@ def run_block(root, env_file, number, annotation, code):
             seen += chunk
             sys.stdout.buffer.write(chunk)
             sys.stdout.buffer.flush()
+            if stdin is not None and not typed and prompt in seen:
+                type_input()
+                typed = True
         elif proc.poll() is not None:
             break
         else:

@@ -44,71 +44,20 @@ type Output = Box<dyn Write + Send>;
 
 pub struct SerialDevice {
     inner: Serial<EventFdTrigger, InputSpace, Output>,
-    /// The guest's line control, interrupt enable and modem control
-    /// registers, as last written (the UART keeps its own copies; these
-    /// gate input).
-    lcr: u8,
-    ier: u8,
-    mcr: u8,
-    input_space: Arc<EventFd>,
 }
-
-/// LCR bit 7: the divisor latch, not IER, is at offset 1.
-const LCR_DLAB: u8 = 0x80;
-/// IER bit 0: the guest wants received-data interrupts.
-const IER_RDI: u8 = 0x01;
-/// MCR OUT2 gates a PC UART's interrupt line; LOOP is the self-test mode.
-const MCR_OUT2: u8 = 0x08;
-const MCR_LOOP: u8 = 0x10;
-const IER_OFFSET: u64 = 1;
-const LCR_OFFSET: u64 = 3;
-const MCR_OFFSET: u64 = 4;
 
 impl SerialDevice {
     /// A UART that raises `irq` and writes what the guest sends to `out`.
     /// `input_space` is signalled when the receive FIFO empties.
     pub fn new(irq: EventFd, out: Output, input_space: Arc<EventFd>) -> Self {
         SerialDevice {
-            inner: Serial::with_events(EventFdTrigger(irq), InputSpace(input_space.clone()), out),
-            lcr: 0,
-            ier: 0,
-            mcr: 0,
-            input_space,
+            inner: Serial::with_events(EventFdTrigger(irq), InputSpace(input_space), out),
         }
     }
 
     /// Queues bytes for the guest; returns how many fit in the FIFO.
-    ///
-    /// Input waits (with the caller) until the guest's driver listens:
-    /// received-data interrupts enabled and the interrupt line connected
-    /// (OUT2), not in loopback. A driver that is not listening yet clears
-    /// the FIFO when it starts, losing what was typed (or piped) ahead —
-    /// Linux's 8250 driver probes IER (setting it to 0x0F for a moment) and
-    /// clears the FIFOs before the console shell opens ttyS0.
     pub fn enqueue_input(&mut self, bytes: &[u8]) -> usize {
-        if !self.listening() {
-            return 0;
-        }
         self.inner.enqueue_raw_bytes(bytes).unwrap_or(0)
-    }
-
-    fn listening(&self) -> bool {
-        self.ier & IER_RDI != 0 && self.mcr & (MCR_OUT2 | MCR_LOOP) == MCR_OUT2
-    }
-
-    /// Keeps track of LCR, IER and MCR; wakes the input feeder when the
-    /// guest starts listening.
-    fn note_register_write(&mut self, offset: u64, value: u8) {
-        let was = self.listening();
-        match offset {
-            LCR_OFFSET => self.lcr = value,
-            IER_OFFSET if self.lcr & LCR_DLAB == 0 => self.ier = value,
-            MCR_OFFSET => self.mcr = value,
-            _ => {}
-        }
-        if !was && self.listening() {
-            let _ = self.input_space.write(1);
-        }
     }
 }
 
@@ -122,7 +71,6 @@ impl BusDevice for SerialDevice {
 
     fn write(&mut self, _base: u64, offset: u64, data: &[u8]) {
         if let (Some(&value), Ok(reg)) = (data.first(), u8::try_from(offset)) {
-            self.note_register_write(offset, value);
             if let Err(e) = self.inner.write(reg, value) {
                 // The console sink failed (a closed pipe, a full disk): the
                 // guest must not notice; say so once in the log.
@@ -176,10 +124,6 @@ mod tests {
     #[test]
     fn input_is_queued_and_read_back() {
         let (mut dev, _irq, space, _out) = device();
-        // The driver listens for received data.
-        dev.write(COM1_PORT, 4, &[MCR_OUT2]);
-        dev.write(COM1_PORT, 1, &[IER_RDI]);
-        assert_eq!(space.read().unwrap(), 1, "a listening driver is signalled");
         assert_eq!(dev.enqueue_input(b"ab"), 2);
         let mut b = [0u8];
         dev.read(COM1_PORT, 5, &mut b);
@@ -192,39 +136,5 @@ mod tests {
         // A full FIFO takes what fits.
         assert_eq!(dev.enqueue_input(&[b'z'; 100]), 64);
         assert_eq!(dev.enqueue_input(b"more"), 0);
-    }
-
-    #[test]
-    fn input_waits_until_the_driver_listens() {
-        let (mut dev, _irq, space, _out) = device();
-        // No driver yet (IER 0): typed-ahead input stays with the caller,
-        // so a driver starting up cannot clear it away.
-        assert_eq!(dev.enqueue_input(b"echo hi"), 0);
-        assert!(space.read().is_err(), "nothing to wake for yet");
-        // Linux's probe sets IER to 0x0F for a moment, with OUT2 clear,
-        // and then clears the FIFOs: input must not go in then.
-        dev.write(COM1_PORT, 1, &[0x0f]);
-        assert_eq!(dev.enqueue_input(b"echo hi"), 0);
-        dev.write(COM1_PORT, 1, &[0]);
-        // Nor in loopback (its self-test).
-        dev.write(COM1_PORT, 4, &[MCR_LOOP | MCR_OUT2]);
-        dev.write(COM1_PORT, 1, &[IER_RDI]);
-        assert_eq!(dev.enqueue_input(b"echo hi"), 0);
-        dev.write(COM1_PORT, 1, &[0]);
-        // The divisor latch at offset 1 is not IER.
-        dev.write(COM1_PORT, 4, &[MCR_OUT2]);
-        dev.write(COM1_PORT, 3, &[LCR_DLAB]);
-        dev.write(COM1_PORT, 1, &[IER_RDI]);
-        assert_eq!(dev.enqueue_input(b"echo hi"), 0);
-        dev.write(COM1_PORT, 3, &[0x03]);
-        assert!(space.read().is_err(), "nothing to wake for yet");
-        // The driver turns on received-data interrupts: the feeder is
-        // woken and the input goes in.
-        dev.write(COM1_PORT, 1, &[IER_RDI]);
-        assert_eq!(space.read().unwrap(), 1);
-        assert_eq!(dev.enqueue_input(b"echo hi"), 7);
-        // A console write masks IER for a moment; input waits again.
-        dev.write(COM1_PORT, 1, &[0]);
-        assert_eq!(dev.enqueue_input(b"x"), 0);
     }
 }
