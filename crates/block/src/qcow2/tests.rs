@@ -616,8 +616,8 @@ fn the_file_is_consistent_after_every_single_write() {
     let mut model = vec![0u8; size as usize];
     {
         let img = Qcow2::open(Box::new(rec.clone()), false, vec![], None).unwrap();
-        img.lock().l2_cache.capacity = 4;
-        img.lock().rb_cache.capacity = 4;
+        img.lock().l2_cache.set_capacity(4);
+        img.lock().rb_cache.set_capacity(4);
         let mut rng = Rng(0xdead_beef);
         for round in 0..6 {
             let mut ranges = Vec::new();
