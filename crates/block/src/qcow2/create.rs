@@ -1,7 +1,7 @@
 //! Creating new, empty images.
 
 use super::{check, header, Qcow2Error};
-use crate::file::Storage;
+use crate::file::{to_index, Storage};
 use header::Header;
 
 /// Creation parameters for a new image.
@@ -74,7 +74,7 @@ pub fn create(storage: &dyn Storage, opts: &CreateOptions) -> Result<(), Qcow2Er
     storage.set_len(0)?;
     storage.write_at(&bytes, 0)?;
     storage.set_len((1 + l1_clusters) * cs)?;
-    let refs = vec![1u32; (1 + l1_clusters) as usize];
+    let refs = vec![1u32; to_index(1 + l1_clusters)?];
     check::write_refcounts_from(storage, &h, &refs)?;
     storage.sync()?;
     Ok(())

@@ -50,7 +50,7 @@ pub use create::{create, CreateOptions};
 use header::Header;
 pub(crate) use refcount::{get_refcount, set_refcount};
 
-use crate::file::Storage;
+use crate::file::{to_index, Storage};
 use crate::DiskImage;
 
 #[derive(Debug, thiserror::Error)]
@@ -341,6 +341,11 @@ impl Qcow2 {
     pub fn cluster_size(&self) -> u64 {
         1 << self.lock().cluster_bits
     }
+
+    /// The cluster size as a buffer length (at most 2 MiB).
+    pub fn cluster_bytes(&self) -> usize {
+        self.lock().cluster_bytes()
+    }
 }
 
 /// Reads `entries` big-endian u64s at `offset`.
@@ -466,7 +471,7 @@ impl Inner {
             self.write_refcounts()?;
             self.storage.sync()?;
             let mut bytes = table_bytes(&l1);
-            bytes.resize((new_clusters * cs) as usize, 0);
+            bytes.resize(to_index(new_clusters * cs)?, 0);
             self.storage.write_at(&bytes, offset)?;
             self.storage.sync()?;
             fields.extend_from_slice(&entries.to_be_bytes());

@@ -4,6 +4,7 @@
 use std::io;
 
 use super::{classify, eio, Inner, Mapping};
+use crate::file::to_index;
 
 /// Inflates raw deflate data (no zlib header) until `out` is full, as
 /// QEMU's compressed clusters hold it.
@@ -48,9 +49,9 @@ impl Inner {
                 "compressed cluster at {offset:#x} is past the end"
             )));
         }
-        let mut input = vec![0u8; len.min(file_len - offset) as usize];
+        let mut input = vec![0u8; to_index(len.min(file_len - offset))?];
         self.storage.read_at(&mut input, offset)?;
-        let mut out = vec![0u8; self.cs() as usize];
+        let mut out = vec![0u8; self.cluster_bytes()];
         let ok = if self.h.compression_type == 1 {
             zstd_decompress(&input, &mut out)
         } else {
@@ -75,7 +76,9 @@ impl Inner {
                     let pos = (vc << self.cluster_bits) + in_off;
                     let bsize = backing.size();
                     if pos < bsize {
-                        let n = ((bsize - pos) as usize).min(out.len());
+                        // What is left of the backing file, if less than `out`.
+                        let n =
+                            usize::try_from(bsize - pos).map_or(out.len(), |r| r.min(out.len()));
                         backing.read_at(&mut out[..n], pos)?;
                     }
                 }
@@ -87,7 +90,7 @@ impl Inner {
             }
             Mapping::Compressed { offset, len } => {
                 self.decompress(entry, offset, len)?;
-                let start = in_off as usize;
+                let start = to_index(in_off)?;
                 if let Some((_, data)) = &self.decompressed {
                     out.copy_from_slice(&data[start..start + out.len()]);
                 }
@@ -104,14 +107,14 @@ impl Inner {
             let pos = offset + done as u64;
             let vc = pos >> self.cluster_bits;
             let in_off = pos & (cs - 1);
-            let mut n = ((cs - in_off) as usize).min(buf.len() - done);
+            let mut n = to_index(cs - in_off)?.min(buf.len() - done);
             if let Mapping::Data(host) = self.mapping(vc)? {
                 // Coalesce physically contiguous clusters into one read.
                 let mut next = vc + 1;
                 while done + n < buf.len()
                     && self.mapping(next)? == Mapping::Data(host + (next - vc) * cs)
                 {
-                    n = (n + cs as usize).min(buf.len() - done);
+                    n = (n + self.cluster_bytes()).min(buf.len() - done);
                     next += 1;
                 }
                 self.storage

@@ -4,6 +4,8 @@
 
 use std::io;
 
+use crate::file::to_index;
+
 use super::{eio, header, low_bits, table_bytes, Inner, OFFSET_MASK};
 
 /// Reads refcount entry `index` of a block with 2^order-bit entries.
@@ -196,9 +198,11 @@ impl Inner {
             }
             len *= 2;
         };
+        let clusters = u32::try_from(table_clusters)
+            .map_err(|_| eio("the refcount table would exceed its maximum size"))?;
         let old_offset = self.h.refcount_table_offset;
         let old_clusters = u64::from(self.h.refcount_table_clusters);
-        self.reftable.resize(len as usize, 0);
+        self.reftable.resize(to_index(len)?, 0);
         for (k, &bi) in blocks.iter().enumerate() {
             self.new_refblock(bi, start + k as u64)?;
         }
@@ -216,12 +220,12 @@ impl Inner {
         self.storage.sync()?;
         let mut fields = Vec::with_capacity(12);
         fields.extend_from_slice(&(table_start * cs).to_be_bytes());
-        fields.extend_from_slice(&(table_clusters as u32).to_be_bytes());
+        fields.extend_from_slice(&clusters.to_be_bytes());
         self.storage.write_at(&fields, header::OFF_REFTABLE)?;
         self.storage.sync()?;
         self.synced();
         self.h.refcount_table_offset = table_start * cs;
-        self.h.refcount_table_clusters = table_clusters as u32;
+        self.h.refcount_table_clusters = clusters;
         // The old table is unreferenced now.
         for c in 0..old_clusters {
             let cluster = (old_offset >> self.cluster_bits) + c;

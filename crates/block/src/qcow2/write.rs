@@ -4,6 +4,8 @@
 
 use std::io;
 
+use crate::file::to_index;
+
 use super::{classify, eio, header, Inner, Mapping, OFLAG_COPIED, OFLAG_ZERO};
 
 impl Inner {
@@ -57,12 +59,13 @@ impl Inner {
         } else {
             // Copy on write: the new cluster holds the old contents around
             // the written bytes.
-            let mut buffer = crate::file::AlignedBuf::new(cs as usize)?;
+            let mut buffer = crate::file::AlignedBuf::new(self.cluster_bytes())?;
             let cluster = buffer.as_mut_slice();
             if !old_is_zero {
                 self.read_cluster(vc, 0, cluster)?;
             }
-            cluster[in_off as usize..in_off as usize + data.len()].copy_from_slice(data);
+            let at = to_index(in_off)?;
+            cluster[at..at + data.len()].copy_from_slice(data);
             self.storage.write_at(cluster, host)?;
         }
         self.set_entry(vc, host | OFLAG_COPIED)
@@ -82,8 +85,10 @@ impl Inner {
             for i in 0..k {
                 self.check_data_target(host + i * cs)?;
             }
-            self.storage.write_at(&data[..(k * cs) as usize], host)?;
-            return Ok((k * cs) as usize);
+            // k clusters of `data`, so at most its length.
+            let bytes = to_index(k * cs)?;
+            self.storage.write_at(&data[..bytes], host)?;
+            return Ok(bytes);
         }
         // New clusters, allocated back to back while the allocator allows.
         self.l2_for_write(vc)?;
@@ -102,11 +107,12 @@ impl Inner {
         for i in 0..k {
             self.check_data_target(first + i * cs)?;
         }
-        self.storage.write_at(&data[..(k * cs) as usize], first)?;
+        let bytes = to_index(k * cs)?;
+        self.storage.write_at(&data[..bytes], first)?;
         for i in 0..k {
             self.set_entry(vc + i, (first + i * cs) | OFLAG_COPIED)?;
         }
-        Ok((k * cs) as usize)
+        Ok(bytes)
     }
 
     pub(crate) fn write(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
@@ -117,11 +123,12 @@ impl Inner {
             let vc = pos >> self.cluster_bits;
             let in_off = pos & (cs - 1);
             if in_off == 0 && (buf.len() - done) as u64 >= cs {
-                let whole = (buf.len() - done) / cs as usize * cs as usize;
+                let cb = self.cluster_bytes();
+                let whole = (buf.len() - done) / cb * cb;
                 done += self.write_full_clusters(vc, &buf[done..done + whole])?;
                 continue;
             }
-            let n = ((cs - in_off) as usize).min(buf.len() - done);
+            let n = to_index(cs - in_off)?.min(buf.len() - done);
             self.write_cluster(vc, in_off, &buf[done..done + n])?;
             done += n;
         }
@@ -147,7 +154,7 @@ impl Inner {
             if self.reads_as_zero(vc)? {
                 // Nothing to do.
             } else if n < cs {
-                self.write_cluster(vc, in_off, &vec![0u8; n as usize])?;
+                self.write_cluster(vc, in_off, &vec![0u8; to_index(n)?])?;
             } else if self.h.version >= 3 {
                 let keep = match self.mapping(vc)? {
                     Mapping::Data(host) | Mapping::Zero(Some(host))
@@ -167,7 +174,7 @@ impl Inner {
             } else if self.backing.is_none() {
                 self.set_entry(vc, 0)?;
             } else {
-                self.write_cluster(vc, 0, &vec![0u8; cs as usize])?;
+                self.write_cluster(vc, 0, &vec![0u8; self.cluster_bytes()])?;
             }
             pos += n;
         }
