@@ -110,8 +110,8 @@ const fn low_byte(code: u32) -> u8 {
 }
 
 /// A run of guest memory the device may touch: all or part of one
-/// descriptor's buffer. `addr + len` never overflows (checked when the
-/// chain is read).
+/// descriptor's buffer. A chain with a buffer whose `addr + len` overflows
+/// is refused before any of its segments is used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Segment {
     addr: u64,
@@ -206,9 +206,9 @@ impl Stream {
     }
 }
 
-/// A request laid out in its chain: everything device-readable after the
-/// 16-byte header (`payload`), everything device-writable before the status
-/// byte (`data_in`), and where the status byte is.
+/// A request as its chain lays it out: the 16-byte header, everything
+/// device-readable after it (`payload`) and everything device-writable
+/// before the status byte (`data_in`).
 #[derive(Debug)]
 struct Request {
     header: [u8; HEADER_SIZE as usize],
@@ -218,20 +218,19 @@ struct Request {
     data_in: Stream,
 }
 
-/// Why a chain cannot be served.
-#[derive(Debug, PartialEq, Eq)]
-enum ChainError {
-    /// No usable status byte (or no complete header): return it unused.
+/// What a chain holds.
+#[derive(Debug)]
+enum Parsed {
+    /// No usable status byte, or no whole header: returned unused.
     Unanswerable,
-    /// Report an error in the status byte.
-    Failed,
+    /// A malformed request; IOERR goes to the status byte here.
+    Failed(GuestAddress),
+    /// A request and its status byte.
+    Request(Request, GuestAddress),
 }
 
-/// Splits a chain into header, payload, data and status (at `status`).
-fn parse_chain(
-    chain: DescriptorChain<&GuestMemoryMmap>,
-    mem: &GuestMemoryMmap,
-) -> (Option<GuestAddress>, Result<Request, ChainError>) {
+/// Splits a chain into header, payload, data and status byte.
+fn parse_chain(chain: DescriptorChain<&GuestMemoryMmap>, mem: &GuestMemoryMmap) -> Parsed {
     let mut readable = Stream::default();
     let mut writable = Stream::default();
     let mut misordered = false;
@@ -254,7 +253,8 @@ fn parse_chain(
         if d.is_write_only() {
             writable.push(seg);
         } else {
-            // Device-readable buffers must all come first (virtio 2.7.4).
+            // Device-readable buffers must all come first (the spec's rule
+            // for drivers filling a descriptor chain).
             misordered |= !writable.is_empty();
             readable.push(seg);
         }
@@ -269,27 +269,28 @@ fn parse_chain(
             .filter(|&a| mem.read_obj::<u8>(a).is_ok()),
         _ => None,
     };
-    if status.is_none() || readable.len() < u64::from(HEADER_SIZE) {
-        return (status, Err(ChainError::Unanswerable));
+    let Some(status) = status else {
+        return Parsed::Unanswerable;
+    };
+    if readable.len() < u64::from(HEADER_SIZE) {
+        return Parsed::Unanswerable;
     }
     if misordered || overflow {
-        return (status, Err(ChainError::Failed));
+        return Parsed::Failed(status);
     }
     let (header_stream, payload) = readable.split_at(u64::from(HEADER_SIZE));
     let data_len = writable.len() - 1;
     let (data_in, _status) = writable.split_at(data_len);
     let mut header = [0u8; HEADER_SIZE as usize];
     if header_stream.gather(mem, &mut header).is_err() {
-        return (status, Err(ChainError::Failed));
+        return Parsed::Failed(status);
     }
-    (
-        status,
-        Ok(Request {
-            header,
-            payload,
-            data_in,
-        }),
-    )
+    let request = Request {
+        header,
+        payload,
+        data_in,
+    };
+    Parsed::Request(request, status)
 }
 
 /// Serves every available request of `queue`.
@@ -343,15 +344,10 @@ fn handle_chain(
     mem: &GuestMemoryMmap,
     disk: &dyn DiskImage,
 ) -> u32 {
-    let (status_addr, request) = parse_chain(chain, mem);
-    let Some(status_addr) = status_addr else {
-        tracing::debug!("malformed virtio-blk request dropped");
-        return 0;
-    };
-    let (result, data_written) = match request {
-        Ok(r) => execute(&r, mem, disk),
-        Err(ChainError::Failed) => (Status::IoError, 0),
-        Err(ChainError::Unanswerable) => {
+    let (status_addr, (result, data_written)) = match parse_chain(chain, mem) {
+        Parsed::Request(r, status) => (status, execute(&r, mem, disk)),
+        Parsed::Failed(status) => (status, (Status::IoError, 0)),
+        Parsed::Unanswerable => {
             tracing::debug!("malformed virtio-blk request dropped");
             return 0;
         }
