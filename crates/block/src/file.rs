@@ -12,7 +12,20 @@ use crate::{BlockError, CacheMode};
 
 /// Alignment of buffers, offsets and lengths for `O_DIRECT` (the largest
 /// logical block size in common use).
-pub const DIRECT_ALIGN: u64 = 4096;
+pub const DIRECT_ALIGN: u64 = ALIGN_BYTES as u64;
+/// [`DIRECT_ALIGN`] as a buffer length.
+const ALIGN_BYTES: usize = 4096;
+
+/// A byte offset or count as a buffer index: an error where it does not
+/// fit this host's address space.
+pub(crate) fn to_index(x: u64) -> io::Result<usize> {
+    usize::try_from(x).map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{x} bytes do not fit in memory"),
+        )
+    })
+}
 
 /// Positioned byte storage. Reads past the end are errors
 /// (`UnexpectedEof`); writes past the end grow it.
@@ -108,16 +121,16 @@ impl HostFile {
     /// Whether I/O on `buf` at `offset` must go through a bounce buffer.
     fn needs_bounce(&self, buf: &[u8], offset: u64) -> bool {
         self.cache == CacheMode::None
-            && !((buf.as_ptr() as usize).is_multiple_of(DIRECT_ALIGN as usize)
+            && !((buf.as_ptr() as usize).is_multiple_of(ALIGN_BYTES)
                 && offset.is_multiple_of(DIRECT_ALIGN)
                 && (buf.len() as u64).is_multiple_of(DIRECT_ALIGN))
     }
 
     /// The aligned window around `[offset, offset + len)` for O_DIRECT.
-    fn window(offset: u64, len: usize) -> (u64, usize) {
+    fn window(offset: u64, len: usize) -> io::Result<(u64, usize)> {
         let start = offset / DIRECT_ALIGN * DIRECT_ALIGN;
         let end = (offset + len as u64).div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN;
-        (start, (end - start) as usize)
+        Ok((start, to_index(end - start)?))
     }
 
     /// Reads the aligned window into an aligned bounce buffer; returns how
@@ -145,9 +158,9 @@ impl Storage for HostFile {
         if !self.needs_bounce(buf, offset) {
             return self.file.read_exact_at(buf, offset);
         }
-        let (start, len) = Self::window(offset, buf.len());
+        let (start, len) = Self::window(offset, buf.len())?;
         let (bounce, got) = self.read_window(start, len)?;
-        let skip = (offset - start) as usize;
+        let skip = to_index(offset - start)?;
         if got < skip + buf.len() {
             return Err(io::ErrorKind::UnexpectedEof.into());
         }
@@ -162,13 +175,13 @@ impl Storage for HostFile {
         // Read-modify-write of the aligned window. One worker thread serves
         // a disk, so no other request races with this. A window past the
         // end of the file grows it to the next 4 KiB.
-        let (start, len) = Self::window(offset, buf.len());
+        let (start, len) = Self::window(offset, buf.len())?;
         let mut bounce = if start == offset && len == buf.len() {
             AlignedBuf::new(len)?
         } else {
             self.read_window(start, len)?.0
         };
-        let skip = (offset - start) as usize;
+        let skip = to_index(offset - start)?;
         bounce.as_mut_slice()[skip..skip + buf.len()].copy_from_slice(buf);
         self.file.write_all_at(bounce.as_slice(), start)
     }
@@ -213,7 +226,7 @@ impl Storage for HostFile {
         let chunk = vec![0u8; 1 << 20];
         let mut done = 0u64;
         while done < len {
-            let n = (len - done).min(chunk.len() as u64) as usize;
+            let n = to_index((len - done).min(chunk.len() as u64))?;
             self.write_at(&chunk[..n], offset + done)?;
             done += n as u64;
         }
@@ -266,7 +279,7 @@ impl Storage for MemFile {
             .checked_add(buf.len() as u64)
             .filter(|&end| end <= data.len() as u64)
             .ok_or(io::ErrorKind::UnexpectedEof)?;
-        buf.copy_from_slice(&data[offset as usize..end as usize]);
+        buf.copy_from_slice(&data[to_index(offset)?..to_index(end)?]);
         Ok(())
     }
 
@@ -278,10 +291,11 @@ impl Storage for MemFile {
             return Err(io::Error::from_raw_os_error(libc::ENOSPC));
         }
         let mut data = self.lock();
-        if end > data.len() as u64 {
-            data.resize(end as usize, 0);
+        let (start, end) = (to_index(offset)?, to_index(end)?);
+        if end > data.len() {
+            data.resize(end, 0);
         }
-        data[offset as usize..end as usize].copy_from_slice(buf);
+        data[start..end].copy_from_slice(buf);
         Ok(())
     }
 
@@ -305,8 +319,8 @@ impl Storage for MemFile {
     fn punch(&self, offset: u64, len: u64, _zero_only: bool) -> io::Result<()> {
         let mut data = self.lock();
         let size = data.len() as u64;
-        let start = offset.min(size) as usize;
-        let end = offset.saturating_add(len).min(size) as usize;
+        let start = to_index(offset.min(size))?;
+        let end = to_index(offset.saturating_add(len).min(size))?;
         data[start..end].fill(0);
         Ok(())
     }
@@ -322,7 +336,7 @@ pub struct AlignedBuf {
 impl AlignedBuf {
     /// A buffer of exactly `len` bytes (at least one).
     pub fn new(len: usize) -> io::Result<Self> {
-        let layout = std::alloc::Layout::from_size_align(len.max(1), DIRECT_ALIGN as usize)
+        let layout = std::alloc::Layout::from_size_align(len.max(1), ALIGN_BYTES)
             .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
         // SAFETY: the layout has a non-zero size.
         let ptr = unsafe { std::alloc::alloc_zeroed(layout) };

@@ -5,6 +5,8 @@
 //! implements it for plain files and [`qcow2::Qcow2`] for qcow2 images with
 //! backing chains; [`open_image`] probes the format and opens the chain.
 
+#![warn(clippy::cast_possible_truncation)]
+
 pub mod file;
 pub mod qcow2;
 pub mod raw;

@@ -405,7 +405,8 @@ pub fn convert(
         let mut buf = vec![0u8; CONVERT_CHUNK];
         let mut pos = 0u64;
         while pos < size {
-            let n = ((size - pos) as usize).min(CONVERT_CHUNK);
+            let n =
+                usize::try_from(size - pos).map_or(CONVERT_CHUNK, |left| left.min(CONVERT_CHUNK));
             source.read_at(&mut buf[..n], pos).map_err(io_err(src))?;
             for (i, grain) in buf[..n].chunks(ZERO_GRAIN).enumerate() {
                 if grain.iter().any(|&b| b != 0) {
@@ -560,19 +561,19 @@ pub fn rebase(
     };
     if !unsafe_ {
         let size = image.size();
-        let cs = image.cluster_size();
-        let mut old = vec![0u8; cs as usize];
-        let mut fresh = vec![0u8; cs as usize];
+        let cb = image.cluster_bytes();
+        let mut old = vec![0u8; cb];
+        let mut fresh = vec![0u8; cb];
         let mut pos = 0;
         while pos < size {
-            let n = cs.min(size - pos) as usize;
+            let n = usize::try_from(size - pos).map_or(cb, |left| left.min(cb));
             if !image.is_allocated(pos).map_err(io_err(path))? {
                 image.read_at(&mut old[..n], pos).map_err(io_err(path))?;
                 fresh[..n].fill(0);
                 if let Some((_, _, backing)) = &new {
                     let bsize = backing.size();
                     if pos < bsize {
-                        let m = ((bsize - pos) as usize).min(n);
+                        let m = usize::try_from(bsize - pos).map_or(n, |left| left.min(n));
                         backing
                             .read_at(&mut fresh[..m], pos)
                             .map_err(io_err(path))?;
@@ -646,10 +647,11 @@ pub fn commit(path: &Path, progress: &mut dyn FnMut(u64, u64)) -> Result<(), Too
         )));
     }
     let cs = image.cluster_size();
-    let mut buf = vec![0u8; cs as usize];
+    let cb = image.cluster_bytes();
+    let mut buf = vec![0u8; cb];
     let mut pos = 0;
     while pos < size {
-        let n = cs.min(size - pos) as usize;
+        let n = usize::try_from(size - pos).map_or(cb, |left| left.min(cb));
         if image.is_allocated(pos).map_err(io_err(path))? {
             image.read_at(&mut buf[..n], pos).map_err(io_err(path))?;
             backing.write_at(&buf[..n], pos).map_err(io_err(&bpath))?;

@@ -6,7 +6,7 @@ use super::{
     classify, get_refcount, read_table, set_refcount, Inner, Mapping, Qcow2Error, OFFSET_MASK,
     OFLAG_COPIED,
 };
-use crate::file::Storage;
+use crate::file::{to_index, Storage};
 
 /// Messages kept in a report; the counts stay exact beyond them.
 const MAX_MESSAGES: usize = 50;
@@ -85,17 +85,18 @@ fn snapshot_table(storage: &dyn Storage, h: &Header) -> Result<(Vec<Snapshot>, u
         storage
             .read_at(&mut fixed, pos)
             .map_err(|_| bad("truncated"))?;
-        let id_len = u64::from(be16(&fixed, 12));
-        let name_len = u64::from(be16(&fixed, 14));
-        let extra_len = u64::from(be32(&fixed, 36));
-        if extra_len > 1024 {
-            return Err(bad("extra data too large"));
-        }
-        let mut var = vec![0u8; (extra_len + id_len + name_len) as usize];
+        let id_len = usize::from(be16(&fixed, 12));
+        let name_len = usize::from(be16(&fixed, 14));
+        let extra_len = usize::try_from(be32(&fixed, 36))
+            .ok()
+            .filter(|&n| n <= 1024)
+            .ok_or_else(|| bad("extra data too large"))?;
+        let var_len = extra_len + id_len + name_len;
+        let mut var = vec![0u8; var_len];
         storage
             .read_at(&mut var, pos + 40)
             .map_err(|_| bad("truncated"))?;
-        let extra = &var[..extra_len as usize];
+        let extra = &var[..extra_len];
         let vm_state_size = if extra.len() >= 8 {
             be64(extra, 0)
         } else {
@@ -108,9 +109,9 @@ fn snapshot_table(storage: &dyn Storage, h: &Header) -> Result<(Vec<Snapshot>, u
         {
             return Err(bad("bad L1 table"));
         }
-        let id_end = (extra_len + id_len) as usize;
+        let id_end = extra_len + id_len;
         out.push(Snapshot {
-            id: String::from_utf8_lossy(&var[extra_len as usize..id_end]).into_owned(),
+            id: String::from_utf8_lossy(&var[extra_len..id_end]).into_owned(),
             name: String::from_utf8_lossy(&var[id_end..]).into_owned(),
             date_sec: be32(&fixed, 16),
             vm_clock_nsec: be64(&fixed, 24),
@@ -118,7 +119,7 @@ fn snapshot_table(storage: &dyn Storage, h: &Header) -> Result<(Vec<Snapshot>, u
             l1_table_offset,
             l1_size,
         });
-        pos += (40 + extra_len + id_len + name_len).div_ceil(8) * 8;
+        pos += (40 + var_len as u64).div_ceil(8) * 8;
     }
     Ok((out, pos - h.snapshots_offset))
 }
@@ -144,8 +145,15 @@ impl Refs {
         if end > self.file_len.div_ceil(1 << self.cluster_bits) << self.cluster_bits {
             return false;
         }
-        for c in (offset >> self.cluster_bits)..=((end - 1) >> self.cluster_bits) {
-            let n = &mut self.counts[c as usize];
+        let first = usize::try_from(offset >> self.cluster_bits);
+        let last = usize::try_from((end - 1) >> self.cluster_bits);
+        let (Ok(first), Ok(last)) = (first, last) else {
+            return false;
+        };
+        let Some(counts) = self.counts.get_mut(first..=last) else {
+            return false;
+        };
+        for n in counts {
             *n = n.saturating_add(times);
         }
         true
@@ -259,11 +267,12 @@ pub(super) fn check(inner: &mut Inner, repair: bool) -> Result<CheckReport, Qcow
     let cs = h.cluster_size();
     let file_len = storage.len()?;
     let nfc = file_len.div_ceil(cs);
+    let file_clusters = to_index(nfc)?;
     let mut walk = Walk {
         storage,
         h: &h,
         refs: Refs {
-            counts: vec![0; nfc as usize],
+            counts: vec![0; file_clusters],
             cluster_bits: h.cluster_bits,
             file_len,
         },
@@ -332,23 +341,24 @@ pub(super) fn check(inner: &mut Inner, repair: bool) -> Result<CheckReport, Qcow
     }
     // Compare the stored refcounts with the references.
     let rb_bits = h.cluster_bits + 3 - h.refcount_order;
-    let mut stored = vec![0u64; nfc as usize];
+    let mut stored = vec![0u64; file_clusters];
     for &(bi, off) in &blocks {
         if bi << rb_bits >= nfc {
             // Covers only clusters past the end of the file: nothing to
             // compare (a rebuild drops it).
             continue;
         }
-        let mut block = vec![0u8; cs as usize];
+        let mut block = vec![0u8; h.cluster_bytes()];
         if let Err(e) = storage.read_at(&mut block, off) {
             walk.report
                 .corruption(format!("cannot read refcount block {bi}: {e}"));
             continue;
         }
-        let first = bi << rb_bits;
-        let count = (1u64 << rb_bits).min(nfc - first);
-        for index in 0..count as usize {
-            stored[(first + index as u64) as usize] = get_refcount(&block, h.refcount_order, index);
+        // The block's clusters that lie in the file (first < nfc above).
+        let first = to_index(bi << rb_bits)?;
+        let count = to_index((1u64 << rb_bits).min(nfc - (bi << rb_bits)))?;
+        for (index, slot) in stored[first..first + count].iter_mut().enumerate() {
+            *slot = get_refcount(&block, h.refcount_order, index);
         }
     }
     for (c, &have) in stored.iter().enumerate() {
@@ -366,12 +376,18 @@ pub(super) fn check(inner: &mut Inner, repair: bool) -> Result<CheckReport, Qcow
     }
     // COPIED flags of the active tables: set exactly when refcount is 1.
     for &(at, entry, host) in &walk.active {
-        let copied = walk.refs.counts[(host / cs) as usize] == 1;
+        // Counted by `Refs::add`, so inside `counts`.
+        let refs = usize::try_from(host / cs)
+            .ok()
+            .and_then(|c| walk.refs.counts.get(c))
+            .copied()
+            .unwrap_or(0);
+        let copied = refs == 1;
         if (entry & OFLAG_COPIED != 0) != copied {
             walk.report.corruption(format!(
                 "entry at {at:#x} has COPIED={} but refcount {}",
                 entry & OFLAG_COPIED != 0,
-                walk.refs.counts[(host / cs) as usize]
+                refs
             ));
             let fixed = if copied {
                 entry | OFLAG_COPIED
@@ -450,23 +466,28 @@ pub(super) fn write_refcounts_from(
         blocks = need_blocks;
         table_clusters = need_table;
     }
+    let too_large = || Qcow2Error::Invalid("the image is too large for its refcount table".into());
     if table_clusters * cs > header::MAX_REFTABLE_BYTES {
-        return Err(Qcow2Error::Invalid(
-            "the image is too large for its refcount table".into(),
-        ));
+        return Err(too_large());
     }
+    let clusters = u32::try_from(table_clusters).map_err(|_| too_large())?;
     let table_start = start;
     let blocks_start = start + table_clusters;
     let end = blocks_start + blocks;
-    let mut table = vec![0u64; (table_clusters * per_cluster) as usize];
-    for bi in 0..blocks {
-        let mut block = vec![0u8; cs as usize];
-        for index in 0..per_block {
-            let c = bi * per_block + index;
+    // At most 8 MiB (checked above).
+    let mut table = vec![0u64; to_index(table_clusters * per_cluster)?];
+    // `blocks` entries fit the table (need_table covers them).
+    for (bi, entry) in (0..blocks).zip(table.iter_mut()) {
+        let mut block = vec![0u8; h.cluster_bytes()];
+        for index in 0..to_index(per_block)? {
+            let c = bi * per_block + index as u64;
             let count = if c >= table_start && c < end {
                 1
             } else {
-                refs.get(c as usize).map_or(0, |&n| u64::from(n))
+                usize::try_from(c)
+                    .ok()
+                    .and_then(|c| refs.get(c))
+                    .map_or(0, |&n| u64::from(n))
             };
             if count > max {
                 return Err(Qcow2Error::Invalid(format!(
@@ -474,19 +495,19 @@ pub(super) fn write_refcounts_from(
                     1u32 << order
                 )));
             }
-            set_refcount(&mut block, order, index as usize, count);
+            set_refcount(&mut block, order, index, count);
         }
         let off = (blocks_start + bi) * cs;
         storage.write_at(&block, off)?;
-        table[bi as usize] = off;
+        *entry = off;
     }
     let bytes: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
     storage.write_at(&bytes, table_start * cs)?;
     storage.sync()?;
     let mut fields = Vec::with_capacity(12);
     fields.extend_from_slice(&(table_start * cs).to_be_bytes());
-    fields.extend_from_slice(&(table_clusters as u32).to_be_bytes());
+    fields.extend_from_slice(&clusters.to_be_bytes());
     storage.write_at(&fields, header::OFF_REFTABLE)?;
     storage.sync()?;
-    Ok((table_start * cs, table_clusters as u32))
+    Ok((table_start * cs, clusters))
 }

@@ -79,6 +79,11 @@ impl Header {
         1 << self.cluster_bits
     }
 
+    /// The cluster size as a buffer length (at most 2 MiB).
+    pub fn cluster_bytes(&self) -> usize {
+        1 << self.cluster_bits
+    }
+
     /// Parses the header from the start of the file (`buf` holds at least
     /// the first cluster, or the whole file if shorter).
     pub fn parse(buf: &[u8]) -> Result<Header, Qcow2Error> {
@@ -154,7 +159,7 @@ impl Header {
             }
         }
         // Extensions follow the header, inside the first cluster.
-        let limit = (cluster_size as usize).min(buf.len());
+        let limit = (1usize << cluster_bits).min(buf.len());
         let mut at = h.header_length as usize;
         while at + 8 <= limit {
             let kind = be32(buf, at);
@@ -196,7 +201,14 @@ impl Header {
                 .checked_add(u64::from(backing_len))
                 .filter(|&end| end <= limit as u64)
                 .ok_or_else(|| corrupt("the backing file name lies outside the first cluster"))?;
-            let name = &buf[backing_offset as usize..end as usize];
+            // Both at most `limit`, a buffer length.
+            let (Ok(start), Ok(end)) = (usize::try_from(backing_offset), usize::try_from(end))
+            else {
+                return Err(corrupt(
+                    "the backing file name lies outside the first cluster",
+                ));
+            };
+            let name = &buf[start..end];
             h.backing_file = Some(String::from_utf8_lossy(name).into_owned());
         }
         h.validate()?;
@@ -274,7 +286,7 @@ impl Header {
     /// The header, its extensions and the backing file name, as the first
     /// cluster holds them. Fails if they do not fit in one cluster.
     pub fn serialize(&self) -> Result<Vec<u8>, Qcow2Error> {
-        let mut b = Vec::with_capacity(self.cluster_size() as usize);
+        let mut b = Vec::with_capacity(self.cluster_bytes());
         let header_len = if self.version == 3 {
             V3_HEADER_LEN
         } else {
@@ -303,13 +315,17 @@ impl Header {
             b.resize(header_len as usize, 0);
         }
         let push_ext = |b: &mut Vec<u8>, kind: u32, data: &[u8]| {
+            let len = u32::try_from(data.len()).map_err(|_| {
+                Qcow2Error::Invalid(format!("header extension {kind:#x} is too large"))
+            })?;
             b.extend_from_slice(&kind.to_be_bytes());
-            b.extend_from_slice(&(data.len() as u32).to_be_bytes());
+            b.extend_from_slice(&len.to_be_bytes());
             b.extend_from_slice(data);
             b.resize(b.len().div_ceil(8) * 8, 0);
+            Ok::<(), Qcow2Error>(())
         };
         if let Some(format) = &self.backing_format {
-            push_ext(&mut b, EXT_BACKING_FORMAT, format.as_bytes());
+            push_ext(&mut b, EXT_BACKING_FORMAT, format.as_bytes())?;
         }
         if self.version == 3 {
             let mut table = Vec::new();
@@ -320,12 +336,12 @@ impl Header {
                 entry[2..2 + name.len()].copy_from_slice(name.as_bytes());
                 table.extend_from_slice(&entry);
             }
-            push_ext(&mut b, EXT_FEATURE_TABLE, &table);
+            push_ext(&mut b, EXT_FEATURE_TABLE, &table)?;
         }
         for (kind, data) in &self.other_extensions {
-            push_ext(&mut b, *kind, data);
+            push_ext(&mut b, *kind, data)?;
         }
-        push_ext(&mut b, EXT_END, &[]);
+        push_ext(&mut b, EXT_END, &[])?;
         if let Some(name) = &self.backing_file {
             if name.len() > MAX_BACKING_NAME as usize {
                 return Err(Qcow2Error::Invalid(
@@ -335,7 +351,9 @@ impl Header {
             let at = b.len() as u64;
             b.extend_from_slice(name.as_bytes());
             b[8..16].copy_from_slice(&at.to_be_bytes());
-            b[16..20].copy_from_slice(&(name.len() as u32).to_be_bytes());
+            let len = u32::try_from(name.len())
+                .map_err(|_| Qcow2Error::Invalid("the backing file name is too long".into()))?;
+            b[16..20].copy_from_slice(&len.to_be_bytes());
         }
         if b.len() as u64 > self.cluster_size() {
             return Err(Qcow2Error::Invalid(

@@ -63,7 +63,7 @@ fn exercise_logged(
     for i in 0..ops {
         let off = rng.below(size);
         let len = rng.below(size - off).clamp(1, 3 * 65536);
-        let range = off as usize..(off + len) as usize;
+        let range = us(off)..us(off + len);
         ranges.push(range.clone());
         match rng.below(10) {
             0 => {
@@ -76,7 +76,7 @@ fn exercise_logged(
             }
             2 => img.flush().unwrap(),
             _ => {
-                let byte = (i % 251) as u8 + 1;
+                let byte = u8::try_from(i % 251).unwrap() + 1;
                 let data = vec![byte; len as usize];
                 img.write_at(&data, off).unwrap();
                 model[range].fill(byte);
@@ -85,8 +85,13 @@ fn exercise_logged(
     }
 }
 
+/// A test-sized offset or length as an index.
+fn us(x: u64) -> usize {
+    usize::try_from(x).unwrap()
+}
+
 fn read_all(img: &dyn DiskImage) -> Vec<u8> {
-    let mut buf = vec![0u8; img.size() as usize];
+    let mut buf = vec![0u8; us(img.size())];
     img.read_at(&mut buf, 0).unwrap();
     buf
 }
@@ -131,7 +136,7 @@ fn random_io_matches_a_model_across_reopens() {
             refcount_order: order,
             ..opts(size, cluster_bits)
         });
-        let mut model = vec![0u8; size as usize];
+        let mut model = vec![0u8; us(size)];
         let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ u64::from(cluster_bits));
         {
             let img = open_rw(&mem);
@@ -407,15 +412,12 @@ fn image_with_data() -> (Vec<u8>, u64, u64, u64) {
 fn malformed_images_give_errors_not_panics() {
     let (good, l1, l2, data) = image_with_data();
     let put = |b: &mut Vec<u8>, at: u64, v: u64| {
-        b[at as usize..at as usize + 8].copy_from_slice(&v.to_be_bytes());
+        b[us(at)..us(at) + 8].copy_from_slice(&v.to_be_bytes());
     };
     type Mangle = Box<dyn Fn(&mut Vec<u8>)>;
     let cases: Vec<(&str, Mangle)> = vec![
         ("truncated header", Box::new(|b| b.truncate(40))),
-        (
-            "truncated L1",
-            Box::new(move |b| b.truncate(l1 as usize + 4)),
-        ),
+        ("truncated L1", Box::new(move |b| b.truncate(us(l1) + 4))),
         (
             "huge L1 size",
             Box::new(|b| b[36..40].copy_from_slice(&u32::MAX.to_be_bytes())),
@@ -462,7 +464,7 @@ fn malformed_images_give_errors_not_panics() {
             "refcount block past EOF",
             Box::new(|b| {
                 let h = Header::parse(b).unwrap();
-                let at = h.refcount_table_offset as usize;
+                let at = us(h.refcount_table_offset);
                 b[at..at + 8].copy_from_slice(&(1u64 << 40).to_be_bytes());
             }),
         ),
@@ -470,7 +472,7 @@ fn malformed_images_give_errors_not_panics() {
             "refcount block is the header (a loop)",
             Box::new(|b| {
                 let h = Header::parse(b).unwrap();
-                let at = h.refcount_table_offset as usize;
+                let at = us(h.refcount_table_offset);
                 b[at..at + 8].copy_from_slice(&0u64.to_be_bytes());
                 b[at + 8..at + 16].copy_from_slice(&0x10000u64.to_be_bytes());
             }),
@@ -518,7 +520,9 @@ fn compressed_clusters_read_back() {
     // deflate, sector-granular length), spliced into an image.
     use std::io::Write;
     let (bytes, _l1, l2, _data) = image_with_data();
-    let plain: Vec<u8> = (0..65536u32).map(|i| (i / 300) as u8).collect();
+    let plain: Vec<u8> = (0..65536u32)
+        .map(|i| u8::try_from(i / 300).unwrap())
+        .collect();
     let mut enc = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
     enc.write_all(&plain).unwrap();
     let compressed = enc.finish().unwrap();
@@ -613,11 +617,11 @@ fn the_file_is_consistent_after_every_single_write() {
     let mut models = Vec::new();
     // The byte ranges the guest changed before each flush.
     let mut changed: Vec<Vec<std::ops::Range<usize>>> = Vec::new();
-    let mut model = vec![0u8; size as usize];
+    let mut model = vec![0u8; us(size)];
     {
         let img = Qcow2::open(Box::new(rec.clone()), false, vec![], None).unwrap();
-        img.lock().l2_cache.capacity = 4;
-        img.lock().rb_cache.capacity = 4;
+        img.lock().l2_cache.set_capacity(4);
+        img.lock().rb_cache.set_capacity(4);
         let mut rng = Rng(0xdead_beef);
         for round in 0..6 {
             let mut ranges = Vec::new();
@@ -647,13 +651,13 @@ fn the_file_is_consistent_after_every_single_write() {
     for (k, entry) in log.iter().enumerate() {
         match entry {
             Logged::Write(off, data) => {
-                let end = *off as usize + data.len();
+                let end = us(*off) + data.len();
                 if file.len() < end {
                     file.resize(end, 0);
                 }
-                file[*off as usize..end].copy_from_slice(data);
+                file[us(*off)..end].copy_from_slice(data);
             }
-            Logged::SetLen(len) => file.resize(*len as usize, 0),
+            Logged::SetLen(len) => file.resize(us(*len), 0),
             Logged::Flushed(n) => {
                 last_flushed = Some(*n);
                 touched.fill(false);

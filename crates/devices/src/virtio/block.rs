@@ -1,12 +1,17 @@
 //! virtio-blk on a [`block::DiskImage`]: read, write, flush, get-id,
 //! discard and write-zeroes, read-only disks.
 //!
-//! Every request is checked before it touches the image: the header must
-//! be device-readable, the status byte device-writable, data buffers must
-//! point the right way and lie in guest RAM, and the sectors must lie on
-//! the disk. A bad request gets an error status (or, when there is not even
-//! a status byte, is returned unused); nothing the guest writes into a
-//! queue can make the VMM panic.
+//! A request is read from its chain as two byte streams, whatever the
+//! descriptors' framing (virtio 1.x: any layout): the device-readable one
+//! (the 16-byte header, then OUT data or a discard segment) and the
+//! device-writable one (IN data or the id, then the status byte as the
+//! chain's last byte). Every request is checked before it touches the
+//! image: a whole header, a status byte in a device-writable buffer at the
+//! chain's end, readable buffers before writable ones, data in the right
+//! direction and in guest RAM, segments within size_max and seg_max, and
+//! sectors on the disk. A bad request gets an error status (or, when there
+//! is not even a status byte, is returned unused); nothing the guest writes
+//! into a queue can make the VMM panic.
 
 use std::sync::Arc;
 
@@ -21,7 +26,9 @@ use vm_memory::{Bytes, GuestAddress};
 use super::worker::WorkerThread;
 use super::{read_config_bytes, ActivateError, Activation, Interrupt, VirtioDevice};
 
-pub const SECTOR_SIZE: u64 = 512;
+/// log2 of the 512-byte sector that request offsets count in.
+const SECTOR_SHIFT: u32 = 9;
+pub const SECTOR_SIZE: u64 = 1 << SECTOR_SHIFT;
 pub const QUEUE_SIZE: u16 = 256;
 /// Largest data buffer the device accepts (advertised as size_max).
 pub const SIZE_MAX: u32 = 1 << 20;
@@ -58,7 +65,7 @@ fn config_space(size: u64, read_only: bool) -> Vec<u8> {
     c[0..8].copy_from_slice(&(size / SECTOR_SIZE).to_le_bytes());
     put32(&mut c, 8, SIZE_MAX);
     put32(&mut c, 12, SEG_MAX);
-    put32(&mut c, 20, SECTOR_SIZE as u32); // blk_size
+    put32(&mut c, 20, 1 << SECTOR_SHIFT); // blk_size
     if !read_only {
         put32(&mut c, 36, u32::MAX >> 9); // max_discard_sectors
         put32(&mut c, 40, 1); // max_discard_seg
@@ -79,21 +86,211 @@ enum Status {
 }
 
 impl Status {
-    fn byte(self) -> u8 {
-        (match self {
-            Status::Ok => VIRTIO_BLK_S_OK,
-            Status::IoError => VIRTIO_BLK_S_IOERR,
-            Status::Unsupported => VIRTIO_BLK_S_UNSUPP,
-        }) as u8
+    const fn byte(self) -> u8 {
+        match self {
+            Status::Ok => STATUS_OK,
+            Status::IoError => STATUS_IOERR,
+            Status::Unsupported => STATUS_UNSUPP,
+        }
     }
 }
 
-/// One descriptor of a chain.
-#[derive(Debug, Clone, Copy)]
-struct Buffer {
+/// The status codes as the byte the device writes.
+const STATUS_OK: u8 = low_byte(VIRTIO_BLK_S_OK);
+const STATUS_IOERR: u8 = low_byte(VIRTIO_BLK_S_IOERR);
+const STATUS_UNSUPP: u8 = low_byte(VIRTIO_BLK_S_UNSUPP);
+
+/// A status code as a byte; evaluated at compile time, so a code that
+/// did not fit would not build.
+const fn low_byte(code: u32) -> u8 {
+    let [byte, 0, 0, 0] = code.to_le_bytes() else {
+        panic!("a virtio-blk status code does not fit a byte");
+    };
+    byte
+}
+
+/// A run of guest memory the device may touch: all or part of one
+/// descriptor's buffer. A chain with a buffer whose `addr + len` overflows
+/// is refused before any of its segments is used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Segment {
     addr: u64,
     len: u32,
-    writable: bool,
+}
+
+/// The bytes of some descriptors taken as one stream. virtio 1.x lets a
+/// driver frame a request any way it likes (VIRTIO_F_ANY_LAYOUT is part
+/// of VERSION_1): the header may be split across descriptors or share one
+/// with data, data may share the status byte's descriptor. Requests are
+/// therefore parsed from the device-readable and device-writable streams
+/// by byte position, never by descriptor.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+struct Stream(Vec<Segment>);
+
+impl Stream {
+    fn push(&mut self, seg: Segment) {
+        if seg.len > 0 {
+            self.0.push(seg);
+        }
+    }
+
+    fn len(&self) -> u64 {
+        self.0.iter().map(|s| u64::from(s.len)).sum()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The first `n` bytes and the rest (all of it in the first part when
+    /// the stream is shorter).
+    fn split_at(mut self, n: u64) -> (Stream, Stream) {
+        let mut left = 0u64;
+        for (i, seg) in self.0.iter().enumerate() {
+            let len = u64::from(seg.len);
+            if left + len <= n {
+                left += len;
+                continue;
+            }
+            // Splits inside this segment; `cut < seg.len`, so it fits a u32
+            // and `addr + cut` stays below the checked `addr + len`.
+            let cut = u32::try_from(n - left).unwrap_or(seg.len);
+            let mut tail = self.0.split_off(i);
+            let whole = tail[0];
+            if cut > 0 {
+                self.0.push(Segment {
+                    addr: whole.addr,
+                    len: cut,
+                });
+                tail[0] = Segment {
+                    addr: whole.addr + u64::from(cut),
+                    len: whole.len - cut,
+                };
+            }
+            return (self, Stream(tail));
+        }
+        (self, Stream::default())
+    }
+
+    /// Fills `out` with the stream's bytes (gather); `out` is as long as
+    /// the stream.
+    fn gather(&self, mem: &GuestMemoryMmap, out: &mut [u8]) -> Result<(), ()> {
+        let mut pos = 0usize;
+        for seg in &self.0 {
+            let end = pos + seg.len as usize;
+            let part = out.get_mut(pos..end).ok_or(())?;
+            mem.read_slice(part, GuestAddress(seg.addr))
+                .map_err(|_| ())?;
+            pos = end;
+        }
+        Ok(())
+    }
+
+    /// Writes `data` across the stream (scatter); `data` is as long as
+    /// the stream. On failure, returns how many bytes were written.
+    fn scatter(&self, mem: &GuestMemoryMmap, data: &[u8]) -> Result<(), u32> {
+        let mut pos = 0usize;
+        let mut written = 0u32;
+        for seg in &self.0 {
+            let end = pos + seg.len as usize;
+            let Some(part) = data.get(pos..end) else {
+                return Err(written);
+            };
+            if mem.write_slice(part, GuestAddress(seg.addr)).is_err() {
+                return Err(written);
+            }
+            written = written.saturating_add(seg.len);
+            pos = end;
+        }
+        Ok(())
+    }
+}
+
+/// A request as its chain lays it out: the 16-byte header, everything
+/// device-readable after it (`payload`) and everything device-writable
+/// before the status byte (`data_in`).
+#[derive(Debug)]
+struct Request {
+    header: [u8; HEADER_SIZE as usize],
+    /// Device-readable bytes after the header (OUT data, discard segments).
+    payload: Stream,
+    /// Device-writable bytes before the status byte (IN data, the id).
+    data_in: Stream,
+}
+
+/// What a chain holds.
+#[derive(Debug)]
+enum Parsed {
+    /// No usable status byte, or no whole header: returned unused.
+    Unanswerable,
+    /// A malformed request; IOERR goes to the status byte here.
+    Failed(GuestAddress),
+    /// A request and its status byte.
+    Request(Request, GuestAddress),
+}
+
+/// Splits a chain into header, payload, data and status byte.
+fn parse_chain(chain: DescriptorChain<&GuestMemoryMmap>, mem: &GuestMemoryMmap) -> Parsed {
+    let mut readable = Stream::default();
+    let mut writable = Stream::default();
+    let mut misordered = false;
+    let mut overflow = false;
+    let mut last: Option<(Segment, bool)> = None;
+    // The iterator stops at loops and at the queue size (virtio-queue's TTL).
+    for d in chain {
+        let seg = Segment {
+            addr: d.addr().0,
+            len: d.len(),
+        };
+        if seg.len == 0 {
+            continue;
+        }
+        if seg.addr.checked_add(u64::from(seg.len)).is_none() {
+            // Found by the fuzzer: the guest picks the address, so sums
+            // with it must be checked.
+            overflow = true;
+        }
+        if d.is_write_only() {
+            writable.push(seg);
+        } else {
+            // Device-readable buffers must all come first (the spec's rule
+            // for drivers filling a descriptor chain).
+            misordered |= !writable.is_empty();
+            readable.push(seg);
+        }
+        last = Some((seg, d.is_write_only()));
+    }
+    // The status byte is the chain's last byte, in a device-writable buffer.
+    let status = match last {
+        Some((seg, true)) => seg
+            .addr
+            .checked_add(u64::from(seg.len) - 1)
+            .map(GuestAddress)
+            .filter(|&a| mem.read_obj::<u8>(a).is_ok()),
+        _ => None,
+    };
+    let Some(status) = status else {
+        return Parsed::Unanswerable;
+    };
+    if readable.len() < u64::from(HEADER_SIZE) {
+        return Parsed::Unanswerable;
+    }
+    if misordered || overflow {
+        return Parsed::Failed(status);
+    }
+    let (header_stream, payload) = readable.split_at(u64::from(HEADER_SIZE));
+    let data_len = writable.len() - 1;
+    let (data_in, _status) = writable.split_at(data_len);
+    let mut header = [0u8; HEADER_SIZE as usize];
+    if header_stream.gather(mem, &mut header).is_err() {
+        return Parsed::Failed(status);
+    }
+    let request = Request {
+        header,
+        payload,
+        data_in,
+    };
+    Parsed::Request(request, status)
 }
 
 /// Serves every available request of `queue`.
@@ -147,75 +344,18 @@ fn handle_chain(
     mem: &GuestMemoryMmap,
     disk: &dyn DiskImage,
 ) -> u32 {
-    // The iterator stops at loops and at the queue size (virtio-queue's TTL).
-    let buffers: Vec<Buffer> = chain
-        .map(|d| Buffer {
-            addr: d.addr().0,
-            len: d.len(),
-            writable: d.is_write_only(),
-        })
-        .collect();
-    let (Some(header), Some(status)) = (buffers.first(), buffers.last()) else {
-        return 0;
-    };
-    if buffers.len() < 2
-        || header.writable
-        || header.len < HEADER_SIZE
-        || !status.writable
-        || status.len < 1
-    {
-        tracing::debug!("malformed virtio-blk request dropped");
-        return 0;
-    }
-    // The status byte is the last byte of the last buffer (found by the
-    // fuzzer: the guest picks the address, so the sum must be checked).
-    let Some(status_addr) = status
-        .addr
-        .checked_add(u64::from(status.len) - 1)
-        .map(GuestAddress)
-    else {
-        return 0;
-    };
-    if mem.read_obj::<u8>(status_addr).is_err() {
-        return 0;
-    }
-    let data = &buffers[1..buffers.len() - 1];
-    let (result, data_written) = match mem.read_obj::<[u8; 16]>(GuestAddress(header.addr)) {
-        Ok(h) => {
-            let kind = u32::from_le_bytes([h[0], h[1], h[2], h[3]]);
-            let sector = u64::from_le_bytes(h[8..16].try_into().unwrap_or_default());
-            execute(kind, sector, data, mem, disk)
+    let (status_addr, (result, data_written)) = match parse_chain(chain, mem) {
+        Parsed::Request(r, status) => (status, execute(&r, mem, disk)),
+        Parsed::Failed(status) => (status, (Status::IoError, 0)),
+        Parsed::Unanswerable => {
+            tracing::debug!("malformed virtio-blk request dropped");
+            return 0;
         }
-        Err(_) => (Status::IoError, 0),
     };
     if mem.write_obj(result.byte(), status_addr).is_err() {
         return data_written;
     }
-    data_written + 1
-}
-
-/// Consecutive data buffers in groups of at most [`SIZE_MAX`] bytes (a
-/// single larger buffer is refused before this), so that a request's many
-/// small segments become few host I/Os with bounded staging memory.
-fn chunks(data: &[Buffer]) -> impl Iterator<Item = &[Buffer]> {
-    let mut rest = data;
-    std::iter::from_fn(move || {
-        if rest.is_empty() {
-            return None;
-        }
-        let mut len = 0u64;
-        let n = rest
-            .iter()
-            .take_while(|b| {
-                len += u64::from(b.len);
-                len <= u64::from(SIZE_MAX)
-            })
-            .count()
-            .max(1);
-        let (group, tail) = rest.split_at(n);
-        rest = tail;
-        Some(group)
-    })
+    data_written.saturating_add(1)
 }
 
 /// Checks that `[sector * 512, + len)` lies on the disk; returns the byte
@@ -226,94 +366,157 @@ fn disk_range(sector: u64, len: u64, disk: &dyn DiskImage) -> Option<u64> {
     (end <= disk.size()).then_some(offset)
 }
 
-fn execute(
-    kind: u32,
+/// Whether a data stream keeps to the limits the device advertises: no
+/// segment over size_max, at most seg_max segments.
+fn within_limits(data: &Stream) -> bool {
+    data.0.len() <= SEG_MAX as usize && data.0.iter().all(|s| s.len <= SIZE_MAX)
+}
+
+/// The staging buffer for one host I/O: the request's data in pieces of
+/// at most [`SIZE_MAX`] bytes, so that its many small segments become few
+/// `pread`/`pwrite`s with bounded memory.
+fn staging(total: u64) -> Option<AlignedBuf> {
+    AlignedBuf::new(usize::try_from(total.min(u64::from(SIZE_MAX))).ok()?).ok()
+}
+
+/// IN: disk to guest, one host read per chunk, scattered into the guest's
+/// buffers. Returns the status and the bytes written into guest memory.
+fn read_request(
     sector: u64,
-    data: &[Buffer],
+    data: Stream,
     mem: &GuestMemoryMmap,
     disk: &dyn DiskImage,
 ) -> (Status, u32) {
+    let total = data.len();
+    let Some(mut offset) = disk_range(sector, total, disk) else {
+        return (Status::IoError, 0);
+    };
+    let Some(mut buffer) = staging(total) else {
+        return (Status::IoError, 0);
+    };
+    let mut written = 0u32;
+    let mut rest = data;
+    while !rest.is_empty() {
+        let (chunk, tail) = rest.split_at(u64::from(SIZE_MAX));
+        rest = tail;
+        // A chunk is at most SIZE_MAX (1 MiB) long, the buffer's length.
+        let Some(staging) = usize::try_from(chunk.len())
+            .ok()
+            .and_then(|n| buffer.as_mut_slice().get_mut(..n))
+        else {
+            return (Status::IoError, written);
+        };
+        if disk.read_at(staging, offset).is_err() {
+            return (Status::IoError, written);
+        }
+        if let Err(n) = chunk.scatter(mem, staging) {
+            return (Status::IoError, written.saturating_add(n));
+        }
+        written = written.saturating_add(u32::try_from(staging.len()).unwrap_or(u32::MAX));
+        offset += chunk.len();
+    }
+    (Status::Ok, written)
+}
+
+/// OUT: guest to disk, the guest's buffers gathered into one host write
+/// per chunk.
+fn write_request(sector: u64, data: Stream, mem: &GuestMemoryMmap, disk: &dyn DiskImage) -> Status {
+    let total = data.len();
+    let Some(mut offset) = disk_range(sector, total, disk) else {
+        return Status::IoError;
+    };
+    let Some(mut buffer) = staging(total) else {
+        return Status::IoError;
+    };
+    let mut rest = data;
+    while !rest.is_empty() {
+        let (chunk, tail) = rest.split_at(u64::from(SIZE_MAX));
+        rest = tail;
+        let Some(staging) = usize::try_from(chunk.len())
+            .ok()
+            .and_then(|n| buffer.as_mut_slice().get_mut(..n))
+        else {
+            return Status::IoError;
+        };
+        if chunk.gather(mem, staging).is_err() || disk.write_at(staging, offset).is_err() {
+            return Status::IoError;
+        }
+        offset += chunk.len();
+    }
+    Status::Ok
+}
+
+/// DISCARD and WRITE_ZEROES with their one 16-byte segment (sector,
+/// count, flags).
+fn discard_request(
+    kind: u32,
+    payload: &Stream,
+    mem: &GuestMemoryMmap,
+    disk: &dyn DiskImage,
+) -> Status {
+    // One segment per request (max_discard_seg = 1).
+    if payload.len() != u64::from(DISCARD_SEGMENT_SIZE) {
+        return Status::Unsupported;
+    }
+    let mut s = [0u8; DISCARD_SEGMENT_SIZE as usize];
+    if payload.gather(mem, &mut s).is_err() {
+        return Status::IoError;
+    }
+    let (start, rest) = s.split_at(8);
+    let (count, flags) = rest.split_at(4);
+    let start = u64::from_le_bytes(start.try_into().unwrap_or_default());
+    let count = u64::from(u32::from_le_bytes(count.try_into().unwrap_or_default()));
+    let flags = u32::from_le_bytes(flags.try_into().unwrap_or_default());
+    let len = count * SECTOR_SIZE;
+    let Some(offset) = disk_range(start, len, disk) else {
+        return Status::IoError;
+    };
+    let result = if kind == VIRTIO_BLK_T_DISCARD {
+        disk.discard(offset, len)
+    } else {
+        disk.write_zeroes(offset, len, flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0)
+    };
+    if result.is_ok() {
+        Status::Ok
+    } else {
+        Status::IoError
+    }
+}
+
+fn execute(r: &Request, mem: &GuestMemoryMmap, disk: &dyn DiskImage) -> (Status, u32) {
+    let (kind, rest) = r.header.split_at(4);
+    let kind = u32::from_le_bytes(kind.try_into().unwrap_or_default());
+    let sector = u64::from_le_bytes(rest[4..12].try_into().unwrap_or_default());
     match kind {
         VIRTIO_BLK_T_IN => {
-            if data.iter().any(|b| !b.writable || b.len > SIZE_MAX) || data.len() > SEG_MAX as usize
-            {
+            if !r.payload.is_empty() || !within_limits(&r.data_in) {
                 return (Status::IoError, 0);
             }
-            let total: u64 = data.iter().map(|b| u64::from(b.len)).sum();
-            let Some(mut offset) = disk_range(sector, total, disk) else {
-                return (Status::IoError, 0);
-            };
-            let mut written = 0u32;
-            for group in chunks(data) {
-                // One host read per chunk, scattered into the guest's buffers.
-                let len: usize = group.iter().map(|b| b.len as usize).sum();
-                let Ok(mut buffer) = AlignedBuf::new(len) else {
-                    return (Status::IoError, written);
-                };
-                let staging = &mut buffer.as_mut_slice()[..len];
-                if disk.read_at(staging, offset).is_err() {
-                    return (Status::IoError, written);
-                }
-                let mut pos = 0usize;
-                for b in group {
-                    let part = &staging[pos..pos + b.len as usize];
-                    if mem.write_slice(part, GuestAddress(b.addr)).is_err() {
-                        return (Status::IoError, written);
-                    }
-                    pos += b.len as usize;
-                    written += b.len;
-                }
-                offset += pos as u64;
-            }
-            (Status::Ok, written)
+            read_request(sector, r.data_in.clone(), mem, disk)
         }
         VIRTIO_BLK_T_OUT => {
-            if disk.read_only() {
+            if disk.read_only() || !r.data_in.is_empty() || !within_limits(&r.payload) {
                 return (Status::IoError, 0);
             }
-            if data.iter().any(|b| b.writable || b.len > SIZE_MAX) || data.len() > SEG_MAX as usize
-            {
-                return (Status::IoError, 0);
-            }
-            let total: u64 = data.iter().map(|b| u64::from(b.len)).sum();
-            let Some(mut offset) = disk_range(sector, total, disk) else {
-                return (Status::IoError, 0);
-            };
-            for group in chunks(data) {
-                // The guest's buffers gathered into one host write per chunk.
-                let len: usize = group.iter().map(|b| b.len as usize).sum();
-                let Ok(mut buffer) = AlignedBuf::new(len) else {
-                    return (Status::IoError, 0);
-                };
-                let staging = &mut buffer.as_mut_slice()[..len];
-                let mut pos = 0usize;
-                for b in group {
-                    let part = &mut staging[pos..pos + b.len as usize];
-                    if mem.read_slice(part, GuestAddress(b.addr)).is_err() {
-                        return (Status::IoError, 0);
-                    }
-                    pos += b.len as usize;
-                }
-                if disk.write_at(staging, offset).is_err() {
-                    return (Status::IoError, 0);
-                }
-                offset += pos as u64;
-            }
-            (Status::Ok, 0)
+            (write_request(sector, r.payload.clone(), mem, disk), 0)
         }
         VIRTIO_BLK_T_FLUSH => match disk.flush() {
             Ok(()) => (Status::Ok, 0),
             Err(_) => (Status::IoError, 0),
         },
         VIRTIO_BLK_T_GET_ID => {
-            let Some(b) = data.first().filter(|b| b.writable) else {
-                return (Status::IoError, 0);
-            };
             let mut id = disk.id();
             id.resize(VIRTIO_BLK_ID_BYTES as usize, 0);
-            let n = (b.len as usize).min(id.len());
-            match mem.write_slice(&id[..n], GuestAddress(b.addr)) {
-                Ok(()) => (Status::Ok, n as u32),
+            let (room, _) = r.data_in.clone().split_at(u64::from(VIRTIO_BLK_ID_BYTES));
+            if room.is_empty() {
+                return (Status::IoError, 0);
+            }
+            // At most VIRTIO_BLK_ID_BYTES (20).
+            let n = id
+                .len()
+                .min(usize::try_from(room.len()).unwrap_or(usize::MAX));
+            match room.scatter(mem, &id[..n]) {
+                Ok(()) => (Status::Ok, u32::try_from(n).unwrap_or(0)),
                 Err(_) => (Status::IoError, 0),
             }
         }
@@ -321,36 +524,10 @@ fn execute(
             if disk.read_only() {
                 return (Status::IoError, 0);
             }
-            // One segment per request (max_discard_seg = 1).
-            let [seg] = data else {
-                return (Status::Unsupported, 0);
-            };
-            if seg.writable || seg.len != DISCARD_SEGMENT_SIZE {
+            if !r.data_in.is_empty() {
                 return (Status::Unsupported, 0);
             }
-            let Ok(s) = mem.read_obj::<[u8; 16]>(GuestAddress(seg.addr)) else {
-                return (Status::IoError, 0);
-            };
-            let start = u64::from_le_bytes(s[0..8].try_into().unwrap_or_default());
-            let count = u64::from(u32::from_le_bytes([s[8], s[9], s[10], s[11]]));
-            let flags = u32::from_le_bytes([s[12], s[13], s[14], s[15]]);
-            let Some(offset) = disk_range(start, count * SECTOR_SIZE, disk) else {
-                return (Status::IoError, 0);
-            };
-            let len = count * SECTOR_SIZE;
-            let result = if kind == VIRTIO_BLK_T_DISCARD {
-                disk.discard(offset, len)
-            } else {
-                disk.write_zeroes(offset, len, flags & 1 != 0)
-            };
-            (
-                if result.is_ok() {
-                    Status::Ok
-                } else {
-                    Status::IoError
-                },
-                0,
-            )
+            (discard_request(kind, &r.payload, mem, disk), 0)
         }
         _ => (Status::Unsupported, 0),
     }
