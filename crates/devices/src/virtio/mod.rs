@@ -7,8 +7,6 @@
 //! The transport ([`mmio::MmioTransport`]) owns everything the driver
 //! negotiates before that.
 
-// cleaned in the virtio-blk rewrite
-#[allow(clippy::cast_possible_truncation)]
 pub mod block;
 pub mod console;
 pub mod mmio;
