@@ -15,46 +15,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-/// Where the code is loaded (and entered, in 64-bit mode).
-const LOAD: u64 = 0x10_0000;
-
-/// A minimal ELF64 executable whose one PT_LOAD segment (the whole file)
-/// loads at [`LOAD`], entered at the code after the headers.
-fn elf(code: &[u8]) -> Vec<u8> {
-    const EHDR: usize = 64;
-    const PHDR: usize = 56;
-    let entry = LOAD + (EHDR + PHDR) as u64;
-    let size = (EHDR + PHDR + code.len()) as u64;
-    let mut f = Vec::new();
-    f.extend_from_slice(b"\x7fELF\x02\x01\x01\x00");
-    f.extend_from_slice(&[0; 8]);
-    f.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
-    f.extend_from_slice(&62u16.to_le_bytes()); // EM_X86_64
-    f.extend_from_slice(&1u32.to_le_bytes());
-    f.extend_from_slice(&entry.to_le_bytes());
-    f.extend_from_slice(&(EHDR as u64).to_le_bytes()); // e_phoff
-    f.extend_from_slice(&0u64.to_le_bytes()); // e_shoff
-    f.extend_from_slice(&0u32.to_le_bytes()); // e_flags
-    f.extend_from_slice(&(EHDR as u16).to_le_bytes());
-    f.extend_from_slice(&(PHDR as u16).to_le_bytes());
-    f.extend_from_slice(&1u16.to_le_bytes()); // e_phnum
-    f.extend_from_slice(&64u16.to_le_bytes()); // e_shentsize
-    f.extend_from_slice(&0u16.to_le_bytes()); // e_shnum
-    f.extend_from_slice(&0u16.to_le_bytes()); // e_shstrndx
-    assert_eq!(f.len(), EHDR);
-    f.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
-    f.extend_from_slice(&5u32.to_le_bytes()); // R+X
-    f.extend_from_slice(&0u64.to_le_bytes()); // p_offset
-    f.extend_from_slice(&LOAD.to_le_bytes()); // p_vaddr
-    f.extend_from_slice(&LOAD.to_le_bytes()); // p_paddr
-    f.extend_from_slice(&size.to_le_bytes()); // p_filesz
-    f.extend_from_slice(&size.to_le_bytes()); // p_memsz
-    f.extend_from_slice(&0x1000u64.to_le_bytes()); // p_align
-    assert_eq!(f.len(), EHDR + PHDR);
-    f.extend_from_slice(code);
-    f
-}
-
 /// Prints `BOOT\n` on COM1, then echoes every byte it receives; an `R`
 /// resets the machine through the i8042.
 const ECHO_GUEST: &[u8] = &[
@@ -91,10 +51,8 @@ const CHATTY_GUEST: &[u8] = &[
 ];
 
 fn write_guest(name: &str, code: &[u8]) -> (PathBuf, PathBuf) {
-    let dir = temp_dir(name);
-    let kernel = dir.join("guest.elf");
-    std::fs::write(&kernel, elf(code)).unwrap();
-    (dir, kernel)
+    let kernel = tiny_kernel(name, code);
+    (kernel.parent().unwrap().to_path_buf(), kernel)
 }
 
 fn spawn_run(kernel: &Path, extra: &[&str]) -> Child {

@@ -341,3 +341,38 @@ impl Drop for TestVm {
         let _ = std::fs::remove_dir_all(&self.data);
     }
 }
+
+/// A minimal ELF64 "kernel": `code` in one PT_LOAD segment at 1 MiB,
+/// entered in 64-bit mode like a vmlinux.
+pub fn tiny_kernel(name: &str, code: &[u8]) -> PathBuf {
+    const BASE: u64 = 0x10_0000;
+    let mut elf = Vec::new();
+    elf.extend_from_slice(b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0");
+    elf.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    elf.extend_from_slice(&0x3eu16.to_le_bytes()); // x86-64
+    elf.extend_from_slice(&1u32.to_le_bytes());
+    elf.extend_from_slice(&BASE.to_le_bytes()); // entry
+    elf.extend_from_slice(&64u64.to_le_bytes()); // program headers
+    elf.extend_from_slice(&0u64.to_le_bytes()); // no sections
+    elf.extend_from_slice(&0u32.to_le_bytes());
+    for v in [64u16, 56, 1, 64, 0, 0] {
+        elf.extend_from_slice(&v.to_le_bytes());
+    }
+    elf.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+    elf.extend_from_slice(&5u32.to_le_bytes()); // R+X
+    for v in [
+        0x1000u64,
+        BASE,
+        BASE,
+        code.len() as u64,
+        code.len() as u64,
+        0x1000,
+    ] {
+        elf.extend_from_slice(&v.to_le_bytes());
+    }
+    elf.resize(0x1000, 0);
+    elf.extend_from_slice(code);
+    let path = temp_dir(name).join("kernel.elf");
+    std::fs::write(&path, elf).unwrap();
+    path
+}
