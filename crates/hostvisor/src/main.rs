@@ -61,8 +61,8 @@ enum Command {
     /// Stop a VM: ask the guest to power off, kill it after --timeout.
     Stop {
         name: String,
-        /// Seconds to wait for the guest.
-        #[arg(long, default_value_t = 30)]
+        /// Seconds to wait for the guest (at most a day).
+        #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(0..=86_400))]
         timeout: u64,
     },
     /// End a VM at once.
