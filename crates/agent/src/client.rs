@@ -368,19 +368,15 @@ impl Client {
         };
         s.set_read_timeout(Some(TRANSFER_TIMEOUT))
             .map_err(FrameError::Io)?;
-        let tmp = crate::temp_beside(local);
         let file_err = |source| AgentError::File {
             path: local.to_path_buf(),
             source,
         };
-        use std::os::unix::fs::OpenOptionsExt;
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(mode)
-            .open(&tmp)
-            .map_err(file_err)?;
+        // The guest's mode is only a wish: its permission bits (never
+        // setuid, setgid or sticky) less this user's umask, applied by the
+        // kernel as it creates a random name that no planted link can
+        // redirect.
+        let (mut file, tmp) = crate::create_beside(local, mode).map_err(file_err)?;
         let result = (|| {
             let mut got = 0u64;
             let mut hasher = sha2::Sha256::new();
@@ -400,11 +396,7 @@ impl Client {
                     other => return Err(unexpected(other)),
                 }
             }
-            use std::os::unix::fs::PermissionsExt;
             file.sync_all()
-                .and_then(|()| {
-                    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))
-                })
                 .and_then(|()| std::fs::rename(&tmp, local))
                 .map_err(file_err)?;
             Ok(got)

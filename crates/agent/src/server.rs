@@ -3,9 +3,9 @@
 //! over socket pairs, with a [`System`] that records instead of acting.
 
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::{Read, Seek, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
@@ -376,15 +376,9 @@ fn upload<S: Stream>(
     if path.is_dir() {
         return error(s, format!("{}: is a directory", path.display()));
     }
-    let tmp = crate::temp_beside(path);
-    let mode = mode & 0o7777;
-    let mut file = match std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)
-    {
+    // A random name created afresh (never through a planted link), with
+    // only the permission bits of `mode` and the agent's umask taken off.
+    let (mut file, tmp) = match crate::create_beside(path, mode) {
         Ok(f) => f,
         Err(e) => return error(s, format!("{}: {e}", path.display())),
     };
@@ -413,15 +407,17 @@ fn upload<S: Stream>(
             return Ok(Err(format!("{}: {e}", path.display())));
         }
         // What reached the file, not what arrived: the check covers the
-        // whole way to the guest's disk.
-        match crate::file_sha256(&tmp) {
+        // whole way to the guest's disk. Read back through the same file,
+        // which stays readable whatever its mode.
+        match file
+            .seek(std::io::SeekFrom::Start(0))
+            .and_then(|_| crate::reader_sha256(&mut file))
+        {
             Ok(digest) if digest == *sha256 => {}
             Ok(_) => return Ok(Err(CORRUPTED.into())),
             Err(e) => return Ok(Err(format!("{}: {e}", path.display()))),
         }
-        let placed = Ok(())
-            .and_then(|()| std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode)))
-            .and_then(|()| std::fs::rename(&tmp, path));
+        let placed = std::fs::rename(&tmp, path);
         Ok(placed.map_err(|e| format!("{}: {e}", path.display())))
     })();
     match result {
