@@ -22,7 +22,10 @@
 //! Any step may be answered by `Error(text)` instead.
 
 pub mod client;
+mod conn;
+mod exec;
 pub mod server;
+pub mod spawn;
 
 use std::io::{Read, Write};
 
@@ -178,18 +181,34 @@ fn options() -> impl bincode::Options {
 
 /// Encodes one message as a frame into `frame` (replacing its contents).
 fn encode_into<T: Serialize>(frame: &mut Vec<u8>, msg: &T) -> Result<(), FrameError> {
-    use bincode::Options;
     frame.clear();
-    frame.extend_from_slice(&[0; 4]);
-    options()
-        .serialize_into(&mut *frame, msg)
-        .map_err(|e| FrameError::Malformed(e.to_string()))?;
-    let len = u32::try_from(frame.len() - 4)
-        .ok()
-        .filter(|&l| l <= MAX_FRAME)
-        .ok_or(FrameError::TooLarge(u32::MAX))?;
-    frame[..4].copy_from_slice(&len.to_le_bytes());
-    Ok(())
+    encode_append(frame, msg)
+}
+
+/// Appends one message as a frame to `out`.
+fn encode_append<T: Serialize>(out: &mut Vec<u8>, msg: &T) -> Result<(), FrameError> {
+    use bincode::Options;
+    let start = out.len();
+    out.extend_from_slice(&[0; 4]);
+    let body = options()
+        .serialize_into(&mut *out, msg)
+        .map_err(|e| FrameError::Malformed(e.to_string()))
+        .and_then(|()| {
+            u32::try_from(out.len() - start - 4)
+                .ok()
+                .filter(|&l| l <= MAX_FRAME)
+                .ok_or(FrameError::TooLarge(u32::MAX))
+        });
+    match body {
+        Ok(len) => {
+            out[start..start + 4].copy_from_slice(&len.to_le_bytes());
+            Ok(())
+        }
+        Err(e) => {
+            out.truncate(start);
+            Err(e)
+        }
+    }
 }
 
 /// Encodes one message as a frame.
