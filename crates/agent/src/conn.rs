@@ -1,8 +1,8 @@
 //! One connection's frames, with as few system calls as the exchange
 //! allows (each costs about a millisecond in a guest on a nested host):
-//! a read takes whatever has arrived, so the host's `Hello` and request
-//! (sent in one write) cost one read, and a file chunk one or two instead
-//! of a header read and body reads; replies wait in a buffer until the
+//! a read takes whatever has arrived (into a buffer zeroed once, not per
+//! read), so the host's `Hello` and request (sent in one write) cost one
+//! read, and a file chunk as few as the guest's socket delivers it in; replies wait in a buffer until the
 //! agent would block for input ([`Conn::recv`] flushes them first) or
 //! sends them on purpose ([`Conn::flush`]), so `Hello` and a short
 //! command's whole answer leave in one write.
@@ -28,9 +28,11 @@ thread_local! {
 /// A connection to the host, framed.
 pub(crate) struct Conn<S: Read + Write> {
     stream: S,
+    /// Holds what was read at `start..end`; its length is only capacity
+    /// (zeroed once, never again per read).
     input: Vec<u8>,
-    /// Where the unread input starts.
     start: usize,
+    end: usize,
     output: Vec<u8>,
 }
 
@@ -41,6 +43,7 @@ impl<S: Read + Write> Conn<S> {
             stream,
             input,
             start: 0,
+            end: 0,
             output,
         }
     }
@@ -74,7 +77,7 @@ impl<S: Read + Write> Conn<S> {
     /// The length of the whole frame at the start of the unread input, if
     /// it has arrived.
     fn complete_frame(&self) -> Result<Option<usize>, FrameError> {
-        let unread = &self.input[self.start..];
+        let unread = &self.input[self.start..self.end];
         let Some(header) = unread.get(..4) else {
             return Ok(None);
         };
@@ -101,31 +104,35 @@ impl<S: Read + Write> Conn<S> {
                 let body = &self.input[self.start + 4..self.start + whole];
                 let msg = decode(body);
                 self.start += whole;
-                if self.start == self.input.len() {
-                    self.input.clear();
-                    self.start = 0;
+                if self.start == self.end {
+                    (self.start, self.end) = (0, 0);
                 }
                 return msg;
             }
             self.flush()?;
-            if self.start > 0 {
-                self.input.drain(..self.start);
-                self.start = 0;
+            // Room for a whole read after what is there: move it to the
+            // front, and grow (rarely: up to a largest frame and a read).
+            if self.input.len() - self.end < READ_SIZE {
+                self.input.copy_within(self.start..self.end, 0);
+                (self.start, self.end) = (0, self.end - self.start);
+                if self.input.len() - self.end < READ_SIZE {
+                    self.input.resize(self.end + READ_SIZE, 0);
+                }
             }
-            let have = self.input.len();
-            self.input.resize(have + READ_SIZE, 0);
             let n = loop {
-                match self.stream.read(&mut self.input[have..]) {
+                match self.stream.read(&mut self.input[self.end..]) {
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    other => break other,
+                    other => break other?,
                 }
             };
-            self.input.truncate(have + *n.as_ref().unwrap_or(&0));
-            match n? {
-                0 if have == 0 => return Err(FrameError::Closed),
-                0 => return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into()),
-                _ => {}
+            if n == 0 {
+                return Err(if self.start == self.end {
+                    FrameError::Closed
+                } else {
+                    std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into()
+                });
             }
+            self.end += n;
         }
     }
 
@@ -143,9 +150,8 @@ impl<S: Read + Write + AsRawFd> Conn<S> {
 
 impl<S: Read + Write> Drop for Conn<S> {
     fn drop(&mut self) {
-        let mut input = std::mem::take(&mut self.input);
+        let input = std::mem::take(&mut self.input);
         let mut output = std::mem::take(&mut self.output);
-        input.clear();
         output.clear();
         BUFFERS.with(|b| *b.borrow_mut() = (input, output));
     }
