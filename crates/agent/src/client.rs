@@ -154,12 +154,17 @@ impl Client {
         self
     }
 
-    fn raw_connect(&self) -> Result<Box<dyn Duplex>, AgentError> {
+    /// Connects to the agent's port and sends `first`: through
+    /// hostvisor's socket in the same write as the `CONNECT` line (the
+    /// device keeps what follows the line until the guest accepts, so the
+    /// request does not wait for a round trip to the host and back).
+    fn raw_connect(&self, first: &[u8]) -> Result<Box<dyn Duplex>, AgentError> {
         let unreachable = |e: std::io::Error| AgentError::Unreachable(e.to_string());
         match &self.transport {
             Transport::Vsock(cid) => {
-                let s = vsock::VsockStream::connect_with_cid_port(*cid, self.port)
+                let mut s = vsock::VsockStream::connect_with_cid_port(*cid, self.port)
                     .map_err(unreachable)?;
+                s.write_all(first).map_err(FrameError::Io)?;
                 Ok(Box::new(s))
             }
             Transport::Muxer(path) => {
@@ -167,8 +172,9 @@ impl Client {
                     .map_err(|e| AgentError::Unreachable(format!("{}: {e}", path.display())))?;
                 s.set_read_timeout(Some(Duration::from_secs(10)))
                     .map_err(unreachable)?;
-                s.write_all(format!("CONNECT {}\n", self.port).as_bytes())
-                    .map_err(unreachable)?;
+                let mut hello = format!("CONNECT {}\n", self.port).into_bytes();
+                hello.extend_from_slice(first);
+                s.write_all(&hello).map_err(unreachable)?;
                 let mut line = Vec::new();
                 let mut b = [0u8; 1];
                 loop {
@@ -194,7 +200,7 @@ impl Client {
         }
     }
 
-    /// Connects, says hello and makes `req` in one write (a round trip
+    /// Connects, says hello and makes `req` in one write (round trips
     /// less: on slow guests each costs tens of milliseconds); returns the
     /// stream, the agent's version and its first reply.
     /// While the agent is unreachable (not up yet, or gone before it
@@ -212,12 +218,11 @@ impl Client {
     }
 
     fn open_once(&self, req: &ToAgent) -> Result<(Box<dyn Duplex>, String, FromAgent), AgentError> {
-        let mut s = self.raw_connect()?;
         let mut both = encode(&ToAgent::Hello {
             protocol: PROTOCOL_VERSION,
         })?;
         both.extend_from_slice(&encode(req)?);
-        s.write_all(&both).map_err(FrameError::Io)?;
+        let mut s = self.raw_connect(&both)?;
         let version = match recv::<FromAgent>(&mut s) {
             Ok(FromAgent::Hello { protocol, version }) if protocol == PROTOCOL_VERSION => version,
             Ok(FromAgent::Hello { protocol, .. }) => {
@@ -368,19 +373,15 @@ impl Client {
         };
         s.set_read_timeout(Some(TRANSFER_TIMEOUT))
             .map_err(FrameError::Io)?;
-        let tmp = crate::temp_beside(local);
         let file_err = |source| AgentError::File {
             path: local.to_path_buf(),
             source,
         };
-        use std::os::unix::fs::OpenOptionsExt;
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(mode)
-            .open(&tmp)
-            .map_err(file_err)?;
+        // The guest's mode is only a wish: its permission bits (never
+        // setuid, setgid or sticky) less this user's umask, applied by the
+        // kernel as it creates a random name that no planted link can
+        // redirect.
+        let (mut file, tmp) = crate::create_beside(local, mode).map_err(file_err)?;
         let result = (|| {
             let mut got = 0u64;
             let mut hasher = sha2::Sha256::new();
@@ -400,11 +401,7 @@ impl Client {
                     other => return Err(unexpected(other)),
                 }
             }
-            use std::os::unix::fs::PermissionsExt;
             file.sync_all()
-                .and_then(|()| {
-                    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))
-                })
                 .and_then(|()| std::fs::rename(&tmp, local))
                 .map_err(file_err)?;
             Ok(got)

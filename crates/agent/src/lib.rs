@@ -22,7 +22,10 @@
 //! Any step may be answered by `Error(text)` instead.
 
 pub mod client;
+mod conn;
+mod exec;
 pub mod server;
+pub mod spawn;
 
 use std::io::{Read, Write};
 
@@ -53,7 +56,8 @@ pub enum ToAgent {
     Exec(ExecRequest),
     Stdin(#[serde(with = "serde_bytes")] Vec<u8>),
     StdinEof,
-    /// Write the file `path` (replaced whole, atomically) with `mode`.
+    /// Write the file `path` (replaced whole, atomically) with `mode`'s
+    /// permission bits (0o777, less the agent's umask; see [`copy_mode`]).
     /// The agent checks what it wrote against `sha256` before putting the
     /// file in place.
     Upload {
@@ -117,6 +121,8 @@ pub enum FromAgent {
     Stderr(#[serde(with = "serde_bytes")] Vec<u8>),
     Exited(ExitStatus),
     FileStart {
+        /// The guest file's mode; the host keeps only what [`copy_mode`]
+        /// and its umask allow.
         mode: u32,
         size: u64,
     },
@@ -175,18 +181,34 @@ fn options() -> impl bincode::Options {
 
 /// Encodes one message as a frame into `frame` (replacing its contents).
 fn encode_into<T: Serialize>(frame: &mut Vec<u8>, msg: &T) -> Result<(), FrameError> {
-    use bincode::Options;
     frame.clear();
-    frame.extend_from_slice(&[0; 4]);
-    options()
-        .serialize_into(&mut *frame, msg)
-        .map_err(|e| FrameError::Malformed(e.to_string()))?;
-    let len = u32::try_from(frame.len() - 4)
-        .ok()
-        .filter(|&l| l <= MAX_FRAME)
-        .ok_or(FrameError::TooLarge(u32::MAX))?;
-    frame[..4].copy_from_slice(&len.to_le_bytes());
-    Ok(())
+    encode_append(frame, msg)
+}
+
+/// Appends one message as a frame to `out`.
+fn encode_append<T: Serialize>(out: &mut Vec<u8>, msg: &T) -> Result<(), FrameError> {
+    use bincode::Options;
+    let start = out.len();
+    out.extend_from_slice(&[0; 4]);
+    let body = options()
+        .serialize_into(&mut *out, msg)
+        .map_err(|e| FrameError::Malformed(e.to_string()))
+        .and_then(|()| {
+            u32::try_from(out.len() - start - 4)
+                .ok()
+                .filter(|&l| l <= MAX_FRAME)
+                .ok_or(FrameError::TooLarge(u32::MAX))
+        });
+    match body {
+        Ok(len) => {
+            out[start..start + 4].copy_from_slice(&len.to_le_bytes());
+            Ok(())
+        }
+        Err(e) => {
+            out.truncate(start);
+            Err(e)
+        }
+    }
 }
 
 /// Encodes one message as a frame.
@@ -209,12 +231,16 @@ pub fn now_ns() -> i64 {
 /// The SHA-256 of a file's contents (copies are checked with it at both
 /// ends).
 pub fn file_sha256(path: &std::path::Path) -> std::io::Result<[u8; 32]> {
+    reader_sha256(&mut std::fs::File::open(path)?)
+}
+
+/// The SHA-256 of everything `r` yields.
+pub fn reader_sha256(r: &mut impl Read) -> std::io::Result<[u8; 32]> {
     use sha2::Digest;
-    let mut file = std::fs::File::open(path)?;
     let mut hasher = sha2::Sha256::new();
     let mut buf = vec![0u8; CHUNK];
     loop {
-        match file.read(&mut buf) {
+        match r.read(&mut buf) {
             Ok(0) => return Ok(hasher.finalize().into()),
             Ok(n) => hasher.update(&buf[..n]),
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
@@ -223,14 +249,86 @@ pub fn file_sha256(path: &std::path::Path) -> std::io::Result<[u8; 32]> {
     }
 }
 
-/// Where a copy to `path` is written before it is renamed into place:
-/// a hidden name beside it, so the rename stays within one filesystem.
-pub fn temp_beside(path: &std::path::Path) -> std::path::PathBuf {
+/// The permission bits a copy's file is created with, from a mode the
+/// other side sent: only `rwx` for user, group and others (0o777), never
+/// setuid, setgid or sticky. The kernel then takes the umask off as it
+/// creates the file ([`create_beside`]), so a copy never gets a permission
+/// the receiving user's umask withholds (a hostile guest cannot make host
+/// files setuid or world-writable).
+pub fn copy_mode(sent: u32) -> u32 {
+    sent & 0o777
+}
+
+/// How many random names [`create_beside`] tries before giving up.
+const TEMP_ATTEMPTS: u32 = 16;
+
+/// Creates the file a copy to `path` is written into before it is renamed
+/// over `path`: a hidden, random name beside it (so the rename stays within
+/// one filesystem), created with `O_CREAT | O_EXCL | O_NOFOLLOW` — never an
+/// existing file and never through a symbolic link someone planted there —
+/// with the permission bits [`copy_mode`] keeps from `mode`, less the
+/// umask. Returns the open file (readable and writable) and its path.
+pub fn create_beside(
+    path: &std::path::Path,
+    mode: u32,
+) -> std::io::Result<(std::fs::File, std::path::PathBuf)> {
     let name = path
         .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    path.with_file_name(format!(".{name}.hostvisor-{}", std::process::id()))
+        .ok_or_else(|| std::io::Error::other("not a file name"))?
+        .to_string_lossy();
+    // Room for the suffix within NAME_MAX (255 bytes).
+    let mut end = name.len().min(200);
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    let mut last = None;
+    for _ in 0..TEMP_ATTEMPTS {
+        let tmp = path.with_file_name(format!(".{}.hostvisor-{:016x}", &name[..end], random_u64()));
+        match create_new(&tmp, mode) {
+            Ok(file) => return Ok((file, tmp)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => last = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::other("no free temporary name")))
+}
+
+/// Creates `path` as a new file (`O_EXCL`: it fails if anything, a
+/// symbolic link included, is there; `O_NOFOLLOW` besides), readable and
+/// writable, with [`copy_mode`]`(mode)` less the umask.
+pub fn create_new(path: &std::path::Path, mode: u32) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .mode(copy_mode(mode))
+        .open(path)
+}
+
+/// 64 random bits for a temporary name: from getrandom(2), or, before the
+/// kernel's pool is ready (a guest just booted), from the clock, the pid
+/// and a counter (varied, not secret: [`create_new`] keeps creation safe
+/// either way, and a name taken is only skipped).
+fn random_u64() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut b = [0u8; 8];
+    // SAFETY: getrandom writes at most `b.len()` bytes into `b`.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), libc::GRND_NONBLOCK) };
+    if usize::try_from(n) == Ok(b.len()) {
+        return u64::from_ne_bytes(b);
+    }
+    // splitmix64 of the mixed inputs.
+    let mut z = (now_ns() as u64)
+        ^ (u64::from(std::process::id()) << 32)
+        ^ COUNTER
+            .fetch_add(1, Ordering::Relaxed)
+            .wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 /// Decodes a frame's body. Never panics and never allocates more than the
@@ -307,6 +405,65 @@ mod tests {
             assert_eq!(&recv::<ToAgent>(&mut r).unwrap(), m);
         }
         assert!(matches!(recv::<ToAgent>(&mut r), Err(FrameError::Closed)));
+    }
+
+    fn scratch(name: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("hv-agent-lib-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn creation_never_follows_or_reuses_what_is_there() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = scratch("create");
+        let victim = dir.join("victim");
+        std::fs::write(&victim, b"keep me").unwrap();
+        // A symbolic link to a file, a dangling one and a plain file: all
+        // refused, none followed, truncated or replaced.
+        let to_file = dir.join("to-file");
+        std::os::unix::fs::symlink(&victim, &to_file).unwrap();
+        let dangling = dir.join("dangling");
+        let made = dir.join("made-through-link");
+        std::os::unix::fs::symlink(&made, &dangling).unwrap();
+        for planted in [&to_file, &dangling, &victim] {
+            let e = create_new(planted, 0o644).unwrap_err();
+            assert_eq!(e.kind(), std::io::ErrorKind::AlreadyExists, "{planted:?}");
+        }
+        assert_eq!(std::fs::read(&victim).unwrap(), b"keep me");
+        assert!(!made.exists(), "created through a dangling link");
+        // A fresh name: created, with only permission bits.
+        let fresh = dir.join("fresh");
+        create_new(&fresh, 0o7777).unwrap();
+        let mode = std::fs::metadata(&fresh).unwrap().permissions().mode();
+        assert_eq!(mode & 0o7000, 0, "{mode:o}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn temporary_names_are_hidden_random_and_beside_the_target() {
+        let dir = scratch("names");
+        let target = dir.join("x".repeat(250));
+        let (_a, a) = create_beside(&target, 0o600).unwrap();
+        let (_b, b) = create_beside(&target, 0o600).unwrap();
+        assert_ne!(a, b);
+        for t in [&a, &b] {
+            assert_eq!(t.parent(), Some(dir.as_path()));
+            let name = t.file_name().unwrap().to_str().unwrap();
+            assert!(name.starts_with(".xxx") && name.len() <= 255, "{name}");
+            // Not the pid-based name of old.
+            assert!(!name.ends_with(&format!("-{}", std::process::id())));
+        }
+        assert!(create_beside(&dir.join(".."), 0o600).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn copy_modes_keep_only_permission_bits() {
+        assert_eq!(copy_mode(0o104_755), 0o755);
+        assert_eq!(copy_mode(0o7777), 0o777);
+        assert_eq!(copy_mode(0o640), 0o640);
     }
 
     #[test]

@@ -3,21 +3,17 @@
 //! over socket pairs, with a [`System`] that records instead of acting.
 
 use std::fs::File;
-use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::io::{Read, Seek, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use crate::{
-    recv, send, Address, ExecRequest, ExitStatus, FrameError, FromAgent, GuestInfo, ToAgent, CHUNK,
-    PROTOCOL_VERSION, VERSION,
-};
+use crate::conn::Conn;
+use crate::{Address, FrameError, FromAgent, GuestInfo, ToAgent, CHUNK, PROTOCOL_VERSION, VERSION};
 
 /// A connection the agent serves.
 pub trait Stream: Read + Write + AsRawFd + Send + 'static + Sized {}
@@ -67,13 +63,14 @@ impl System for RealSystem {
     }
 }
 
-fn error(s: &mut impl Write, text: String) -> Result<(), FrameError> {
-    send(s, &FromAgent::Error(text))
+fn error<S: Read + Write>(s: &mut Conn<S>, text: String) -> Result<(), FrameError> {
+    s.send(&FromAgent::Error(text))
 }
 
 /// Serves one connection: the handshake, then one request.
-pub fn handle_connection<S: Stream>(mut s: S, system: &dyn System) -> Result<(), FrameError> {
-    match recv::<ToAgent>(&mut s)? {
+pub fn handle_connection<S: Stream>(s: S, system: &dyn System) -> Result<(), FrameError> {
+    let mut s = Conn::new(s);
+    match s.recv::<ToAgent>()? {
         ToAgent::Hello { protocol } if protocol == PROTOCOL_VERSION => {}
         ToAgent::Hello { protocol } => {
             return error(
@@ -85,21 +82,16 @@ pub fn handle_connection<S: Stream>(mut s: S, system: &dyn System) -> Result<(),
         }
         _ => return error(&mut s, "expected Hello first".into()),
     }
-    send(
-        &mut s,
-        &FromAgent::Hello {
-            protocol: PROTOCOL_VERSION,
-            version: VERSION.into(),
-        },
-    )?;
-    match recv::<ToAgent>(&mut s)? {
-        ToAgent::Ping => send(
-            &mut s,
-            &FromAgent::Pong {
-                unix_ns: crate::now_ns(),
-            },
-        ),
-        ToAgent::Exec(req) => exec(s, req),
+    // Sent with the first reply (or before waiting for the request).
+    s.queue(&FromAgent::Hello {
+        protocol: PROTOCOL_VERSION,
+        version: VERSION.into(),
+    })?;
+    match s.recv::<ToAgent>()? {
+        ToAgent::Ping => s.send(&FromAgent::Pong {
+            unix_ns: crate::now_ns(),
+        }),
+        ToAgent::Exec(req) => crate::exec::exec(&mut s, req),
         ToAgent::Upload {
             path,
             mode,
@@ -108,17 +100,17 @@ pub fn handle_connection<S: Stream>(mut s: S, system: &dyn System) -> Result<(),
         } => upload(&mut s, Path::new(&path), mode, size, &sha256),
         ToAgent::Download { path } => download(&mut s, Path::new(&path)),
         ToAgent::SetTime { unix_ns } => match system.set_time(unix_ns) {
-            Ok(()) => send(&mut s, &FromAgent::Done),
+            Ok(()) => s.send(&FromAgent::Done),
             Err(e) => error(&mut s, format!("cannot set the clock: {e}")),
         },
         ToAgent::Shutdown { reboot } => {
-            send(&mut s, &FromAgent::Done)?;
-            s.flush()?;
+            s.send(&FromAgent::Done)?;
+            s.stream().flush()?;
             drop(s);
             system.shutdown(reboot)?;
             Ok(())
         }
-        ToAgent::Info => send(&mut s, &FromAgent::Info(guest_info())),
+        ToAgent::Info => s.send(&FromAgent::Info(guest_info())),
         other => error(&mut s, format!("{} is not a request", message_name(&other))),
     }
 }
@@ -134,237 +126,10 @@ fn message_name(m: &ToAgent) -> &'static str {
     }
 }
 
-fn kill(pid: u32) {
-    if let Ok(pid) = libc::pid_t::try_from(pid) {
-        // SAFETY: kill(2) with a plain pid and signal.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
-    }
-}
-
-/// Where a guest's busybox is, for commands that are only its applets.
-const BUSYBOX: &str = "/bin/busybox";
-
-fn exec<S: Stream>(s: S, req: ExecRequest) -> Result<(), FrameError> {
-    let mut reader = s;
-    let Some((program, args)) = req.argv.split_first() else {
-        return error(&mut reader, "an empty command".into());
-    };
-    let command = |program: &str, args: &[String]| {
-        let mut cmd = Command::new(program);
-        cmd.args(args)
-            .envs(req.env.iter().map(|(k, v)| (k, v)))
-            .stdin(if req.stdin {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        if let Some(cwd) = &req.cwd {
-            cmd.current_dir(cwd);
-        }
-        cmd
-    };
-    let spawned = match command(program, args).spawn() {
-        // A guest whose busybox has no applet links (hostvisor's default
-        // guest saves seconds of boot that way) still runs `uname`.
-        Err(e)
-            if e.kind() == std::io::ErrorKind::NotFound
-                && !program.contains('/')
-                && Path::new(BUSYBOX).exists() =>
-        {
-            command(BUSYBOX, &req.argv).spawn()
-        }
-        other => other,
-    };
-    let mut child = match spawned {
-        Ok(c) => c,
-        Err(e) => return error(&mut reader, format!("cannot run {program}: {e}")),
-    };
-    let pid = child.id();
-    send(&mut reader, &FromAgent::Started { pid })?;
-    let (status, timed_out) = run_child(&mut reader, &mut child, &req)?;
-    send(
-        &mut reader,
-        &FromAgent::Exited(ExitStatus {
-            code: status.code(),
-            signal: status.signal(),
-            timed_out,
-        }),
-    )
-}
-
-fn set_nonblocking(fd: i32) {
-    // SAFETY: fcntl on a descriptor this process owns.
-    unsafe {
-        let flags = libc::fcntl(fd, libc::F_GETFL);
-        libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK);
-    }
-}
-
-/// Serves a running command from this thread alone: its output, stdin
-/// from the host, the host hanging up (which kills it) and the timeout,
-/// in one poll loop. (Threads per command cost ~70 ms each on nested
-/// hosts, where every guest system call is emulated.)
-fn run_child<S: Stream>(
-    s: &mut S,
-    child: &mut std::process::Child,
-    req: &ExecRequest,
-) -> Result<(std::process::ExitStatus, bool), FrameError> {
-    let pid = child.id();
-    let mut outputs: [Option<File>; 2] = [
-        child.stdout.take().map(|o| File::from(OwnedFd::from(o))),
-        child.stderr.take().map(|o| File::from(OwnedFd::from(o))),
-    ];
-    let mut stdin = child.stdin.take().map(|i| File::from(OwnedFd::from(i)));
-    if let Some(i) = &stdin {
-        set_nonblocking(i.as_raw_fd());
-    }
-    let mut pending: Vec<u8> = Vec::new();
-    let mut stdin_eof = false;
-    let mut host_gone = false;
-    let mut deadline = req
-        .timeout_ms
-        .map(|ms| std::time::Instant::now() + Duration::from_millis(ms));
-    let mut timed_out = false;
-    let mut buf = vec![0u8; CHUNK];
-    let expire = |deadline: &mut Option<std::time::Instant>, timed_out: &mut bool| {
-        if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
-            kill(pid);
-            *timed_out = true;
-            *deadline = None;
-        }
-    };
-    while outputs.iter().any(Option::is_some) {
-        // What to watch: open outputs, stdin while bytes wait for it, the
-        // host while no stdin bytes wait (backpressure) and it is there.
-        let mut fds: Vec<libc::pollfd> = Vec::with_capacity(4);
-        let mut what = Vec::with_capacity(4);
-        for (i, o) in outputs.iter().enumerate() {
-            if let Some(o) = o {
-                fds.push(libc::pollfd {
-                    fd: o.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                });
-                what.push(i);
-            }
-        }
-        if let (Some(i), false) = (&stdin, pending.is_empty()) {
-            fds.push(libc::pollfd {
-                fd: i.as_raw_fd(),
-                events: libc::POLLOUT,
-                revents: 0,
-            });
-            what.push(2);
-        }
-        if !host_gone && pending.is_empty() {
-            fds.push(libc::pollfd {
-                fd: s.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            });
-            what.push(3);
-        }
-        let timeout = deadline.map_or(-1, |d| {
-            d.saturating_duration_since(std::time::Instant::now())
-                .as_millis()
-                .min(i32::MAX as u128) as i32
-        });
-        // SAFETY: `fds` is a valid array of `fds.len()` pollfd entries.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e.into());
-        }
-        expire(&mut deadline, &mut timed_out);
-        for (fd, which) in fds.iter().zip(what) {
-            if fd.revents == 0 {
-                continue;
-            }
-            match which {
-                0 | 1 => {
-                    let Some(o) = outputs[which].as_mut() else {
-                        continue;
-                    };
-                    match o.read(&mut buf) {
-                        Ok(0) => outputs[which] = None,
-                        Ok(n) => {
-                            let data = buf[..n].to_vec();
-                            let msg = if which == 0 {
-                                FromAgent::Stdout(data)
-                            } else {
-                                FromAgent::Stderr(data)
-                            };
-                            if send(s, &msg).is_err() && !host_gone {
-                                host_gone = true;
-                                kill(pid);
-                            }
-                        }
-                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                        Err(_) => outputs[which] = None,
-                    }
-                }
-                2 => {
-                    if let Some(i) = stdin.as_mut() {
-                        match i.write(&pending) {
-                            Ok(n) => {
-                                pending.drain(..n);
-                            }
-                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                            Err(_) => {
-                                // The command closed its stdin.
-                                pending.clear();
-                                stdin = None;
-                            }
-                        }
-                    }
-                    if pending.is_empty() && stdin_eof {
-                        stdin = None;
-                    }
-                }
-                _ => match recv::<ToAgent>(s) {
-                    Ok(ToAgent::Stdin(data)) if stdin.is_some() => pending = data,
-                    Ok(ToAgent::StdinEof) => {
-                        stdin_eof = true;
-                        if pending.is_empty() {
-                            stdin = None;
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(_) => {
-                        host_gone = true;
-                        kill(pid);
-                    }
-                },
-            }
-        }
-    }
-    drop(stdin);
-    // The outputs are closed; the command may still run.
-    let status = loop {
-        let Some(d) = deadline else {
-            break child.wait()?;
-        };
-        if let Some(status) = child.try_wait()? {
-            break status;
-        }
-        expire(&mut deadline, &mut timed_out);
-        std::thread::sleep(
-            d.saturating_duration_since(std::time::Instant::now())
-                .min(Duration::from_millis(20)),
-        );
-    };
-    Ok((status, timed_out))
-}
-
 /// Receives a file into a temporary name beside `path` and renames it
 /// into place, so a failed copy leaves the old file (or none).
 fn upload<S: Stream>(
-    s: &mut S,
+    s: &mut Conn<S>,
     path: &Path,
     mode: u32,
     size: u64,
@@ -376,23 +141,17 @@ fn upload<S: Stream>(
     if path.is_dir() {
         return error(s, format!("{}: is a directory", path.display()));
     }
-    let tmp = crate::temp_beside(path);
-    let mode = mode & 0o7777;
-    let mut file = match std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)
-    {
+    // A random name created afresh (never through a planted link), with
+    // only the permission bits of `mode` and the agent's umask taken off.
+    let (mut file, tmp) = match crate::create_beside(path, mode) {
         Ok(f) => f,
         Err(e) => return error(s, format!("{}: {e}", path.display())),
     };
-    send(s, &FromAgent::Done)?;
+    s.send(&FromAgent::Done)?;
     let result = (|| -> Result<Result<(), String>, FrameError> {
         let mut got = 0u64;
         loop {
-            match recv::<ToAgent>(s)? {
+            match s.recv::<ToAgent>()? {
                 ToAgent::Data(d) => {
                     got += d.len() as u64;
                     if got > size {
@@ -413,19 +172,21 @@ fn upload<S: Stream>(
             return Ok(Err(format!("{}: {e}", path.display())));
         }
         // What reached the file, not what arrived: the check covers the
-        // whole way to the guest's disk.
-        match crate::file_sha256(&tmp) {
+        // whole way to the guest's disk. Read back through the same file,
+        // which stays readable whatever its mode.
+        match file
+            .seek(std::io::SeekFrom::Start(0))
+            .and_then(|_| crate::reader_sha256(&mut file))
+        {
             Ok(digest) if digest == *sha256 => {}
             Ok(_) => return Ok(Err(CORRUPTED.into())),
             Err(e) => return Ok(Err(format!("{}: {e}", path.display()))),
         }
-        let placed = Ok(())
-            .and_then(|()| std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode)))
-            .and_then(|()| std::fs::rename(&tmp, path));
+        let placed = std::fs::rename(&tmp, path);
         Ok(placed.map_err(|e| format!("{}: {e}", path.display())))
     })();
     match result {
-        Ok(Ok(())) => send(s, &FromAgent::Done),
+        Ok(Ok(())) => s.send(&FromAgent::Done),
         Ok(Err(text)) => {
             let _ = std::fs::remove_file(&tmp);
             error(s, text)
@@ -441,7 +202,7 @@ fn upload<S: Stream>(
 /// retries on it.
 pub const CORRUPTED: &str = "the file was corrupted on its way (SHA-256 mismatch)";
 
-fn download<S: Stream>(s: &mut S, path: &Path) -> Result<(), FrameError> {
+fn download<S: Stream>(s: &mut Conn<S>, path: &Path) -> Result<(), FrameError> {
     use sha2::Digest;
     let mut file = match File::open(path) {
         Ok(f) => f,
@@ -451,28 +212,23 @@ fn download<S: Stream>(s: &mut S, path: &Path) -> Result<(), FrameError> {
     if meta.is_dir() {
         return error(s, format!("{}: is a directory", path.display()));
     }
-    send(
-        s,
-        &FromAgent::FileStart {
-            mode: meta.mode() & 0o7777,
-            size: meta.len(),
-        },
-    )?;
+    // Leaves with the first chunk.
+    s.queue(&FromAgent::FileStart {
+        mode: meta.mode() & 0o7777,
+        size: meta.len(),
+    })?;
     let mut buf = vec![0u8; CHUNK];
     let mut hasher = sha2::Sha256::new();
     loop {
         match file.read(&mut buf) {
             Ok(0) => {
-                return send(
-                    s,
-                    &FromAgent::FileEnd {
-                        sha256: hasher.finalize().into(),
-                    },
-                )
+                return s.send(&FromAgent::FileEnd {
+                    sha256: hasher.finalize().into(),
+                })
             }
             Ok(n) => {
                 hasher.update(&buf[..n]);
-                send(s, &FromAgent::Data(buf[..n].to_vec()))?
+                s.send(&FromAgent::Data(buf[..n].to_vec()))?
             }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => return error(s, format!("{}: {e}", path.display())),
@@ -588,23 +344,39 @@ fn addresses() -> Vec<Address> {
     out
 }
 
-/// The agent's main loop on the vsock `port`: connections go to a pool of
-/// threads, which grows to the most connections served at once and keeps
-/// its threads (creating a thread costs ~70 ms of guest kernel time on
-/// nested hosts; a wake-up costs a futex call).
+/// The agent's main loop on the vsock `port`: every idle thread of a pool
+/// waits in `accept` itself (no hand-off from an accepting thread: that
+/// cost a futex call and a thread switch per connection); a thread that
+/// takes a connection while no other waits adds one to the pool first, so
+/// a long command never holds up the next request. The pool grows to the
+/// most connections served at once and keeps its threads (creating a
+/// thread costs ~70 ms of guest kernel time on nested hosts).
 pub fn serve_vsock(port: u32) -> std::io::Result<()> {
-    let listener = vsock::VsockListener::bind_with_cid_port(vsock::VMADDR_CID_ANY, port)?;
-    let (queue, connections) = std::sync::mpsc::channel::<vsock::VsockStream>();
-    let connections = Arc::new(Mutex::new(connections));
-    let idle = Arc::new(AtomicUsize::new(0));
+    let listener = Arc::new(vsock::VsockListener::bind_with_cid_port(
+        vsock::VMADDR_CID_ANY,
+        port,
+    )?);
+    serve(&listener, &Arc::new(AtomicUsize::new(0)));
+    Ok(())
+}
+
+fn serve(listener: &Arc<vsock::VsockListener>, idle: &Arc<AtomicUsize>) {
     loop {
-        match listener.accept() {
+        idle.fetch_add(1, Ordering::SeqCst);
+        let accepted = listener.accept();
+        if idle.fetch_sub(1, Ordering::SeqCst) == 1 {
+            let (listener, idle) = (listener.clone(), idle.clone());
+            let spawned = std::thread::Builder::new().spawn(move || serve(&listener, &idle));
+            if let Err(e) = spawned {
+                eprintln!("hostvisor-agent: cannot start a thread: {e}");
+            }
+        }
+        match accepted {
             Ok((stream, _)) => {
-                if idle.load(Ordering::SeqCst) == 0 {
-                    spawn_worker(connections.clone(), idle.clone());
-                }
-                if queue.send(stream).is_err() {
-                    return Err(std::io::Error::other("the worker pool is gone"));
+                if let Err(e) = handle_connection(stream, &RealSystem) {
+                    if !matches!(e, FrameError::Closed) {
+                        eprintln!("hostvisor-agent: {e}");
+                    }
                 }
             }
             Err(e) => {
@@ -613,21 +385,4 @@ pub fn serve_vsock(port: u32) -> std::io::Result<()> {
             }
         }
     }
-}
-
-fn spawn_worker(
-    connections: Arc<Mutex<std::sync::mpsc::Receiver<vsock::VsockStream>>>,
-    idle: Arc<AtomicUsize>,
-) {
-    std::thread::spawn(move || loop {
-        idle.fetch_add(1, Ordering::SeqCst);
-        let next = connections.lock().map(|rx| rx.recv());
-        idle.fetch_sub(1, Ordering::SeqCst);
-        let Ok(Ok(stream)) = next else { return };
-        if let Err(e) = handle_connection(stream, &RealSystem) {
-            if !matches!(e, FrameError::Closed) {
-                eprintln!("hostvisor-agent: {e}");
-            }
-        }
-    });
 }
