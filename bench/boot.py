@@ -5,17 +5,25 @@ Every VMM boots the same ELF vmlinux (PVH entry for QEMU and Cloud
 Hypervisor), the same uncompressed initramfs, the same kernel command line,
 RAM and vCPU count, in the same run. Per VMM it measures:
 
-  setup  process start (execve) to the first KVM_RUN, from an strace of
-         execve and ioctl only (seccomp-bpf filtered, so other syscalls run
-         untraced), one strace run per boot run;
+  setup  process start (execve) to the first KVM_RUN ioctl, from kernel
+         tracepoints (syscalls:sys_enter_execve and sys_enter_ioctl with
+         cmd == KVM_RUN, 0xae80) read by bpftrace: the probes run in the
+         kernel and never stop the VMM, so the figure does not grow with
+         the number of ioctls a VMM makes (strace, used before, stopped the
+         process on every traced ioctl). Measured in the same boot as the
+         other figures;
   ready  wall time from spawning the VMM to the guest's READY line;
-  overhead  the VMM's peak RSS minus the guest RAM it has touched (the RSS
-         of its guest-RAM mapping), sampled while the guest runs.
+  overhead  the VMM's resident memory beside the guest's: the process's
+         total Rss minus the Rss of its guest-RAM mapping, both summed from
+         one read of /proc/PID/smaps while the guest sleeps after READY
+         (current against current; the peak VmHWM minus the current guest
+         RAM, used before, counted transient peaks of the VMM's setup).
 
 and prints medians with ratios against QEMU. Peers: QEMU from Debian
 (qemu-system-x86, machine types pc and q35; microvm with --microvm), and
 Firecracker / Cloud Hypervisor when FIRECRACKER= / CLOUD_HYPERVISOR= name
-their binaries.
+their binaries (skipped with a note otherwise). Runs are interleaved (run 1
+of every VMM, then run 2, ...) so that a change in the host's load hits all.
 """
 
 import argparse
@@ -29,6 +37,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -113,28 +122,39 @@ def peers(args, kernel, initrd, cmdline, tmp):
     return out
 
 
-def guest_ram_rss_kib(pid, mem_mib):
-    """RSS of the mapping that holds guest RAM: the anonymous mapping whose
-    size is closest to the guest's RAM size (within 25%)."""
+def rss_split_kib(pid, mem_mib):
+    """(total Rss, guest-RAM Rss) of process `pid` in KiB, both summed from
+    one read of /proc/PID/smaps, so they describe the same instant. The
+    guest-RAM mapping is the one whose size is closest to the guest's RAM
+    size (within 25%). None if the process or the mapping is gone."""
+    want = mem_mib * 1024
     best = None
-    size = rss = 0
+    total = size = 0
     try:
         with open(f"/proc/{pid}/smaps") as f:
-            for line in f:
-                if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
-                    size = rss = 0
-                elif line.startswith("Size:"):
-                    size = int(line.split()[1])
-                elif line.startswith("Rss:"):
-                    rss = int(line.split()[1])
-                    want = mem_mib * 1024
-                    if 0.75 * want <= size <= 1.25 * want:
-                        score = abs(size - want)
-                        if best is None or score < best[0]:
-                            best = (score, rss)
+            text = f.read()
     except OSError:
         return None
-    return best[1] if best else None
+    for line in text.splitlines():
+        if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
+            size = 0
+        elif line.startswith("Size:"):
+            size = int(line.split()[1])
+        elif line.startswith("Rss:"):
+            rss = int(line.split()[1])
+            total += rss
+            if 0.75 * want <= size <= 1.25 * want:
+                score = abs(size - want)
+                if best is None or score < best[0]:
+                    best = (score, rss)
+    return (total, best[1]) if best else None
+
+
+def overhead_kib(pid, mem_mib):
+    """The VMM's own resident memory: total Rss minus guest-RAM Rss, from
+    the same read of smaps (see rss_split_kib)."""
+    split = rss_split_kib(pid, mem_mib)
+    return split[0] - split[1] if split else None
 
 
 def status_kib(pid, field):
@@ -148,53 +168,117 @@ def status_kib(pid, field):
     return None
 
 
-def boot_once(peer, args, timeout):
-    """Returns (seconds to READY, overhead KiB, peak RSS KiB) or raises."""
-    start = time.monotonic()
-    proc = subprocess.Popen(peer.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
-    seen = b""
-    ready = None
-    overhead = peak = None
-    try:
-        fd = proc.stdout.fileno()
-        os.set_blocking(fd, False)
-        deadline = start + timeout
-        while time.monotonic() < deadline:
-            try:
-                chunk = os.read(fd, 4096)
-            except BlockingIOError:
-                chunk = None
-            if chunk == b"":
+KVM_RUN = 0xAE80  # _IO(KVMIO, 0x80)
+
+# $1 is this script's pid: only its children (the VMMs it spawns; a vCPU
+# thread's real_parent is its process's parent) are recorded. nsecs is
+# CLOCK_MONOTONIC. The R line also gives the number of ioctls the VMM made
+# before its first KVM_RUN (what strace used to stop on).
+SETUP_PROBES = """
+BEGIN { printf("TRACING\\n"); }
+tracepoint:syscalls:sys_enter_execve /curtask->real_parent->tgid == $1/ {
+  printf("E %d %llu\\n", pid, nsecs);
+}
+tracepoint:syscalls:sys_enter_ioctl /curtask->real_parent->tgid == $1 && @run[pid] == 0/ {
+  if (args->cmd == KVM_RUN_CMD) {
+    @run[pid] = 1;
+    printf("R %d %llu %d\\n", pid, nsecs, @n[pid]);
+    delete(@n[pid]);
+  } else {
+    @n[pid]++;
+  }
+}
+END { clear(@run); clear(@n); }
+""".replace("KVM_RUN_CMD", str(KVM_RUN))
+
+
+class SetupTracer:
+    """execve -> first KVM_RUN of each VMM this script spawns, from kernel
+    tracepoints read by bpftrace, which never stops the traced process
+    (unlike strace or ptrace). One bpftrace for the whole benchmark; the
+    boots are measured as they run. `method` says what was used; None (with
+    `why`) when it cannot run here."""
+
+    def __init__(self):
+        self.method = None
+        self.why = None
+        self.proc = None
+        self.execs, self.runs = {}, {}
+        bpftrace = shutil.which("bpftrace")
+        if not bpftrace:
+            self.why = "bpftrace is missing (Debian package bpftrace)"
+            return
+        if os.geteuid() != 0:
+            self.why = "bpftrace needs root"
+            return
+        if not os.path.isdir("/sys/kernel/tracing/events"):
+            subprocess.run(["mount", "-t", "tracefs", "tracefs", "/sys/kernel/tracing"],
+                           stderr=subprocess.DEVNULL)
+        version = subprocess.run([bpftrace, "--version"], capture_output=True,
+                                 text=True).stdout.strip()
+        self.proc = subprocess.Popen([bpftrace, "-e", SETUP_PROBES, str(os.getpid())],
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True,
+                                     start_new_session=True)
+        line = ""
+        end = time.monotonic() + 120  # compiling the probes is slow on a busy host
+        while time.monotonic() < end and self.proc.poll() is None:
+            line = self.proc.stdout.readline()
+            if line.strip() == "TRACING":
                 break
-            if chunk:
-                seen += chunk
-                if ready is None and READY in seen:
-                    ready = time.monotonic() - start
-                    # The guest powers off (resets) 2 s later. Some VMMs
-                    # (Cloud Hypervisor) reboot on a reset instead of
-                    # exiting; they are stopped after this grace period,
-                    # which does not affect what was measured.
-                    deadline = time.monotonic() + 30
-                    # The guest sleeps after READY (see main): sample now.
-                    time.sleep(0.3)
-                    peak = status_kib(proc.pid, "VmHWM")
-                    guest = guest_ram_rss_kib(proc.pid, args.memory)
-                    if peak is not None and guest is not None:
-                        overhead = peak - guest
-            else:
-                time.sleep(0.005)
-        if ready is None:
-            raise RuntimeError(f"no READY line within {timeout} s; output: {seen[-300:]!r}")
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    return ready, overhead, peak
+        if line.strip() != "TRACING":
+            err = self.proc.stderr.read() if self.proc.poll() is not None else ""
+            self.close()
+            self.why = f"bpftrace did not start: {err.strip()[-300:]}"
+            return
+        self.cond = threading.Condition()
+        threading.Thread(target=self._read, daemon=True).start()
+        self.method = (f"{version}: tracepoints syscalls:sys_enter_execve -> first "
+                       f"syscalls:sys_enter_ioctl with cmd == KVM_RUN ({KVM_RUN:#x}); "
+                       "in-kernel probes, the VMM is never stopped")
+
+    def _read(self):
+        for line in self.proc.stdout:
+            parts = line.split()
+            if len(parts) < 3 or parts[0] not in ("E", "R"):
+                continue
+            pid, ns = int(parts[1]), int(parts[2])
+            with self.cond:
+                if parts[0] == "E":
+                    self.execs.setdefault(pid, ns)  # the first one
+                else:
+                    self.runs.setdefault(pid, (ns, int(parts[3]) if len(parts) > 3 else None))
+                self.cond.notify_all()
+
+    def setup(self, pid, timeout=10.0):
+        """(ms from `pid`'s execve to its first KVM_RUN, ioctls before it),
+        or (None, None); forgets `pid` (so a reused pid starts afresh)."""
+        if not self.method:
+            return None, None
+        end = time.monotonic() + timeout
+        with self.cond:
+            while pid not in self.runs and time.monotonic() < end:
+                self.cond.wait(0.2)
+            e, r = self.execs.pop(pid, None), self.runs.pop(pid, None)
+        if e is None or r is None:
+            return None, None
+        return (r[0] - e) / 1e6, r[1]
+
+    def close(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
 
 
-def setup_time(peer, timeout):
-    """execve -> first KVM_RUN, from strace."""
+def strace_setup_ms(peer, timeout):
+    """The old way, kept only to show what it measured (--strace-compare):
+    execve -> first KVM_RUN from `strace -f --seccomp-bpf -e
+    trace=execve,ioctl`, which stops the VMM on every ioctl it makes. The
+    VMM is killed at its first KVM_RUN."""
     strace = shutil.which("strace")
     if not strace:
         return None
@@ -219,9 +303,70 @@ def setup_time(peer, timeout):
                     first_run = t
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-        if first_exec is None or first_run is None:
-            return None
-        return first_run - first_exec
+    if first_exec is None or first_run is None:
+        return None
+    return (first_run - first_exec) * 1e3
+
+
+def setup_only(peer, tracer, timeout):
+    """One more setup sample: start the VMM, stop it at its first KVM_RUN.
+    Returns (ms, ioctls) or (None, None)."""
+    proc = subprocess.Popen(peer.argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        return tracer.setup(proc.pid, timeout)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def boot_once(peer, args, timeout, tracer):
+    """Returns {ready_s, setup_ms, ioctls, overhead_kib, rss_kib,
+    guest_kib, peak_kib} (None where not measured) or raises."""
+    start = time.monotonic()
+    proc = subprocess.Popen(peer.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    seen = b""
+    out = {"ready_s": None, "setup_ms": None, "ioctls": None, "overhead_kib": None,
+           "rss_kib": None, "guest_kib": None, "peak_kib": None}
+    try:
+        fd = proc.stdout.fileno()
+        os.set_blocking(fd, False)
+        deadline = start + timeout
+        while time.monotonic() < deadline:
+            try:
+                chunk = os.read(fd, 4096)
+            except BlockingIOError:
+                chunk = None
+            if chunk == b"":
+                break
+            if chunk:
+                seen += chunk
+                if out["ready_s"] is None and READY in seen:
+                    out["ready_s"] = time.monotonic() - start
+                    # The guest powers off (resets) 2 s later. Some VMMs
+                    # (Cloud Hypervisor) reboot on a reset instead of
+                    # exiting; they are stopped after this grace period,
+                    # which does not affect what was measured.
+                    deadline = time.monotonic() + 30
+                    # The guest sleeps after READY (see main): sample now.
+                    time.sleep(0.3)
+                    out["peak_kib"] = status_kib(proc.pid, "VmHWM")
+                    split = rss_split_kib(proc.pid, args.memory)
+                    if split:
+                        out["rss_kib"], out["guest_kib"] = split
+                        out["overhead_kib"] = split[0] - split[1]
+                    break
+            else:
+                time.sleep(0.005)
+        if out["ready_s"] is None:
+            raise RuntimeError(f"no READY line within {timeout} s; output: {seen[-300:]!r}")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        out["setup_ms"], out["ioctls"] = tracer.setup(proc.pid)
+    return out
 
 
 def main():
@@ -234,6 +379,12 @@ def main():
     ap.add_argument("--microvm", action="store_true", help="also QEMU -M microvm")
     ap.add_argument("--only", help="comma-separated peer names")
     ap.add_argument("--json", help="write results here")
+    ap.add_argument("--setup-samples", type=int, default=3,
+                    help="extra setup-only starts per run (stopped at the first KVM_RUN); "
+                    "setup is the median over these and the boots")
+    ap.add_argument("--strace-compare", action="store_true",
+                    help="also measure setup the old way, under strace (stops the VMM on "
+                    "every ioctl), to show the difference")
     args = ap.parse_args()
 
     gdir = guest_dir()
@@ -247,40 +398,74 @@ def main():
     script = base64.b64encode(b"sleep 2").decode()
     cmdline = f"{default_cmdline()} hostvisor.run={script}"
 
+    for var, name in (("FIRECRACKER", "firecracker"), ("CLOUD_HYPERVISOR", "cloud-hypervisor")):
+        if not os.environ.get(var):
+            print(f"{name}: skipped ({var}= does not name a binary; not built here)")
+    tracer = SetupTracer()
+    print(f"setup method: {tracer.method or 'none, setup not measured: ' + tracer.why}")
+    print("memory method: total Rss minus guest-RAM Rss, one read of /proc/PID/smaps "
+          "0.3 s after READY", flush=True)
+
     with tempfile.TemporaryDirectory() as tmp:
-        results = {}
         selected = peers(args, kernel, initrd, cmdline, tmp)
         if args.only:
             keep = set(args.only.split(","))
             selected = [p for p in selected if p.name in keep]
-        for peer in selected:
-            for path, text in (peer.setup or {}).items():
-                with open(path, "w") as f:
-                    f.write(text)
-            readies, overheads, peaks, errors = [], [], [], []
+        runs = {p.name: [] for p in selected}
+        errors = {p.name: [] for p in selected}
+        try:
             for i in range(args.runs):
-                try:
-                    r, o, p = boot_once(peer, args, args.timeout)
-                    readies.append(r)
-                    if o is not None:
-                        overheads.append(o)
-                        peaks.append(p)
-                    print(f"  {peer.name} run {i + 1}: READY after {r:.2f} s, "
-                          f"overhead {o} KiB", flush=True)
-                except Exception as e:  # noqa: BLE001 - report and go on
-                    errors.append(str(e))
-                    print(f"  {peer.name} run {i + 1}: FAILED: {e}", flush=True)
-                    break
-            setups = [t for t in (setup_time(peer, args.timeout) for _ in readies) if t is not None]
-            setup = statistics.median(setups) if setups else None
-            results[peer.name] = {
-                "ready_s": statistics.median(readies) if readies else None,
-                "ready_all_s": readies,
-                "setup_ms": setup * 1e3 if setup is not None else None,
-                "overhead_kib": statistics.median(overheads) if overheads else None,
-                "peak_rss_kib": statistics.median(peaks) if peaks else None,
-                "error": errors[0] if errors else None,
-            }
+                for peer in selected:
+                    if errors[peer.name]:
+                        continue
+                    for path, text in (peer.setup or {}).items():
+                        with open(path, "w") as f:
+                            f.write(text)
+                    try:
+                        r = boot_once(peer, args, args.timeout, tracer)
+                    except Exception as e:  # noqa: BLE001 - report and go on
+                        errors[peer.name].append(str(e))
+                        print(f"  {peer.name} run {i + 1}: FAILED: {e}", flush=True)
+                        continue
+                    if args.strace_compare:
+                        r["strace_setup_ms"] = strace_setup_ms(peer, args.timeout)
+                    r["setup_extra_ms"] = [setup_only(peer, tracer, 30)[0]
+                                           for _ in range(args.setup_samples)]
+                    runs[peer.name].append(r)
+                    print(f"  {peer.name} run {i + 1}: setup {r['setup_ms']} ms "
+                          f"({r['ioctls']} ioctls before KVM_RUN; setup-only starts "
+                          f"{r['setup_extra_ms']}), READY after "
+                          f"{r['ready_s']:.2f} s, overhead {r['overhead_kib']} KiB (Rss "
+                          f"{r['rss_kib']} - guest RAM {r['guest_kib']}; VmHWM "
+                          f"{r['peak_kib']})"
+                          + (f"; under strace: setup {r['strace_setup_ms']} ms"
+                             if args.strace_compare else ""), flush=True)
+        finally:
+            tracer.close()
+
+    def med(name, key):
+        vals = [r[key] for r in runs[name] if r.get(key) is not None]
+        return statistics.median(vals) if vals else None
+
+    def setups(name):
+        vals = [r["setup_ms"] for r in runs[name]]
+        vals += [v for r in runs[name] for v in r["setup_extra_ms"]]
+        return [v for v in vals if v is not None]
+
+    results = {}
+    for name in runs:
+        results[name] = {
+            "ready_s": med(name, "ready_s"),
+            "setup_ms": statistics.median(setups(name)) if setups(name) else None,
+            "setup_min_ms": min(setups(name)) if setups(name) else None,
+            "setup_samples": len(setups(name)),
+            "overhead_kib": med(name, "overhead_kib"),
+            "peak_rss_kib": med(name, "peak_kib"),
+            "strace_setup_ms": med(name, "strace_setup_ms"),
+            "ioctls_before_run": med(name, "ioctls"),
+            "runs": runs[name],
+            "error": errors[name][0] if errors[name] else None,
+        }
 
     base = results.get("qemu-pc") or results.get("qemu-q35")
 
@@ -292,18 +477,27 @@ def main():
     print()
     print(f"guest: {kernel} + {initrd}, {args.memory} MiB, {args.cpus} vCPU(s), "
           f"{args.runs} runs, medians; ratios are VMM / QEMU pc (lower is better)")
-    print(f"{'vmm':<18}{'setup ms':>10}{'ratio':>7}{'READY s':>10}{'ratio':>7}"
+    print(f"setup: {tracer.method or 'not measured: ' + tracer.why}; median of each boot "
+          f"and {args.setup_samples} setup-only starts per run")
+    print(f"{'vmm':<18}{'setup ms':>10}{'ratio':>7}{'(min)':>8}{'READY s':>10}{'ratio':>7}"
           f"{'overhead MiB':>14}{'ratio':>7}")
     for name, r in results.items():
         def fmt(v, scale=1.0, digits=1):
             return f"{v / scale:.{digits}f}" if v is not None else "-"
         print(f"{name:<18}{fmt(r['setup_ms']):>10}{ratio(name, 'setup_ms'):>7}"
+              f"{fmt(r['setup_min_ms']):>8}"
               f"{fmt(r['ready_s'], digits=2):>10}{ratio(name, 'ready_s'):>7}"
               f"{fmt(r['overhead_kib'], 1024):>14}{ratio(name, 'overhead_kib'):>7}"
               + (f"  ({r['error'][:60]})" if r["error"] else ""))
+    if args.strace_compare:
+        print("setup under strace (the old method; stops the VMM on every ioctl):")
+        for name, r in results.items():
+            print(f"  {name:<16}{r['strace_setup_ms'] or 0:>10.1f} ms  "
+                  f"ratio {ratio(name, 'strace_setup_ms')}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "cmdline": cmdline, "results": results}, f, indent=2)
+            json.dump({"args": vars(args), "cmdline": cmdline, "setup_method": tracer.method,
+                       "results": results}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -8,8 +8,10 @@ the same way (daemonized, with its QMP control socket), in the same run.
             once the VM is set up) plus QEMU's first QMP greeting;
   ready     from the start command to the guest's READY line in the
             console file;
-  overhead  the VM process's RSS minus the guest RAM it has touched, after
-            the guest has sat idle at its shell for --idle seconds.
+  overhead  the VM process's total Rss minus the Rss of its guest-RAM
+            mapping, both from one read of /proc/PID/smaps (the same
+            instant), after the guest has sat idle at its shell for --idle
+            seconds.
 
 Both boot the default guest (same vmlinux, initramfs, command line, 256 MiB,
 1 vCPU); QEMU uses -M microvm (the closest machine). Medians of --runs.
@@ -26,7 +28,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from boot import READY, ROOT, default_cmdline, guest_dir, guest_ram_rss_kib, status_kib  # noqa: E402
+from boot import READY, ROOT, default_cmdline, guest_dir, overhead_kib  # noqa: E402
 
 HV = os.path.join(ROOT, "target", "release", "hostvisor")
 
@@ -42,12 +44,6 @@ def wait_file(path, needle, timeout):
             pass
         time.sleep(0.05)
     return False
-
-
-def overhead_kib(pid, mem):
-    guest = guest_ram_rss_kib(pid, mem)
-    rss = status_kib(pid, "VmRSS")
-    return rss - guest if guest is not None and rss is not None else None
 
 
 def hostvisor_once(tmp, kernel, initrd, cmdline, mem, idle, timeout):
@@ -119,6 +115,8 @@ def main():
     cmdline = default_cmdline()
     qemu = shutil.which("qemu-system-x86_64")
     results = {"hostvisor": [], "qemu-microvm": []}
+    print("memory method: total Rss minus guest-RAM Rss, one read of /proc/PID/smaps "
+          f"after {args.idle} s idle", flush=True)
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR", "/var/tmp")) as tmp:
         for i in range(args.runs):
             r = hostvisor_once(tmp, kernel, initrd, cmdline, args.memory, args.idle, args.timeout)
