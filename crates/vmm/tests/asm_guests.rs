@@ -9,11 +9,13 @@
 
 #![allow(clippy::unwrap_used)] // test helpers: a failed setup step should fail the test
 
+mod common;
+
+use common::{kvm, skip};
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use hypervisor::kvm::KvmHypervisor;
 use hypervisor::{GuestMemoryMmap, Hypervisor};
 use iced_x86::code_asm::*;
 use iced_x86::BlockEncoderOptions;
@@ -26,29 +28,6 @@ const IDT: u64 = 0x3000;
 const IDTR: u64 = 0x2ff0;
 const RECORDER_PORT: u16 = 0x510;
 const MMIO_DEVICE: u64 = 0xd000_0000;
-
-/// A test that cannot run here: prints `SKIPPED: why`, or fails when the
-/// environment variable `require` is 1 (as CI sets it).
-fn skip(require: &str, why: &str) {
-    if std::env::var(require).as_deref() == Ok("1") {
-        panic!("{why}, but {require}=1 requires this test to run");
-    }
-    eprintln!("SKIPPED: {why} (set {require}=1 to make this a failure)");
-}
-
-/// KVM, or a skip (a failure when HOSTVISOR_REQUIRE_KVM=1).
-fn kvm() -> Option<KvmHypervisor> {
-    match KvmHypervisor::new() {
-        Ok(hv) => Some(hv),
-        Err(e) => {
-            skip(
-                "HOSTVISOR_REQUIRE_KVM",
-                &format!("KVM is unusable here: {e}"),
-            );
-            None
-        }
-    }
-}
 
 /// Collects 32-bit port writes (pairs of them form 64-bit values).
 #[derive(Default)]

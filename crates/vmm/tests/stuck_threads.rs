@@ -6,6 +6,10 @@
 
 #![allow(clippy::unwrap_used)] // test helpers: a failed setup step should fail the test
 
+mod common;
+
+use common::kvm;
+use hypervisor::kvm::KvmHypervisor;
 use std::os::fd::FromRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
@@ -14,7 +18,6 @@ use std::time::{Duration, Instant};
 
 use devices::virtio::worker::WorkerThread;
 use devices::virtio::{ActivateError, Activation, VirtioDevice};
-use hypervisor::kvm::KvmHypervisor;
 use iced_x86::code_asm::*;
 use vmm::control::{ControlRequest, VmControl};
 use vmm::{Machine, MachineSpec, RunEnd, RunOptions, VmOutcome};
@@ -26,19 +29,6 @@ const AVAIL: u64 = 0x30_1000;
 const USED: u64 = 0x30_2000;
 /// What "bounded" means here: the VMM's own limits are a few seconds.
 const LIMIT: Duration = Duration::from_secs(15);
-
-fn kvm() -> Option<KvmHypervisor> {
-    match KvmHypervisor::new() {
-        Ok(hv) => Some(hv),
-        Err(e) => {
-            if std::env::var("HOSTVISOR_REQUIRE_KVM").as_deref() == Ok("1") {
-                panic!("KVM is required (HOSTVISOR_REQUIRE_KVM=1) but unusable: {e}");
-            }
-            eprintln!("SKIPPED: KVM is unusable here: {e}");
-            None
-        }
-    }
-}
 
 /// A gate the slow backend waits at; opened when the test ends so that no
 /// thread outlives it for long.
