@@ -344,12 +344,9 @@ def boot_once(peer, args, timeout, tracer):
                 seen += chunk
                 if out["ready_s"] is None and READY in seen:
                     out["ready_s"] = time.monotonic() - start
-                    # The guest powers off (resets) 2 s later. Some VMMs
-                    # (Cloud Hypervisor) reboot on a reset instead of
-                    # exiting; they are stopped after this grace period,
-                    # which does not affect what was measured.
-                    deadline = time.monotonic() + 30
-                    # The guest sleeps after READY (see main): sample now.
+                    # The guest sleeps after READY (see main): sample now,
+                    # then stop the VMM (Cloud Hypervisor would reboot the
+                    # guest on its reset rather than exit).
                     time.sleep(0.3)
                     out["peak_kib"] = status_kib(proc.pid, "VmHWM")
                     split = rss_split_kib(proc.pid, args.memory)
