@@ -83,6 +83,12 @@ impl Stopper {
         }
         match answered.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
             Ok(Ok(())) => {}
+            // The connection broke after the request went out: the usual
+            // sign that the guest went down before the agent's answer
+            // left it. Wait for the VM to end, as after an answer.
+            Ok(Err(agent::client::AgentError::Frame(e))) => {
+                tracing::info!("stop: the agent's connection ended ({e}); waiting for the guest");
+            }
             Ok(Err(e)) => {
                 tracing::info!("stop: {e}; ending the VM");
                 return false;
@@ -348,5 +354,53 @@ mod tests {
         assert!(started.elapsed() < Duration::from_secs(10));
         let _ = std::fs::remove_dir_all(&dir);
         drop(hung);
+    }
+
+    /// The guest goes down before the agent's answer to the power-off
+    /// leaves it (the connection just ends): the stop waits for the VM to
+    /// end instead of killing it (a kill there recorded a clean power-off
+    /// as "Killed").
+    #[test]
+    fn a_guest_that_goes_down_before_answering_is_not_killed() {
+        use std::io::{BufRead, Write};
+        let dir = std::env::temp_dir().join(format!("hv-stop-eof-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("vsock.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let ended = Arc::new(AtomicBool::new(false));
+        let down = ended.clone();
+        // A muxer and an agent that says hello, reads the request and is
+        // gone; the VM ends a moment later.
+        let agent = std::thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            let mut reader = std::io::BufReader::new(stream.try_clone().unwrap());
+            let mut line = String::new();
+            reader.read_line(&mut line).unwrap();
+            (&stream).write_all(b"OK 1024\n").unwrap();
+            let _: agent::ToAgent = agent::recv(&mut reader).unwrap();
+            let hello = agent::FromAgent::Hello {
+                protocol: agent::PROTOCOL_VERSION,
+                version: agent::VERSION.into(),
+            };
+            agent::send(&mut (&stream), &hello).unwrap();
+            let _: agent::ToAgent = agent::recv(&mut reader).unwrap();
+            drop(reader);
+            drop(stream);
+            std::thread::sleep(Duration::from_millis(300));
+            down.store(true, Ordering::Release);
+        });
+        let stopper = Stopper {
+            control: VmControl::new(),
+            ended,
+            agent: Some(agent::client::Client::new(agent::client::Transport::Muxer(
+                path,
+            ))),
+        };
+        assert!(
+            stopper.ask_agent_to_power_off(Duration::from_secs(20)),
+            "the stop gave up on a guest that was going down"
+        );
+        agent.join().unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
