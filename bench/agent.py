@@ -17,7 +17,14 @@ less work than ssh would, and the ratio flatters QEMU.
   download  MB/s of that file back out.
 
 Both boot the default guest (same vmlinux, initramfs, command line, 256 MiB,
-1 vCPU); QEMU uses -M microvm with virtio-net-device. Medians of --runs.
+1 vCPU); QEMU uses -M microvm with virtio-net-device. The VMs boot together
+and are measured in turns (one exec on each, then the next round), after
+--warmup untimed commands each, so a shared host's changing load falls on
+all of them alike. Medians of --execs commands and --runs copies.
+
+--baseline HOSTVISOR:GUEST_DIR also measures another hostvisor binary with
+its own guest (initramfs, and so agent) in the same run, for before/after
+figures of a change.
 """
 
 import argparse
@@ -77,116 +84,167 @@ def tcp_round(port, send, timeout=120):
         s.close()
 
 
-def qemu_peer(kernel, initrd, cmdline, data, runs, execs):
-    qemu = shutil.which("qemu-system-x86_64")
-    if not qemu:
-        return None
-    ports = {p: free_port() for p in (2222, 2223, 2224)}
-    fwd = ",".join(f"hostfwd=tcp:127.0.0.1:{h}-:{g}" for g, h in ports.items())
-    script = base64.b64encode(PEER_SCRIPT.encode()).decode()
-    # acpi=off: QEMU then names its virtio-mmio devices on the command line
-    # (the guest kernel has no ACPI).
-    argv = [qemu, "-M", "microvm,acpi=off", "-enable-kvm", "-cpu", "host,-arch-capabilities",
-            "-m", "256", "-smp", "1", "-kernel", kernel, "-initrd", initrd,
-            "-append", f"{cmdline} hostvisor.run={script}", "-nographic", "-no-reboot",
-            "-nodefaults", "-serial", "stdio",
-            "-netdev", f"user,id=n0,{fwd}", "-device", "virtio-net-device,netdev=n0"]
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL)
-    try:
-        read_until_marker(proc, b"BENCH-SERVING", 300, "QEMU's guest")
+class QemuPeer:
+    """QEMU booting the default guest with nc servers behind port forwards."""
+
+    name = "qemu (nc/NAT)"
+
+    def __init__(self, kernel, initrd, cmdline, data):
+        self.data = data
+        self.res = {"exec": [], "upload": [], "download": [], "failed": 0}
+        qemu = shutil.which("qemu-system-x86_64")
+        self.ports = {p: free_port() for p in (2222, 2223, 2224)}
+        fwd = ",".join(f"hostfwd=tcp:127.0.0.1:{h}-:{g}" for g, h in self.ports.items())
+        script = base64.b64encode(PEER_SCRIPT.encode()).decode()
+        # acpi=off: QEMU then names its virtio-mmio devices on the command
+        # line (the guest kernel has no ACPI).
+        argv = [qemu, "-M", "microvm,acpi=off", "-enable-kvm", "-cpu",
+                "host,-arch-capabilities", "-m", "256", "-smp", "1", "-kernel", kernel,
+                "-initrd", initrd, "-append", f"{cmdline} hostvisor.run={script}",
+                "-nographic", "-no-reboot", "-nodefaults", "-serial", "stdio",
+                "-netdev", f"user,id=n0,{fwd}", "-device", "virtio-net-device,netdev=n0"]
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.DEVNULL)
+
+    def wait_ready(self):
+        read_until_marker(self.proc, b"BENCH-SERVING", 300, "QEMU's guest")
         # The servers start in the background: wait until one answers.
         end = time.monotonic() + 120
         while True:
             try:
-                tcp_round(ports[2222], b"true; exit\n", timeout=10)
-                break
+                tcp_round(self.ports[2222], b"true; exit\n", timeout=10)
+                return
             except OSError:
                 if time.monotonic() > end:
                     raise
                 time.sleep(1)
-        res = {"exec": [], "upload": [], "download": [], "failed": 0}
 
-        def timed(port, send):
-            # A server the guest's crash fault took down is restarted by
-            # its loop: such attempts are made again and not timed.
-            for _ in range(5):
-                t = time.monotonic()
-                try:
-                    got = tcp_round(port, send)
-                    return time.monotonic() - t, got
-                except ConnectionResetError:
-                    res["failed"] += 1
-                    time.sleep(2)
-            raise RuntimeError(f"QEMU peer port {port} keeps resetting")
+    def _timed(self, port, send):
+        # A server the guest's crash fault took down is restarted by its
+        # loop: such attempts are made again and not timed.
+        for _ in range(5):
+            t = time.monotonic()
+            try:
+                got = tcp_round(self.ports[port], send)
+                return time.monotonic() - t, got
+            except ConnectionResetError:
+                self.res["failed"] += 1
+                time.sleep(2)
+        raise RuntimeError(f"QEMU peer port {port} keeps resetting")
 
-        for _ in range(execs):
-            res["exec"].append(timed(ports[2222], b"true; exit\n")[0])
-        for _ in range(runs):
-            res["upload"].append(SIZE / timed(ports[2223], data)[0] / 1e6)
-            secs, got = timed(ports[2224], b"")
-            res["download"].append(SIZE / secs / 1e6)
-            if got != SIZE:
-                raise RuntimeError(f"QEMU peer download returned {got} bytes")
-        return res
-    finally:
-        proc.kill()
-        proc.wait()
+    def exec(self):
+        return self._timed(2222, b"true; exit\n")[0]
+
+    def upload(self):
+        return SIZE / self._timed(2223, self.data)[0] / 1e6
+
+    def download(self):
+        secs, got = self._timed(2224, b"")
+        if got != SIZE:
+            raise RuntimeError(f"QEMU peer download returned {got} bytes")
+        return SIZE / secs / 1e6
+
+    def notes(self):
+        if self.res["failed"]:
+            yield (f"{self.res['failed']} QEMU peer connections were reset (a guest server "
+                   "crashed and was restarted) and made again (not counted)")
+
+    def stop(self):
+        self.proc.kill()
+        self.proc.wait()
 
 
-def hostvisor(kernel, initrd, cmdline, src, runs, execs):
-    tmp = tempfile.mkdtemp(prefix="hv-agent-bench-")
-    env = dict(os.environ, XDG_DATA_HOME=tmp)
+class Hostvisor:
+    """A managed hostvisor VM reached through its agent."""
 
-    def hv(*args):
-        return subprocess.run([HV, *args], env=env, check=True, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE)
+    def __init__(self, name, hv_bin, kernel, initrd, cmdline, src):
+        self.name, self.hv_bin, self.src = name, hv_bin, src
+        self.res = {"exec": [], "upload": [], "download": [], "retried": 0, "crashed": 0}
+        self.tmp = tempfile.mkdtemp(prefix="hv-agent-bench-")
+        self.env = dict(os.environ, XDG_DATA_HOME=self.tmp)
+        self.back = os.path.join(self.tmp, "back.bin")
+        self.hv("create", "bench", "--kernel", kernel, "--initrd", initrd, "--cmdline", cmdline,
+                "--memory", "256M")
+        self.hv("start", "bench")
 
-    def hv_exec():
+    def hv(self, *args):
+        return subprocess.run([self.hv_bin, *args], env=self.env, check=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def wait_ready(self):
+        self.hv("guest-info", "bench", "--wait", "300")
+
+    def exec(self):
         # On nested PVM hosts about one new guest process in a hundred dies
         # of SIGSEGV at start (DEVELOPERS.md); such runs are made again and
         # counted.
         for _ in range(3):
             t = time.monotonic()
-            out = subprocess.run([HV, "exec", "bench", "--", "sh", "-c", "true"], env=env,
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            out = subprocess.run([self.hv_bin, "exec", "bench", "--", "sh", "-c", "true"],
+                                 env=self.env, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL)
             if out.returncode == 0:
                 return time.monotonic() - t
             if out.returncode != 139:
                 raise RuntimeError(f"hostvisor exec failed: {out.returncode}")
-            res["crashed"] += 1
+            self.res["crashed"] += 1
         raise RuntimeError("hostvisor exec: the guest process crashed three times")
 
-    try:
-        hv("create", "bench", "--kernel", kernel, "--initrd", initrd, "--cmdline", cmdline,
-           "--memory", "256M")
-        hv("start", "bench")
-        hv("guest-info", "bench", "--wait", "300")
-        res = {"exec": [], "upload": [], "download": [], "retried": 0, "crashed": 0}
-        for _ in range(execs):
-            res["exec"].append(hv_exec())
-        back = os.path.join(tmp, "back.bin")
-        for _ in range(runs):
-            t = time.monotonic()
-            out = hv("cp", src, "bench:/tmp/up")
-            res["upload"].append(SIZE / (time.monotonic() - t) / 1e6)
-            t = time.monotonic()
-            out2 = hv("cp", "bench:/tmp/up", back)
-            res["download"].append(SIZE / (time.monotonic() - t) / 1e6)
-            res["retried"] += sum(b"damaged" in o.stderr for o in (out, out2))
-            if os.path.getsize(back) != SIZE:
-                raise RuntimeError("hostvisor download has the wrong size")
-        return res
-    finally:
-        subprocess.run([HV, "kill", "bench"], env=env, stdout=subprocess.DEVNULL,
+    def _copy(self, src, dst):
+        t = time.monotonic()
+        out = self.hv("cp", src, dst)
+        secs = time.monotonic() - t
+        self.res["retried"] += b"damaged" in out.stderr
+        return SIZE / secs / 1e6
+
+    def upload(self):
+        return self._copy(self.src, "bench:/tmp/up")
+
+    def download(self):
+        rate = self._copy("bench:/tmp/up", self.back)
+        if os.path.getsize(self.back) != SIZE:
+            raise RuntimeError("hostvisor download has the wrong size")
+        return rate
+
+    def notes(self):
+        if self.res["crashed"]:
+            yield (f"{self.res['crashed']} {self.name} guest commands died of SIGSEGV at start "
+                   "and were run again (not counted)")
+        if self.res["retried"]:
+            yield (f"{self.res['retried']} {self.name} copies arrived damaged and were made "
+                   "again (counted in their time)")
+
+    def stop(self):
+        subprocess.run([self.hv_bin, "kill", "bench"], env=self.env, stdout=subprocess.DEVNULL,
                        stderr=subprocess.DEVNULL)
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def measure(targets, runs, execs, warmup):
+    """Takes turns: each round times one exec (or copy) on every target, so
+    the host's load (other work on a shared machine) falls on all alike."""
+    for t in targets:
+        t.wait_ready()
+    for _ in range(warmup):
+        for t in targets:
+            t.exec()
+    for _ in range(execs):
+        for t in targets:
+            t.res["exec"].append(t.exec())
+    for _ in range(runs):
+        for t in targets:
+            t.res["upload"].append(t.upload())
+            t.res["download"].append(t.download())
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--runs", type=int, default=3, help="copies each way per VMM")
     ap.add_argument("--execs", type=int, default=10, help="commands per VMM")
+    ap.add_argument("--warmup", type=int, default=3,
+                    help="untimed commands per VMM first (the guests just booted)")
+    ap.add_argument("--baseline", metavar="HOSTVISOR:GUEST_DIR",
+                    help="also measure this hostvisor binary with the guest in GUEST_DIR")
     args = ap.parse_args()
     if not os.access(HV, os.X_OK):
         sys.exit(f"build hostvisor first: cargo build --release ({HV})")
@@ -194,31 +252,49 @@ def main():
     kernel, initrd = os.path.join(g, "vmlinux"), os.path.join(g, "initramfs.cpio")
     cmdline = default_cmdline()
     data = os.urandom(SIZE)
+    targets = []
     with tempfile.NamedTemporaryFile(suffix=".bin") as f:
         f.write(data)
         f.flush()
-        peer = qemu_peer(kernel, initrd, cmdline, data, args.runs, args.execs)
-        hv = hostvisor(kernel, initrd, cmdline, f.name, args.runs, args.execs)
+        try:
+            # All boot together and are measured in turns.
+            targets.append(Hostvisor("hostvisor", HV, kernel, initrd, cmdline, f.name))
+            if args.baseline:
+                base_hv, base_dir = args.baseline.split(":", 1)
+                targets.append(Hostvisor("baseline", base_hv, os.path.join(base_dir, "vmlinux"),
+                                         os.path.join(base_dir, "initramfs.cpio"), cmdline,
+                                         f.name))
+            if shutil.which("qemu-system-x86_64"):
+                targets.append(QemuPeer(kernel, initrd, cmdline, data))
+            measure(targets, args.runs, args.execs, args.warmup)
+        finally:
+            for t in targets:
+                t.stop()
 
-    print(f"{'metric':<22} {'hostvisor':>12} {'qemu (nc/NAT)':>14} {'ratio':>7}")
+    hv = targets[0]
+    base = targets[1] if args.baseline else None
+    peer = targets[-1] if isinstance(targets[-1], QemuPeer) else None
+
+    def fmt(x):
+        return "-" if x is None else format(x, ".2f")
+
+    print(f"{'metric':<22} {'hostvisor':>12} {'qemu (nc/NAT)':>14} {'ratio':>7}"
+          + (f" {'baseline':>10} {'ratio':>7}" if base else ""))
     rows = [("exec round trip (ms)", "exec", 1000, "lower"),
             ("upload 10 MB (MB/s)", "upload", 1, "higher"),
             ("download 10 MB (MB/s)", "download", 1, "higher")]
     for label, key, scale, better in rows:
-        h = median(hv[key]) * scale
-        p = median(peer[key]) * scale if peer else None
+        h = median(hv.res[key]) * scale
+        p = median(peer.res[key]) * scale if peer else None
         ratio = f"{h / p:.2f}x" if p else "-"
-        print(f"{label:<22} {h:>12.2f} {p if p is None else format(p, '.2f'):>14} {ratio:>7}"
-              f"  ({better} is better)")
-    if peer and peer["failed"]:
-        print(f"note: {peer['failed']} QEMU peer connections were reset (a guest server "
-              "crashed and was restarted) and made again (not counted)")
-    if hv["crashed"]:
-        print(f"note: {hv['crashed']} hostvisor guest commands died of SIGSEGV at start and "
-              "were run again (not counted)")
-    if hv["retried"]:
-        print(f"note: {hv['retried']} hostvisor copies arrived damaged and were made again "
-              "(counted in their time)")
+        line = f"{label:<22} {h:>12.2f} {fmt(p):>14} {ratio:>7}"
+        if base:
+            b = median(base.res[key]) * scale
+            line += f" {b:>10.2f} {f'{b / p:.2f}x' if p else '-':>7}"
+        print(f"{line}  ({better} is better)")
+    for t in targets:
+        for note in t.notes():
+            print(f"note: {note}")
 
 
 if __name__ == "__main__":

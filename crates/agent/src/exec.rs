@@ -49,7 +49,7 @@ pub(crate) fn exec<S: Read + Write + AsRawFd>(
     if req.stdin {
         conn.flush()?;
     }
-    let (status, timed_out) = run_child(conn, child, &req)?;
+    let (status, timed_out, _closed_after_reply) = run_child(conn, child, &req)?;
     let (code, signal) = spawn::decode_status(status);
     conn.send(&FromAgent::Exited(ExitStatus {
         code,
@@ -62,9 +62,12 @@ fn run_child<S: Read + Write + AsRawFd>(
     conn: &mut Conn<S>,
     child: spawn::Child,
     req: &ExecRequest,
-) -> Result<(libc::c_int, bool), FrameError> {
+) -> Result<(libc::c_int, bool, Vec<File>), FrameError> {
     let pid = child.pid;
     let mut outputs: [Option<File>; 2] = [Some(child.stdout), Some(child.stderr)];
+    // Ended outputs, closed only after the reply is sent (two system calls
+    // off the way to the host).
+    let mut ended = Vec::with_capacity(2);
     let mut stdin = child.stdin;
     if let Some(i) = &stdin {
         set_nonblocking(i.as_raw_fd());
@@ -151,14 +154,14 @@ fn run_child<S: Read + Write + AsRawFd>(
                 0 | 1 => {
                     if fd.revents & libc::POLLIN == 0 {
                         // Hung up with nothing left to read.
-                        outputs[which] = None;
+                        ended.extend(outputs[which].take());
                         continue;
                     }
                     let Some(o) = outputs[which].as_mut() else {
                         continue;
                     };
                     match o.read(&mut buf) {
-                        Ok(0) => outputs[which] = None,
+                        Ok(0) => ended.extend(outputs[which].take()),
                         Ok(n) => {
                             let data = buf[..n].to_vec();
                             let msg = if which == 0 {
@@ -170,7 +173,7 @@ fn run_child<S: Read + Write + AsRawFd>(
                             conn.queue(&msg)?;
                         }
                         Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                        Err(_) => outputs[which] = None,
+                        Err(_) => ended.extend(outputs[which].take()),
                     }
                 }
                 2 => {
@@ -223,7 +226,7 @@ fn run_child<S: Read + Write + AsRawFd>(
                 .min(Duration::from_millis(20)),
         );
     };
-    Ok((status.unwrap_or(0), timed_out))
+    Ok((status.unwrap_or(0), timed_out, ended))
 }
 
 #[cfg(test)]
