@@ -99,9 +99,11 @@ impl PciRoot {
         }
     }
 
-    /// The function the address register selects, and the register offset
-    /// of the data port byte `port_offset` (0–3) within it.
-    fn selected(&self, port_offset: u8) -> Option<(u8, u8)> {
+    /// The function the address register selects and the register offset
+    /// of an access of `len` bytes at data port byte `port_offset` (0–3);
+    /// None when nothing is selected or the access is not a naturally
+    /// aligned 1, 2 or 4 bytes.
+    fn selected(&self, port_offset: u8, len: usize) -> Option<(u8, u8)> {
         if self.address & ENABLE == 0 {
             return None;
         }
@@ -110,31 +112,25 @@ impl PciRoot {
             return None;
         }
         let devfn = u8::try_from((self.address >> 8) & 0xff).ok()?;
-        let register = u8::try_from(self.address & 0xfc).ok()?;
-        Some((devfn, register | port_offset))
+        let offset = u8::try_from(self.address & 0xfc).ok()? | port_offset;
+        let aligned = matches!(len, 1 | 2 | 4) && usize::from(offset) % len == 0;
+        aligned.then_some((devfn, offset))
     }
 
     fn data_read(&self, port_offset: u8, data: &mut [u8]) {
         data.fill(0xff);
-        let Some((devfn, offset)) = self.selected(port_offset) else {
+        let Some((devfn, offset)) = self.selected(port_offset, data.len()) else {
             return;
         };
-        // Only naturally aligned accesses of 1, 2 or 4 bytes reach a device.
-        if !matches!(data.len(), 1 | 2 | 4) || usize::from(offset) % data.len() != 0 {
-            return;
-        }
         if let Some(f) = self.functions.get(&devfn) {
             f.config_read(offset, data);
         }
     }
 
     fn data_write(&mut self, port_offset: u8, data: &[u8]) {
-        let Some((devfn, offset)) = self.selected(port_offset) else {
+        let Some((devfn, offset)) = self.selected(port_offset, data.len()) else {
             return;
         };
-        if !matches!(data.len(), 1 | 2 | 4) || usize::from(offset) % data.len() != 0 {
-            return;
-        }
         if let Some(f) = self.functions.get_mut(&devfn) {
             f.config_write(offset, data);
         }
