@@ -379,6 +379,13 @@ fn staging(total: u64) -> Option<AlignedBuf> {
     AlignedBuf::new(usize::try_from(total.min(u64::from(SIZE_MAX))).ok()?).ok()
 }
 
+/// The part of the staging buffer one chunk of a request uses (a chunk is
+/// at most [`SIZE_MAX`] long, the buffer's length).
+fn staging_for<'a>(buffer: &'a mut AlignedBuf, chunk: &Stream) -> Option<&'a mut [u8]> {
+    let n = usize::try_from(chunk.len()).ok()?;
+    buffer.as_mut_slice().get_mut(..n)
+}
+
 /// IN: disk to guest, one host read per chunk, scattered into the guest's
 /// buffers. Returns the status and the bytes written into guest memory.
 fn read_request(
@@ -399,11 +406,7 @@ fn read_request(
     while !rest.is_empty() {
         let (chunk, tail) = rest.split_at(u64::from(SIZE_MAX));
         rest = tail;
-        // A chunk is at most SIZE_MAX (1 MiB) long, the buffer's length.
-        let Some(staging) = usize::try_from(chunk.len())
-            .ok()
-            .and_then(|n| buffer.as_mut_slice().get_mut(..n))
-        else {
+        let Some(staging) = staging_for(&mut buffer, &chunk) else {
             return (Status::IoError, written);
         };
         if disk.read_at(staging, offset).is_err() {
@@ -432,10 +435,7 @@ fn write_request(sector: u64, data: Stream, mem: &GuestMemoryMmap, disk: &dyn Di
     while !rest.is_empty() {
         let (chunk, tail) = rest.split_at(u64::from(SIZE_MAX));
         rest = tail;
-        let Some(staging) = usize::try_from(chunk.len())
-            .ok()
-            .and_then(|n| buffer.as_mut_slice().get_mut(..n))
-        else {
+        let Some(staging) = staging_for(&mut buffer, &chunk) else {
             return Status::IoError;
         };
         if chunk.gather(mem, staging).is_err() || disk.write_at(staging, offset).is_err() {
