@@ -281,6 +281,14 @@ fn guest_kernel_panic_is_a_crash() {
     );
 }
 
+/// Prints "b\n" on COM1, then halts with interrupts off, for good.
+const PRINT_AND_HALT: &[u8] = &[
+    0x66, 0xba, 0xf8, 0x03, // mov dx, 0x3f8
+    0xb0, b'b', 0xee, // mov al, 'b'; out dx, al
+    0xb0, b'\n', 0xee, // mov al, '\n'; out dx, al
+    0xfa, 0xf4, 0xeb, 0xfd, // cli; hlt; jmp hlt
+];
+
 /// Prints "b\n" on COM1, then resets through the i8042.
 const PRINT_AND_RESET: &[u8] = &[
     0x66, 0xba, 0xf8, 0x03, // mov dx, 0x3f8
@@ -730,32 +738,43 @@ fn disk_errors_are_clear() {
         QUICK,
     );
     assert_one_line_error(&out, 1, "cannot open the disk image /nonexistent/d.img");
-    // One writable image, two VMs: the second is refused.
+    // One writable image, two VMs: the second is refused. The first stays
+    // up (prints, then halts) and has its disk open once its line is in
+    // the serial file; a fixed sleep raced with its start on a loaded host.
     let img = kernel.with_file_name("shared.img");
     std::fs::File::create(&img)
         .unwrap()
         .set_len(1 << 20)
         .unwrap();
     let disk = format!("path={}", img.display());
+    let halting = tiny_kernel("disk-holder", PRINT_AND_HALT);
+    let serial = halting.with_file_name("serial.out");
+    let serial_arg = format!("file:{}", serial.display());
     let mut first = Command::new(BIN)
         .args([
             "run",
             "--kernel",
-            k,
+            halting.to_str().unwrap(),
             "--disk",
             &disk,
-            "--on-reset",
-            "restart",
             "--serial",
-            "none",
+            &serial_arg,
         ])
         .stdin(Stdio::null())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    let start = Instant::now();
+    while !std::fs::read(&serial).is_ok_and(|s| s.starts_with(b"b")) {
+        assert!(
+            start.elapsed() < QUICK,
+            "the first VM did not start within {QUICK:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let out = hostvisor(&["run", "--kernel", k, "--disk", &disk], &[], QUICK);
     let _ = first.kill();
     let _ = first.wait();
+    let _ = std::fs::remove_dir_all(halting.parent().unwrap());
     assert_one_line_error(&out, 1, "in use by another VM");
     let _ = std::fs::remove_dir_all(kernel.parent().unwrap());
 }
