@@ -126,7 +126,7 @@ pub fn map(
     let mut regions = Vec::with_capacity(ranges.len());
     for &(addr, size) in ranges {
         let end = addr.0.checked_add(size as u64);
-        if end.map_or(true, |end| end > file_len) {
+        if end.is_none_or(|end| end > file_len) {
             return Err(SnapshotError::MemoryTooShort {
                 needed: end.unwrap_or(u64::MAX),
                 got: file_len,
