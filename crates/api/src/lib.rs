@@ -27,7 +27,7 @@ pub const MAX_STOP_TIMEOUT_S: u64 = 24 * 60 * 60;
 pub const DEFAULT_STOP_TIMEOUT_S: u64 = 30;
 
 /// What a request asks of the VM.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
     /// `GET /vm`: state, configuration, counters.
     Info,
@@ -40,7 +40,24 @@ pub enum Action {
     Stop { timeout: Duration },
     /// `PUT /vm/kill`
     Kill,
+    /// `PUT /vm/snapshot`: save the whole VM into `dir` (absolute; new or
+    /// empty), pausing it meanwhile; each disk then continues on a new
+    /// qcow2 overlay (`overlays`, one per disk, absolute) so the images
+    /// the snapshot names never change.
+    Snapshot { dir: PathBuf, overlays: Vec<PathBuf> },
 }
+
+/// `PUT /vm/snapshot`'s body.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SnapshotBody {
+    dir: Option<PathBuf>,
+    #[serde(default)]
+    overlays: Vec<PathBuf>,
+}
+
+/// The most overlays a snapshot request names (more than any VM's disks).
+const MAX_OVERLAYS: usize = 64;
 
 /// An error answer: the HTTP status and a message (sent as
 /// `{"error": message}`).
@@ -124,6 +141,7 @@ fn route(method: &str, path: &str, body: &[u8]) -> Result<Route, ApiError> {
         ("/vm/resume", "PUT"),
         ("/vm/stop", "PUT"),
         ("/vm/kill", "PUT"),
+        ("/vm/snapshot", "PUT"),
     ];
     let methods: Vec<&str> = known
         .iter()
@@ -155,6 +173,30 @@ fn route(method: &str, path: &str, body: &[u8]) -> Result<Route, ApiError> {
             }
             Route::Act(Action::Stop {
                 timeout: Duration::from_secs(seconds),
+            })
+        }
+        "/vm/snapshot" => {
+            let b: SnapshotBody = parse_body(body)?;
+            let dir = b
+                .dir
+                .ok_or_else(|| ApiError::bad_request("the body must name a `dir`"))?;
+            if b.overlays.len() > MAX_OVERLAYS {
+                return Err(ApiError::bad_request(format!(
+                    "{} overlays; a VM has at most {MAX_OVERLAYS} disks",
+                    b.overlays.len()
+                )));
+            }
+            for path in std::iter::once(&dir).chain(&b.overlays) {
+                if !path.is_absolute() {
+                    return Err(ApiError::bad_request(format!(
+                        "{} is not an absolute path (the VM process has its own working directory)",
+                        path.display()
+                    )));
+                }
+            }
+            Route::Act(Action::Snapshot {
+                dir,
+                overlays: b.overlays,
             })
         }
         other => {
@@ -270,9 +312,9 @@ fn handle(mut request: tiny_http::Request, backend: &dyn Backend) {
             Ok(()) => request.respond(tiny_http::Response::empty(204)),
             Err(e) => request.respond(error_response(&e)),
         },
-        Ok(Route::Act(action)) => match backend.act(action) {
-            Err(e) => request.respond(error_response(&e)),
-            Ok(value) => match action {
+        Ok(Route::Act(action)) => match (action.clone(), backend.act(action)) {
+            (_, Err(e)) => request.respond(error_response(&e)),
+            (action, Ok(value)) => match action {
                 Action::Info => request.respond(
                     tiny_http::Response::from_data(serde_json::to_vec(&value).unwrap_or_default())
                         .with_header(json_header()),
@@ -392,6 +434,49 @@ mod tests {
     /// A stop timeout beyond a day is refused before anything happens
     /// (it used to overflow `Instant + Duration` in the stopper thread
     /// after the request was accepted, and the VM never stopped).
+    #[test]
+    fn snapshot_requests_name_absolute_paths() {
+        assert_eq!(
+            route(
+                "PUT",
+                "/vm/snapshot",
+                br#"{"dir": "/s/1", "overlays": ["/d/a.qcow2"]}"#
+            ),
+            Ok(Route::Act(Action::Snapshot {
+                dir: "/s/1".into(),
+                overlays: vec!["/d/a.qcow2".into()],
+            }))
+        );
+        assert_eq!(
+            route("PUT", "/vm/snapshot", br#"{"dir": "/s/1"}"#),
+            Ok(Route::Act(Action::Snapshot {
+                dir: "/s/1".into(),
+                overlays: vec![],
+            }))
+        );
+        for bad in [
+            &br#"{}"#[..],
+            b"",
+            br#"{"dir": "rel/ative"}"#,
+            br#"{"dir": "/s", "overlays": ["x.qcow2"]}"#,
+            br#"{"dir": "/s", "colour": 1}"#,
+        ] {
+            let e = route("PUT", "/vm/snapshot", bad).unwrap_err();
+            assert_eq!(e.status, 400, "{e}");
+        }
+        let many = format!(
+            r#"{{"dir": "/s", "overlays": [{}]}}"#,
+            vec![r#""/o""#; 65].join(",")
+        );
+        assert_eq!(
+            route("PUT", "/vm/snapshot", many.as_bytes())
+                .unwrap_err()
+                .status,
+            400
+        );
+        assert_eq!(route("GET", "/vm/snapshot", b"").unwrap_err().status, 405);
+    }
+
     #[test]
     fn stop_timeouts_are_bounded() {
         let max = format!(r#"{{"timeout_s": {MAX_STOP_TIMEOUT_S}}}"#);

@@ -22,7 +22,7 @@ struct FakeVm {
 
 impl Backend for FakeVm {
     fn act(&self, action: Action) -> Result<Value, ApiError> {
-        self.actions.lock().unwrap().push(action);
+        self.actions.lock().unwrap().push(action.clone());
         let mut paused = self.paused.lock().unwrap();
         let mut stopped = self.stopped.lock().unwrap();
         if *stopped && action != Action::Info {
@@ -40,6 +40,13 @@ impl Backend for FakeVm {
                 Ok(Value::Null)
             }
             Action::Stop { .. } => Ok(Value::Null),
+            Action::Snapshot { dir, .. } if dir.ends_with("full") => {
+                Err(ApiError::conflict("/s/full already exists and is not an empty directory"))
+            }
+            Action::Snapshot { dir, .. } if dir.ends_with("broken") => {
+                Err(ApiError::internal("cannot save the VM: no space left"))
+            }
+            Action::Snapshot { .. } => Ok(Value::Null),
             Action::Kill => {
                 *stopped = true;
                 Ok(Value::Null)
@@ -179,6 +186,10 @@ fn the_server_answers_as_its_openapi_document_says() {
             400,
         ),
         ("PUT", "/vm/kill", "[1,2]", 400),
+        ("PUT", "/vm/snapshot", r#"{"dir": "/s/1"}"#, 204),
+        ("PUT", "/vm/snapshot", r#"{"dir": "/s/full"}"#, 409),
+        ("PUT", "/vm/snapshot", r#"{"dir": "/s/broken"}"#, 500),
+        ("PUT", "/vm/snapshot", r#"{"dir": "relative"}"#, 400),
         ("PUT", "/vm/stop", r#"{"timeout_s": 3}"#, 202),
         ("PUT", "/vm/console", "uname -a\n", 204),
         ("PUT", "/vm/console", "to a guest that does not read", 504),

@@ -10,6 +10,7 @@
 pub mod file;
 pub mod qcow2;
 pub mod raw;
+pub mod switchable;
 pub mod tools;
 
 use std::io;

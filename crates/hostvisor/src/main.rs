@@ -29,7 +29,7 @@ enum Command {
     /// Without --kernel, boots the default guest built by guest/build.sh.
     /// Exit status: 0 the guest shut down, 1 hostvisor failed, 2 bad usage,
     /// 3 the guest crashed. Ctrl-A x kills the VM; Ctrl-A h lists the keys.
-    Run(RunArgs),
+    Run(RunCmd),
     /// Create and manage disk images (raw and qcow2), interoperable with
     /// qemu-img.
     Disk {
@@ -148,6 +148,29 @@ enum Command {
     /// The process behind a started VM (used by `start`).
     #[command(hide = true)]
     VmProcess { name: String },
+}
+
+/// `run`: a VM's options, or a snapshot to resume, and an API socket.
+#[derive(Debug, clap::Args)]
+struct RunCmd {
+    #[command(flatten)]
+    vm: RunArgs,
+    /// Serve the per-VM HTTP API (docs/api.yaml) on this Unix socket:
+    /// pause, resume, snapshot, status.
+    #[arg(long, value_name = "PATH")]
+    api_socket: Option<PathBuf>,
+    /// Resume the VM saved in this snapshot directory (made by `PUT
+    /// /vm/snapshot`) instead of booting one; the VM's options come from
+    /// the snapshot (only --serial and --api-socket apply).
+    #[arg(long, value_name = "DIR", conflicts_with_all = [
+        "kernel", "initrd", "cmdline", "append", "cpus", "memory", "console",
+        "on_reset", "disk", "rng", "hide_cpu_features", "vsock", "net",
+    ])]
+    restore: Option<PathBuf>,
+    /// With --restore: read all of guest RAM at once instead of on first
+    /// touch (for snapshots on slow or remote storage).
+    #[arg(long, requires = "restore")]
+    restore_eager: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -381,9 +404,44 @@ fn describe(err: &VmmError) -> CliError {
     }
 }
 
-fn run(args: RunArgs) -> Result<VmOutcome, CliError> {
-    let config = vm_config(args)?;
-    vmm::run(&config).map_err(|e| describe(&e))
+fn run(cmd: RunCmd) -> Result<VmOutcome, CliError> {
+    let (config, restore) = match &cmd.restore {
+        None => (vm_config(cmd.vm)?, None),
+        Some(dir) => {
+            let snap = vmm::VmSnapshot::read(dir).map_err(|e| {
+                CliError::Failure(format!("{}: {}", dir.display(), vmm::error_chain(&e)))
+            })?;
+            let mut config = snap.config;
+            config.serial = cmd.vm.serial;
+            let load = if cmd.restore_eager {
+                vmm::snapshot::Load::Eager
+            } else {
+                vmm::snapshot::Load::Lazy
+            };
+            (
+                config,
+                Some(vmm::RestoreSpec {
+                    dir: dir.clone(),
+                    load,
+                }),
+            )
+        }
+    };
+    let served = cmd
+        .api_socket
+        .as_deref()
+        .map(|socket| vmproc::serve_unmanaged(&config, socket))
+        .transpose()
+        .map_err(CliError::Failure)?;
+    let result = vmm::run_vm(
+        &config,
+        served.as_ref().map(|s| &s.control),
+        restore.as_ref(),
+    );
+    if let Some(s) = &served {
+        s.ended.store(true, std::sync::atomic::Ordering::Release);
+    }
+    result.map_err(|e| describe(&e))
 }
 
 /// Writes `hostvisor.1` and `hostvisor-COMMAND.1` (and

@@ -17,7 +17,8 @@ struct VmBackend {
     name: String,
     config: serde_json::Value,
     control: VmControl,
-    console: std::path::PathBuf,
+    /// The console log (None: the console is `run`'s terminal).
+    console: Option<std::path::PathBuf>,
     /// Set when the VMM has returned: console streams end.
     ended: Arc<AtomicBool>,
     /// The guest agent, when the VM has a vsock device.
@@ -160,6 +161,9 @@ impl Backend for VmBackend {
             Action::Pause => ControlRequest::Pause,
             Action::Resume => ControlRequest::Resume,
             Action::Kill => ControlRequest::Kill,
+            Action::Snapshot { dir, overlays } => {
+                ControlRequest::Snapshot(vmm::SnapshotRequest { dir, overlays })
+            }
             Action::Stop { timeout } => {
                 // Accepted now (202); the guest gets `timeout` to power off
                 // before the VM is ended.
@@ -172,10 +176,14 @@ impl Backend for VmBackend {
                 return Ok(serde_json::Value::Null);
             }
         };
-        let resumed = matches!(request, ControlRequest::Resume);
+        // The guest's clock stood still while paused (a snapshot pauses
+        // it too).
+        let resumed = matches!(
+            request,
+            ControlRequest::Resume | ControlRequest::Snapshot(_)
+        );
         let status = self.control.request(request).map_err(|e| self.error(e))?;
         if resumed {
-            // The guest's clock stood still while paused.
             let _ = self.resync.send(());
         }
         Ok(match status {
@@ -191,7 +199,10 @@ impl Backend for VmBackend {
     }
 
     fn console(&self) -> Result<Box<dyn Read + Send>, ApiError> {
-        let file = std::fs::File::open(&self.console)
+        let path = self.console.as_ref().ok_or_else(|| {
+            ApiError::conflict("this VM's console is the terminal it was run from")
+        })?;
+        let file = std::fs::File::open(path)
             .map_err(|e| ApiError::internal(format!("the console log: {e}")))?;
         Ok(Box::new(Follow {
             file,
@@ -224,6 +235,45 @@ impl Read for Follow {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
+}
+
+/// What `hostvisor run` serves its API with.
+pub struct Served {
+    pub control: VmControl,
+    pub ended: Arc<AtomicBool>,
+    _server: api::ServerHandle,
+}
+
+/// Serves the per-VM API of an unmanaged VM (`hostvisor run
+/// --api-socket PATH`) for `config`: pause, resume, kill, snapshot,
+/// status; stop through the agent when it has vsock.
+pub fn serve_unmanaged(config: &vmm::VmConfig, socket: &std::path::Path) -> Result<Served, String> {
+    let control = VmControl::new();
+    let ended = Arc::new(AtomicBool::new(false));
+    let agent = config.vsock.as_ref().map(|v| {
+        agent::client::Client::new(agent::client::Transport::Muxer(v.socket_path()))
+    });
+    let (resync, resync_rx) = std::sync::mpsc::channel();
+    if let Some(agent) = agent.clone() {
+        let ended = ended.clone();
+        std::thread::spawn(move || keep_clock(agent, resync_rx, ended));
+    }
+    let backend = Arc::new(VmBackend {
+        name: "run".to_string(),
+        config: serde_json::to_value(config).unwrap_or_default(),
+        control: control.clone(),
+        console: None,
+        ended: ended.clone(),
+        agent,
+        resync,
+    });
+    let server =
+        api::serve(socket, backend).map_err(|e| format!("{}: {e}", socket.display()))?;
+    Ok(Served {
+        control,
+        ended,
+        _server: server,
+    })
 }
 
 /// Runs VM `name` in this process; returns the exit code.
@@ -261,7 +311,7 @@ pub fn run(name: &str) -> Result<i32, String> {
         name: name.to_string(),
         config: serde_json::to_value(&config).unwrap_or_default(),
         control: control.clone(),
-        console,
+        console: Some(console),
         ended: ended.clone(),
         agent,
         resync,

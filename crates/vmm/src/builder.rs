@@ -12,13 +12,13 @@ use devices::cmos::{Cmos, CMOS_PORT, CMOS_PORT_LEN};
 use devices::debug_exit::{DebugExit, DEBUG_EXIT_PORT};
 use devices::i8042::{COMMAND_PORT, DATA_PORT, I8042};
 use devices::serial::{SerialDevice, COM1_IRQ, COM1_PORT, UART_PORT_LEN};
-use devices::virtio::mmio::{MmioTransport, MMIO_WINDOW, NOTIFY_OFFSET};
+use devices::virtio::mmio::{MmioTransport, MmioTransportState, MMIO_WINDOW, NOTIFY_OFFSET};
 use devices::virtio::{Interrupt, VirtioDevice};
 use devices::{Bus, PlatformRequest, PlatformRequestSink};
 use hypervisor::{GuestMemoryMmap, Vm};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::config::{NetMode, VmConfig};
+use crate::config::{DiskConfig, NetMode, VmConfig};
 use crate::error::VmmError;
 use crate::event::VmmEvent;
 use crate::panic_watch::{PanicNote, PanicWatch};
@@ -35,18 +35,18 @@ pub const VIRTIO_FIRST_IRQ: u32 = 5;
 pub fn configured_devices(
     config: &VmConfig,
     macs: &[net::MacAddr],
-) -> Result<Vec<Box<dyn VirtioDevice>>, VmmError> {
+) -> Result<(Vec<Box<dyn VirtioDevice>>, Vec<DiskHandle>), VmmError> {
     let mut list: Vec<Box<dyn VirtioDevice>> = Vec::new();
+    let mut disks = Vec::new();
     for disk in &config.disks {
-        let image = block::open_image(
-            &disk.path,
-            block::OpenOptions {
-                read_only: disk.readonly,
-                cache: disk.cache,
-                format: disk.format,
-            },
-        )?;
-        list.push(Box::new(devices::virtio::block::Block::new(image)));
+        let image = Arc::new(block::switchable::Switchable::new(open_disk(
+            &disk.path, disk,
+        )?));
+        list.push(Box::new(devices::virtio::block::Block::new(image.clone())));
+        disks.push(DiskHandle {
+            image,
+            config: disk.clone(),
+        });
     }
     if config.rng {
         list.push(Box::new(devices::virtio::rng::Rng::new()));
@@ -67,7 +67,81 @@ pub fn configured_devices(
         };
         list.push(Box::new(devices::virtio::net::Net::new(mac, backend)));
     }
-    Ok(list)
+    Ok((list, disks))
+}
+
+/// Opens the image at `path` as `disk` says.
+fn open_disk(
+    path: &std::path::Path,
+    disk: &DiskConfig,
+) -> Result<Arc<dyn block::DiskImage>, block::BlockError> {
+    block::open_image(
+        path,
+        block::OpenOptions {
+            read_only: disk.readonly,
+            cache: disk.cache,
+            format: disk.format,
+        },
+    )
+}
+
+/// A disk of the machine: the device's image, which a snapshot switches
+/// onto a new overlay, and its configuration (the path it is on now).
+#[derive(Debug)]
+pub struct DiskHandle {
+    pub image: Arc<block::switchable::Switchable>,
+    pub config: DiskConfig,
+}
+
+impl DiskHandle {
+    /// Creates a qcow2 overlay at `overlay` backed by the disk's image and
+    /// moves the disk onto it (the device must be asleep). On failure the
+    /// disk stays on its image and no overlay is left behind.
+    pub fn switch_to_overlay(&mut self, overlay: &std::path::Path) -> Result<(), String> {
+        let current = std::fs::canonicalize(&self.config.path)
+            .map_err(|e| format!("{}: {e}", self.config.path.display()))?;
+        let format = match self.config.format {
+            Some(f) => f,
+            None => block::probe(&current).map_err(|e| e.to_string())?,
+        };
+        let config = self.config.clone();
+        let made = std::cell::Cell::new(false);
+        let result = self.image.switch(
+            || {
+                block::tools::create(&block::tools::CreateSpec {
+                    path: overlay.to_path_buf(),
+                    size: None,
+                    format: block::Format::Qcow2,
+                    backing: Some(current.to_string_lossy().into_owned()),
+                    backing_format: Some(format),
+                    cluster_size: None,
+                })
+                .map_err(std::io::Error::other)?;
+                made.set(true);
+                let mut on_overlay = config.clone();
+                on_overlay.format = Some(block::Format::Qcow2);
+                open_disk(overlay, &on_overlay).map_err(std::io::Error::other)
+            },
+            || open_disk(&current, &config).map_err(std::io::Error::other),
+        );
+        match result {
+            Ok(()) => {
+                self.config.path = overlay.to_path_buf();
+                self.config.format = Some(block::Format::Qcow2);
+                Ok(())
+            }
+            Err(e) => {
+                if made.get() {
+                    let _ = std::fs::remove_file(overlay);
+                }
+                Err(format!(
+                    "cannot move {} onto the overlay {}: {e}",
+                    current.display(),
+                    overlay.display()
+                ))
+            }
+        }
+    }
 }
 
 /// A virtio device as the status report shows it.
@@ -76,6 +150,11 @@ struct MmioSlot {
     base: u64,
     irq: u32,
     interrupt: Arc<Interrupt>,
+    transport: Arc<Mutex<MmioTransport>>,
+}
+
+fn lock(t: &Mutex<MmioTransport>) -> std::sync::MutexGuard<'_, MmioTransport> {
+    t.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// The machine's virtio-mmio devices: each gets the next 4 KiB window from
@@ -112,13 +191,75 @@ impl VirtioMmio {
         for (queue, event) in (0u32..).zip(transport.queue_events()) {
             vm.register_mmio_ioevent(event, base + NOTIFY_OFFSET, queue)?;
         }
-        bus.insert(Arc::new(Mutex::new(transport)), base, MMIO_WINDOW)?;
+        let transport = Arc::new(Mutex::new(transport));
+        bus.insert(transport.clone(), base, MMIO_WINDOW)?;
         self.slots.push(MmioSlot {
             name,
             base,
             irq,
             interrupt,
+            transport,
         });
+        Ok(())
+    }
+
+    /// Puts every device to sleep: their workers stop and hand their
+    /// queues back, and nothing of theirs touches guest memory until
+    /// [`VirtioMmio::wake_all`]. On an error the ones already asleep are
+    /// woken again.
+    pub fn sleep_all(&self) -> Result<(), String> {
+        for (i, slot) in self.slots.iter().enumerate() {
+            if let Err(e) = lock(&slot.transport).sleep() {
+                let _ = self.wake_first(i);
+                return Err(format!("the {} device cannot sleep: {e}", slot.name));
+            }
+        }
+        Ok(())
+    }
+
+    fn wake_first(&self, n: usize) -> Result<(), String> {
+        let mut first_error = None;
+        for slot in self.slots.iter().take(n) {
+            if let Err(e) = lock(&slot.transport).wake() {
+                tracing::error!("the {} device cannot wake: {e}", slot.name);
+                first_error.get_or_insert(format!("the {} device cannot wake: {e}", slot.name));
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// Wakes every device put to sleep by [`VirtioMmio::sleep_all`].
+    pub fn wake_all(&self) -> Result<(), String> {
+        self.wake_first(self.slots.len())
+    }
+
+    /// Every transport's state with its device's (all asleep).
+    pub fn save_all(&self) -> Result<Vec<MmioTransportState>, String> {
+        self.slots
+            .iter()
+            .map(|slot| {
+                lock(&slot.transport)
+                    .save_state()
+                    .map_err(|e| format!("the {} device: {e}", slot.name))
+            })
+            .collect()
+    }
+
+    /// Restores saved transport states into this machine's (new) devices,
+    /// in window order; running devices start running.
+    pub fn restore_all(&self, states: &[MmioTransportState]) -> Result<(), String> {
+        if states.len() != self.slots.len() {
+            return Err(format!(
+                "the snapshot has {} virtio devices, the VM {}",
+                states.len(),
+                self.slots.len()
+            ));
+        }
+        for (slot, state) in self.slots.iter().zip(states) {
+            lock(&slot.transport)
+                .restore(state)
+                .map_err(|e| crate::error::error_chain(&e))?;
+        }
         Ok(())
     }
 
@@ -144,11 +285,46 @@ impl VirtioMmio {
     }
 }
 
-/// The UART's handles the machine keeps.
+/// The legacy devices' handles the machine keeps (the UART for the
+/// console, all of them for snapshots).
 pub(crate) struct LegacyDevices {
     pub serial: Arc<Mutex<SerialDevice>>,
     pub input_space: Arc<EventFd>,
     pub panic_note: PanicNote,
+    pub i8042: Arc<Mutex<I8042>>,
+    pub cmos: Arc<Mutex<Cmos>>,
+    pub pci: Arc<Mutex<devices::pci::PciRoot>>,
+}
+
+fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl LegacyDevices {
+    pub fn save(&self) -> crate::snapshot::LegacyStates {
+        crate::snapshot::LegacyStates {
+            serial: locked(&self.serial).save_state(),
+            i8042: locked(&self.i8042).save_state(),
+            cmos: locked(&self.cmos).save_state(),
+            pci: locked(&self.pci).save_state(),
+        }
+    }
+
+    pub fn restore(&self, states: &crate::snapshot::LegacyStates) -> Result<(), String> {
+        locked(&self.serial)
+            .restore_state(&states.serial)
+            .map_err(|e| format!("serial: {e}"))?;
+        locked(&self.i8042)
+            .restore_state(&states.i8042)
+            .map_err(|e| format!("i8042: {e}"))?;
+        locked(&self.cmos)
+            .restore_state(&states.cmos)
+            .map_err(|e| format!("CMOS: {e}"))?;
+        locked(&self.pci)
+            .restore_state(&states.pci)
+            .map_err(|e| format!("PCI: {e}"))?;
+        Ok(())
+    }
 }
 
 /// Puts the PC's legacy devices on the port bus: the COM1 UART (IRQ 4
@@ -180,16 +356,16 @@ pub(crate) fn add_legacy_devices(
     pio.insert(serial.clone(), COM1_PORT, UART_PORT_LEN)?;
     let i8042 = Arc::new(Mutex::new(I8042::new(sink.clone())));
     pio.insert(i8042.clone(), DATA_PORT, 1)?;
-    pio.insert(i8042, COMMAND_PORT, 1)?;
+    pio.insert(i8042.clone(), COMMAND_PORT, 1)?;
     let cmos = Arc::new(Mutex::new(Cmos::default()));
-    pio.insert(cmos, CMOS_PORT, CMOS_PORT_LEN)?;
+    pio.insert(cmos.clone(), CMOS_PORT, CMOS_PORT_LEN)?;
     let debug_exit = Arc::new(Mutex::new(DebugExit::new(sink)));
     pio.insert(debug_exit, DEBUG_EXIT_PORT, 1)?;
     // PCI configuration mechanism #1 with a host bridge: guest kernels with
     // PCI support probe for it (and call its absence fatal).
     let pci = Arc::new(Mutex::new(devices::pci::PciRoot::new()));
     pio.insert(
-        pci,
+        pci.clone(),
         devices::pci::CONFIG_ADDRESS_PORT,
         devices::pci::CONFIG_PORTS_LEN,
     )?;
@@ -197,5 +373,8 @@ pub(crate) fn add_legacy_devices(
         serial,
         input_space,
         panic_note,
+        i8042,
+        cmos,
+        pci,
     })
 }

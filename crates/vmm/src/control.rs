@@ -82,10 +82,11 @@ impl VmControl {
             .clone()
             .ok_or(ControlError::NotRunning)?;
         let (tx, rx) = mpsc::channel();
+        let timeout = request.timeout();
         sender
             .send(VmmEvent::Control(request, tx))
             .map_err(|_| ControlError::NotRunning)?;
-        rx.recv_timeout(Duration::from_secs(30))
+        rx.recv_timeout(timeout)
             .map_err(|_| ControlError::NotRunning)?
     }
 }

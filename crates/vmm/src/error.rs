@@ -46,6 +46,8 @@ pub enum VmmError {
     TooManyDevices,
     #[error("virtio device: {0}")]
     Virtio(String),
+    #[error(transparent)]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
     #[error("cannot start a thread")]
     Thread(#[source] std::io::Error),
     #[error("cannot install the vCPU kick signal handler: {0}")]

@@ -2,9 +2,9 @@
 //! reports how it ended.
 //!
 //! Modules depend on each other in one direction only (`lib` only
-//! re-exports): `run` → `machine` → {`builder`, `vcpu`, `control`,
-//! `console_input`} → {`event`, `console`, `panic_watch`} → {`request`,
-//! `shared`, `error`, `outcome`, `config`}.
+//! re-exports): `run` → `machine` → {`persist`, `builder`, `vcpu`,
+//! `control`, `console_input`} → {`event`, `console`, `panic_watch`} →
+//! {`request`, `snapshot`, `shared`, `error`, `outcome`, `config`}.
 
 #![warn(clippy::cast_possible_truncation)]
 
@@ -18,9 +18,11 @@ pub mod event;
 pub mod machine;
 pub mod outcome;
 pub mod panic_watch;
+pub mod persist;
 pub mod request;
 pub mod run;
 pub mod shared;
+pub mod snapshot;
 pub mod vcpu;
 
 /// A CPU feature that can be hidden from the guest (`hide_cpu_features`).
@@ -35,7 +37,8 @@ pub use error::{error_chain, VmmError};
 pub use event::VmmEvent;
 pub use machine::{Machine, MachineSpec, RunEnd, RunOptions};
 pub use outcome::{exit_code, VmOutcome};
+pub use snapshot::{RestoreSpec, SnapshotRequest, VmSnapshot};
 pub use run::{
     default_cmdline, ephemeral_mac, host_hidden_features, mark_process_start, open_hypervisor, run,
-    run_controlled,
+    run_controlled, run_vm,
 };

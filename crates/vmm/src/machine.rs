@@ -15,7 +15,9 @@ use devices::{Bus, PlatformRequest};
 use hypervisor::{GuestMemoryMmap, Hypervisor, SystemEvent, Vcpu, Vm};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
-use crate::builder::{add_legacy_devices, VirtioMmio};
+use crate::builder::{add_legacy_devices, DiskHandle, LegacyDevices, VirtioMmio};
+use crate::persist::{Described, SaveContext};
+use crate::snapshot::{RestoreSpec, SnapshotError, SnapshotRequest, VmSnapshot};
 use crate::console_input::{ConsoleTarget, StdinConsole};
 use crate::control::VmControl;
 use crate::error::VmmError;
@@ -53,9 +55,16 @@ pub struct Machine {
     stats: Arc<VcpuStats>,
     memory: u64,
     panic_note: PanicNote,
+    /// The legacy devices' handles, for snapshots.
+    legacy: LegacyDevices,
     /// The virtio devices.
     virtio: VirtioMmio,
     cpus: u32,
+    /// The configuration the machine was built from (a snapshot records
+    /// it); None for machines built by hand (tests).
+    described: Option<Described>,
+    /// The disks, which a snapshot moves onto new overlays.
+    disks: std::sync::Mutex<Vec<DiskHandle>>,
 }
 
 impl std::fmt::Debug for Machine {
@@ -87,6 +96,26 @@ impl Machine {
     /// Creates the VM, its RAM, platform devices and vCPUs (with CPUID,
     /// MSRs, FPU, LAPIC and 64-bit mode set up), but loads nothing.
     pub fn new(hv: &dyn Hypervisor, spec: MachineSpec) -> Result<Machine, VmmError> {
+        Self::build(hv, spec, None)
+    }
+
+    /// Creates a machine for restoring a snapshot: as [`Machine::new`],
+    /// but guest RAM is the snapshot's memory file mapped copy-on-write,
+    /// and nothing is written into it. [`Machine::restore_state`] then
+    /// puts the saved state in.
+    pub fn for_restore(
+        hv: &dyn Hypervisor,
+        spec: MachineSpec,
+        from: &RestoreSpec,
+    ) -> Result<Machine, VmmError> {
+        Self::build(hv, spec, Some(from))
+    }
+
+    fn build(
+        hv: &dyn Hypervisor,
+        spec: MachineSpec,
+        restore: Option<&RestoreSpec>,
+    ) -> Result<Machine, VmmError> {
         let (max, why) = max_cpus(hv);
         if spec.cpus == 0 {
             return Err(VmmError::NoCpus);
@@ -113,8 +142,16 @@ impl Machine {
                     })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let mem = GuestMemoryMmap::from_ranges(&ranges)
-            .map_err(|e| VmmError::GuestMemory(e.to_string()))?;
+        let mem = match restore {
+            None => GuestMemoryMmap::from_ranges(&ranges)
+                .map_err(|e| VmmError::GuestMemory(e.to_string()))?,
+            Some(from) => snapshot::memory::map(
+                &from.dir.join(crate::snapshot::MEMORY_FILE),
+                &ranges,
+                from.load,
+            )
+            .map_err(|e| VmmError::Snapshot(e.into()))?,
+        };
         for (slot, region) in (0u32..).zip(mem.iter()) {
             // SAFETY: the regions belong to `mem`, which the Machine keeps
             // (and the vCPU threads clone) for as long as the VM runs.
@@ -138,7 +175,9 @@ impl Machine {
             cpu_count: spec.cpus,
             hidden: spec.hidden_features,
         };
-        arch::regs::write_boot_tables(&mem)?;
+        if restore.is_none() {
+            arch::regs::write_boot_tables(&mem)?;
+        }
         let mut vcpus = Vec::with_capacity(spec.cpus as usize);
         for id in 0..spec.cpus {
             let mut vcpu = vm.create_vcpu(id)?;
@@ -159,15 +198,58 @@ impl Machine {
             pio,
             mmio: Bus::new(),
             vcpus,
-            console: ConsoleTarget::uart(legacy.serial, legacy.input_space, stop.clone()),
+            console: ConsoleTarget::uart(
+                legacy.serial.clone(),
+                legacy.input_space.clone(),
+                stop.clone(),
+            ),
             stop,
             events,
             stats: Arc::new(VcpuStats::default()),
             memory: spec.memory,
-            panic_note: legacy.panic_note,
+            panic_note: legacy.panic_note.clone(),
+            legacy,
             virtio: VirtioMmio::default(),
             cpus: spec.cpus,
+            described: None,
+            disks: std::sync::Mutex::new(Vec::new()),
         })
+    }
+
+    /// Hands the machine its disks' handles (made with their devices by
+    /// [`crate::builder::configured_devices`]), which snapshots switch
+    /// onto overlays.
+    pub fn attach_disks(&mut self, disks: Vec<DiskHandle>) {
+        self.disks
+            .get_mut()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .extend(disks);
+    }
+
+    /// Records the configuration (and NIC addresses) the machine was built
+    /// from, which snapshots of it carry.
+    pub fn describe(&mut self, config: crate::config::VmConfig, macs: Vec<net::MacAddr>) {
+        self.described = Some(Described { config, macs });
+    }
+
+    /// Puts a snapshot's state into a machine made with
+    /// [`Machine::for_restore`] and the same devices: the VM's, every
+    /// vCPU's and every device's. Run it next.
+    pub fn restore_state(&mut self, snap: &VmSnapshot) -> Result<(), VmmError> {
+        let ranges = crate::persist::memory_ranges(&self.mem);
+        if ranges != snap.memory_ranges {
+            return Err(VmmError::Snapshot(SnapshotError::Mismatch(
+                "guest RAM is laid out differently".into(),
+            )));
+        }
+        crate::persist::restore(
+            self.vm.as_ref(),
+            &mut self.vcpus,
+            &self.legacy,
+            &self.virtio,
+            snap,
+        )
+        .map_err(VmmError::Snapshot)
     }
 
     pub fn memory(&self) -> &GuestMemoryMmap {
@@ -362,6 +444,13 @@ impl Machine {
                                 Ok(None)
                             }
                         },
+                        ControlRequest::Snapshot(request) => self.snapshot(
+                            &request,
+                            &gate,
+                            &handles,
+                            running,
+                            paused.map(|(clock, _)| clock),
+                        ),
                         ControlRequest::Kill => {
                             let _ = reply.send(Ok(None));
                             break VmOutcome::Killed;
@@ -441,6 +530,66 @@ impl Machine {
             (outcome, _) => outcome,
         };
         Ok(RunEnd { outcome, stuck })
+    }
+}
+
+impl Machine {
+    /// Takes a snapshot of the running machine: pauses it unless
+    /// `paused_clock` says it is paused, saves, and resumes it (the guest
+    /// sees a pause only). The vCPUs are parked at `gate`.
+    fn snapshot(
+        &self,
+        request: &SnapshotRequest,
+        gate: &PauseGate,
+        handles: &[VcpuHandle],
+        running: usize,
+        paused_clock: Option<u64>,
+    ) -> Result<Option<VmStatus>, ControlError> {
+        let started = Instant::now();
+        let clock = match paused_clock {
+            Some(clock) => clock,
+            None => {
+                gate.close();
+                for h in handles {
+                    h.kick();
+                }
+                if !gate.wait_parked(running, Duration::from_secs(10)) {
+                    gate.open();
+                    return Err(ControlError::Failed("the vCPUs did not stop".into()));
+                }
+                self.vm.clock().unwrap_or(0)
+            }
+        };
+        let ctx = SaveContext {
+            vm: self.vm.as_ref(),
+            mem: &self.mem,
+            legacy: &self.legacy,
+            virtio: &self.virtio,
+            described: self.described.as_ref(),
+            disks: &self.disks,
+            gate,
+            vcpus: running,
+            clock,
+        };
+        let result = crate::persist::save(&ctx, request);
+        if paused_clock.is_none() {
+            if let Err(e) = self.vm.set_clock(clock) {
+                tracing::warn!("cannot restore the guest clock: {e}");
+            }
+            gate.open();
+        }
+        tracing::info!(target: "hostvisor::timing", "snapshot {} in {:.1} ms",
+            if result.is_ok() { "taken" } else { "failed" },
+            started.elapsed().as_secs_f64() * 1e3);
+        match result {
+            Ok(()) => Ok(None),
+            Err(e @ (SnapshotError::DirNotEmpty(_)
+            | SnapshotError::NeedsOverlays(_)
+            | SnapshotError::OverlayCount { .. })) => {
+                Err(ControlError::Conflict(crate::error::error_chain(&e)))
+            }
+            Err(e) => Err(ControlError::Failed(crate::error::error_chain(&e))),
+        }
     }
 }
 

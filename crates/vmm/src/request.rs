@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use crate::shared::VcpuStats;
 
 /// What a controller can ask of a running VM.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ControlRequest {
     /// Stop the vCPUs (and the guest's clock) until `Resume`.
     Pause,
@@ -15,6 +15,20 @@ pub enum ControlRequest {
     Kill,
     /// A status snapshot.
     Info,
+    /// Save the VM's whole state into a snapshot directory (pausing it
+    /// for the time of the save if it runs).
+    Snapshot(crate::snapshot::SnapshotRequest),
+}
+
+impl ControlRequest {
+    /// How long a controller waits for the answer: a snapshot writes all
+    /// of guest RAM.
+    pub fn timeout(&self) -> std::time::Duration {
+        match self {
+            ControlRequest::Snapshot(_) => std::time::Duration::from_secs(600),
+            _ => std::time::Duration::from_secs(30),
+        }
+    }
 }
 
 /// The VM's run state as controllers see it.

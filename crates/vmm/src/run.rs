@@ -18,6 +18,7 @@ use crate::control::VmControl;
 use crate::error::VmmError;
 use crate::machine::{Machine, MachineSpec, RunEnd, RunOptions};
 use crate::outcome::VmOutcome;
+use crate::snapshot::{RestoreSpec, VmSnapshot};
 
 /// The address of NIC `index` of a VM whose configuration names none: one
 /// of its own for this run (`hostvisor` stores one per managed VM, which
@@ -109,6 +110,25 @@ pub fn open_hypervisor() -> Result<KvmHypervisor, VmmError> {
     KvmHypervisor::new().map_err(VmmError::Kvm)
 }
 
+/// Loads the kernel `config` names, with its command line.
+fn boot_linux(
+    hv: &KvmHypervisor,
+    machine: &mut Machine,
+    config: &VmConfig,
+    pausable: bool,
+) -> Result<(), VmmError> {
+    let mut cmdline = match &config.cmdline {
+        Some(c) => c.clone(),
+        None => default_cmdline(hv.host_profile(), config.console, pausable),
+    };
+    if let Some(extra) = &config.append {
+        cmdline.push(' ');
+        cmdline.push_str(extra);
+    }
+    tracing::debug!(%cmdline, "booting");
+    machine.load_linux(&config.kernel, config.initrd.as_deref(), &cmdline)
+}
+
 /// Boots the VM `config` describes and runs it to the end, rebooting it on
 /// reset when `on_reset = restart`. Prints the assist counts at the end.
 pub fn run(config: &VmConfig) -> Result<VmOutcome, VmmError> {
@@ -120,6 +140,25 @@ pub fn run_controlled(
     config: &VmConfig,
     control: Option<&VmControl>,
 ) -> Result<VmOutcome, VmmError> {
+    run_vm(config, control, None)
+}
+
+/// As [`run_controlled`]; with `restore`, the VM resumes from that
+/// snapshot (which must fit `config`: same vCPUs, RAM and devices) instead
+/// of booting; a reset after that boots it as usual.
+pub fn run_vm(
+    config: &VmConfig,
+    control: Option<&VmControl>,
+    restore: Option<&RestoreSpec>,
+) -> Result<VmOutcome, VmmError> {
+    let snap = restore
+        .map(|from| {
+            let snap = VmSnapshot::read(&from.dir)?;
+            snap.check_fits(config)?;
+            Ok::<_, crate::snapshot::SnapshotError>(snap)
+        })
+        .transpose()?;
+    let mut restore = restore.zip(snap);
     let started = *PROCESS_START.get_or_init(Instant::now);
     let hv = open_hypervisor()?;
     let mut hidden = config
@@ -142,13 +181,28 @@ pub fn run_controlled(
         SerialConfig::Stdio => Some(StdinConsole::start().map_err(VmmError::Thread)?),
         _ => None,
     };
-    // Chosen once, so a rebooting guest keeps its addresses.
-    let macs: Vec<net::MacAddr> = config
-        .nets
-        .iter()
-        .enumerate()
-        .map(|(i, nic)| nic.mac.unwrap_or_else(|| ephemeral_mac(i)))
-        .collect();
+    // Chosen once, so a rebooting guest keeps its addresses; a restored
+    // guest keeps the ones it had unless the configuration names one.
+    let macs: Vec<net::MacAddr> = match &restore {
+        Some((_, snap)) => config
+            .nets
+            .iter()
+            .zip(&snap.macs)
+            .map(|(nic, saved)| match nic.mac {
+                Some(mac) => Ok(mac),
+                None => saved.parse(),
+            })
+            .collect::<Result<_, _>>()
+            .map_err(|e| {
+                crate::snapshot::SnapshotError::Mismatch(format!("a bad MAC address: {e}"))
+            })?,
+        None => config
+            .nets
+            .iter()
+            .enumerate()
+            .map(|(i, nic)| nic.mac.unwrap_or_else(|| ephemeral_mac(i)))
+            .collect(),
+    };
     loop {
         if stdin.as_ref().is_some_and(|s| s.exit_requested()) {
             // `Ctrl-A x` between two boots.
@@ -167,14 +221,28 @@ pub fn run_controlled(
             hidden_features: hidden.clone(),
             serial_out: uart_out,
         };
-        let mut machine = Machine::new(&hv, spec)?;
-        for device in crate::builder::configured_devices(config, &macs)? {
+        let from = restore.take();
+        let mut machine = match &from {
+            Some((spec_from, _)) => Machine::for_restore(&hv, spec, spec_from)?,
+            None => Machine::new(&hv, spec)?,
+        };
+        let (devices, disks) = crate::builder::configured_devices(config, &macs)?;
+        for device in devices {
             machine.add_virtio_device(device)?;
         }
+        machine.attach_disks(disks);
         if let Some(out) = virtio_out {
             machine.add_virtio_console(out)?;
         }
-        let mut cmdline = match &config.cmdline {
+        machine.describe(config.clone(), macs.clone());
+        if let Some((_, snap)) = from {
+            machine.restore_state(&snap)?;
+            tracing::info!(target: "hostvisor::timing",
+                "restored at {:.3} ms", started.elapsed().as_secs_f64() * 1e3);
+        } else {
+            boot_linux(&hv, &mut machine, config, control.is_some())?;
+        }
+        let stats = machine.stats(); = match &config.cmdline {
             Some(c) => c.clone(),
             None => default_cmdline(hv.host_profile(), config.console, control.is_some()),
         };
@@ -182,9 +250,6 @@ pub fn run_controlled(
             cmdline.push(' ');
             cmdline.push_str(extra);
         }
-        tracing::debug!(%cmdline, "booting");
-        machine.load_linux(&config.kernel, config.initrd.as_deref(), &cmdline)?;
-        let stats = machine.stats();
         let RunEnd { outcome, stuck } = machine.run_with(RunOptions {
             started,
             control,

@@ -11,7 +11,7 @@ use hypervisor::assist;
 use hypervisor::{EmulationFailure, GuestMemoryMmap, Vcpu, VmExit};
 
 use crate::event::VmmEvent;
-use crate::shared::PauseGate;
+use crate::shared::{GateAnswer, GateJob, PauseGate};
 pub use crate::shared::{VcpuStats, VcpuStop};
 
 /// What the run loop does after an exit.
@@ -155,7 +155,16 @@ fn park(vcpu: &mut dyn Vcpu, ctx: &VcpuContext) {
         ..Default::default()
     }];
     let saved = vcpu.get_msrs(&mut tsc).is_ok();
-    ctx.pause.park_if_paused(&ctx.stop);
+    let id = vcpu.id();
+    ctx.pause.park_if_paused(&ctx.stop, &mut |job| match job {
+        GateJob::SaveState => GateAnswer {
+            vcpu: id,
+            state: vcpu
+                .save_state()
+                .map(Box::new)
+                .map_err(|e| crate::error::error_chain(&e)),
+        },
+    });
     if saved && !ctx.stop.load(Ordering::Acquire) {
         if let Err(e) = vcpu.set_msrs(&tsc) {
             tracing::warn!(
