@@ -1,5 +1,7 @@
 //! The KVM backend, on `kvm-ioctls`.
 
+mod persist;
+
 use std::cell::Cell;
 use std::path::Path;
 use std::sync::{Arc, Once};
@@ -17,9 +19,10 @@ use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
 use crate::{
     CpuId, CpuState, EmulationFailure, FpuState, HostProfile, Hypervisor, HypervisorError,
-    LapicState, MsrEntry, Result, SpecialRegisters, StandardRegisters, SystemEvent, Vcpu, Vm,
-    VmExit, XsaveState,
+    LapicState, MsrEntry, Result, SpecialRegisters, StandardRegisters, SystemEvent, Vcpu,
+    VcpuState, Vm, VmExit, VmState, XsaveState,
 };
+use persist::StateSupport;
 
 /// Where KVM's TSS (three pages) and identity-map page live: just below the
 /// 4 GiB boundary, inside the MMIO hole, away from RAM and devices.
@@ -119,7 +122,8 @@ fn host_profile() -> HostProfile {
 impl Hypervisor for KvmHypervisor {
     fn create_vm(&self) -> Result<Arc<dyn Vm>> {
         let fd = self.kvm.create_vm().map_err(ioctl_err("KVM_CREATE_VM"))?;
-        Ok(Arc::new(KvmVm { fd }))
+        let support = Arc::new(StateSupport::probe(&self.kvm, &fd));
+        Ok(Arc::new(KvmVm { fd, support }))
     }
 
     fn supported_cpuid(&self) -> Result<CpuId> {
@@ -141,6 +145,8 @@ impl Hypervisor for KvmHypervisor {
 #[derive(Debug)]
 pub struct KvmVm {
     fd: VmFd,
+    /// What the host can save and restore, shared with the vCPUs.
+    support: Arc<StateSupport>,
 }
 
 impl Vm for KvmVm {
@@ -206,7 +212,11 @@ impl Vm for KvmVm {
                     source: e,
                 },
             })?;
-        Ok(Box::new(KvmVcpu { fd, id }))
+        Ok(Box::new(KvmVcpu {
+            fd,
+            id,
+            support: self.support.clone(),
+        }))
     }
 
     fn clock(&self) -> Result<u64> {
@@ -224,6 +234,14 @@ impl Vm for KvmVm {
         };
         self.fd.set_clock(&data).map_err(ioctl_err("KVM_SET_CLOCK"))
     }
+
+    fn save_state(&self) -> Result<VmState> {
+        persist::save_vm(&self.fd)
+    }
+
+    fn restore_state(&self, state: &VmState) -> Result<()> {
+        persist::restore_vm(&self.fd, state)
+    }
 }
 
 /// A KVM vCPU.
@@ -231,6 +249,7 @@ impl Vm for KvmVm {
 pub struct KvmVcpu {
     fd: VcpuFd,
     id: u32,
+    support: Arc<StateSupport>,
 }
 
 impl CpuState for KvmVcpu {
@@ -374,6 +393,14 @@ impl Vcpu for KvmVcpu {
                 target.set(std::ptr::null_mut());
             }
         });
+    }
+
+    fn save_state(&self) -> Result<VcpuState> {
+        persist::save_vcpu(&self.fd, &self.support)
+    }
+
+    fn restore_state(&mut self, state: &VcpuState) -> Result<()> {
+        persist::restore_vcpu(&self.fd, &self.support, state)
     }
 }
 

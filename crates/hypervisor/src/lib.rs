@@ -14,6 +14,7 @@
 
 pub mod assist;
 pub mod kvm;
+pub mod state;
 pub mod x86;
 
 use std::sync::Arc;
@@ -27,6 +28,7 @@ pub use kvm_bindings::{
 };
 
 pub use memory::GuestMemoryMmap;
+pub use state::{VcpuState, VmState};
 
 /// Errors of the hypervisor layer. Each names the operation that failed; the
 /// OS error is the source.
@@ -50,6 +52,13 @@ pub enum HypervisorError {
     },
     #[error("vCPU {0} was already created")]
     DuplicateVcpu(u32),
+    /// A saved vCPU or VM state that cannot be restored (it was edited or
+    /// damaged, or KVM refused one of its values).
+    #[error("invalid saved state: {0}")]
+    InvalidState(String),
+    /// A saved state holds a part this host's KVM cannot load.
+    #[error("the saved state has {0}, which this host's KVM cannot restore")]
+    UnsupportedState(&'static str),
 }
 
 pub type Result<T> = std::result::Result<T, HypervisorError>;
@@ -107,6 +116,13 @@ pub trait Vm: Send + Sync + std::fmt::Debug {
     /// Sets the guest's paravirtual clock: restoring the value read at a
     /// pause makes the guest's time stand still while it is paused.
     fn set_clock(&self, ns: u64) -> Result<()>;
+    /// Reads the state of the in-kernel devices (PICs, IOAPIC, PIT) and
+    /// the clock, for a snapshot. The vCPUs should be paused.
+    fn save_state(&self) -> Result<VmState>;
+    /// Loads a state read by [`Vm::save_state`], possibly in another
+    /// process. Call it after [`Vm::create_platform_devices`]. The state
+    /// is untrusted: a malformed one is an error (see [`state`]).
+    fn restore_state(&self, state: &VmState) -> Result<()>;
 }
 
 /// Architectural state that the VMM reads and writes between runs. This is
@@ -147,6 +163,19 @@ pub trait Vcpu: CpuState + Send {
     /// Undoes [`Vcpu::arm_kick`] on the calling thread, before the vCPU
     /// goes away; later kicks to the thread do nothing.
     fn disarm_kick(&mut self);
+    /// Reads everything this vCPU needs to continue elsewhere (see
+    /// [`state`]). Call it between runs (the vCPU paused, not inside
+    /// [`Vcpu::run`]).
+    fn save_state(&self) -> Result<VcpuState>;
+    /// Loads a state read by [`Vcpu::save_state`], in the order the
+    /// [`state`] module describes. Set the CPUID first (the same CPUID as
+    /// the saved vCPU had): it decides which MSRs and XSAVE components
+    /// exist. The state is untrusted: a malformed one, or one KVM refuses,
+    /// is an error, never a panic. Parts the host cannot load are refused
+    /// ([`HypervisorError::UnsupportedState`]), except the debug registers
+    /// and a TSC frequency the host cannot set, which are skipped with a
+    /// warning.
+    fn restore_state(&mut self, state: &VcpuState) -> Result<()>;
 }
 
 /// Why a vCPU stopped running the guest. Port and MMIO exits borrow the
