@@ -171,6 +171,12 @@ struct RunCmd {
     /// touch (for snapshots on slow or remote storage).
     #[arg(long, requires = "restore")]
     restore_eager: bool,
+    /// With --restore: a new qcow2 file for each writable disk of the
+    /// snapshot, in order (repeatable). The restored VM writes there, on
+    /// top of the snapshot's image, which stays as it was — so the
+    /// snapshot restores the same way again.
+    #[arg(long, value_name = "FILE", requires = "restore")]
+    disk_overlay: Vec<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -413,6 +419,7 @@ fn run(cmd: RunCmd) -> Result<VmOutcome, CliError> {
             })?;
             let mut config = snap.config;
             config.serial = cmd.vm.serial;
+            overlay_restored_disks(&mut config, &cmd.disk_overlay)?;
             let load = if cmd.restore_eager {
                 vmm::snapshot::Load::Eager
             } else {
@@ -442,6 +449,40 @@ fn run(cmd: RunCmd) -> Result<VmOutcome, CliError> {
         s.ended.store(true, std::sync::atomic::Ordering::Release);
     }
     result.map_err(|e| describe(&e))
+}
+
+/// Puts each writable disk of a restored configuration onto a new overlay
+/// from `overlays` (one per writable disk, in order), created on top of
+/// the snapshot's image.
+fn overlay_restored_disks(config: &mut VmConfig, overlays: &[PathBuf]) -> Result<(), CliError> {
+    let writable: Vec<&mut vmm::DiskConfig> =
+        config.disks.iter_mut().filter(|d| !d.readonly).collect();
+    if writable.len() != overlays.len() {
+        return Err(CliError::Usage(format!(
+            "the snapshot has {} writable disks and {} --disk-overlay files were given: the restored VM writes to an overlay of each, so that the snapshot's images stay as they were",
+            writable.len(),
+            overlays.len()
+        )));
+    }
+    for (disk, overlay) in writable.into_iter().zip(overlays) {
+        let format = match disk.format {
+            Some(f) => f,
+            None => block::probe(&disk.path)
+                .map_err(|e| CliError::Failure(vmm::error_chain(&e)))?,
+        };
+        block::tools::create(&block::tools::CreateSpec {
+            path: overlay.clone(),
+            size: None,
+            format: block::Format::Qcow2,
+            backing: Some(disk.path.to_string_lossy().into_owned()),
+            backing_format: Some(format),
+            cluster_size: None,
+        })
+        .map_err(|e| CliError::Failure(format!("{}: {e}", overlay.display())))?;
+        disk.path = overlay.clone();
+        disk.format = Some(block::Format::Qcow2);
+    }
+    Ok(())
 }
 
 /// Writes `hostvisor.1` and `hostvisor-COMMAND.1` (and

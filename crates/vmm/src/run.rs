@@ -242,14 +242,7 @@ pub fn run_vm(
         } else {
             boot_linux(&hv, &mut machine, config, control.is_some())?;
         }
-        let stats = machine.stats(); = match &config.cmdline {
-            Some(c) => c.clone(),
-            None => default_cmdline(hv.host_profile(), config.console, control.is_some()),
-        };
-        if let Some(extra) = &config.append {
-            cmdline.push(' ');
-            cmdline.push_str(extra);
-        }
+        let stats = machine.stats();
         let RunEnd { outcome, stuck } = machine.run_with(RunOptions {
             started,
             control,
