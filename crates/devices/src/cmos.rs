@@ -5,6 +5,9 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use serde::{Deserialize, Serialize};
+use snapshot::Persist;
+
 use crate::BusDevice;
 
 pub const CMOS_PORT: u64 = 0x70;
@@ -30,6 +33,9 @@ pub struct Cmos {
     index: u8,
     ram: [u8; 128],
     clock: Clock,
+    /// Seconds added to the clock (0: the guest's RTC is the host's UTC
+    /// clock; kept in the state so an RTC the guest can set later fits).
+    offset: i64,
 }
 
 /// A calendar date and time in UTC.
@@ -104,11 +110,12 @@ impl Cmos {
             index: 0,
             ram: [0; 128],
             clock,
+            offset: 0,
         }
     }
 
     fn read_register(&self, index: u8) -> u8 {
-        let now = || DateTime::from_unix((self.clock)());
+        let now = || DateTime::from_unix((self.clock)().saturating_add(self.offset));
         match index {
             REG_SECONDS => bcd(now().second),
             REG_MINUTES => bcd(now().minute),
@@ -151,6 +158,55 @@ impl BusDevice for Cmos {
         } else if self.index > REG_STATUS_D {
             self.ram[usize::from(self.index)] = value;
         }
+    }
+}
+
+/// The CMOS state: the selected index, the RAM bytes and the clock's
+/// offset from the host's (the time itself is the host's, read anew).
+#[derive(Serialize, Deserialize, Clone, PartialEq, Eq, Debug)]
+pub struct CmosState {
+    pub index: u8,
+    /// Seconds the guest's RTC is ahead of the host's UTC clock.
+    pub offset_secs: i64,
+    /// All 128 bytes (the time and status registers among them are
+    /// computed, not read from here).
+    pub nvram: Vec<u8>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CmosStateError {
+    #[error("the CMOS state has {0} RAM bytes, not 128")]
+    Ram(usize),
+    #[error("CMOS index {0:#x} is beyond the 128 bytes")]
+    Index(u8),
+}
+
+impl Persist for Cmos {
+    type State = CmosState;
+    /// The clock the restored RTC reads.
+    type Args = Clock;
+    type Error = CmosStateError;
+
+    fn save(&self) -> CmosState {
+        CmosState {
+            index: self.index,
+            offset_secs: self.offset,
+            nvram: self.ram.to_vec(),
+        }
+    }
+
+    fn restore(clock: Clock, state: &CmosState) -> Result<Self, CmosStateError> {
+        let ram = <[u8; 128]>::try_from(state.nvram.as_slice())
+            .map_err(|_| CmosStateError::Ram(state.nvram.len()))?;
+        if state.index > 0x7f {
+            return Err(CmosStateError::Index(state.index));
+        }
+        Ok(Cmos {
+            index: state.index,
+            ram,
+            clock,
+            offset: state.offset_secs,
+        })
     }
 }
 

@@ -2,6 +2,9 @@
 //! writing a value ends the VM with that status — 0 reports success,
 //! anything else a failure such as a panic.
 
+use serde::{Deserialize, Serialize};
+use snapshot::Persist;
+
 use crate::{BusDevice, PlatformRequest, PlatformRequestSink};
 
 pub const DEBUG_EXIT_PORT: u64 = 0xf4;
@@ -26,6 +29,25 @@ impl BusDevice for DebugExit {
         let n = data.len().min(4);
         bytes[..n].copy_from_slice(&data[..n]);
         (self.requests)(PlatformRequest::DebugExit(u32::from_le_bytes(bytes)));
+    }
+}
+
+/// The port is stateless: each write is an exit request on its own.
+#[derive(Serialize, Deserialize, Clone, PartialEq, Eq, Debug, Default)]
+pub struct DebugExitState {}
+
+impl Persist for DebugExit {
+    type State = DebugExitState;
+    /// Where exit requests go.
+    type Args = PlatformRequestSink;
+    type Error = std::convert::Infallible;
+
+    fn save(&self) -> DebugExitState {
+        DebugExitState {}
+    }
+
+    fn restore(requests: PlatformRequestSink, _: &DebugExitState) -> Result<Self, Self::Error> {
+        Ok(DebugExit::new(requests))
     }
 }
 

@@ -3,6 +3,9 @@
 //! (pulse the reset line) resets the machine — how Linux reboots with
 //! `reboot=k`.
 
+use serde::{Deserialize, Serialize};
+use snapshot::Persist;
+
 use crate::{BusDevice, PlatformRequest, PlatformRequestSink};
 
 /// The data port.
@@ -31,6 +34,26 @@ impl BusDevice for I8042 {
         if base == COMMAND_PORT && data.first() == Some(&CMD_RESET_CPU) {
             (self.requests)(PlatformRequest::Reset);
         }
+    }
+}
+
+/// The controller keeps no state: its status always reads "nothing
+/// pending" and the only command acted on is the reset pulse.
+#[derive(Serialize, Deserialize, Clone, PartialEq, Eq, Debug, Default)]
+pub struct I8042State {}
+
+impl Persist for I8042 {
+    type State = I8042State;
+    /// Where the reset request goes.
+    type Args = PlatformRequestSink;
+    type Error = std::convert::Infallible;
+
+    fn save(&self) -> I8042State {
+        I8042State {}
+    }
+
+    fn restore(requests: PlatformRequestSink, _: &I8042State) -> Result<Self, Self::Error> {
+        Ok(I8042::new(requests))
     }
 }
 

@@ -14,6 +14,9 @@
 
 use std::collections::BTreeMap;
 
+use serde::{Deserialize, Serialize};
+use snapshot::Persist;
+
 use crate::BusDevice;
 
 /// The address port (4 bytes) and the data window (4 bytes).
@@ -52,6 +55,13 @@ impl HostBridge {
         config[0x0b] = 0x06;
         // Header type 0, single function.
         config[0x0e] = 0;
+        HostBridge { config }
+    }
+}
+
+impl HostBridge {
+    /// A bridge with a saved configuration space.
+    pub fn with_config(config: [u8; 64]) -> Self {
         HostBridge { config }
     }
 }
@@ -172,6 +182,58 @@ impl BusDevice for PciRoot {
             // (Linux writes 0xCFB first); they do not change the address.
             _ => {}
         }
+    }
+}
+
+/// The PCI root's state: the address register and the host bridge's
+/// configuration space (read-only to the guest, saved so that a restored
+/// guest finds the bridge it probed).
+#[derive(Serialize, Deserialize, Clone, PartialEq, Eq, Debug)]
+pub struct PciRootState {
+    /// CONFIG_ADDRESS as the guest last wrote it.
+    pub address: u32,
+    /// The 64 bytes of 00:00.0's header.
+    pub host_bridge: Vec<u8>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PciStateError {
+    #[error("the host bridge's saved config space has {0} bytes, not 64")]
+    BridgeConfig(usize),
+    #[error("CONFIG_ADDRESS {0:#x} has its reserved low bits set")]
+    Address(u32),
+}
+
+impl Persist for PciRoot {
+    type State = PciRootState;
+    type Args = ();
+    type Error = PciStateError;
+
+    fn save(&self) -> PciRootState {
+        let mut host_bridge = vec![0u8; 64];
+        if let Some(bridge) = self.functions.get(&0) {
+            for (i, word) in host_bridge.chunks_exact_mut(4).enumerate() {
+                // i < 16: the offset fits a byte.
+                bridge.config_read(u8::try_from(i * 4).unwrap_or(0), word);
+            }
+        }
+        PciRootState {
+            address: self.address,
+            host_bridge,
+        }
+    }
+
+    fn restore((): (), state: &PciRootState) -> Result<Self, PciStateError> {
+        let config = <[u8; 64]>::try_from(state.host_bridge.as_slice())
+            .map_err(|_| PciStateError::BridgeConfig(state.host_bridge.len()))?;
+        if state.address & 0b11 != 0 {
+            return Err(PciStateError::Address(state.address));
+        }
+        let mut root = PciRoot::new();
+        root.functions
+            .insert(0, Box::new(HostBridge::with_config(config)));
+        root.address = state.address;
+        Ok(root)
     }
 }
 

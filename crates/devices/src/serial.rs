@@ -5,7 +5,9 @@
 use std::io::Write;
 use std::sync::Arc;
 
-use vm_superio::serial::SerialEvents;
+use serde::{Deserialize, Serialize};
+use snapshot::Persist;
+use vm_superio::serial::{SerialEvents, SerialState};
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -77,6 +79,92 @@ impl BusDevice for SerialDevice {
                 tracing::debug!("serial output lost: {e}");
             }
         }
+    }
+}
+
+/// The UART's registers and receive FIFO (vm-superio's `SerialState`,
+/// which is not serde). What the guest transmitted went to the output at
+/// once; nothing of it is kept.
+#[derive(Serialize, Deserialize, Clone, PartialEq, Eq, Debug)]
+pub struct SerialDeviceState {
+    pub baud_divisor_low: u8,
+    pub baud_divisor_high: u8,
+    pub interrupt_enable: u8,
+    pub interrupt_identification: u8,
+    pub line_control: u8,
+    pub line_status: u8,
+    pub modem_control: u8,
+    pub modem_status: u8,
+    pub scratch: u8,
+    /// Bytes in the receive FIFO, not yet read by the guest.
+    pub in_buffer: Vec<u8>,
+}
+
+/// The receive FIFO's size (vm-superio's).
+pub const FIFO_SIZE: usize = 64;
+
+/// What a restored UART is wired to, as [`SerialDevice::new`] takes.
+pub struct SerialArgs {
+    pub irq: EventFd,
+    pub out: Output,
+    pub input_space: Arc<EventFd>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SerialStateError {
+    #[error("{0} bytes in the serial receive FIFO, which holds {FIFO_SIZE}")]
+    Fifo(usize),
+    #[error("the restored serial port cannot raise its interrupt: {0}")]
+    Restore(String),
+}
+
+impl Persist for SerialDevice {
+    type State = SerialDeviceState;
+    type Args = SerialArgs;
+    type Error = SerialStateError;
+
+    fn save(&self) -> SerialDeviceState {
+        let s = self.inner.state();
+        SerialDeviceState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+
+    /// Any register values are accepted (the guest can write any byte to
+    /// them); the FIFO must fit. A pending interrupt is raised again.
+    fn restore(args: SerialArgs, s: &SerialDeviceState) -> Result<Self, SerialStateError> {
+        if s.in_buffer.len() > FIFO_SIZE {
+            return Err(SerialStateError::Fifo(s.in_buffer.len()));
+        }
+        let state = SerialState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer.clone(),
+        };
+        let inner = Serial::from_state(
+            &state,
+            EventFdTrigger(args.irq),
+            InputSpace(args.input_space),
+            args.out,
+        )
+        .map_err(|e| SerialStateError::Restore(e.to_string()))?;
+        Ok(SerialDevice { inner })
     }
 }
 

@@ -16,8 +16,11 @@ use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use devices::virtio::worker::WorkerThread;
-use devices::virtio::{ActivateError, Activation, VirtioDevice};
+use devices::virtio::worker::{stop_worker, WorkerThread};
+use devices::virtio::{
+    ActivateError, Activation, Queue, VirtioDevice, VirtioDeviceState, VirtioStateError,
+    WorkerError,
+};
 use iced_x86::code_asm::*;
 use vmm::control::{ControlRequest, VmControl};
 use vmm::{Machine, MachineSpec, RunEnd, RunOptions, VmOutcome};
@@ -58,7 +61,7 @@ struct SlowDevice {
     busy: Arc<AtomicBool>,
     entered: Sender<()>,
     backend: Arc<Gate>,
-    worker: Option<WorkerThread>,
+    worker: Option<WorkerThread<()>>,
 }
 
 impl VirtioDevice for SlowDevice {
@@ -82,7 +85,7 @@ impl VirtioDevice for SlowDevice {
             self.entered.clone(),
             self.backend.clone(),
         );
-        let worker = WorkerThread::start("slow", vec![event], move |_| {
+        let worker = WorkerThread::start("slow", vec![event], (), move |(), _| {
             busy.store(true, Ordering::Release);
             let _ = entered.send(());
             backend.wait();
@@ -93,6 +96,15 @@ impl VirtioDevice for SlowDevice {
     }
     fn reset(&mut self) {
         self.worker = None;
+    }
+    fn sleep(&mut self) -> Result<Option<Vec<Queue>>, WorkerError> {
+        Ok(stop_worker(&mut self.worker)?.map(|()| Vec::new()))
+    }
+    fn save_state(&self) -> VirtioDeviceState {
+        VirtioDeviceState::Rng(devices::virtio::persist::RngState {})
+    }
+    fn restore_state(&mut self, _: &VirtioDeviceState) -> Result<(), VirtioStateError> {
+        Ok(())
     }
 }
 

@@ -23,8 +23,11 @@ use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 
-use super::worker::WorkerThread;
-use super::{read_config_bytes, ActivateError, Activation, Interrupt, VirtioDevice};
+use super::worker::{stop_worker, WorkerError, WorkerThread};
+use super::{
+    read_config_bytes, ActivateError, Activation, Interrupt, VirtioDevice, VirtioDeviceState,
+    VirtioStateError,
+};
 
 /// log2 of the 512-byte sector that request offsets count in.
 const SECTOR_SHIFT: u32 = 9;
@@ -42,7 +45,7 @@ const DISCARD_SEGMENT_SIZE: u32 = 16;
 pub struct Block {
     disk: Arc<dyn DiskImage>,
     config: Vec<u8>,
-    worker: Option<WorkerThread>,
+    worker: Option<WorkerThread<Queue>>,
 }
 
 impl Block {
@@ -564,10 +567,12 @@ impl VirtioDevice for Block {
     }
 
     fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {
-        let (mem, interrupt, [(mut queue, event)]) = a.take_queues::<1>()?;
+        let (mem, interrupt, [(queue, event)]) = a.take_queues::<1>()?;
         let disk = self.disk.clone();
-        let worker = WorkerThread::start("virtio-blk", vec![event], move |_| {
-            process_queue(&mut queue, &mem, disk.as_ref(), &interrupt);
+        // Each request completes before the handler returns: a stopped
+        // worker has none in flight.
+        let worker = WorkerThread::start("virtio-blk", vec![event], queue, move |queue, _| {
+            process_queue(queue, &mem, disk.as_ref(), &interrupt);
         })
         .map_err(ActivateError::Thread)?;
         self.worker = Some(worker);
@@ -577,7 +582,27 @@ impl VirtioDevice for Block {
     fn reset(&mut self) {
         self.worker = None;
     }
+
+    fn sleep(&mut self) -> Result<Option<Vec<Queue>>, WorkerError> {
+        Ok(stop_worker(&mut self.worker)?.map(|q| vec![q]))
+    }
+
+    fn save_state(&self) -> VirtioDeviceState {
+        VirtioDeviceState::Block(self.state())
+    }
+
+    fn restore_state(&mut self, state: &VirtioDeviceState) -> Result<(), VirtioStateError> {
+        if self.worker.is_some() {
+            return Err(VirtioStateError::Active);
+        }
+        match state {
+            VirtioDeviceState::Block(s) => self.check_state(s),
+            other => Err(VirtioStateError::wrong(self.name(), other)),
+        }
+    }
 }
+
+pub mod persist;
 
 #[cfg(test)]
 mod tests;

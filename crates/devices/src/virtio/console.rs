@@ -12,8 +12,10 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::worker::WorkerThread;
-use super::{ActivateError, Activation, Interrupt, VirtioDevice};
+use super::worker::{stop_worker, WorkerError, WorkerThread};
+use super::{
+    ActivateError, Activation, Interrupt, VirtioDevice, VirtioDeviceState, VirtioStateError,
+};
 
 const QUEUE_SIZE: u16 = 256;
 const TX: usize = 1;
@@ -53,7 +55,8 @@ type Output = Arc<Mutex<Box<dyn Write + Send>>>;
 pub struct Console {
     output: Output,
     input: Arc<ConsoleInput>,
-    worker: Option<WorkerThread>,
+    /// The worker owns the receive and transmit queues.
+    worker: Option<WorkerThread<[Queue; 2]>>,
 }
 
 impl std::fmt::Debug for Console {
@@ -163,15 +166,16 @@ impl VirtioDevice for Console {
     }
 
     fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {
-        let (mem, interrupt, [(mut rx, rx_evt), (mut tx, tx_evt)]) = a.take_queues::<2>()?;
+        let (mem, interrupt, [(rx, rx_evt), (tx, tx_evt)]) = a.take_queues::<2>()?;
         let ready = self.input.ready.try_clone().map_err(ActivateError::Event)?;
         let (input, output) = (self.input.clone(), self.output.clone());
-        let worker = WorkerThread::start("virtio-console", vec![rx_evt, tx_evt, ready], move |i| {
+        let events = vec![rx_evt, tx_evt, ready];
+        let worker = WorkerThread::start("virtio-console", events, [rx, tx], move |[rx, tx], i| {
             if i == TX {
-                process_tx(&mut tx, &mem, &output, &interrupt);
+                process_tx(tx, &mem, &output, &interrupt);
             } else {
                 // The receive queue got buffers, or the host typed.
-                process_rx(&mut rx, &mem, &input, &interrupt);
+                process_rx(rx, &mem, &input, &interrupt);
             }
         })
         .map_err(ActivateError::Thread)?;
@@ -184,7 +188,29 @@ impl VirtioDevice for Console {
     fn reset(&mut self) {
         self.worker = None;
     }
+
+    fn sleep(&mut self) -> Result<Option<Vec<Queue>>, WorkerError> {
+        // Host input typed while asleep waits in `input`; waking (as
+        // activating) looks at it again.
+        Ok(stop_worker(&mut self.worker)?.map(Vec::from))
+    }
+
+    fn save_state(&self) -> VirtioDeviceState {
+        VirtioDeviceState::Console(self.state())
+    }
+
+    fn restore_state(&mut self, state: &VirtioDeviceState) -> Result<(), VirtioStateError> {
+        if self.worker.is_some() {
+            return Err(VirtioStateError::Active);
+        }
+        match state {
+            VirtioDeviceState::Console(s) => self.restore(s),
+            other => Err(VirtioStateError::wrong(self.name(), other)),
+        }
+    }
 }
+
+pub mod persist;
 
 #[cfg(test)]
 // Test lengths, indices and byte patterns are small constants.

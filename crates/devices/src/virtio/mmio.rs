@@ -1,6 +1,12 @@
 //! The virtio-mmio transport (version 2, virtio 1.x "modern" devices): a
 //! 4 KiB register block per device, announced to Linux on the kernel
 //! command line (`virtio_mmio.device=4K@ADDR:IRQ`).
+//!
+//! For a pause or a snapshot the transport puts its device to
+//! [`sleep`](MmioTransport::sleep) (the worker stops and hands the queues,
+//! with their ring positions, back here) and [`wake`](MmioTransport::wake)s
+//! it after; its state (registers, queues, the device's own) is saved and
+//! restored in [`persist`].
 
 use std::sync::Arc;
 
@@ -12,7 +18,10 @@ use virtio_bindings::virtio_config::{
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{Activation, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
+use super::{
+    ActivateError, Activation, Interrupt, VirtioDevice, WorkerError, VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX,
+};
 use crate::BusDevice;
 
 /// The size of one device's register window.
@@ -38,12 +47,28 @@ pub struct MmioTransport {
     driver_features_select: u32,
     acked_features: u64,
     status: u32,
+    /// Bumped when the device's config changes (it never does yet).
+    config_generation: u32,
     activated: bool,
+    /// Whether the device's worker runs (see [`Quiesce`]).
+    quiesce: Quiesce,
     /// A queue setting the device cannot use (a size that is out of range,
     /// not a power of two or above the maximum; a misaligned ring): the
     /// next DRIVER_OK fails with NEEDS_RESET instead of running with a
     /// value the driver did not write.
     bad_queue_setup: Option<String>,
+}
+
+/// Where an activated device is between [`MmioTransport::sleep`] and
+/// [`MmioTransport::wake`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Quiesce {
+    /// Running (or not activated).
+    Awake,
+    /// Told to sleep, but its worker did not stop in time.
+    Stopping,
+    /// Stopped; `queues` hold the ring positions.
+    Asleep,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -78,9 +103,71 @@ impl MmioTransport {
             driver_features_select: 0,
             acked_features: 0,
             status: 0,
+            config_generation: 0,
             activated: false,
+            quiesce: Quiesce::Awake,
             bad_queue_setup: None,
         })
+    }
+
+    /// The device behind this transport.
+    pub fn device(&self) -> &dyn VirtioDevice {
+        self.device.as_ref()
+    }
+
+    /// Quiesces the device: stops its worker and keeps the queues it hands
+    /// back (with their ring positions). After `Ok`, no thread of this
+    /// device touches guest memory until [`wake`](Self::wake). Nothing to
+    /// do for a device that is not activated or asleep already. A worker
+    /// stuck in its backend makes this fail after the bounded stop; the
+    /// worker has been told to stop, and `sleep` or `wake` called again
+    /// collect it once it has.
+    pub fn sleep(&mut self) -> Result<(), WorkerError> {
+        if !self.activated || self.quiesce == Quiesce::Asleep {
+            return Ok(());
+        }
+        self.quiesce = Quiesce::Stopping;
+        if let Some(queues) = self.device.sleep()? {
+            if queues.len() == self.queues.len() {
+                self.queues = queues;
+            } else {
+                tracing::warn!(
+                    device = self.device.name(),
+                    "the device handed back {} queues of {}",
+                    queues.len(),
+                    self.queues.len()
+                );
+            }
+        }
+        self.quiesce = Quiesce::Asleep;
+        Ok(())
+    }
+
+    /// Starts a sleeping device again with its queues (a device whose
+    /// sleep failed is collected first). Nothing to do for a device that
+    /// is not asleep. If the device cannot start, it is marked
+    /// NEEDS_RESET for the driver, as a failed activation is.
+    pub fn wake(&mut self) -> Result<(), ActivateError> {
+        if self.quiesce == Quiesce::Stopping {
+            self.sleep().map_err(ActivateError::Worker)?;
+        }
+        if self.quiesce != Quiesce::Asleep {
+            return Ok(());
+        }
+        self.quiesce = Quiesce::Awake;
+        let result = self
+            .activation()
+            .map_err(ActivateError::Event)
+            .and_then(|a| self.device.wake(a));
+        if let Err(e) = &result {
+            self.needs_reset(&e.to_string());
+        }
+        result
+    }
+
+    /// Whether the device is asleep (its state can be saved).
+    pub fn is_asleep(&self) -> bool {
+        self.quiesce == Quiesce::Asleep
     }
 
     /// The events that a notification of each queue should fire; the VMM
@@ -167,6 +254,7 @@ impl MmioTransport {
             self.device.reset();
             self.activated = false;
         }
+        self.quiesce = Quiesce::Awake;
         for q in &mut self.queues {
             q.reset();
         }
@@ -219,6 +307,28 @@ impl MmioTransport {
         }
     }
 
+    /// What activating (or waking) the device hands it: copies of the
+    /// queues (the transport keeps its own for register reads, reset and
+    /// saving) and the events their notifications fire.
+    fn activation(&self) -> std::io::Result<Activation> {
+        let queues = self
+            .queues
+            .iter()
+            .zip(&self.queue_events)
+            .map(|(q, e)| {
+                let mut queue = Queue::try_from(q.state()).map_err(std::io::Error::other)?;
+                queue.set_event_idx(self.acked_features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0);
+                Ok((queue, e.try_clone()?))
+            })
+            .collect::<std::io::Result<Vec<_>>>()?;
+        Ok(Activation {
+            mem: self.mem.clone(),
+            interrupt: self.interrupt.clone(),
+            queues,
+            acked_features: self.acked_features,
+        })
+    }
+
     fn activate(&mut self) {
         let valid = self
             .queues
@@ -227,28 +337,8 @@ impl MmioTransport {
         let result = if let Some(why) = &self.bad_queue_setup {
             Err(why.clone())
         } else if valid {
-            let queues = self
-                .queues
-                .iter()
-                .zip(&self.queue_events)
-                .map(|(q, e)| {
-                    // The device gets its own copy; the transport keeps the
-                    // configuration for register reads and reset.
-                    let mut queue = Queue::try_from(q.state()).map_err(std::io::Error::other)?;
-                    queue.set_event_idx(self.acked_features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0);
-                    Ok((queue, e.try_clone()?))
-                })
-                .collect::<std::io::Result<Vec<_>>>();
-            match queues {
-                Ok(queues) => self
-                    .device
-                    .activate(Activation {
-                        mem: self.mem.clone(),
-                        interrupt: self.interrupt.clone(),
-                        queues,
-                        acked_features: self.acked_features,
-                    })
-                    .map_err(|e| e.to_string()),
+            match self.activation() {
+                Ok(a) => self.device.activate(a).map_err(|e| e.to_string()),
                 Err(e) => Err(format!("cannot share a queue event: {e}")),
             }
         } else {
@@ -256,15 +346,18 @@ impl MmioTransport {
         };
         match result {
             Ok(()) => self.activated = true,
-            Err(why) => {
-                tracing::warn!(
-                    device = self.device.name(),
-                    "virtio device needs reset: {why}"
-                );
-                self.status |= VIRTIO_CONFIG_S_NEEDS_RESET;
-                self.interrupt.signal_config();
-            }
+            Err(why) => self.needs_reset(&why),
         }
+    }
+
+    /// Tells the driver the device cannot go on.
+    fn needs_reset(&mut self, why: &str) {
+        tracing::warn!(
+            device = self.device.name(),
+            "virtio device needs reset: {why}"
+        );
+        self.status |= VIRTIO_CONFIG_S_NEEDS_RESET;
+        self.interrupt.signal_config();
     }
 
     fn read_register(&self, offset: u64) -> u32 {
@@ -285,7 +378,7 @@ impl MmioTransport {
             0x044 => queue.map_or(0, |q| u32::from(q.ready())),
             0x060 => self.interrupt.status(),
             0x070 => self.status,
-            0x0fc => 0, // config generation: the config never changes
+            0x0fc => self.config_generation,
             _ => {
                 tracing::debug!(offset, "read of an unknown virtio-mmio register");
                 0
@@ -372,6 +465,8 @@ impl BusDevice for MmioTransport {
         }
     }
 }
+
+pub mod persist;
 
 #[cfg(test)]
 mod tests;

@@ -6,11 +6,20 @@
 //! starts a worker thread. [`reset`](VirtioDevice::reset) stops the worker.
 //! The transport ([`mmio::MmioTransport`]) owns everything the driver
 //! negotiates before that.
+//!
+//! Quiescing (crosvm's sleep/wake): [`sleep`](VirtioDevice::sleep) stops
+//! the worker and hands its queues back with their ring positions, after
+//! which no thread of the device touches guest memory;
+//! [`wake`](VirtioDevice::wake) starts it again with them. While asleep a
+//! device's state can be read ([`save_state`](VirtioDevice::save_state));
+//! a freshly made device takes a saved one
+//! ([`restore_state`](VirtioDevice::restore_state)). See [`persist`].
 
 pub mod block;
 pub mod console;
 pub mod mmio;
 pub mod net;
+pub mod persist;
 pub mod rng;
 pub mod vsock;
 pub mod worker;
@@ -19,11 +28,14 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use memory::GuestMemoryMmap;
-use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
 
+pub use persist::{VirtioDeviceState, VirtioStateError, VirtqueueState};
 pub use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 pub use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+/// The queue type devices hand back when they sleep.
+pub use virtio_queue::Queue;
+pub use worker::WorkerError;
 
 /// Interrupt status bits (the MMIO InterruptStatus register).
 pub const INT_VRING: u32 = 1;
@@ -79,6 +91,21 @@ impl Interrupt {
     pub fn acknowledge(&self, bits: u32) {
         self.status.fetch_and(!bits, Ordering::SeqCst);
     }
+
+    /// Restores the status bits a snapshot saved (only [`INT_VRING`] and
+    /// [`INT_CONFIG`] are kept) and, if any is set, pulses the line: an
+    /// interrupt the driver had not yet handled when the snapshot was
+    /// taken must not be lost (a spurious one is harmless, the driver
+    /// reads the status first).
+    pub fn restore_status(&self, bits: u32) {
+        let bits = bits & (INT_VRING | INT_CONFIG);
+        self.status.store(bits, Ordering::SeqCst);
+        if bits != 0 {
+            if let Err(e) = self.line.write(1) {
+                tracing::warn!("cannot raise a virtio interrupt: {e}");
+            }
+        }
+    }
 }
 
 /// Why a device could not start.
@@ -90,6 +117,8 @@ pub enum ActivateError {
     Thread(#[source] std::io::Error),
     #[error("cannot create an event")]
     Event(#[source] std::io::Error),
+    #[error("the device's earlier worker has not stopped")]
+    Worker(#[source] WorkerError),
 }
 
 /// What activation hands a device.
@@ -150,8 +179,40 @@ pub trait VirtioDevice: Send {
     /// Starts the device.
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError>;
     /// Stops the device's worker (dropping a `WorkerThread` joins it); the
-    /// device may be activated again.
+    /// device may be activated again. Whatever a sleeping device kept is
+    /// dropped too.
     fn reset(&mut self);
+
+    /// Quiesces the device: stops its worker and hands back its queues, in
+    /// order, with their ring positions (next_avail, next_used, event-idx).
+    /// Once it returns `Ok`, no thread of the device touches guest memory
+    /// until [`wake`](Self::wake). A device that is not activated (or is
+    /// asleep already) returns `Ok(None)`. Device-side state that is not a
+    /// queue (a frame waiting for receive buffers, open vsock connections)
+    /// stays in the device for `wake`. A worker stuck in its backend makes
+    /// this fail after the bounded stop ([`worker::STOP_TIMEOUT`]); the
+    /// worker has then been told to stop, and a later `sleep` or `wake`
+    /// collects it.
+    fn sleep(&mut self) -> Result<Option<Vec<Queue>>, WorkerError>;
+
+    /// Starts a sleeping device again with the queues `sleep` handed back
+    /// (or restored ones), in `activation` as activation hands them. A
+    /// device keeps what it held across the sleep.
+    fn wake(&mut self, activation: Activation) -> Result<(), ActivateError> {
+        self.activate(activation)
+    }
+
+    /// The device's own state (what it offers and what it holds between
+    /// requests, not the transport's registers or queues). Call it while
+    /// the device is asleep or not activated.
+    fn save_state(&self) -> VirtioDeviceState;
+
+    /// Takes a saved state into a freshly made, not activated device of
+    /// the same type. The state is untrusted: one of another device type
+    /// or one this device cannot honour (a disk of another size) is
+    /// refused with an error. The transport activates the device
+    /// afterwards if the saved one was activated.
+    fn restore_state(&mut self, state: &VirtioDeviceState) -> Result<(), VirtioStateError>;
 }
 
 /// A byte count as the `u32` lengths of the rings and vsock headers

@@ -34,8 +34,11 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::worker::WorkerThread;
-use super::{read_config_bytes, ActivateError, Activation, Interrupt, VirtioDevice};
+use super::worker::{stop_worker, WorkerError, WorkerThread};
+use super::{
+    read_config_bytes, ActivateError, Activation, Interrupt, VirtioDevice, VirtioDeviceState,
+    VirtioStateError,
+};
 
 /// The virtio-net header before every frame (virtio 1.x: with
 /// `num_buffers`).
@@ -225,8 +228,12 @@ pub struct Net {
     backend: Arc<Mutex<Box<dyn Backend>>>,
     vnet_hdr: bool,
     mtu: Option<u16>,
+    link_up: bool,
     stats: Arc<NetStats>,
-    worker: Option<WorkerThread>,
+    worker: Option<WorkerThread<NetWorker>>,
+    /// A sleeping device's worker (without its queues): what it held (a
+    /// frame waiting for receive buffers) survives a pause.
+    sleeping: Option<NetWorker>,
 }
 
 impl Net {
@@ -236,8 +243,10 @@ impl Net {
             vnet_hdr: backend.vnet_hdr(),
             mtu: backend.mtu(),
             backend: Arc::new(Mutex::new(backend)),
+            link_up: true,
             stats: Arc::default(),
             worker: None,
+            sleeping: None,
         }
     }
 
@@ -274,11 +283,55 @@ impl VirtioDevice for Net {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let config = config_space(self.mac, true, self.mtu.unwrap_or(1500));
+        let config = config_space(self.mac, self.link_up, self.mtu.unwrap_or(1500));
         read_config_bytes(&config, offset, data);
     }
 
     fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {
+        self.sleeping = None;
+        self.start(a)
+    }
+
+    fn reset(&mut self) {
+        self.worker = None;
+        self.sleeping = None;
+    }
+
+    fn sleep(&mut self) -> Result<Option<Vec<Queue>>, WorkerError> {
+        let Some(mut worker) = stop_worker(&mut self.worker)? else {
+            return Ok(None);
+        };
+        let queues = vec![
+            std::mem::take(&mut worker.rx),
+            std::mem::take(&mut worker.tx),
+        ];
+        self.sleeping = Some(worker);
+        Ok(Some(queues))
+    }
+
+    fn wake(&mut self, a: Activation) -> Result<(), ActivateError> {
+        self.start(a)
+    }
+
+    fn save_state(&self) -> VirtioDeviceState {
+        VirtioDeviceState::Net(self.state())
+    }
+
+    fn restore_state(&mut self, state: &VirtioDeviceState) -> Result<(), VirtioStateError> {
+        if self.worker.is_some() {
+            return Err(VirtioStateError::Active);
+        }
+        match state {
+            VirtioDeviceState::Net(s) => self.restore(s),
+            other => Err(VirtioStateError::wrong(self.name(), other)),
+        }
+    }
+}
+
+impl Net {
+    /// Starts the worker on `a`'s queues, with what a sleeping worker held
+    /// if there is one.
+    fn start(&mut self, a: Activation) -> Result<(), ActivateError> {
         let acked = a.acked_features;
         let (mem, interrupt, [(rx, rx_evt), (tx, tx_evt)]) = a.take_queues::<2>()?;
         let has = |bit: u32| acked & (1u64 << bit) != 0;
@@ -288,36 +341,46 @@ impl VirtioDevice for Net {
             tso6: has(VIRTIO_NET_F_GUEST_TSO6),
             ecn: has(VIRTIO_NET_F_GUEST_ECN),
         };
-        let worker = NetWorker {
-            mem,
-            interrupt,
-            rx,
-            tx,
-            mergeable: has(VIRTIO_NET_F_MRG_RXBUF),
+        let mut worker = self.sleeping.take().unwrap_or_else(|| NetWorker {
+            mem: mem.clone(),
+            interrupt: interrupt.clone(),
+            rx: Queue::default(),
+            tx: Queue::default(),
+            mergeable: false,
             vnet_hdr: self.vnet_hdr,
             stats: self.stats.clone(),
             rx_buf: vec![0; net::MAX_PACKET],
             rx_pending: None,
             tx_buf: Vec::new(),
             tx_blocked: false,
-        };
+        });
+        worker.mem = mem;
+        worker.interrupt = interrupt;
+        worker.rx = rx;
+        worker.tx = tx;
+        worker.mergeable = has(VIRTIO_NET_F_MRG_RXBUF);
+        worker.tx_blocked = false;
         let backend = self.backend.clone();
         let thread = WorkerThread::spawn("virtio-net", move |kill| {
-            let mut backend = backend
-                .lock()
-                .map_err(|_| std::io::Error::other("the backend's last worker panicked"))?;
-            if let Err(e) = backend.set_offloads(offloads) {
-                tracing::warn!("virtio-net: the backend refused offloads {offloads:?}: {e}");
+            let mut worker = worker;
+            match backend.lock() {
+                Ok(mut backend) => {
+                    if let Err(e) = backend.set_offloads(offloads) {
+                        tracing::warn!(
+                            "virtio-net: the backend refused offloads {offloads:?}: {e}"
+                        );
+                    }
+                    if let Err(e) = worker.run(&mut **backend, &[rx_evt, tx_evt], &kill) {
+                        tracing::error!("virtio-net worker stopped: {e}");
+                    }
+                }
+                Err(_) => tracing::error!("virtio-net: the backend's last worker panicked"),
             }
-            worker.run(&mut **backend, [rx_evt, tx_evt], kill)
+            worker
         })
         .map_err(ActivateError::Thread)?;
         self.worker = Some(thread);
         Ok(())
-    }
-
-    fn reset(&mut self) {
-        self.worker = None;
     }
 }
 
@@ -325,6 +388,14 @@ const RX_EVT: u64 = 0;
 const TX_EVT: u64 = 1;
 const BACKEND: u64 = 2;
 const KILL: u64 = 3;
+
+impl std::fmt::Debug for NetWorker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NetWorker")
+            .field("rx_pending", &self.rx_pending)
+            .finish_non_exhaustive()
+    }
+}
 
 /// The device's thread: both queues and the backend.
 struct NetWorker {
@@ -345,11 +416,12 @@ struct NetWorker {
 }
 
 impl NetWorker {
+    /// Serves the queues and the backend until `kill` fires.
     fn run(
-        mut self,
+        &mut self,
         backend: &mut dyn Backend,
-        [rx_evt, tx_evt]: [EventFd; 2],
-        kill: EventFd,
+        [rx_evt, tx_evt]: &[EventFd; 2],
+        kill: &EventFd,
     ) -> std::io::Result<()> {
         let epoll = Epoll::new()?;
         for (fd, key) in [
@@ -367,8 +439,10 @@ impl NetWorker {
         let mut interest = EventSet::IN;
         let mut ready = [EpollEvent::default(); 4];
         // Whether the transmit queue still held frames after a turn: then
-        // the next turn comes at once (the guest will not kick again).
-        let mut tx_more = false;
+        // the next turn comes at once (the guest will not kick again). The
+        // first turn comes at once too: frames the guest queued while the
+        // device slept, or whose kick went with a snapshot's old process.
+        let mut tx_more = true;
         loop {
             let timeout = if tx_more { 0 } else { -1 };
             let n = match epoll.wait(timeout, &mut ready) {
@@ -498,305 +572,9 @@ impl NetWorker {
     }
 }
 
+pub mod persist;
+
 #[cfg(test)]
 // Test lengths, indices and byte patterns are small constants.
 #[allow(clippy::cast_possible_truncation)]
-mod tests {
-    use super::*;
-    use crate::test_util::desc as d;
-    use virtio_queue::mock::MockSplitQueue;
-    use vm_memory::{Bytes, GuestAddress};
-
-    fn mem() -> GuestMemoryMmap {
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap()
-    }
-
-    #[test]
-    fn config_space_has_the_mac_and_link_status() {
-        let a = MacAddr::for_vm("web", 0);
-        let c = config_space(a, true, 65_520);
-        assert_eq!(&c[..6], &a.0);
-        assert_eq!(u16::from_le_bytes([c[6], c[7]]), 1);
-        assert_eq!(u16::from_le_bytes([c[10], c[11]]), 65_520);
-        let down = config_space(a, false, 1500);
-        assert_eq!(u16::from_le_bytes([down[6], down[7]]), 0);
-    }
-
-    #[test]
-    fn transmitted_frames_lose_their_header_and_bad_ones_are_counted() {
-        let m = mem();
-        let mock = MockSplitQueue::new(&m, 16);
-        // A frame split over two descriptors, one too short, one too long.
-        let frame: Vec<u8> = (0..60u8).collect();
-        m.write_slice(&[0u8; HDR_LEN], GuestAddress(0x10000))
-            .unwrap();
-        m.write_slice(&frame, GuestAddress(0x20000)).unwrap();
-        mock.add_desc_chains(
-            &[
-                d(0x10000, HDR_LEN as u32, crate::test_util::F_NEXT, 1),
-                d(0x20000, 60, 0, 0),
-                d(0x30000, (HDR_LEN + 10) as u32, 0, 0),
-                d(0x40000, (HDR_LEN + MAX_FRAME + 1) as u32, 0, 0),
-            ],
-            0,
-        )
-        .unwrap();
-        let mut q: Queue = mock.create_queue().unwrap();
-        let stats = NetStats::default();
-        let mut got = Vec::new();
-        let mut buf = Vec::new();
-        assert!(take_tx_frames(&mut q, &m, &stats, &mut buf, &mut |p| {
-            got.push(p[HDR_LEN..].to_vec());
-            true
-        }));
-        assert_eq!(got, vec![frame]);
-        assert_eq!(stats.tx_frames.load(Ordering::Relaxed), 1);
-        assert_eq!(stats.tx_dropped.load(Ordering::Relaxed), 2);
-        assert_eq!(mock.used().idx().load(), 3, "every chain is returned");
-    }
-
-    #[test]
-    fn received_frames_merge_buffers_or_wait_for_them() {
-        let m = mem();
-        let mock = MockSplitQueue::new(&m, 16);
-        let w = crate::test_util::F_WRITE;
-        // Three 1 KiB buffers: a 2500-byte frame needs all three.
-        mock.build_multiple_desc_chains(&[
-            d(0x10000, 1024, w, 0),
-            d(0x20000, 1024, w, 0),
-            d(0x30000, 1024, w, 0),
-        ])
-        .unwrap();
-        let mut q: Queue = mock.create_queue().unwrap();
-        let stats = NetStats::default();
-        let frame: Vec<u8> = (0..2500u32).map(|i| i as u8).collect();
-        let mut packet = [&[0u8; HDR_LEN][..], &frame].concat();
-        assert_eq!(
-            deliver_rx_frame(&mut q, &m, true, &stats, &mut packet),
-            Ok(())
-        );
-        let mut first = [0u8; 1024];
-        m.read_slice(&mut first, GuestAddress(0x10000)).unwrap();
-        assert_eq!(u16::from_le_bytes([first[10], first[11]]), 3, "num_buffers");
-        assert_eq!(&first[HDR_LEN..], &frame[..1024 - HDR_LEN]);
-        let mut third = vec![0u8; 2500 + HDR_LEN - 2048];
-        m.read_slice(&mut third, GuestAddress(0x30000)).unwrap();
-        assert_eq!(&third[..], &frame[2048 - HDR_LEN..]);
-        let lens: Vec<u32> = (0..3)
-            .map(|i| mock.used().ring().ref_at(i).unwrap().load().len())
-            .collect();
-        assert_eq!(lens, [1024, 1024, (2500 + HDR_LEN - 2048) as u32]);
-        // No buffers left: the frame waits, nothing is consumed.
-        assert_eq!(
-            deliver_rx_frame(&mut q, &m, true, &stats, &mut packet),
-            Err(RxError::NoBuffers)
-        );
-        assert_eq!(mock.used().idx().load(), 3);
-        // Oversized: dropped.
-        let mut huge = vec![0u8; HDR_LEN + MAX_FRAME + 1];
-        assert_eq!(
-            deliver_rx_frame(&mut q, &m, true, &stats, &mut huge),
-            Err(RxError::Dropped)
-        );
-        assert_eq!(stats.rx_dropped.load(Ordering::Relaxed), 1);
-    }
-
-    #[test]
-    fn without_merging_a_small_buffer_drops_the_frame() {
-        let m = mem();
-        let mock = MockSplitQueue::new(&m, 16);
-        let w = crate::test_util::F_WRITE;
-        mock.build_multiple_desc_chains(&[d(0x10000, 100, w, 0), d(0x20000, 4096, w, 0)])
-            .unwrap();
-        let mut q: Queue = mock.create_queue().unwrap();
-        let stats = NetStats::default();
-        let mut packet = [&[0u8; HDR_LEN][..], &[7u8; 500]].concat();
-        assert_eq!(
-            deliver_rx_frame(&mut q, &m, false, &stats, &mut packet),
-            Err(RxError::Dropped)
-        );
-        assert_eq!(
-            deliver_rx_frame(&mut q, &m, false, &stats, &mut packet),
-            Ok(())
-        );
-        assert_eq!(
-            mock.used().ring().ref_at(1).unwrap().load().len(),
-            (500 + HDR_LEN) as u32
-        );
-        // A buffer outside guest RAM is not a panic.
-        let mock = MockSplitQueue::new(&m, 16);
-        mock.build_desc_chain(&[d(0xffff_0000_0000, 4096, w, 0)])
-            .unwrap();
-        let mut q: Queue = mock.create_queue().unwrap();
-        let _ = deliver_rx_frame(&mut q, &m, true, &stats, &mut packet);
-    }
-
-    /// A backend in memory: frames to hand the guest, frames the guest
-    /// sent, and a switch that makes it refuse frames for now.
-    #[derive(Debug, Default)]
-    struct FakeBackend {
-        incoming: std::collections::VecDeque<Vec<u8>>,
-        sent: Vec<Vec<u8>>,
-        full: bool,
-        vnet: bool,
-    }
-
-    impl Backend for FakeBackend {
-        fn fd(&self) -> std::os::fd::RawFd {
-            -1
-        }
-        fn vnet_hdr(&self) -> bool {
-            self.vnet
-        }
-        fn send(&mut self, frame: &[u8]) -> std::io::Result<()> {
-            if self.full {
-                return Err(std::io::ErrorKind::WouldBlock.into());
-            }
-            self.sent.push(frame.to_vec());
-            Ok(())
-        }
-        fn recv(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-            let f = self
-                .incoming
-                .pop_front()
-                .ok_or(std::io::ErrorKind::WouldBlock)?;
-            buf[..f.len()].copy_from_slice(&f);
-            Ok(f.len())
-        }
-    }
-
-    fn worker(m: &GuestMemoryMmap, rx: Queue, tx: Queue, vnet: bool) -> NetWorker {
-        NetWorker {
-            mem: m.clone(),
-            interrupt: Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap())),
-            rx,
-            tx,
-            mergeable: false,
-            vnet_hdr: vnet,
-            stats: Arc::default(),
-            rx_buf: vec![0; net::MAX_PACKET],
-            rx_pending: None,
-            tx_buf: Vec::new(),
-            tx_blocked: false,
-        }
-    }
-
-    #[test]
-    fn a_busy_backend_leaves_frames_queued_and_frames_wait_for_buffers() {
-        let m = mem();
-        let rxq = MockSplitQueue::new(&m, 16);
-        let txq = MockSplitQueue::create(&m, GuestAddress(0x200000), 16);
-        let w = crate::test_util::F_WRITE;
-        for i in 0..3u16 {
-            let addr = 0x10000 + u64::from(i) * 0x1000;
-            m.write_slice(&[i as u8 + 1; HDR_LEN + 60], GuestAddress(addr))
-                .unwrap();
-            txq.add_desc_chains(&[d(addr, (HDR_LEN + 60) as u32, 0, 0)], i)
-                .unwrap();
-        }
-        rxq.add_desc_chains(&[d(0x80000, 2048, w, 0)], 0).unwrap();
-        let mut nw = worker(
-            &m,
-            rxq.create_queue().unwrap(),
-            txq.create_queue().unwrap(),
-            false,
-        );
-        let mut be = FakeBackend {
-            full: true,
-            ..FakeBackend::default()
-        };
-        // Refused: the frame stays in the queue, the device waits.
-        nw.process_tx(&mut be);
-        assert!(nw.tx_blocked && be.sent.is_empty());
-        assert_eq!(txq.used().idx().load(), 0);
-        be.full = false;
-        nw.process_tx(&mut be);
-        assert!(!nw.tx_blocked);
-        assert_eq!(be.sent.len(), 3, "all three, in order, without header");
-        assert!(be
-            .sent
-            .iter()
-            .enumerate()
-            .all(|(i, f)| f == &vec![i as u8 + 1; 60]));
-
-        // Two frames and a runt from the backend, one buffer: the first
-        // goes in, the second waits for the next buffer, the runt is
-        // skipped.
-        be.incoming.push_back(vec![0xaa; 100]);
-        be.incoming.push_back(vec![1, 2, 3]);
-        be.incoming.push_back(vec![0xbb; 200]);
-        nw.process_rx(&mut be);
-        assert_eq!(nw.rx_pending, Some(HDR_LEN + 200));
-        let mut got = vec![0u8; HDR_LEN + 100];
-        m.read_slice(&mut got, GuestAddress(0x80000)).unwrap();
-        assert_eq!(&got[..HDR_LEN], &[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0]);
-        assert_eq!(&got[HDR_LEN..], &[0xaa; 100][..]);
-        rxq.add_desc_chains(&[d(0x90000, 2048, w, 0)], 1).unwrap();
-        nw.process_rx(&mut be);
-        assert_eq!(nw.rx_pending, None);
-        let mut got = vec![0u8; 200];
-        m.read_slice(&mut got, GuestAddress(0x90000 + HDR_LEN as u64))
-            .unwrap();
-        assert_eq!(got, vec![0xbb; 200]);
-        assert_eq!(nw.stats.rx_frames.load(Ordering::Relaxed), 2);
-    }
-
-    #[test]
-    fn a_backend_with_headers_gets_and_gives_them_whole() {
-        let m = mem();
-        let rxq = MockSplitQueue::new(&m, 16);
-        let txq = MockSplitQueue::create(&m, GuestAddress(0x200000), 16);
-        let mut packet = vec![0u8; HDR_LEN + 60];
-        packet[0] = 1; // NEEDS_CSUM
-        packet[HDR_LEN..].fill(9);
-        m.write_slice(&packet, GuestAddress(0x10000)).unwrap();
-        txq.add_desc_chains(&[d(0x10000, packet.len() as u32, 0, 0)], 0)
-            .unwrap();
-        rxq.add_desc_chains(&[d(0x80000, 4096, crate::test_util::F_WRITE, 0)], 0)
-            .unwrap();
-        let mut nw = worker(
-            &m,
-            rxq.create_queue().unwrap(),
-            txq.create_queue().unwrap(),
-            true,
-        );
-        let mut be = FakeBackend {
-            vnet: true,
-            ..FakeBackend::default()
-        };
-        nw.process_tx(&mut be);
-        assert_eq!(be.sent, vec![packet.clone()]);
-        let mut incoming = vec![0u8; HDR_LEN + 100];
-        incoming[0] = 2; // DATA_VALID
-        be.incoming.push_back(incoming.clone());
-        nw.process_rx(&mut be);
-        let mut got = vec![0u8; incoming.len()];
-        m.read_slice(&mut got, GuestAddress(0x80000)).unwrap();
-        incoming[10] = 1; // num_buffers
-        assert_eq!(got, incoming);
-    }
-
-    #[test]
-    fn a_long_transmit_queue_is_served_in_turns_without_a_new_kick() {
-        let m = mem();
-        let rxq = MockSplitQueue::new(&m, 16);
-        let txq = MockSplitQueue::create(&m, GuestAddress(0x200000), 512);
-        m.write_slice(&[0u8; HDR_LEN + 60], GuestAddress(0x10000))
-            .unwrap();
-        for i in 0..300u16 {
-            txq.add_desc_chains(&[d(0x10000, (HDR_LEN + 60) as u32, 0, 0)], i)
-                .unwrap();
-        }
-        let mut nw = worker(
-            &m,
-            rxq.create_queue().unwrap(),
-            txq.create_queue().unwrap(),
-            false,
-        );
-        let mut be = FakeBackend::default();
-        assert!(nw.process_tx(&mut be), "more to do after one turn");
-        assert_eq!(be.sent.len(), BUDGET);
-        assert!(!nw.process_tx(&mut be));
-        assert_eq!(be.sent.len(), 300);
-    }
-}
+mod tests;

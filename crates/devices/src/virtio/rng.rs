@@ -5,8 +5,11 @@ use virtio_bindings::virtio_ids::VIRTIO_ID_RNG;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 
-use super::worker::WorkerThread;
-use super::{ActivateError, Activation, Interrupt, VirtioDevice};
+use super::persist::RngState;
+use super::worker::{stop_worker, WorkerError, WorkerThread};
+use super::{
+    ActivateError, Activation, Interrupt, VirtioDevice, VirtioDeviceState, VirtioStateError,
+};
 
 const QUEUE_SIZE: u16 = 256;
 /// The most bytes one request gets, however large its buffers: the guest
@@ -15,7 +18,7 @@ pub const MAX_REQUEST: usize = 64 * 1024;
 
 #[derive(Debug, Default)]
 pub struct Rng {
-    worker: Option<WorkerThread>,
+    worker: Option<WorkerThread<Queue>>,
 }
 
 impl Rng {
@@ -97,9 +100,9 @@ impl VirtioDevice for Rng {
     }
 
     fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {
-        let (mem, interrupt, [(mut queue, event)]) = a.take_queues::<1>()?;
-        let worker = WorkerThread::start("virtio-rng", vec![event], move |_| {
-            process_queue(&mut queue, &mem, &interrupt);
+        let (mem, interrupt, [(queue, event)]) = a.take_queues::<1>()?;
+        let worker = WorkerThread::start("virtio-rng", vec![event], queue, move |queue, _| {
+            process_queue(queue, &mem, &interrupt);
         })
         .map_err(ActivateError::Thread)?;
         self.worker = Some(worker);
@@ -108,6 +111,24 @@ impl VirtioDevice for Rng {
 
     fn reset(&mut self) {
         self.worker = None;
+    }
+
+    fn sleep(&mut self) -> Result<Option<Vec<Queue>>, WorkerError> {
+        Ok(stop_worker(&mut self.worker)?.map(|q| vec![q]))
+    }
+
+    fn save_state(&self) -> VirtioDeviceState {
+        VirtioDeviceState::Rng(RngState {})
+    }
+
+    fn restore_state(&mut self, state: &VirtioDeviceState) -> Result<(), VirtioStateError> {
+        if self.worker.is_some() {
+            return Err(VirtioStateError::Active);
+        }
+        match state {
+            VirtioDeviceState::Rng(RngState {}) => Ok(()),
+            other => Err(VirtioStateError::wrong(self.name(), other)),
+        }
     }
 }
 

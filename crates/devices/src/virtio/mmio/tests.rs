@@ -9,12 +9,17 @@ use crate::virtio::{ActivateError, INT_CONFIG};
 struct Record {
     activations: Vec<(usize, u64)>,
     resets: usize,
+    /// The next_avail of each queue the device was last started with.
+    started_at: Vec<u16>,
+    sleeps: usize,
 }
 
 struct FakeDevice {
     record: Arc<Mutex<Record>>,
     sizes: Vec<u16>,
     fail: bool,
+    /// The queues of a running device.
+    queues: Option<Vec<Queue>>,
 }
 
 impl VirtioDevice for FakeDevice {
@@ -40,15 +45,37 @@ impl VirtioDevice for FakeDevice {
                 got: 1,
             });
         }
-        self.record
-            .lock()
-            .unwrap()
-            .activations
-            .push((a.queues.len(), a.acked_features));
+        let mut record = self.record.lock().unwrap();
+        record.activations.push((a.queues.len(), a.acked_features));
+        record.started_at = a.queues.iter().map(|(q, _)| q.next_avail()).collect();
+        self.queues = Some(a.queues.into_iter().map(|(q, _)| q).collect());
         Ok(())
     }
     fn reset(&mut self) {
         self.record.lock().unwrap().resets += 1;
+        self.queues = None;
+    }
+    fn sleep(&mut self) -> Result<Option<Vec<Queue>>, crate::virtio::WorkerError> {
+        self.record.lock().unwrap().sleeps += 1;
+        Ok(self.queues.take().map(|mut qs| {
+            // As if the worker had served three requests on each queue.
+            for q in &mut qs {
+                q.set_next_avail(q.next_avail().wrapping_add(3));
+            }
+            qs
+        }))
+    }
+    fn save_state(&self) -> crate::virtio::VirtioDeviceState {
+        crate::virtio::VirtioDeviceState::Rng(crate::virtio::persist::RngState {})
+    }
+    fn restore_state(
+        &mut self,
+        state: &crate::virtio::VirtioDeviceState,
+    ) -> Result<(), crate::virtio::VirtioStateError> {
+        match state {
+            crate::virtio::VirtioDeviceState::Rng(_) => Ok(()),
+            other => Err(crate::virtio::VirtioStateError::wrong("fake", other)),
+        }
     }
 }
 
@@ -67,6 +94,7 @@ fn harness(fail: bool) -> Harness {
         record: record.clone(),
         sizes: vec![16, 8],
         fail,
+        queues: None,
     };
     let t = MmioTransport::new(Box::new(device), mem, interrupt).unwrap();
     Harness { t, record, line }

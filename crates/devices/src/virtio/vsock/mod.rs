@@ -4,6 +4,7 @@
 pub mod connection;
 pub mod muxer;
 pub mod packet;
+pub mod persist;
 
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -11,8 +12,12 @@ use std::sync::Arc;
 
 use virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
 
-use super::worker::WorkerThread;
-use super::{read_config_bytes, ActivateError, Activation, VirtioDevice};
+use virtio_queue::Queue;
+
+use super::worker::{stop_worker, WorkerError, WorkerThread};
+use super::{
+    read_config_bytes, ActivateError, Activation, VirtioDevice, VirtioDeviceState, VirtioStateError,
+};
 use muxer::{Guest, Muxer, VsockStats};
 
 /// rx, tx, event.
@@ -43,7 +48,13 @@ pub struct Vsock {
     path: PathBuf,
     listener: UnixListener,
     stats: Arc<VsockStats>,
-    worker: Option<WorkerThread>,
+    worker: Option<WorkerThread<Muxer>>,
+    /// A sleeping device's muxer (without its queues): the connections
+    /// survive a pause.
+    sleeping: Option<Muxer>,
+    /// Restored from a snapshot: the next activation tells the guest its
+    /// connections are gone (VIRTIO_VSOCK_EVENT_TRANSPORT_RESET).
+    reset_on_activate: bool,
 }
 
 impl Vsock {
@@ -70,6 +81,8 @@ impl Vsock {
             listener,
             stats: Arc::default(),
             worker: None,
+            sleeping: None,
+            reset_on_activate: false,
         })
     }
 
@@ -81,6 +94,7 @@ impl Vsock {
 impl Drop for Vsock {
     fn drop(&mut self) {
         self.worker = None;
+        self.sleeping = None;
         let _ = std::fs::remove_file(&self.path);
     }
 }
@@ -102,33 +116,87 @@ impl VirtioDevice for Vsock {
     }
 
     fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {
-        let (mem, interrupt, [(rx, rx_evt), (tx, tx_evt), (_, ev_evt)]) = a.take_queues::<3>()?;
-        let listener = self.listener.try_clone().map_err(ActivateError::Event)?;
-        let guest = Guest {
-            mem,
-            interrupt,
-            rx,
-            tx,
-        };
-        let muxer = Muxer::new(
-            self.guest_cid,
-            &self.path,
-            listener,
-            guest,
-            self.stats.clone(),
-        )
-        .map_err(ActivateError::Event)?;
-        let worker = WorkerThread::spawn("virtio-vsock", move |kill| {
-            muxer.run([rx_evt, tx_evt, ev_evt], kill)
-        })
-        .map_err(ActivateError::Thread)?;
-        self.worker = Some(worker);
-        Ok(())
+        // A new driver: connections of an earlier one are gone.
+        self.sleeping = None;
+        self.start(a)
     }
 
     fn reset(&mut self) {
         // Dropping the muxer closes every connection's host socket.
         self.worker = None;
+        self.sleeping = None;
+    }
+
+    fn sleep(&mut self) -> Result<Option<Vec<Queue>>, WorkerError> {
+        let Some(mut muxer) = stop_worker(&mut self.worker)? else {
+            return Ok(None);
+        };
+        let queues = muxer.detach();
+        self.sleeping = Some(muxer);
+        Ok(Some(queues))
+    }
+
+    fn wake(&mut self, a: Activation) -> Result<(), ActivateError> {
+        self.start(a)
+    }
+
+    fn save_state(&self) -> VirtioDeviceState {
+        VirtioDeviceState::Vsock(self.state())
+    }
+
+    fn restore_state(&mut self, state: &VirtioDeviceState) -> Result<(), VirtioStateError> {
+        if self.worker.is_some() {
+            return Err(VirtioStateError::Active);
+        }
+        match state {
+            VirtioDeviceState::Vsock(s) => self.restore(s),
+            other => Err(VirtioStateError::wrong(self.name(), other)),
+        }
+    }
+}
+
+impl Vsock {
+    /// Runs the muxer — a sleeping one with its connections, or a new one —
+    /// on `a`'s queues.
+    fn start(&mut self, a: Activation) -> Result<(), ActivateError> {
+        let (mem, interrupt, [(rx, rx_evt), (tx, tx_evt), (events, ev_evt)]) =
+            a.take_queues::<3>()?;
+        let guest = Guest {
+            mem,
+            interrupt,
+            rx,
+            tx,
+            events,
+        };
+        let mut muxer = match self.sleeping.take() {
+            Some(mut muxer) => {
+                muxer.attach(guest);
+                muxer
+            }
+            None => {
+                let listener = self.listener.try_clone().map_err(ActivateError::Event)?;
+                Muxer::new(
+                    self.guest_cid,
+                    &self.path,
+                    listener,
+                    guest,
+                    self.stats.clone(),
+                )
+                .map_err(ActivateError::Event)?
+            }
+        };
+        if std::mem::take(&mut self.reset_on_activate) {
+            muxer.request_transport_reset();
+        }
+        let worker = WorkerThread::spawn("virtio-vsock", move |kill| {
+            if let Err(e) = muxer.run(&[rx_evt, tx_evt, ev_evt], &kill) {
+                tracing::error!("virtio-vsock worker stopped: {e}");
+            }
+            muxer
+        })
+        .map_err(ActivateError::Thread)?;
+        self.worker = Some(worker);
+        Ok(())
     }
 }
 

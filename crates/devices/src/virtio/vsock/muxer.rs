@@ -141,12 +141,22 @@ impl HostConn {
 }
 
 /// The device side a muxer serves: guest memory, the interrupt and the
-/// receive and transmit queues.
+/// receive, transmit and event queues.
 pub struct Guest {
     pub mem: GuestMemoryMmap,
     pub interrupt: Arc<Interrupt>,
     pub rx: Queue,
     pub tx: Queue,
+    pub events: Queue,
+}
+
+impl std::fmt::Debug for Muxer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Muxer")
+            .field("guest_cid", &self.guest_cid)
+            .field("connections", &self.conns.len())
+            .finish_non_exhaustive()
+    }
 }
 
 pub struct Muxer {
@@ -167,6 +177,8 @@ pub struct Muxer {
     stats: Arc<VsockStats>,
     buf: Vec<u8>,
     max_connections: usize,
+    /// A transport-reset event waits for a buffer in the event queue.
+    transport_reset: bool,
 }
 
 impl Muxer {
@@ -207,12 +219,66 @@ impl Muxer {
             stats,
             buf: vec![0u8; MAX_PAYLOAD as usize],
             max_connections: MAX_CONNECTIONS,
+            transport_reset: false,
         })
     }
 
+    /// Tells the guest, as soon as its event queue has a buffer, that the
+    /// transport was reset: it drops every socket (a restored device,
+    /// whose connections stayed with the snapshot's process).
+    pub fn request_transport_reset(&mut self) {
+        self.transport_reset = true;
+    }
+
+    /// Whether a transport reset still waits for an event buffer.
+    pub fn transport_reset_pending(&self) -> bool {
+        self.transport_reset
+    }
+
+    /// Sends a pending transport reset if the guest gave an event buffer.
+    pub fn deliver_events(&mut self) {
+        let g = &mut self.guest;
+        if self.transport_reset
+            && super::persist::send_transport_reset(&mut g.events, &g.mem, &g.interrupt)
+        {
+            self.transport_reset = false;
+        }
+    }
+
+    /// Takes the queues (rx, tx, event) out, for a sleeping device; the
+    /// connections stay. [`attach`](Self::attach) gives it queues again.
+    pub fn detach(&mut self) -> Vec<Queue> {
+        let g = &mut self.guest;
+        [&mut g.rx, &mut g.tx, &mut g.events]
+            .into_iter()
+            .map(std::mem::take)
+            .collect()
+    }
+
+    /// Serves `guest` from now on (a woken device).
+    pub fn attach(&mut self, guest: Guest) {
+        self.guest = guest;
+    }
+
     /// Runs until `kill` fires. `queue_events` are the rx, tx and event
-    /// queues' notifications.
-    pub fn run(mut self, queue_events: [EventFd; 3], kill: EventFd) -> std::io::Result<()> {
+    /// queues' notifications; they and `kill` are watched only while this
+    /// runs, so the muxer can run again (after a sleep) on new ones.
+    pub fn run(&mut self, queue_events: &[EventFd; 3], kill: &EventFd) -> std::io::Result<()> {
+        let result = self.serve(queue_events, kill);
+        for fd in queue_events.iter().map(AsRawFd::as_raw_fd) {
+            let _ = self
+                .epoll
+                .ctl(ControlOperation::Delete, fd, EpollEvent::default());
+        }
+        let _ = self.epoll.ctl(
+            ControlOperation::Delete,
+            kill.as_raw_fd(),
+            EpollEvent::default(),
+        );
+        result
+    }
+
+    fn serve(&mut self, queue_events: &[EventFd; 3], kill: &EventFd) -> std::io::Result<()> {
         for (i, evt) in queue_events.iter().enumerate() {
             self.epoll.ctl(
                 ControlOperation::Add,
@@ -225,9 +291,11 @@ impl Muxer {
             kill.as_raw_fd(),
             EpollEvent::new(EventSet::IN, KILL),
         )?;
-        // Packets the guest queued before activation finished.
+        // Packets the guest queued before activation finished (or while
+        // the device slept).
         self.process_tx();
         self.fill_rx();
+        self.deliver_events();
         let mut ready = vec![EpollEvent::default(); 64];
         loop {
             let n = match self.epoll.wait(-1, &mut ready) {
@@ -244,6 +312,8 @@ impl Muxer {
                         }
                         if i == TX {
                             self.process_tx();
+                        } else if i == EVENTS {
+                            self.deliver_events();
                         }
                     }
                     token => self.host_event(token, event.event_set()),

@@ -159,6 +159,7 @@ impl Fixture {
             interrupt: Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap())),
             rx: drv.rx.create_queue().unwrap(),
             tx: drv.tx.create_queue().unwrap(),
+            events: virtio_queue::Queue::default(),
         };
         Muxer::new(CID, &self.path, listener, guest, self.stats.clone()).unwrap()
     }

@@ -1,0 +1,298 @@
+//! virtio-net against mock queues and an in-memory backend.
+use super::*;
+use crate::test_util::desc as d;
+use virtio_queue::mock::MockSplitQueue;
+use vm_memory::{Bytes, GuestAddress};
+
+fn mem() -> GuestMemoryMmap {
+    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap()
+}
+
+#[test]
+fn config_space_has_the_mac_and_link_status() {
+    let a = MacAddr::for_vm("web", 0);
+    let c = config_space(a, true, 65_520);
+    assert_eq!(&c[..6], &a.0);
+    assert_eq!(u16::from_le_bytes([c[6], c[7]]), 1);
+    assert_eq!(u16::from_le_bytes([c[10], c[11]]), 65_520);
+    let down = config_space(a, false, 1500);
+    assert_eq!(u16::from_le_bytes([down[6], down[7]]), 0);
+}
+
+#[test]
+fn transmitted_frames_lose_their_header_and_bad_ones_are_counted() {
+    let m = mem();
+    let mock = MockSplitQueue::new(&m, 16);
+    // A frame split over two descriptors, one too short, one too long.
+    let frame: Vec<u8> = (0..60u8).collect();
+    m.write_slice(&[0u8; HDR_LEN], GuestAddress(0x10000))
+        .unwrap();
+    m.write_slice(&frame, GuestAddress(0x20000)).unwrap();
+    mock.add_desc_chains(
+        &[
+            d(0x10000, HDR_LEN as u32, crate::test_util::F_NEXT, 1),
+            d(0x20000, 60, 0, 0),
+            d(0x30000, (HDR_LEN + 10) as u32, 0, 0),
+            d(0x40000, (HDR_LEN + MAX_FRAME + 1) as u32, 0, 0),
+        ],
+        0,
+    )
+    .unwrap();
+    let mut q: Queue = mock.create_queue().unwrap();
+    let stats = NetStats::default();
+    let mut got = Vec::new();
+    let mut buf = Vec::new();
+    assert!(take_tx_frames(&mut q, &m, &stats, &mut buf, &mut |p| {
+        got.push(p[HDR_LEN..].to_vec());
+        true
+    }));
+    assert_eq!(got, vec![frame]);
+    assert_eq!(stats.tx_frames.load(Ordering::Relaxed), 1);
+    assert_eq!(stats.tx_dropped.load(Ordering::Relaxed), 2);
+    assert_eq!(mock.used().idx().load(), 3, "every chain is returned");
+}
+
+#[test]
+fn received_frames_merge_buffers_or_wait_for_them() {
+    let m = mem();
+    let mock = MockSplitQueue::new(&m, 16);
+    let w = crate::test_util::F_WRITE;
+    // Three 1 KiB buffers: a 2500-byte frame needs all three.
+    mock.build_multiple_desc_chains(&[
+        d(0x10000, 1024, w, 0),
+        d(0x20000, 1024, w, 0),
+        d(0x30000, 1024, w, 0),
+    ])
+    .unwrap();
+    let mut q: Queue = mock.create_queue().unwrap();
+    let stats = NetStats::default();
+    let frame: Vec<u8> = (0..2500u32).map(|i| i as u8).collect();
+    let mut packet = [&[0u8; HDR_LEN][..], &frame].concat();
+    assert_eq!(
+        deliver_rx_frame(&mut q, &m, true, &stats, &mut packet),
+        Ok(())
+    );
+    let mut first = [0u8; 1024];
+    m.read_slice(&mut first, GuestAddress(0x10000)).unwrap();
+    assert_eq!(u16::from_le_bytes([first[10], first[11]]), 3, "num_buffers");
+    assert_eq!(&first[HDR_LEN..], &frame[..1024 - HDR_LEN]);
+    let mut third = vec![0u8; 2500 + HDR_LEN - 2048];
+    m.read_slice(&mut third, GuestAddress(0x30000)).unwrap();
+    assert_eq!(&third[..], &frame[2048 - HDR_LEN..]);
+    let lens: Vec<u32> = (0..3)
+        .map(|i| mock.used().ring().ref_at(i).unwrap().load().len())
+        .collect();
+    assert_eq!(lens, [1024, 1024, (2500 + HDR_LEN - 2048) as u32]);
+    // No buffers left: the frame waits, nothing is consumed.
+    assert_eq!(
+        deliver_rx_frame(&mut q, &m, true, &stats, &mut packet),
+        Err(RxError::NoBuffers)
+    );
+    assert_eq!(mock.used().idx().load(), 3);
+    // Oversized: dropped.
+    let mut huge = vec![0u8; HDR_LEN + MAX_FRAME + 1];
+    assert_eq!(
+        deliver_rx_frame(&mut q, &m, true, &stats, &mut huge),
+        Err(RxError::Dropped)
+    );
+    assert_eq!(stats.rx_dropped.load(Ordering::Relaxed), 1);
+}
+
+#[test]
+fn without_merging_a_small_buffer_drops_the_frame() {
+    let m = mem();
+    let mock = MockSplitQueue::new(&m, 16);
+    let w = crate::test_util::F_WRITE;
+    mock.build_multiple_desc_chains(&[d(0x10000, 100, w, 0), d(0x20000, 4096, w, 0)])
+        .unwrap();
+    let mut q: Queue = mock.create_queue().unwrap();
+    let stats = NetStats::default();
+    let mut packet = [&[0u8; HDR_LEN][..], &[7u8; 500]].concat();
+    assert_eq!(
+        deliver_rx_frame(&mut q, &m, false, &stats, &mut packet),
+        Err(RxError::Dropped)
+    );
+    assert_eq!(
+        deliver_rx_frame(&mut q, &m, false, &stats, &mut packet),
+        Ok(())
+    );
+    assert_eq!(
+        mock.used().ring().ref_at(1).unwrap().load().len(),
+        (500 + HDR_LEN) as u32
+    );
+    // A buffer outside guest RAM is not a panic.
+    let mock = MockSplitQueue::new(&m, 16);
+    mock.build_desc_chain(&[d(0xffff_0000_0000, 4096, w, 0)])
+        .unwrap();
+    let mut q: Queue = mock.create_queue().unwrap();
+    let _ = deliver_rx_frame(&mut q, &m, true, &stats, &mut packet);
+}
+
+/// A backend in memory: frames to hand the guest, frames the guest
+/// sent, and a switch that makes it refuse frames for now.
+#[derive(Debug, Default)]
+struct FakeBackend {
+    incoming: std::collections::VecDeque<Vec<u8>>,
+    sent: Vec<Vec<u8>>,
+    full: bool,
+    vnet: bool,
+}
+
+impl Backend for FakeBackend {
+    fn fd(&self) -> std::os::fd::RawFd {
+        -1
+    }
+    fn vnet_hdr(&self) -> bool {
+        self.vnet
+    }
+    fn send(&mut self, frame: &[u8]) -> std::io::Result<()> {
+        if self.full {
+            return Err(std::io::ErrorKind::WouldBlock.into());
+        }
+        self.sent.push(frame.to_vec());
+        Ok(())
+    }
+    fn recv(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let f = self
+            .incoming
+            .pop_front()
+            .ok_or(std::io::ErrorKind::WouldBlock)?;
+        buf[..f.len()].copy_from_slice(&f);
+        Ok(f.len())
+    }
+}
+
+fn worker(m: &GuestMemoryMmap, rx: Queue, tx: Queue, vnet: bool) -> NetWorker {
+    NetWorker {
+        mem: m.clone(),
+        interrupt: Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap())),
+        rx,
+        tx,
+        mergeable: false,
+        vnet_hdr: vnet,
+        stats: Arc::default(),
+        rx_buf: vec![0; net::MAX_PACKET],
+        rx_pending: None,
+        tx_buf: Vec::new(),
+        tx_blocked: false,
+    }
+}
+
+#[test]
+fn a_busy_backend_leaves_frames_queued_and_frames_wait_for_buffers() {
+    let m = mem();
+    let rxq = MockSplitQueue::new(&m, 16);
+    let txq = MockSplitQueue::create(&m, GuestAddress(0x200000), 16);
+    let w = crate::test_util::F_WRITE;
+    for i in 0..3u16 {
+        let addr = 0x10000 + u64::from(i) * 0x1000;
+        m.write_slice(&[i as u8 + 1; HDR_LEN + 60], GuestAddress(addr))
+            .unwrap();
+        txq.add_desc_chains(&[d(addr, (HDR_LEN + 60) as u32, 0, 0)], i)
+            .unwrap();
+    }
+    rxq.add_desc_chains(&[d(0x80000, 2048, w, 0)], 0).unwrap();
+    let mut nw = worker(
+        &m,
+        rxq.create_queue().unwrap(),
+        txq.create_queue().unwrap(),
+        false,
+    );
+    let mut be = FakeBackend {
+        full: true,
+        ..FakeBackend::default()
+    };
+    // Refused: the frame stays in the queue, the device waits.
+    nw.process_tx(&mut be);
+    assert!(nw.tx_blocked && be.sent.is_empty());
+    assert_eq!(txq.used().idx().load(), 0);
+    be.full = false;
+    nw.process_tx(&mut be);
+    assert!(!nw.tx_blocked);
+    assert_eq!(be.sent.len(), 3, "all three, in order, without header");
+    assert!(be
+        .sent
+        .iter()
+        .enumerate()
+        .all(|(i, f)| f == &vec![i as u8 + 1; 60]));
+
+    // Two frames and a runt from the backend, one buffer: the first
+    // goes in, the second waits for the next buffer, the runt is
+    // skipped.
+    be.incoming.push_back(vec![0xaa; 100]);
+    be.incoming.push_back(vec![1, 2, 3]);
+    be.incoming.push_back(vec![0xbb; 200]);
+    nw.process_rx(&mut be);
+    assert_eq!(nw.rx_pending, Some(HDR_LEN + 200));
+    let mut got = vec![0u8; HDR_LEN + 100];
+    m.read_slice(&mut got, GuestAddress(0x80000)).unwrap();
+    assert_eq!(&got[..HDR_LEN], &[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0]);
+    assert_eq!(&got[HDR_LEN..], &[0xaa; 100][..]);
+    rxq.add_desc_chains(&[d(0x90000, 2048, w, 0)], 1).unwrap();
+    nw.process_rx(&mut be);
+    assert_eq!(nw.rx_pending, None);
+    let mut got = vec![0u8; 200];
+    m.read_slice(&mut got, GuestAddress(0x90000 + HDR_LEN as u64))
+        .unwrap();
+    assert_eq!(got, vec![0xbb; 200]);
+    assert_eq!(nw.stats.rx_frames.load(Ordering::Relaxed), 2);
+}
+
+#[test]
+fn a_backend_with_headers_gets_and_gives_them_whole() {
+    let m = mem();
+    let rxq = MockSplitQueue::new(&m, 16);
+    let txq = MockSplitQueue::create(&m, GuestAddress(0x200000), 16);
+    let mut packet = vec![0u8; HDR_LEN + 60];
+    packet[0] = 1; // NEEDS_CSUM
+    packet[HDR_LEN..].fill(9);
+    m.write_slice(&packet, GuestAddress(0x10000)).unwrap();
+    txq.add_desc_chains(&[d(0x10000, packet.len() as u32, 0, 0)], 0)
+        .unwrap();
+    rxq.add_desc_chains(&[d(0x80000, 4096, crate::test_util::F_WRITE, 0)], 0)
+        .unwrap();
+    let mut nw = worker(
+        &m,
+        rxq.create_queue().unwrap(),
+        txq.create_queue().unwrap(),
+        true,
+    );
+    let mut be = FakeBackend {
+        vnet: true,
+        ..FakeBackend::default()
+    };
+    nw.process_tx(&mut be);
+    assert_eq!(be.sent, vec![packet.clone()]);
+    let mut incoming = vec![0u8; HDR_LEN + 100];
+    incoming[0] = 2; // DATA_VALID
+    be.incoming.push_back(incoming.clone());
+    nw.process_rx(&mut be);
+    let mut got = vec![0u8; incoming.len()];
+    m.read_slice(&mut got, GuestAddress(0x80000)).unwrap();
+    incoming[10] = 1; // num_buffers
+    assert_eq!(got, incoming);
+}
+
+#[test]
+fn a_long_transmit_queue_is_served_in_turns_without_a_new_kick() {
+    let m = mem();
+    let rxq = MockSplitQueue::new(&m, 16);
+    let txq = MockSplitQueue::create(&m, GuestAddress(0x200000), 512);
+    m.write_slice(&[0u8; HDR_LEN + 60], GuestAddress(0x10000))
+        .unwrap();
+    for i in 0..300u16 {
+        txq.add_desc_chains(&[d(0x10000, (HDR_LEN + 60) as u32, 0, 0)], i)
+            .unwrap();
+    }
+    let mut nw = worker(
+        &m,
+        rxq.create_queue().unwrap(),
+        txq.create_queue().unwrap(),
+        false,
+    );
+    let mut be = FakeBackend::default();
+    assert!(nw.process_tx(&mut be), "more to do after one turn");
+    assert_eq!(be.sent.len(), BUDGET);
+    assert!(!nw.process_tx(&mut be));
+    assert_eq!(be.sent.len(), 300);
+}
