@@ -92,7 +92,8 @@ fn bcd(v: u32) -> u8 {
     low
 }
 
-fn host_clock() -> i64 {
+/// The host's clock (UTC seconds), which an RTC reads by default.
+pub fn host_clock() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64)

@@ -11,8 +11,10 @@ use arch::layout;
 use devices::cmos::{Cmos, CMOS_PORT, CMOS_PORT_LEN};
 use devices::debug_exit::{DebugExit, DEBUG_EXIT_PORT};
 use devices::i8042::{COMMAND_PORT, DATA_PORT, I8042};
-use devices::serial::{SerialDevice, COM1_IRQ, COM1_PORT, UART_PORT_LEN};
-use devices::virtio::mmio::{MmioTransport, MmioTransportState, MMIO_WINDOW, NOTIFY_OFFSET};
+use devices::serial::{SerialArgs, SerialDevice, COM1_IRQ, COM1_PORT, UART_PORT_LEN};
+use snapshot::Persist;
+use devices::virtio::mmio::persist::MmioTransportState;
+use devices::virtio::mmio::{MmioTransport, MMIO_WINDOW, NOTIFY_OFFSET};
 use devices::virtio::{Interrupt, VirtioDevice};
 use devices::{Bus, PlatformRequest, PlatformRequestSink};
 use hypervisor::{GuestMemoryMmap, Vm};
@@ -23,10 +25,14 @@ use crate::error::VmmError;
 use crate::event::VmmEvent;
 use crate::panic_watch::{PanicNote, PanicWatch};
 use crate::request::DeviceInfo;
+use crate::snapshot::LegacyStates;
 
 /// The interrupt line of the first virtio device; the next ones follow.
 /// (0-4 are the PIT, keyboard, cascade and COM ports.)
 pub const VIRTIO_FIRST_IRQ: u32 = 5;
+
+/// Virtio devices, in the order the guest sees them.
+pub type DeviceList = Vec<Box<dyn VirtioDevice>>;
 
 /// The virtio devices that `config` asks for, in the order the guest sees
 /// them: disks (the first is `/dev/vda`), the entropy device, vsock, then
@@ -35,7 +41,7 @@ pub const VIRTIO_FIRST_IRQ: u32 = 5;
 pub fn configured_devices(
     config: &VmConfig,
     macs: &[net::MacAddr],
-) -> Result<(Vec<Box<dyn VirtioDevice>>, Vec<DiskHandle>), VmmError> {
+) -> Result<(DeviceList, Vec<DiskHandle>), VmmError> {
     let mut list: Vec<Box<dyn VirtioDevice>> = Vec::new();
     let mut disks = Vec::new();
     for disk in &config.disks {
@@ -301,29 +307,21 @@ fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl LegacyDevices {
-    pub fn save(&self) -> crate::snapshot::LegacyStates {
-        crate::snapshot::LegacyStates {
-            serial: locked(&self.serial).save_state(),
-            i8042: locked(&self.i8042).save_state(),
-            cmos: locked(&self.cmos).save_state(),
-            pci: locked(&self.pci).save_state(),
+    pub fn save(&self) -> LegacyStates {
+        LegacyStates {
+            serial: locked(&self.serial).save(),
+            i8042: locked(&self.i8042).save(),
+            cmos: locked(&self.cmos).save(),
+            pci: locked(&self.pci).save(),
         }
     }
+}
 
-    pub fn restore(&self, states: &crate::snapshot::LegacyStates) -> Result<(), String> {
-        locked(&self.serial)
-            .restore_state(&states.serial)
-            .map_err(|e| format!("serial: {e}"))?;
-        locked(&self.i8042)
-            .restore_state(&states.i8042)
-            .map_err(|e| format!("i8042: {e}"))?;
-        locked(&self.cmos)
-            .restore_state(&states.cmos)
-            .map_err(|e| format!("CMOS: {e}"))?;
-        locked(&self.pci)
-            .restore_state(&states.pci)
-            .map_err(|e| format!("PCI: {e}"))?;
-        Ok(())
+fn refused(device: &str) -> impl FnOnce(String) -> VmmError + '_ {
+    move |why| {
+        VmmError::Snapshot(crate::snapshot::SnapshotError::Restore(format!(
+            "{device}: {why}"
+        )))
     }
 }
 
@@ -331,11 +329,14 @@ impl LegacyDevices {
 /// through an irqfd; output watched for kernel panics), the i8042 reset
 /// line, the CMOS RTC, the debug-exit port and the PCI root (an empty bus 0
 /// behind its host bridge).
+///
+/// With `saved`, each device starts from its state in a snapshot.
 pub(crate) fn add_legacy_devices(
     vm: &dyn Vm,
     pio: &Bus,
     events: &Sender<VmmEvent>,
     serial_out: Box<dyn Write + Send>,
+    saved: Option<&LegacyStates>,
 ) -> Result<LegacyDevices, VmmError> {
     let sink: PlatformRequestSink = {
         let tx = events.clone();
@@ -348,22 +349,45 @@ pub(crate) fn add_legacy_devices(
     let input_space = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)?);
     let panic_note = PanicNote::default();
     let watched = Box::new(PanicWatch::new(serial_out, panic_note.clone()));
-    let serial = Arc::new(Mutex::new(SerialDevice::new(
-        irq,
-        watched,
-        input_space.clone(),
-    )));
+    let serial = match saved {
+        None => SerialDevice::new(irq, watched, input_space.clone()),
+        Some(s) => SerialDevice::restore(
+            SerialArgs {
+                irq,
+                out: watched,
+                input_space: input_space.clone(),
+            },
+            &s.serial,
+        )
+        .map_err(|e| refused("the serial port")(e.to_string()))?,
+    };
+    let serial = Arc::new(Mutex::new(serial));
     pio.insert(serial.clone(), COM1_PORT, UART_PORT_LEN)?;
-    let i8042 = Arc::new(Mutex::new(I8042::new(sink.clone())));
+    let i8042 = match saved {
+        None => I8042::new(sink.clone()),
+        Some(s) => I8042::restore(sink.clone(), &s.i8042)
+            .map_err(|e| refused("the i8042")(e.to_string()))?,
+    };
+    let i8042 = Arc::new(Mutex::new(i8042));
     pio.insert(i8042.clone(), DATA_PORT, 1)?;
     pio.insert(i8042.clone(), COMMAND_PORT, 1)?;
-    let cmos = Arc::new(Mutex::new(Cmos::default()));
+    let cmos = match saved {
+        None => Cmos::default(),
+        Some(s) => Cmos::restore(Box::new(devices::cmos::host_clock), &s.cmos)
+            .map_err(|e| refused("the CMOS")(e.to_string()))?,
+    };
+    let cmos = Arc::new(Mutex::new(cmos));
     pio.insert(cmos.clone(), CMOS_PORT, CMOS_PORT_LEN)?;
     let debug_exit = Arc::new(Mutex::new(DebugExit::new(sink)));
     pio.insert(debug_exit, DEBUG_EXIT_PORT, 1)?;
     // PCI configuration mechanism #1 with a host bridge: guest kernels with
     // PCI support probe for it (and call its absence fatal).
-    let pci = Arc::new(Mutex::new(devices::pci::PciRoot::new()));
+    let pci = match saved {
+        None => devices::pci::PciRoot::new(),
+        Some(s) => devices::pci::PciRoot::restore((), &s.pci)
+            .map_err(|e| refused("the PCI root")(e.to_string()))?,
+    };
+    let pci = Arc::new(Mutex::new(pci));
     pio.insert(
         pci.clone(),
         devices::pci::CONFIG_ADDRESS_PORT,

@@ -107,14 +107,15 @@ impl Machine {
         hv: &dyn Hypervisor,
         spec: MachineSpec,
         from: &RestoreSpec,
+        snap: &VmSnapshot,
     ) -> Result<Machine, VmmError> {
-        Self::build(hv, spec, Some(from))
+        Self::build(hv, spec, Some((from, snap)))
     }
 
     fn build(
         hv: &dyn Hypervisor,
         spec: MachineSpec,
-        restore: Option<&RestoreSpec>,
+        restore: Option<(&RestoreSpec, &VmSnapshot)>,
     ) -> Result<Machine, VmmError> {
         let (max, why) = max_cpus(hv);
         if spec.cpus == 0 {
@@ -145,7 +146,7 @@ impl Machine {
         let mem = match restore {
             None => GuestMemoryMmap::from_ranges(&ranges)
                 .map_err(|e| VmmError::GuestMemory(e.to_string()))?,
-            Some(from) => snapshot::memory::map(
+            Some((from, _)) => snapshot::memory::map(
                 &from.dir.join(crate::snapshot::MEMORY_FILE),
                 &ranges,
                 from.load,
@@ -168,7 +169,13 @@ impl Machine {
 
         let events = channel();
         let pio = Bus::new();
-        let legacy = add_legacy_devices(vm.as_ref(), &pio, &events.0, spec.serial_out)?;
+        let legacy = add_legacy_devices(
+            vm.as_ref(),
+            &pio,
+            &events.0,
+            spec.serial_out,
+            restore.map(|(_, snap)| &snap.devices.legacy),
+        )?;
 
         let supported = hv.supported_cpuid()?;
         let policy = CpuidPolicy {
@@ -242,13 +249,7 @@ impl Machine {
                 "guest RAM is laid out differently".into(),
             )));
         }
-        crate::persist::restore(
-            self.vm.as_ref(),
-            &mut self.vcpus,
-            &self.legacy,
-            &self.virtio,
-            snap,
-        )
+        crate::persist::restore(self.vm.as_ref(), &mut self.vcpus, &self.virtio, snap)
         .map_err(VmmError::Snapshot)
     }
 
@@ -356,18 +357,18 @@ impl Machine {
 
     /// Runs the guest until it ends (see [`Machine::run`]); the end says
     /// whether every thread of the machine stopped in time.
-    pub fn run_with(self, options: RunOptions<'_>) -> Result<RunEnd, VmmError> {
+    pub fn run_with(mut self, options: RunOptions<'_>) -> Result<RunEnd, VmmError> {
         let RunOptions {
             started,
             control,
             stdin,
         } = options;
         hypervisor::install_kick_handler().map_err(|e| VmmError::Signal(e.to_string()))?;
-        let (tx, rx) = self.events;
+        let (tx, rx) = std::mem::replace(&mut self.events, channel());
         let stop = self.stop.clone();
         let gate = Arc::new(PauseGate::default());
         let mut handles = Vec::new();
-        for vcpu in self.vcpus {
+        for vcpu in std::mem::take(&mut self.vcpus) {
             let id = vcpu.id();
             let ctx = VcpuContext {
                 pio: self.pio.clone(),

@@ -136,12 +136,12 @@ pub(crate) fn memory_ranges(mem: &GuestMemoryMmap) -> Vec<(u64, u64)> {
 }
 
 /// Puts `snap`'s state into a machine built for it (same configuration,
-/// RAM mapped from the snapshot's memory file), before it runs: the VM's,
-/// each vCPU's, each device's.
+/// RAM mapped from the snapshot's memory file, legacy devices made from
+/// their states), before it runs: the VM's, each vCPU's, each virtio
+/// device's.
 pub(crate) fn restore(
     vm: &dyn Vm,
     vcpus: &mut [Box<dyn Vcpu>],
-    legacy: &LegacyDevices,
     virtio: &VirtioMmio,
     snap: &VmSnapshot,
 ) -> Result<(), SnapshotError> {
@@ -157,9 +157,6 @@ pub(crate) fn restore(
     for (vcpu, state) in vcpus.iter_mut().zip(&snap.vcpus) {
         vcpu.restore_state(state).map_err(fail)?;
     }
-    legacy
-        .restore(&snap.devices.legacy)
-        .map_err(SnapshotError::Restore)?;
     virtio
         .restore_all(&snap.devices.virtio)
         .map_err(SnapshotError::Restore)?;

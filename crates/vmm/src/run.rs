@@ -223,7 +223,7 @@ pub fn run_vm(
         };
         let from = restore.take();
         let mut machine = match &from {
-            Some((spec_from, _)) => Machine::for_restore(&hv, spec, spec_from)?,
+            Some((spec_from, snap)) => Machine::for_restore(&hv, spec, spec_from, snap)?,
             None => Machine::new(&hv, spec)?,
         };
         let (devices, disks) = crate::builder::configured_devices(config, &macs)?;

@@ -14,7 +14,7 @@
 
 use std::path::{Path, PathBuf};
 
-use devices::virtio::mmio::MmioTransportState;
+use devices::virtio::mmio::persist::MmioTransportState;
 use serde::{Deserialize, Serialize};
 pub use snapshot::memory::Load;
 
