@@ -185,7 +185,9 @@ pub trait Vcpu: CpuState + Send {
     /// is an error, never a panic. Parts the host cannot load are refused
     /// ([`HypervisorError::UnsupportedState`]), except the debug registers
     /// and a TSC frequency the host cannot set, which are skipped with a
-    /// warning.
+    /// warning. Validation happens before any ioctl, so a malformed state
+    /// leaves the vCPU untouched; a part KVM refuses midway leaves it
+    /// partly restored, and the VM should be discarded.
     fn restore_state(&mut self, state: &VcpuState) -> Result<()>;
 }
 
