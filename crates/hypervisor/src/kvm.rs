@@ -395,6 +395,13 @@ impl Vcpu for KvmVcpu {
         });
     }
 
+    fn complete_pending_io(&mut self) -> Result<VmExit<'_>> {
+        // With immediate_exit set, KVM_RUN completes the pending operation
+        // and returns EINTR before entering the guest.
+        self.fd.set_kvm_immediate_exit(1);
+        self.run()
+    }
+
     fn save_state(&self) -> Result<VcpuState> {
         persist::save_vcpu(&self.fd, &self.support)
     }

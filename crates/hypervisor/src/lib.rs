@@ -163,6 +163,17 @@ pub trait Vcpu: CpuState + Send {
     /// Undoes [`Vcpu::arm_kick`] on the calling thread, before the vCPU
     /// goes away; later kicks to the thread do nothing.
     fn disarm_kick(&mut self);
+    /// Completes the instruction of the last exit without running any
+    /// further guest instruction. KVM finishes an I/O or MMIO exit's
+    /// instruction (stores an IN's or MMIO read's data, advances RIP) only
+    /// on the next KVM_RUN, so a vCPU saved between an exit and its next
+    /// run would lose or repeat that instruction: call this before
+    /// [`Vcpu::save_state`] unless the vCPU last stopped with
+    /// [`VmExit::Interrupted`]. It returns `Interrupted` once nothing is
+    /// pending; any other exit (the next round of a string I/O) is handled
+    /// as usual and this is called again. Like a kick, it leaves the vCPU
+    /// kicked: call [`Vcpu::clear_kick`] before running it again.
+    fn complete_pending_io(&mut self) -> Result<VmExit<'_>>;
     /// Reads everything this vCPU needs to continue elsewhere (see
     /// [`state`]). Call it between runs (the vCPU paused, not inside
     /// [`Vcpu::run`]).
@@ -174,7 +185,9 @@ pub trait Vcpu: CpuState + Send {
     /// is an error, never a panic. Parts the host cannot load are refused
     /// ([`HypervisorError::UnsupportedState`]), except the debug registers
     /// and a TSC frequency the host cannot set, which are skipped with a
-    /// warning.
+    /// warning. Validation happens before any ioctl, so a malformed state
+    /// leaves the vCPU untouched; a part KVM refuses midway leaves it
+    /// partly restored, and the VM should be discarded.
     fn restore_state(&mut self, state: &VcpuState) -> Result<()>;
 }
 

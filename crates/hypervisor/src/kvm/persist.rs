@@ -12,9 +12,14 @@
 //! probed works — XSAVE (4 KiB, `KVM_CAP_XSAVE2` = 4096), XCRs, debug
 //! registers, vCPU events, MP state, LAPIC, irqchips, PIT2, the clock and
 //! all 41 MSRs of `KVM_GET_MSR_INDEX_LIST` plus the TSC, kvmclock and
-//! MTRR extras — except `KVM_CAP_TSC_CONTROL` (TSC scaling), which it does
-//! not report: a state saved at another TSC frequency restores there with
-//! a warning, the guest's TSC running at the host's rate.
+//! MTRR extras — with two exceptions, both about the TSC:
+//! - it does not report `KVM_CAP_TSC_CONTROL` (TSC scaling): a state saved
+//!   at another TSC frequency restores there with a warning, the guest's
+//!   TSC running at the host's rate;
+//! - it accepts writes of `IA32_TSC` and ignores them (its guests read the
+//!   host's TSC): the restored guest's TSC is the host's, not the saved
+//!   one, and restoring warns so ([`check_tsc`]). The guest's kvmclock is
+//!   restored (`KVM_SET_CLOCK`), so Linux guests keep their time.
 
 use kvm_bindings::{
     kvm_ioapic_state, kvm_ioapic_state__bindgen_ty_1, kvm_irqchip, kvm_irqchip__bindgen_ty_1,
@@ -306,6 +311,7 @@ pub(super) fn restore_vcpu(fd: &VcpuFd, support: &StateSupport, state: &VcpuStat
     fd.set_lapic(&state.lapic)
         .map_err(ioctl_err("KVM_SET_LAPIC"))?;
     restore_msrs(fd, &state.msrs_in_restore_order())?;
+    check_tsc(fd, state);
     if let Some(events) = &state.events {
         if !support.vcpu_events {
             return Err(HypervisorError::UnsupportedState("pending vCPU events"));
@@ -380,6 +386,37 @@ fn restore_fpu(fd: &VcpuFd, support: &StateSupport, fpu: &FpuContext) -> Result<
     // SAFETY: `xsave` was allocated with the size KVM_CAP_XSAVE2 reported,
     // which is all KVM reads.
     unsafe { fd.set_xsave2(&xsave) }.map_err(ioctl_err("KVM_SET_XSAVE"))
+}
+
+/// Warns when the TSC did not take the saved value: some KVMs accept a
+/// TSC write and ignore it (PVM, whose guests read the host's TSC
+/// directly). The guest then sees its TSC jump; its kvmclock, restored
+/// separately, still keeps its time right.
+fn check_tsc(fd: &VcpuFd, state: &VcpuState) {
+    let Some(saved) = state.msrs.iter().find(|m| m.index == MSR_IA32_TSC) else {
+        return;
+    };
+    let mut tsc = [kvm_msr_entry {
+        index: MSR_IA32_TSC,
+        ..Default::default()
+    }];
+    let Ok(mut list) = Msrs::from_entries(&tsc) else {
+        return;
+    };
+    if fd.get_msrs(&mut list) != Ok(1) {
+        return;
+    }
+    tsc[0] = list.as_slice()[0];
+    // A second of TSC ticks: what restoring may take, generously.
+    let second = u64::from(state.tsc_khz.unwrap_or(1_000_000)) * 1000;
+    if tsc[0].data.abs_diff(saved.data) > second {
+        tracing::warn!(
+            "this host's KVM did not set the TSC ({:#x} instead of {:#x}): the guest's TSC \
+             jumps across the restore",
+            tsc[0].data,
+            saved.data
+        );
+    }
 }
 
 /// Writes `msrs` in the order given; KVM stops at the first MSR it
