@@ -301,4 +301,35 @@ mod tests {
         root.write(CONFIG_ADDRESS_PORT, 4, &0u32.to_le_bytes());
         assert_eq!(read32(&mut root, 0, 0), 0x0d57_8086);
     }
+
+    #[test]
+    fn state_round_trips_with_the_address_and_the_bridge() {
+        let mut root = PciRoot::new();
+        // The guest selected 00:00.0 register 0x08 before the snapshot.
+        root.write(CONFIG_ADDRESS_PORT, 0, &(ENABLE | 0x08).to_le_bytes());
+        let saved = root.save();
+        assert_eq!(&saved.host_bridge[..4], &[0x86, 0x80, 0x57, 0x0d]);
+        let json = crate::test_util::json(&saved);
+        let mut restored = PciRoot::restore((), &saved).unwrap();
+        assert_eq!(crate::test_util::json(&restored.save()), json);
+        // A data read without writing the address again reads the class.
+        let mut class = [0u8; 2];
+        restored.read(CONFIG_ADDRESS_PORT, 6, &mut class);
+        assert_eq!(u16::from_le_bytes(class), 0x0600);
+    }
+
+    #[test]
+    fn hostile_states_are_refused() {
+        let saved = PciRoot::new().save();
+        let short = PciRootState {
+            host_bridge: vec![0; 63],
+            ..saved.clone()
+        };
+        assert!(PciRoot::restore((), &short).is_err());
+        let reserved = PciRootState {
+            address: ENABLE | 1,
+            ..saved
+        };
+        assert!(PciRoot::restore((), &reserved).is_err());
+    }
 }

@@ -225,4 +225,52 @@ mod tests {
         assert_eq!(dev.enqueue_input(&[b'z'; 100]), 64);
         assert_eq!(dev.enqueue_input(b"more"), 0);
     }
+
+    #[test]
+    fn state_round_trips_and_the_restored_uart_goes_on() {
+        let (mut dev, _irq, _space, _out) = device();
+        dev.write(COM1_PORT, 3, &[0x03]); // LCR: 8N1
+        dev.write(COM1_PORT, 7, &[0x5a]); // scratch
+        assert_eq!(dev.enqueue_input(b"ab"), 2);
+        let saved = dev.save();
+        let (irq, space) = (
+            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()),
+        );
+        let out = Shared::default();
+        let args = SerialArgs {
+            irq: irq.try_clone().unwrap(),
+            out: Box::new(out.clone()),
+            input_space: space,
+        };
+        let mut restored = SerialDevice::restore(args, &saved).unwrap();
+        let json = crate::test_util::json(&saved);
+        let back: SerialDeviceState = serde_json::from_str(&json).unwrap();
+        assert_eq!(crate::test_util::json(&restored.save()), json);
+        assert_eq!(back, saved);
+        // The scratch register, the FIFO's bytes and the output carry on.
+        let mut b = [0u8];
+        restored.read(COM1_PORT, 7, &mut b);
+        assert_eq!(b[0], 0x5a);
+        restored.read(COM1_PORT, 0, &mut b);
+        assert_eq!(b[0], b'a');
+        restored.write(COM1_PORT, 0, b"z");
+        assert_eq!(*out.0.lock().unwrap(), b"z");
+    }
+
+    #[test]
+    fn an_overfull_fifo_is_refused() {
+        let (dev, _irq, _space, _out) = device();
+        let mut saved = dev.save();
+        saved.in_buffer = vec![0; FIFO_SIZE + 1];
+        let args = SerialArgs {
+            irq: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            out: Box::new(std::io::sink()),
+            input_space: Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()),
+        };
+        assert!(matches!(
+            SerialDevice::restore(args, &saved),
+            Err(SerialStateError::Fifo(65))
+        ));
+    }
 }
