@@ -540,3 +540,99 @@ fn a_restored_device_that_cannot_start_is_an_error() {
         Err(super::persist::MmioStateError::Activate(..))
     ));
 }
+
+/// A device whose worker blocks on its first notification until the
+/// test lets it go, as one stuck in a slow backend does.
+struct StuckDevice {
+    gate: Arc<(Mutex<bool>, std::sync::Condvar)>,
+    entered: std::sync::mpsc::Sender<()>,
+    worker: Option<crate::virtio::worker::WorkerThread<Queue>>,
+}
+
+impl VirtioDevice for StuckDevice {
+    fn device_type(&self) -> u32 {
+        4
+    }
+    fn name(&self) -> &'static str {
+        "stuck"
+    }
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[16]
+    }
+    fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {
+        let (_mem, _irq, [(queue, event)]) = a.take_queues::<1>()?;
+        let (gate, entered) = (self.gate.clone(), self.entered.clone());
+        let worker =
+            crate::virtio::worker::WorkerThread::start("stuck", vec![event], queue, move |_, _| {
+                let _ = entered.send(());
+                let (lock, cv) = &*gate;
+                let mut open = lock.lock().unwrap();
+                while !*open {
+                    open = cv.wait(open).unwrap();
+                }
+            })
+            .map_err(ActivateError::Thread)?
+            .with_stop_timeout(std::time::Duration::from_millis(100));
+        self.worker = Some(worker);
+        Ok(())
+    }
+    fn reset(&mut self) {
+        self.worker = None;
+    }
+    fn sleep(&mut self) -> Result<Option<Vec<Queue>>, crate::virtio::WorkerError> {
+        Ok(crate::virtio::worker::stop_worker(&mut self.worker)?.map(|q| vec![q]))
+    }
+    fn save_state(&self) -> crate::virtio::VirtioDeviceState {
+        crate::virtio::VirtioDeviceState::Rng(crate::virtio::persist::RngState {})
+    }
+    fn restore_state(
+        &mut self,
+        _: &crate::virtio::VirtioDeviceState,
+    ) -> Result<(), crate::virtio::VirtioStateError> {
+        Ok(())
+    }
+}
+
+/// A worker stuck in its backend makes sleep fail (in bounded time)
+/// instead of hanging; the state cannot be saved meanwhile; once the
+/// backend lets go, wake collects the worker and starts it again.
+#[test]
+fn sleeping_a_stuck_device_fails_in_bounded_time_and_wake_recovers() {
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+    let gate = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
+    let (entered_tx, entered) = std::sync::mpsc::channel();
+    let device = StuckDevice {
+        gate: gate.clone(),
+        entered: entered_tx,
+        worker: None,
+    };
+    let line = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    let t = MmioTransport::new(Box::new(device), mem, Arc::new(Interrupt::new(line))).unwrap();
+    let mut h = Harness {
+        t,
+        record: Arc::default(),
+        line: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+    };
+    h.negotiate(V1);
+    h.setup_queue(0, 0x10000);
+    h.driver_ok();
+    h.t.queue_events()[0].write(1).unwrap();
+    entered
+        .recv_timeout(std::time::Duration::from_secs(5))
+        .unwrap();
+    let started = std::time::Instant::now();
+    let err = h.t.sleep().unwrap_err();
+    assert!(matches!(err, crate::virtio::WorkerError::Stuck { .. }), "{err}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(2));
+    assert!(!h.t.is_asleep());
+    assert!(h.t.save_state().is_err(), "no state from a running worker");
+    // Still stuck: wake fails too, in bounded time.
+    assert!(matches!(h.t.wake(), Err(ActivateError::Worker(_))));
+    // Released: wake collects the worker and runs the device again.
+    *gate.0.lock().unwrap() = true;
+    gate.1.notify_all();
+    h.t.wake().unwrap();
+    assert!(!h.t.is_asleep());
+    h.t.sleep().unwrap();
+    assert!(h.t.save_state().is_ok());
+}
