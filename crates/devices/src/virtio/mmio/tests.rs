@@ -622,7 +622,10 @@ fn sleeping_a_stuck_device_fails_in_bounded_time_and_wake_recovers() {
         .unwrap();
     let started = std::time::Instant::now();
     let err = h.t.sleep().unwrap_err();
-    assert!(matches!(err, crate::virtio::WorkerError::Stuck { .. }), "{err}");
+    assert!(
+        matches!(err, crate::virtio::WorkerError::Stuck { .. }),
+        "{err}"
+    );
     assert!(started.elapsed() < std::time::Duration::from_secs(2));
     assert!(!h.t.is_asleep());
     assert!(h.t.save_state().is_err(), "no state from a running worker");
