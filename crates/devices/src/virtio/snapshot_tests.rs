@@ -437,3 +437,28 @@ fn a_vsock_state_with_a_reserved_cid_is_refused() {
     drop(dev);
     let _ = std::fs::remove_dir_all(path.parent().unwrap());
 }
+
+/// A frame the NIC read from its backend while the guest had no receive
+/// buffers survives a pause (sleep, wake): it is the device's, not lost.
+#[test]
+fn a_frame_waiting_for_buffers_survives_a_pause() {
+    let m = mem();
+    let rx = MockSplitQueue::create(&m, GuestAddress(0x10000), 16);
+    let tx = MockSplitQueue::create(&m, GuestAddress(0x20000), 16);
+    let (backend, incoming, ready) = FeedBackend::new();
+    let dev = net::Net::new(net::MacAddr::for_vm("pause", 0), Box::new(backend));
+    let mut t = transport(Box::new(dev), &m);
+    set_up_driver(&mut t, &[&rx, &tx], &[16, 16], 0);
+    feed(&incoming, &ready, 0xdd);
+    assert!(wait_for(|| incoming.lock().unwrap().is_empty()), "read");
+    t.sleep().unwrap();
+    t.wake().unwrap();
+    rx.add_desc_chains(&[d(0x100000, 2048, F_WRITE, 0)], 0)
+        .unwrap();
+    kick(&t, 0);
+    assert!(wait_for(|| rx.used().idx().load() == 1));
+    let mut got = [0u8; 60];
+    m.read_slice(&mut got, GuestAddress(0x100000 + net::HDR_LEN as u64))
+        .unwrap();
+    assert_eq!(got, [0xdd; 60]);
+}
