@@ -181,6 +181,22 @@ pub enum CmosStateError {
     Index(u8),
 }
 
+impl Cmos {
+    /// Takes a saved state in place (the device already on the bus);
+    /// nothing changes if it is refused.
+    pub fn restore_state(&mut self, state: &CmosState) -> Result<(), CmosStateError> {
+        let ram = <[u8; 128]>::try_from(state.nvram.as_slice())
+            .map_err(|_| CmosStateError::Ram(state.nvram.len()))?;
+        if state.index > 0x7f {
+            return Err(CmosStateError::Index(state.index));
+        }
+        self.index = state.index;
+        self.ram = ram;
+        self.offset = state.offset_secs;
+        Ok(())
+    }
+}
+
 impl Persist for Cmos {
     type State = CmosState;
     /// The clock the restored RTC reads.
@@ -196,17 +212,9 @@ impl Persist for Cmos {
     }
 
     fn restore(clock: Clock, state: &CmosState) -> Result<Self, CmosStateError> {
-        let ram = <[u8; 128]>::try_from(state.nvram.as_slice())
-            .map_err(|_| CmosStateError::Ram(state.nvram.len()))?;
-        if state.index > 0x7f {
-            return Err(CmosStateError::Index(state.index));
-        }
-        Ok(Cmos {
-            index: state.index,
-            ram,
-            clock,
-            offset: state.offset_secs,
-        })
+        let mut cmos = Cmos::new(clock);
+        cmos.restore_state(state)?;
+        Ok(cmos)
     }
 }
 
@@ -334,5 +342,22 @@ mod tests {
         };
         let mut c = Cmos::restore(Box::new(|| 1), &huge).unwrap();
         let _ = read(&mut c, REG_YEAR);
+    }
+
+    #[test]
+    fn a_cmos_on_the_bus_takes_a_state_in_place() {
+        let mut src = Cmos::new(Box::new(|| 0));
+        src.write(CMOS_PORT, 0, &[0x50]);
+        src.write(CMOS_PORT, 1, &[0x11]);
+        let saved = src.save();
+        let mut dev = Cmos::new(Box::new(|| 0));
+        let bad = CmosState {
+            nvram: vec![],
+            ..saved.clone()
+        };
+        assert!(dev.restore_state(&bad).is_err());
+        assert_eq!(read(&mut dev, 0x50), 0, "unchanged after a refusal");
+        dev.restore_state(&saved).unwrap();
+        assert_eq!(read(&mut dev, 0x50), 0x11);
     }
 }

@@ -204,6 +204,22 @@ pub enum PciStateError {
     Address(u32),
 }
 
+impl PciRoot {
+    /// Takes a saved state in place (the root already on the bus);
+    /// nothing changes if it is refused.
+    pub fn restore_state(&mut self, state: &PciRootState) -> Result<(), PciStateError> {
+        let config = <[u8; 64]>::try_from(state.host_bridge.as_slice())
+            .map_err(|_| PciStateError::BridgeConfig(state.host_bridge.len()))?;
+        if state.address & 0b11 != 0 {
+            return Err(PciStateError::Address(state.address));
+        }
+        self.functions
+            .insert(0, Box::new(HostBridge::with_config(config)));
+        self.address = state.address;
+        Ok(())
+    }
+}
+
 impl Persist for PciRoot {
     type State = PciRootState;
     type Args = ();
@@ -224,15 +240,8 @@ impl Persist for PciRoot {
     }
 
     fn restore((): (), state: &PciRootState) -> Result<Self, PciStateError> {
-        let config = <[u8; 64]>::try_from(state.host_bridge.as_slice())
-            .map_err(|_| PciStateError::BridgeConfig(state.host_bridge.len()))?;
-        if state.address & 0b11 != 0 {
-            return Err(PciStateError::Address(state.address));
-        }
         let mut root = PciRoot::new();
-        root.functions
-            .insert(0, Box::new(HostBridge::with_config(config)));
-        root.address = state.address;
+        root.restore_state(state)?;
         Ok(root)
     }
 }
@@ -331,5 +340,18 @@ mod tests {
             ..saved
         };
         assert!(PciRoot::restore((), &reserved).is_err());
+    }
+
+    #[test]
+    fn a_root_on_the_bus_takes_a_state_in_place() {
+        let mut src = PciRoot::new();
+        src.write(CONFIG_ADDRESS_PORT, 0, &(ENABLE | 0x08).to_le_bytes());
+        let saved = src.save();
+        let mut dev = PciRoot::new();
+        dev.restore_state(&saved).unwrap();
+        assert_eq!(
+            crate::test_util::json(&dev.save()),
+            crate::test_util::json(&saved)
+        );
     }
 }

@@ -118,6 +118,44 @@ pub enum SerialStateError {
     Restore(String),
 }
 
+impl SerialDevice {
+    /// Takes a saved state in place (the UART already on the bus, wired
+    /// to its interrupt, output and input-space event); nothing changes if
+    /// it is refused. (After the checks the only failure left is an
+    /// interrupt eventfd that cannot be written, which would leave the
+    /// UART's output in a sink.)
+    pub fn restore_state(&mut self, s: &SerialDeviceState) -> Result<(), SerialStateError> {
+        if s.in_buffer.len() > FIFO_SIZE {
+            return Err(SerialStateError::Fifo(s.in_buffer.len()));
+        }
+        let irq = self
+            .inner
+            .interrupt_evt()
+            .0
+            .try_clone()
+            .map_err(|e| SerialStateError::Restore(e.to_string()))?;
+        let space = self.inner.events().0.clone();
+        let spare = irq
+            .try_clone()
+            .map_err(|e| SerialStateError::Restore(e.to_string()))?;
+        // The output moves to the restored UART; a sink holds its place
+        // for a moment.
+        let placeholder = Serial::with_events(
+            EventFdTrigger(spare),
+            InputSpace(space.clone()),
+            Box::new(std::io::sink()) as Output,
+        );
+        let out = std::mem::replace(&mut self.inner, placeholder).into_writer();
+        let args = SerialArgs {
+            irq,
+            out,
+            input_space: space,
+        };
+        *self = SerialDevice::restore(args, s)?;
+        Ok(())
+    }
+}
+
 impl Persist for SerialDevice {
     type State = SerialDeviceState;
     type Args = SerialArgs;
@@ -272,5 +310,30 @@ mod tests {
             SerialDevice::restore(args, &saved),
             Err(SerialStateError::Fifo(65))
         ));
+    }
+
+    #[test]
+    fn a_uart_on_the_bus_takes_a_state_in_place() {
+        let (mut src, _i, _s, _o) = device();
+        src.write(COM1_PORT, 7, &[0x77]);
+        src.enqueue_input(b"q");
+        let saved = src.save();
+        let (mut dev, irq, _space, out) = device();
+        let mut bad = saved.clone();
+        bad.in_buffer = vec![0; 100];
+        assert!(dev.restore_state(&bad).is_err());
+        dev.restore_state(&saved).unwrap();
+        assert_eq!(
+            crate::test_util::json(&dev.save()),
+            crate::test_util::json(&saved)
+        );
+        let mut b = [0u8];
+        dev.read(COM1_PORT, 0, &mut b);
+        assert_eq!(b[0], b'q');
+        // Still wired to the same output and interrupt.
+        dev.write(COM1_PORT, 1, &[0x02]);
+        assert!(irq.read().is_ok());
+        dev.write(COM1_PORT, 0, b"k");
+        assert_eq!(*out.0.lock().unwrap(), b"k");
     }
 }
