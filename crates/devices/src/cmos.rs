@@ -182,6 +182,22 @@ pub enum CmosStateError {
     Index(u8),
 }
 
+impl Cmos {
+    /// Takes a saved state in place (the device already on the bus);
+    /// nothing changes if it is refused.
+    pub fn restore_state(&mut self, state: &CmosState) -> Result<(), CmosStateError> {
+        let ram = <[u8; 128]>::try_from(state.nvram.as_slice())
+            .map_err(|_| CmosStateError::Ram(state.nvram.len()))?;
+        if state.index > 0x7f {
+            return Err(CmosStateError::Index(state.index));
+        }
+        self.index = state.index;
+        self.ram = ram;
+        self.offset = state.offset_secs;
+        Ok(())
+    }
+}
+
 impl Persist for Cmos {
     type State = CmosState;
     /// The clock the restored RTC reads.
@@ -197,17 +213,9 @@ impl Persist for Cmos {
     }
 
     fn restore(clock: Clock, state: &CmosState) -> Result<Self, CmosStateError> {
-        let ram = <[u8; 128]>::try_from(state.nvram.as_slice())
-            .map_err(|_| CmosStateError::Ram(state.nvram.len()))?;
-        if state.index > 0x7f {
-            return Err(CmosStateError::Index(state.index));
-        }
-        Ok(Cmos {
-            index: state.index,
-            ram,
-            clock,
-            offset: state.offset_secs,
-        })
+        let mut cmos = Cmos::new(clock);
+        cmos.restore_state(state)?;
+        Ok(cmos)
     }
 }
 
@@ -290,5 +298,67 @@ mod tests {
         cmos.write(CMOS_PORT, 0, &[REG_YEAR]);
         cmos.write(CMOS_PORT, 1, &[0x99]);
         assert_eq!(read(&mut cmos, REG_YEAR), 0x70);
+    }
+
+    #[test]
+    fn state_round_trips_and_keeps_ram_and_index() {
+        let mut cmos = Cmos::new(Box::new(|| 1_709_213_862));
+        cmos.write(CMOS_PORT, 0, &[0x40]);
+        cmos.write(CMOS_PORT, 1, &[0xab]);
+        cmos.write(CMOS_PORT, 0, &[0x41]);
+        let saved = cmos.save();
+        assert_eq!(saved.index, 0x41);
+        let json = crate::test_util::json(&saved);
+        let mut restored = Cmos::restore(Box::new(|| 1_709_213_862), &saved).unwrap();
+        assert_eq!(crate::test_util::json(&restored.save()), json);
+        // The selected index is kept: a data write goes to 0x41.
+        restored.write(CMOS_PORT, 1, &[0xcd]);
+        assert_eq!(read(&mut restored, 0x40), 0xab);
+        assert_eq!(read(&mut restored, 0x41), 0xcd);
+        // The time is the clock's, plus the offset.
+        let later = CmosState {
+            offset_secs: 60,
+            ..saved
+        };
+        let mut ahead = Cmos::restore(Box::new(|| 1_709_213_862), &later).unwrap();
+        assert_eq!(read(&mut ahead, REG_MINUTES), 0x38);
+    }
+
+    #[test]
+    fn hostile_states_are_refused() {
+        let saved = Cmos::new(Box::new(|| 0)).save();
+        let short = CmosState {
+            nvram: vec![0; 12],
+            ..saved.clone()
+        };
+        assert!(Cmos::restore(Box::new(|| 0), &short).is_err());
+        let index = CmosState {
+            index: 0x80,
+            ..saved.clone()
+        };
+        assert!(Cmos::restore(Box::new(|| 0), &index).is_err());
+        let huge = CmosState {
+            offset_secs: i64::MAX,
+            ..saved
+        };
+        let mut c = Cmos::restore(Box::new(|| 1), &huge).unwrap();
+        let _ = read(&mut c, REG_YEAR);
+    }
+
+    #[test]
+    fn a_cmos_on_the_bus_takes_a_state_in_place() {
+        let mut src = Cmos::new(Box::new(|| 0));
+        src.write(CMOS_PORT, 0, &[0x50]);
+        src.write(CMOS_PORT, 1, &[0x11]);
+        let saved = src.save();
+        let mut dev = Cmos::new(Box::new(|| 0));
+        let bad = CmosState {
+            nvram: vec![],
+            ..saved.clone()
+        };
+        assert!(dev.restore_state(&bad).is_err());
+        assert_eq!(read(&mut dev, 0x50), 0, "unchanged after a refusal");
+        dev.restore_state(&saved).unwrap();
+        assert_eq!(read(&mut dev, 0x50), 0x11);
     }
 }

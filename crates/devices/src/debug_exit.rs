@@ -73,4 +73,20 @@ mod tests {
             ]
         );
     }
+
+    /// Stateless: the state is empty, and the restored port still exits.
+    #[test]
+    fn state_round_trips() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let sink = seen.clone();
+        let saved = DebugExit::new(Arc::new(|_| {})).save();
+        let mut restored =
+            DebugExit::restore(Arc::new(move |r| sink.lock().unwrap().push(r)), &saved).unwrap();
+        assert_eq!(
+            crate::test_util::json(&restored.save()),
+            crate::test_util::json(&saved)
+        );
+        restored.write(DEBUG_EXIT_PORT, 0, &[3]);
+        assert_eq!(*seen.lock().unwrap(), vec![PlatformRequest::DebugExit(3)]);
+    }
 }

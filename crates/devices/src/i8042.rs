@@ -76,4 +76,22 @@ mod tests {
         dev.write(COMMAND_PORT, 0, &[0xfe]);
         assert_eq!(*seen.lock().unwrap(), vec![PlatformRequest::Reset]);
     }
+
+    /// Stateless: the state is empty, and the restored controller still
+    /// resets the machine.
+    #[test]
+    fn state_round_trips() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let sink = seen.clone();
+        let dev = I8042::new(Arc::new(|_| {}));
+        let saved = dev.save();
+        let mut restored =
+            I8042::restore(Arc::new(move |r| sink.lock().unwrap().push(r)), &saved).unwrap();
+        assert_eq!(
+            crate::test_util::json(&restored.save()),
+            crate::test_util::json(&saved)
+        );
+        restored.write(COMMAND_PORT, 0, &[0xfe]);
+        assert_eq!(*seen.lock().unwrap(), vec![PlatformRequest::Reset]);
+    }
 }

@@ -204,6 +204,22 @@ pub enum PciStateError {
     Address(u32),
 }
 
+impl PciRoot {
+    /// Takes a saved state in place (the root already on the bus);
+    /// nothing changes if it is refused.
+    pub fn restore_state(&mut self, state: &PciRootState) -> Result<(), PciStateError> {
+        let config = <[u8; 64]>::try_from(state.host_bridge.as_slice())
+            .map_err(|_| PciStateError::BridgeConfig(state.host_bridge.len()))?;
+        if state.address & 0b11 != 0 {
+            return Err(PciStateError::Address(state.address));
+        }
+        self.functions
+            .insert(0, Box::new(HostBridge::with_config(config)));
+        self.address = state.address;
+        Ok(())
+    }
+}
+
 impl Persist for PciRoot {
     type State = PciRootState;
     type Args = ();
@@ -224,15 +240,8 @@ impl Persist for PciRoot {
     }
 
     fn restore((): (), state: &PciRootState) -> Result<Self, PciStateError> {
-        let config = <[u8; 64]>::try_from(state.host_bridge.as_slice())
-            .map_err(|_| PciStateError::BridgeConfig(state.host_bridge.len()))?;
-        if state.address & 0b11 != 0 {
-            return Err(PciStateError::Address(state.address));
-        }
         let mut root = PciRoot::new();
-        root.functions
-            .insert(0, Box::new(HostBridge::with_config(config)));
-        root.address = state.address;
+        root.restore_state(state)?;
         Ok(root)
     }
 }
@@ -300,5 +309,49 @@ mod tests {
         // Writes to the bridge's registers are ignored.
         root.write(CONFIG_ADDRESS_PORT, 4, &0u32.to_le_bytes());
         assert_eq!(read32(&mut root, 0, 0), 0x0d57_8086);
+    }
+
+    #[test]
+    fn state_round_trips_with_the_address_and_the_bridge() {
+        let mut root = PciRoot::new();
+        // The guest selected 00:00.0 register 0x08 before the snapshot.
+        root.write(CONFIG_ADDRESS_PORT, 0, &(ENABLE | 0x08).to_le_bytes());
+        let saved = root.save();
+        assert_eq!(&saved.host_bridge[..4], &[0x86, 0x80, 0x57, 0x0d]);
+        let json = crate::test_util::json(&saved);
+        let mut restored = PciRoot::restore((), &saved).unwrap();
+        assert_eq!(crate::test_util::json(&restored.save()), json);
+        // A data read without writing the address again reads the class.
+        let mut class = [0u8; 2];
+        restored.read(CONFIG_ADDRESS_PORT, 6, &mut class);
+        assert_eq!(u16::from_le_bytes(class), 0x0600);
+    }
+
+    #[test]
+    fn hostile_states_are_refused() {
+        let saved = PciRoot::new().save();
+        let short = PciRootState {
+            host_bridge: vec![0; 63],
+            ..saved.clone()
+        };
+        assert!(PciRoot::restore((), &short).is_err());
+        let reserved = PciRootState {
+            address: ENABLE | 1,
+            ..saved
+        };
+        assert!(PciRoot::restore((), &reserved).is_err());
+    }
+
+    #[test]
+    fn a_root_on_the_bus_takes_a_state_in_place() {
+        let mut src = PciRoot::new();
+        src.write(CONFIG_ADDRESS_PORT, 0, &(ENABLE | 0x08).to_le_bytes());
+        let saved = src.save();
+        let mut dev = PciRoot::new();
+        dev.restore_state(&saved).unwrap();
+        assert_eq!(
+            crate::test_util::json(&dev.save()),
+            crate::test_util::json(&saved)
+        );
     }
 }

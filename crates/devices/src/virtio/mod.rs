@@ -238,6 +238,11 @@ pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
 }
 
 #[cfg(test)]
+// Test lengths, indices and byte patterns are small constants.
+#[allow(clippy::cast_possible_truncation)]
+mod snapshot_tests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

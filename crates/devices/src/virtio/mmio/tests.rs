@@ -3,7 +3,7 @@ use std::sync::Mutex;
 use vm_memory::GuestAddress;
 
 use super::*;
-use crate::virtio::{ActivateError, INT_CONFIG};
+use crate::virtio::{ActivateError, INT_CONFIG, INT_VRING};
 
 #[derive(Default)]
 struct Record {
@@ -349,4 +349,293 @@ fn selectors_out_of_range_are_ignored() {
     h.setup_queue(1, 0x20000);
     h.driver_ok();
     assert_eq!(h.record.lock().unwrap().activations.len(), 1);
+}
+
+/// A running harness: negotiated, both queues set up, activated.
+fn running() -> Harness {
+    let mut h = harness(false);
+    h.negotiate(V1 | (1 << 3));
+    h.setup_queue(0, 0x10000);
+    h.setup_queue(1, 0x20000);
+    h.driver_ok();
+    h
+}
+
+#[test]
+fn sleep_keeps_the_queues_the_device_hands_back_and_wake_returns_them() {
+    let mut h = running();
+    assert!(!h.t.is_asleep());
+    assert!(
+        matches!(
+            h.t.save_state(),
+            Err(super::persist::MmioStateError::Awake(_))
+        ),
+        "a running device's queues are not the transport's to read"
+    );
+    h.t.sleep().unwrap();
+    assert!(h.t.is_asleep());
+    h.t.sleep().unwrap();
+    assert_eq!(h.record.lock().unwrap().sleeps, 1, "sleeping twice is once");
+    let saved = h.t.save_state().unwrap();
+    assert_eq!(
+        saved
+            .queues
+            .iter()
+            .map(|q| q.next_avail)
+            .collect::<Vec<_>>(),
+        [3, 3]
+    );
+    h.t.wake().unwrap();
+    assert!(!h.t.is_asleep());
+    let r = h.record.lock().unwrap();
+    assert_eq!(r.activations.len(), 2);
+    assert_eq!(r.started_at, [3, 3], "woken at the positions it slept at");
+}
+
+#[test]
+fn a_not_activated_transport_sleeps_and_saves_at_once() {
+    let mut h = harness(false);
+    h.negotiate(V1);
+    h.t.sleep().unwrap();
+    let saved = h.t.save_state().unwrap();
+    assert!(!saved.activated);
+    assert_eq!(h.record.lock().unwrap().sleeps, 0);
+    h.t.wake().unwrap();
+    assert!(h.record.lock().unwrap().activations.is_empty());
+}
+
+#[test]
+fn transport_state_round_trips_and_the_device_runs_on_where_it_was() {
+    let mut h = running();
+    h.w(0x30, 1);
+    h.w(0x14, 1);
+    h.t.interrupt.signal_used();
+    h.t.sleep().unwrap();
+    let saved = h.t.save_state().unwrap();
+    let json = crate::test_util::json(&saved);
+    let parsed: super::persist::MmioTransportState = serde_json::from_str(&json).unwrap();
+
+    let mut fresh = harness(false);
+    let _ = fresh.line.read();
+    fresh.t.restore(&parsed).unwrap();
+    // Activated again, without the guest negotiating, at the saved
+    // positions, with the interrupt the guest had not handled raised.
+    {
+        let r = fresh.record.lock().unwrap();
+        assert_eq!(r.activations, vec![(2, V1 | (1 << 3))]);
+        assert_eq!(r.started_at, [3, 3]);
+    }
+    assert_eq!(fresh.r(0x60), INT_VRING);
+    assert_eq!(fresh.line.read().unwrap(), 1);
+    for e in fresh.t.queue_events() {
+        assert_eq!(e.read().unwrap(), 1, "the notification is replayed");
+    }
+    assert_eq!(fresh.r(0x70), saved.status);
+    assert_eq!(fresh.r(0x44), 1, "queue 1 selected and ready");
+    fresh.t.sleep().unwrap();
+    let again = fresh.t.save_state().unwrap();
+    // The fake device moves each queue on by 3 per run.
+    let mut expected = saved.clone();
+    for q in &mut expected.queues {
+        q.next_avail += 3;
+    }
+    assert_eq!(
+        crate::test_util::json(&again),
+        crate::test_util::json(&expected)
+    );
+}
+
+#[test]
+fn a_restored_state_round_trips_exactly() {
+    let mut h = running();
+    h.t.sleep().unwrap();
+    let saved = h.t.save_state().unwrap();
+    let json = crate::test_util::json(&saved);
+    // Not activated: nothing runs between restore and save.
+    let idle = super::persist::MmioTransportState {
+        activated: false,
+        ..saved
+    };
+    let mut fresh = harness(false);
+    fresh.t.restore(&idle).unwrap();
+    assert_eq!(
+        crate::test_util::json(&fresh.t.save_state().unwrap()),
+        crate::test_util::json(&idle)
+    );
+    assert!(fresh.record.lock().unwrap().activations.is_empty());
+    assert_ne!(json, crate::test_util::json(&idle));
+}
+
+#[test]
+fn hostile_transport_states_are_refused_without_panicking() {
+    use super::persist::{MmioStateError, MmioTransportState};
+    let mut h = running();
+    h.t.sleep().unwrap();
+    let good = h.t.save_state().unwrap();
+    let with = |f: &dyn Fn(&mut MmioTransportState)| {
+        let mut s = good.clone();
+        f(&mut s);
+        s
+    };
+    let bad: Vec<(&str, MmioTransportState)> = vec![
+        ("device type", with(&|s| s.device_type = 2)),
+        (
+            "queue count",
+            with(&|s| {
+                s.queues.pop();
+            }),
+        ),
+        ("size", with(&|s| s.queues[0].size = 6)),
+        ("size above max", with(&|s| s.queues[0].size = 32)),
+        ("max", with(&|s| s.queues[0].max_size = 32)),
+        ("misaligned", with(&|s| s.queues[1].desc_table = 0x20008)),
+        ("outside RAM", with(&|s| s.queues[1].used_ring = 0x10_0000)),
+        ("features", with(&|s| s.acked_features |= 1 << 5)),
+        ("status", with(&|s| s.status = 0x1ff)),
+        ("interrupt", with(&|s| s.interrupt_status = 4)),
+        ("not ready", with(&|s| s.status = 0xb)),
+        ("queue not ready", with(&|s| s.queues[0].ready = false)),
+        (
+            "reason",
+            with(&|s| s.refused_queue_setup = Some("x".repeat(5000))),
+        ),
+        (
+            "device state",
+            with(&|s| {
+                s.device =
+                    crate::virtio::VirtioDeviceState::Vsock(crate::virtio::persist::VsockState {
+                        guest_cid: 3,
+                    })
+            }),
+        ),
+    ];
+    for (what, state) in bad {
+        let mut fresh = harness(false);
+        let err = fresh.t.restore(&state).expect_err(what);
+        assert!(
+            fresh.record.lock().unwrap().activations.is_empty(),
+            "{what}"
+        );
+        assert_eq!(fresh.r(0x70), 0, "{what}: nothing restored");
+        if what == "device state" {
+            assert!(matches!(err, MmioStateError::Device(..)), "{err}");
+        }
+    }
+    // A transport the guest already set up is not restored into.
+    let mut busy = running();
+    assert!(matches!(
+        busy.t.restore(&good),
+        Err(MmioStateError::Active(_))
+    ));
+}
+
+#[test]
+fn a_restored_device_that_cannot_start_is_an_error() {
+    let mut h = running();
+    h.t.sleep().unwrap();
+    let saved = h.t.save_state().unwrap();
+    let mut fresh = harness(true);
+    assert!(matches!(
+        fresh.t.restore(&saved),
+        Err(super::persist::MmioStateError::Activate(..))
+    ));
+}
+
+/// A device whose worker blocks on its first notification until the
+/// test lets it go, as one stuck in a slow backend does.
+struct StuckDevice {
+    gate: Arc<(Mutex<bool>, std::sync::Condvar)>,
+    entered: std::sync::mpsc::Sender<()>,
+    worker: Option<crate::virtio::worker::WorkerThread<Queue>>,
+}
+
+impl VirtioDevice for StuckDevice {
+    fn device_type(&self) -> u32 {
+        4
+    }
+    fn name(&self) -> &'static str {
+        "stuck"
+    }
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[16]
+    }
+    fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {
+        let (_mem, _irq, [(queue, event)]) = a.take_queues::<1>()?;
+        let (gate, entered) = (self.gate.clone(), self.entered.clone());
+        let worker =
+            crate::virtio::worker::WorkerThread::start("stuck", vec![event], queue, move |_, _| {
+                let _ = entered.send(());
+                let (lock, cv) = &*gate;
+                let mut open = lock.lock().unwrap();
+                while !*open {
+                    open = cv.wait(open).unwrap();
+                }
+            })
+            .map_err(ActivateError::Thread)?
+            .with_stop_timeout(std::time::Duration::from_millis(100));
+        self.worker = Some(worker);
+        Ok(())
+    }
+    fn reset(&mut self) {
+        self.worker = None;
+    }
+    fn sleep(&mut self) -> Result<Option<Vec<Queue>>, crate::virtio::WorkerError> {
+        Ok(crate::virtio::worker::stop_worker(&mut self.worker)?.map(|q| vec![q]))
+    }
+    fn save_state(&self) -> crate::virtio::VirtioDeviceState {
+        crate::virtio::VirtioDeviceState::Rng(crate::virtio::persist::RngState {})
+    }
+    fn restore_state(
+        &mut self,
+        _: &crate::virtio::VirtioDeviceState,
+    ) -> Result<(), crate::virtio::VirtioStateError> {
+        Ok(())
+    }
+}
+
+/// A worker stuck in its backend makes sleep fail (in bounded time)
+/// instead of hanging; the state cannot be saved meanwhile; once the
+/// backend lets go, wake collects the worker and starts it again.
+#[test]
+fn sleeping_a_stuck_device_fails_in_bounded_time_and_wake_recovers() {
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+    let gate = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
+    let (entered_tx, entered) = std::sync::mpsc::channel();
+    let device = StuckDevice {
+        gate: gate.clone(),
+        entered: entered_tx,
+        worker: None,
+    };
+    let line = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    let t = MmioTransport::new(Box::new(device), mem, Arc::new(Interrupt::new(line))).unwrap();
+    let mut h = Harness {
+        t,
+        record: Arc::default(),
+        line: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+    };
+    h.negotiate(V1);
+    h.setup_queue(0, 0x10000);
+    h.driver_ok();
+    h.t.queue_events()[0].write(1).unwrap();
+    entered
+        .recv_timeout(std::time::Duration::from_secs(5))
+        .unwrap();
+    let started = std::time::Instant::now();
+    let err = h.t.sleep().unwrap_err();
+    assert!(
+        matches!(err, crate::virtio::WorkerError::Stuck { .. }),
+        "{err}"
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(2));
+    assert!(!h.t.is_asleep());
+    assert!(h.t.save_state().is_err(), "no state from a running worker");
+    // Still stuck: wake fails too, in bounded time.
+    assert!(matches!(h.t.wake(), Err(ActivateError::Worker(_))));
+    // Released: wake collects the worker and runs the device again.
+    *gate.0.lock().unwrap() = true;
+    gate.1.notify_all();
+    h.t.wake().unwrap();
+    assert!(!h.t.is_asleep());
+    h.t.sleep().unwrap();
+    assert!(h.t.save_state().is_ok());
 }

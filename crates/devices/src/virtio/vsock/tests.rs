@@ -415,3 +415,58 @@ fn connections_are_limited() {
     assert_eq!(read_line(&mut host), "ERROR too many connections");
     assert_eq!(m.connections(), 1);
 }
+
+/// Waits (the device's own thread runs) until the guest received
+/// something.
+fn wait_received(drv: &mut FakeDriver) -> Vec<(Header, Vec<u8>)> {
+    let mut got = Vec::new();
+    assert!(crate::test_util::wait_for(|| {
+        got = drv.received();
+        !got.is_empty()
+    }));
+    got
+}
+
+/// Pausing the device (sleep, wake) keeps an open connection: bytes flow
+/// both ways after it, as the agent's connection must across a
+/// `snapshot take` of a running VM.
+#[test]
+fn a_connection_survives_a_pause_of_the_device() {
+    use crate::virtio::mmio::MmioTransport;
+    use crate::virtio::VirtioDevice;
+    let fx = Fixture::new("pause");
+    let mem = memory();
+    let mut drv = FakeDriver::new(&mem);
+    let ev = MockSplitQueue::create(&mem, GuestAddress(0x30000), 16);
+    let dev: Box<dyn VirtioDevice> = Box::new(super::Vsock::new(CID, &fx.path).unwrap());
+    let irq = Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
+    let mut t = MmioTransport::new(dev, mem.clone(), irq).unwrap();
+    crate::test_util::set_up_driver(&mut t, &[&drv.rx, &drv.tx, &ev], &[256, 256, 16], 0);
+    drv.post_rx(20);
+    t.queue_events()[0].write(1).unwrap();
+
+    let mut host = UnixStream::connect(&fx.path).unwrap();
+    host.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    host.write_all(b"CONNECT 52\n").unwrap();
+    let req = wait_received(&mut drv)[0].0;
+    assert_eq!((req.op, req.dst_port), (Op::Request, 52));
+    drv.send(guest_packet(Op::Response, 52, req.src_port, 0), &[]);
+    t.queue_events()[1].write(1).unwrap();
+    assert_eq!(read_line(&mut host), format!("OK {}", req.src_port));
+
+    t.sleep().unwrap();
+    host.write_all(b"ping").unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(
+        drv.received().is_empty(),
+        "nothing reaches the guest asleep"
+    );
+    t.wake().unwrap();
+    let got = wait_received(&mut drv);
+    assert_eq!((got[0].0.op, &got[0].1[..]), (Op::Rw, &b"ping"[..]));
+    drv.send(guest_packet(Op::Rw, 52, req.src_port, 4), b"pong");
+    t.queue_events()[1].write(1).unwrap();
+    let mut pong = [0u8; 4];
+    host.read_exact(&mut pong).unwrap();
+    assert_eq!(&pong, b"pong");
+}
