@@ -44,7 +44,10 @@ pub enum Action {
     /// empty), pausing it meanwhile; each disk then continues on a new
     /// qcow2 overlay (`overlays`, one per disk, absolute) so the images
     /// the snapshot names never change.
-    Snapshot { dir: PathBuf, overlays: Vec<PathBuf> },
+    Snapshot {
+        dir: PathBuf,
+        overlays: Vec<PathBuf>,
+    },
 }
 
 /// `PUT /vm/snapshot`'s body.

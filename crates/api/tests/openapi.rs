@@ -40,9 +40,9 @@ impl Backend for FakeVm {
                 Ok(Value::Null)
             }
             Action::Stop { .. } => Ok(Value::Null),
-            Action::Snapshot { dir, .. } if dir.ends_with("full") => {
-                Err(ApiError::conflict("/s/full already exists and is not an empty directory"))
-            }
+            Action::Snapshot { dir, .. } if dir.ends_with("full") => Err(ApiError::conflict(
+                "/s/full already exists and is not an empty directory",
+            )),
             Action::Snapshot { dir, .. } if dir.ends_with("broken") => {
                 Err(ApiError::internal("cannot save the VM: no space left"))
             }

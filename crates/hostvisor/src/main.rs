@@ -467,8 +467,9 @@ fn overlay_restored_disks(config: &mut VmConfig, overlays: &[PathBuf]) -> Result
     for (disk, overlay) in writable.into_iter().zip(overlays) {
         let format = match disk.format {
             Some(f) => f,
-            None => block::probe(&disk.path)
-                .map_err(|e| CliError::Failure(vmm::error_chain(&e)))?,
+            None => {
+                block::probe(&disk.path).map_err(|e| CliError::Failure(vmm::error_chain(&e)))?
+            }
         };
         block::tools::create(&block::tools::CreateSpec {
             path: overlay.clone(),

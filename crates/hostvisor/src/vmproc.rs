@@ -250,9 +250,10 @@ pub struct Served {
 pub fn serve_unmanaged(config: &vmm::VmConfig, socket: &std::path::Path) -> Result<Served, String> {
     let control = VmControl::new();
     let ended = Arc::new(AtomicBool::new(false));
-    let agent = config.vsock.as_ref().map(|v| {
-        agent::client::Client::new(agent::client::Transport::Muxer(v.socket_path()))
-    });
+    let agent = config
+        .vsock
+        .as_ref()
+        .map(|v| agent::client::Client::new(agent::client::Transport::Muxer(v.socket_path())));
     let (resync, resync_rx) = std::sync::mpsc::channel();
     if let Some(agent) = agent.clone() {
         let ended = ended.clone();
@@ -267,8 +268,7 @@ pub fn serve_unmanaged(config: &vmm::VmConfig, socket: &std::path::Path) -> Resu
         agent,
         resync,
     });
-    let server =
-        api::serve(socket, backend).map_err(|e| format!("{}: {e}", socket.display()))?;
+    let server = api::serve(socket, backend).map_err(|e| format!("{}: {e}", socket.display()))?;
     Ok(Served {
         control,
         ended,

@@ -12,12 +12,12 @@ use devices::cmos::{Cmos, CMOS_PORT, CMOS_PORT_LEN};
 use devices::debug_exit::{DebugExit, DEBUG_EXIT_PORT};
 use devices::i8042::{COMMAND_PORT, DATA_PORT, I8042};
 use devices::serial::{SerialArgs, SerialDevice, COM1_IRQ, COM1_PORT, UART_PORT_LEN};
-use snapshot::Persist;
 use devices::virtio::mmio::persist::MmioTransportState;
 use devices::virtio::mmio::{MmioTransport, MMIO_WINDOW, NOTIFY_OFFSET};
 use devices::virtio::{Interrupt, VirtioDevice};
 use devices::{Bus, PlatformRequest, PlatformRequestSink};
 use hypervisor::{GuestMemoryMmap, Vm};
+use snapshot::Persist;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::{DiskConfig, NetMode, VmConfig};

@@ -37,8 +37,8 @@ pub use error::{error_chain, VmmError};
 pub use event::VmmEvent;
 pub use machine::{Machine, MachineSpec, RunEnd, RunOptions};
 pub use outcome::{exit_code, VmOutcome};
-pub use snapshot::{RestoreSpec, SnapshotRequest, VmSnapshot};
 pub use run::{
     default_cmdline, ephemeral_mac, host_hidden_features, mark_process_start, open_hypervisor, run,
     run_controlled, run_vm,
 };
+pub use snapshot::{RestoreSpec, SnapshotRequest, VmSnapshot};

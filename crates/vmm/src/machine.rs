@@ -16,16 +16,16 @@ use hypervisor::{GuestMemoryMmap, Hypervisor, SystemEvent, Vcpu, Vm};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::builder::{add_legacy_devices, DiskHandle, LegacyDevices, VirtioMmio};
-use crate::persist::{Described, SaveContext};
-use crate::snapshot::{RestoreSpec, SnapshotError, SnapshotRequest, VmSnapshot};
 use crate::console_input::{ConsoleTarget, StdinConsole};
 use crate::control::VmControl;
 use crate::error::VmmError;
 use crate::event::VmmEvent;
 use crate::outcome::VmOutcome;
 use crate::panic_watch::{PanicNote, PanicWatch};
+use crate::persist::{Described, SaveContext};
 use crate::request::{ControlError, ControlRequest, RunState, VcpuCounters, VmStatus};
 use crate::shared::{PauseGate, VcpuStats, VcpuStop};
+use crate::snapshot::{RestoreSpec, SnapshotError, SnapshotRequest, VmSnapshot};
 use crate::vcpu::{self, VcpuContext, VcpuHandle};
 
 pub use crate::builder::VIRTIO_FIRST_IRQ;
@@ -250,7 +250,7 @@ impl Machine {
             )));
         }
         crate::persist::restore(self.vm.as_ref(), &mut self.vcpus, &self.virtio, snap)
-        .map_err(VmmError::Snapshot)
+            .map_err(VmmError::Snapshot)
     }
 
     pub fn memory(&self) -> &GuestMemoryMmap {
@@ -584,11 +584,11 @@ impl Machine {
             started.elapsed().as_secs_f64() * 1e3);
         match result {
             Ok(()) => Ok(None),
-            Err(e @ (SnapshotError::DirNotEmpty(_)
-            | SnapshotError::NeedsOverlays(_)
-            | SnapshotError::OverlayCount { .. })) => {
-                Err(ControlError::Conflict(crate::error::error_chain(&e)))
-            }
+            Err(
+                e @ (SnapshotError::DirNotEmpty(_)
+                | SnapshotError::NeedsOverlays(_)
+                | SnapshotError::OverlayCount { .. }),
+            ) => Err(ControlError::Conflict(crate::error::error_chain(&e))),
             Err(e) => Err(ControlError::Failed(crate::error::error_chain(&e))),
         }
     }

@@ -145,7 +145,8 @@ pub(crate) fn restore(
     virtio: &VirtioMmio,
     snap: &VmSnapshot,
 ) -> Result<(), SnapshotError> {
-    let fail = |e: hypervisor::HypervisorError| SnapshotError::Restore(crate::error::error_chain(&e));
+    let fail =
+        |e: hypervisor::HypervisorError| SnapshotError::Restore(crate::error::error_chain(&e));
     if vcpus.len() != snap.vcpus.len() {
         return Err(SnapshotError::Mismatch(format!(
             "{} vCPU states for {} vCPUs",

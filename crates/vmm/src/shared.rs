@@ -91,11 +91,7 @@ impl PauseGate {
     /// is paused (and not stopping).
     /// While parked, the thread carries out each job posted with
     /// [`PauseGate::run_job`] through `work`.
-    pub fn park_if_paused(
-        &self,
-        stop: &AtomicBool,
-        work: &mut dyn FnMut(GateJob) -> GateAnswer,
-    ) {
+    pub fn park_if_paused(&self, stop: &AtomicBool, work: &mut dyn FnMut(GateJob) -> GateAnswer) {
         let mut s = self.lock();
         if !s.paused {
             return;

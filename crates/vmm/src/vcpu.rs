@@ -159,10 +159,7 @@ fn park(vcpu: &mut dyn Vcpu, ctx: &VcpuContext) {
     ctx.pause.park_if_paused(&ctx.stop, &mut |job| match job {
         GateJob::SaveState => GateAnswer {
             vcpu: id,
-            state: vcpu
-                .save_state()
-                .map(Box::new)
-                .map_err(|e| crate::error::error_chain(&e)),
+            state: save_parked(vcpu),
         },
     });
     if saved && !ctx.stop.load(Ordering::Acquire) {
@@ -173,6 +170,25 @@ fn park(vcpu: &mut dyn Vcpu, ctx: &VcpuContext) {
             );
         }
     }
+}
+
+/// The state of a parked vCPU. KVM finishes the instruction of the last
+/// exit (an IN's data into RAX, RIP past it) only at the next KVM_RUN, so
+/// that is done first, without entering the guest; the kick it leaves
+/// makes the next run return at once, which the loop clears.
+fn save_parked(vcpu: &mut dyn Vcpu) -> Result<Box<hypervisor::VcpuState>, String> {
+    match vcpu.complete_pending_io() {
+        Ok(VmExit::Interrupted) => {}
+        Ok(other) => {
+            return Err(format!(
+                "the vCPU did not settle before saving (exit {other:?})"
+            ))
+        }
+        Err(e) => return Err(crate::error::error_chain(&e)),
+    }
+    vcpu.save_state()
+        .map(Box::new)
+        .map_err(|e| crate::error::error_chain(&e))
 }
 
 fn assist_instruction(
