@@ -223,4 +223,41 @@ mod tests {
         drop(disk);
         std::fs::remove_dir_all(&dir).unwrap();
     }
+
+    /// A snapshot's overlay is like the layer below it: a qcow2's cluster
+    /// size, the default over a raw image; its backing is an absolute
+    /// path.
+    #[test]
+    fn overlays_inherit_the_backing_cluster_size() {
+        use crate::tools::{create_overlay, info};
+        let dir = std::env::temp_dir().join(format!("hv-overlay-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let small = dir.join("small.qcow2");
+        create(&CreateSpec {
+            path: small.clone(),
+            size: Some(1 << 20),
+            format: Format::Qcow2,
+            backing: None,
+            backing_format: None,
+            cluster_size: Some(4096),
+        })
+        .unwrap();
+        let top = dir.join("top.qcow2");
+        create_overlay(&top, &small).unwrap();
+        let i = info(&top, None).unwrap();
+        assert_eq!(i.cluster_size, Some(4096));
+        assert_eq!(i.virtual_size, 1 << 20);
+        assert_eq!(
+            i.backing_file.as_deref(),
+            Some(std::fs::canonicalize(&small).unwrap().to_str().unwrap())
+        );
+        let raw = dir.join("base.raw");
+        std::fs::write(&raw, vec![0u8; 1 << 20]).unwrap();
+        let over_raw = dir.join("over-raw.qcow2");
+        create_overlay(&over_raw, &raw).unwrap();
+        assert_eq!(info(&over_raw, None).unwrap().cluster_size, Some(65536));
+        assert!(create_overlay(&over_raw, &raw).is_err(), "never overwrites");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -321,6 +321,40 @@ fn info_at(path: &Path, format: Option<Format>, depth: usize) -> Result<ImageInf
     })
 }
 
+/// A qcow2 image's header, read without opening the image (no lock, no
+/// backing chain): it and the backing file's name lie in the first
+/// cluster, at most 2 MiB.
+fn qcow2_header(path: &Path) -> Result<qcow2::header::Header, ToolError> {
+    use std::io::Read;
+    let mut buf = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(2 << 20).read_to_end(&mut buf))
+        .map_err(io_err(path))?;
+    qcow2::header::Header::parse(&buf).map_err(q_err(path))
+}
+
+/// Creates a qcow2 overlay at `path` (which must not exist) backed by
+/// the image at `backing`, named by its absolute path, with the backing
+/// image's format and — when it is a qcow2 — its cluster size (a snapshot
+/// layer behaves like the layer below it). Works while a VM reads the
+/// backing image.
+pub fn create_overlay(path: &Path, backing: &Path) -> Result<u64, ToolError> {
+    let backing = std::fs::canonicalize(backing).map_err(io_err(backing))?;
+    let format = probe(&backing)?;
+    let cluster_size = match format {
+        Format::Raw => None,
+        Format::Qcow2 => Some(1u64 << qcow2_header(&backing)?.cluster_bits),
+    };
+    create(&CreateSpec {
+        path: path.to_path_buf(),
+        size: None,
+        format: Format::Qcow2,
+        backing: Some(backing.to_string_lossy().into_owned()),
+        backing_format: Some(format),
+        cluster_size,
+    })
+}
+
 /// Stands in for a backing file an operation never reads: an image opened
 /// without its chain, whose unallocated clusters then read as zeroes.
 #[derive(Debug)]

@@ -465,21 +465,8 @@ fn overlay_restored_disks(config: &mut VmConfig, overlays: &[PathBuf]) -> Result
         )));
     }
     for (disk, overlay) in writable.into_iter().zip(overlays) {
-        let format = match disk.format {
-            Some(f) => f,
-            None => {
-                block::probe(&disk.path).map_err(|e| CliError::Failure(vmm::error_chain(&e)))?
-            }
-        };
-        block::tools::create(&block::tools::CreateSpec {
-            path: overlay.clone(),
-            size: None,
-            format: block::Format::Qcow2,
-            backing: Some(disk.path.to_string_lossy().into_owned()),
-            backing_format: Some(format),
-            cluster_size: None,
-        })
-        .map_err(|e| CliError::Failure(format!("{}: {e}", overlay.display())))?;
+        block::tools::create_overlay(overlay, &disk.path)
+            .map_err(|e| CliError::Failure(format!("{}: {e}", overlay.display())))?;
         disk.path = overlay.clone();
         disk.format = Some(block::Format::Qcow2);
     }

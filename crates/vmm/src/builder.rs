@@ -106,23 +106,11 @@ impl DiskHandle {
     pub fn switch_to_overlay(&mut self, overlay: &std::path::Path) -> Result<(), String> {
         let current = std::fs::canonicalize(&self.config.path)
             .map_err(|e| format!("{}: {e}", self.config.path.display()))?;
-        let format = match self.config.format {
-            Some(f) => f,
-            None => block::probe(&current).map_err(|e| e.to_string())?,
-        };
         let config = self.config.clone();
         let made = std::cell::Cell::new(false);
         let result = self.image.switch(
             || {
-                block::tools::create(&block::tools::CreateSpec {
-                    path: overlay.to_path_buf(),
-                    size: None,
-                    format: block::Format::Qcow2,
-                    backing: Some(current.to_string_lossy().into_owned()),
-                    backing_format: Some(format),
-                    cluster_size: None,
-                })
-                .map_err(std::io::Error::other)?;
+                block::tools::create_overlay(overlay, &current).map_err(std::io::Error::other)?;
                 made.set(true);
                 let mut on_overlay = config.clone();
                 on_overlay.format = Some(block::Format::Qcow2);
