@@ -362,15 +362,61 @@ fn noise(len: usize, mut seed: u64) -> Vec<u8> {
         .collect()
 }
 
-/// Boots the guest on `image` `RUNS_PER_IMAGE` times, SIGKILLs the VMM at a
-/// random moment while the guest writes and flushes, and after each kill
-/// checks with qemu-img that the image has no corruption and that every
-/// write the guest reported flushed is there.
+/// Boots the guest on `image` once, to where its writer script waits for a
+/// run number, and snapshots it there (the snapshot freezes `image`).
+/// Returns the snapshot directory.
+fn writer_snapshot(dir: &Path, image: &Path, source: &Path) -> PathBuf {
+    let script = format!(
+        "echo WAITING-FOR-RUN; read r; \
+         i=0; while [ $i -lt 2000 ]; do s=$(( (i*7+r) % {SOURCE_CHUNKS} )); d=$(( (i*13+r*29) % {DISK_CHUNKS} )); \
+         dd if=/dev/vdb of=/dev/vda bs={CHUNK} count=1 skip=$s seek=$d conv=fsync 2>/dev/null && echo W-$i-DONE; \
+         i=$((i+1)); done"
+    );
+    let api = dir.join("api.sock");
+    let disk = format!("path={}", image.display());
+    let src = format!("path={},readonly=on", source.display());
+    let append = format!("hostvisor.run={}", base64(script.as_bytes()));
+    let mut child = Command::new(BIN)
+        .args(["run", "--disk", &disk, "--disk", &src, "--append", &append])
+        .arg("--api-socket")
+        .arg(&api)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let seen = read_until(&mut stdout, BOOT, |s| contains(s, b"WAITING-FOR-RUN"));
+    assert!(
+        contains(&seen, b"WAITING-FOR-RUN"),
+        "{}",
+        String::from_utf8_lossy(&seen)
+    );
+    let snap = dir.join("writer-snapshot");
+    let client = api::Client::new(&api);
+    let body = serde_json::json!({"dir": snap, "overlays": [dir.join("writer-top.qcow2")]});
+    let r = client
+        .request("PUT", "/vm/snapshot", &body.to_string())
+        .unwrap();
+    assert_eq!(r.status, 204, "{}", r.error_message());
+    let _ = client.request("PUT", "/vm/kill", "");
+    let _ = child.kill();
+    let _ = child.wait();
+    snap
+}
+
+/// Resumes the writer snapshot of `image` `RUNS_PER_IMAGE` times (each on
+/// a new overlay of `image`, telling the guest its run number), SIGKILLs
+/// the VMM at a random moment while the guest writes and flushes, and
+/// after each kill checks with qemu-img that the overlay has no corruption
+/// and that every write the guest reported flushed is there. (One boot for
+/// all the runs: each resumes where the guest waits for its number.)
 fn crash_loop(dir: &Path, image: &Path, source: &Path, base: Option<&[u8]>, seed: u64) -> usize {
     let source_bytes = std::fs::read(source).unwrap();
-    // What each page holds now.
+    let snap = writer_snapshot(dir, image, source);
+    // What each page of the frozen image holds.
     let pages = DISK_CHUNKS * CHUNK / PAGE;
-    let mut state: Vec<Chunk> = (0..pages)
+    let initial: Vec<Chunk> = (0..pages)
         .map(|pg| {
             if base.is_some() {
                 Chunk::Base(pg * PAGE / CHUNK)
@@ -382,21 +428,21 @@ fn crash_loop(dir: &Path, image: &Path, source: &Path, base: Option<&[u8]>, seed
     let mut rng = seed;
     let mut kills = 0;
     for r in 0..RUNS_PER_IMAGE {
-        let script = format!(
-            "i=0; while [ $i -lt 2000 ]; do s=$(( (i*7+{r}) % {SOURCE_CHUNKS} )); d=$(( (i*13+{r}*29) % {DISK_CHUNKS} )); \
-             dd if=/dev/vdb of=/dev/vda bs={CHUNK} count=1 skip=$s seek=$d conv=fsync 2>/dev/null && echo W-$i-DONE; \
-             i=$((i+1)); done"
-        );
-        let disk = format!("path={}", image.display());
-        let src = format!("path={},readonly=on", source.display());
-        let append = format!("hostvisor.run={}", base64(script.as_bytes()));
+        let mut state = initial.clone();
+        let overlay = dir.join(format!("run-{r}.qcow2"));
+        let image = overlay.as_path();
         let mut child = Command::new(BIN)
-            .args(["run", "--disk", &disk, "--disk", &src, "--append", &append])
-            .stdin(Stdio::null())
+            .args(["run", "--restore", p(&snap), "--disk-overlay", p(image)])
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
+        {
+            use std::io::Write;
+            let mut stdin = child.stdin.take().unwrap();
+            stdin.write_all(format!("{r}\n").as_bytes()).unwrap();
+        }
         let mut stdout = child.stdout.take().unwrap();
         rng ^= rng << 13;
         rng ^= rng >> 7;
@@ -480,6 +526,7 @@ fn crash_loop(dir: &Path, image: &Path, source: &Path, base: Option<&[u8]>, seed
             };
             *page_state = found;
         }
+        std::fs::remove_file(&overlay).unwrap();
     }
     kills
 }

@@ -56,24 +56,37 @@ pub(crate) fn save(ctx: &SaveContext<'_>, request: &SnapshotRequest) -> Result<(
     let config = &config;
     let writable = config.disks.iter().filter(|d| !d.readonly).count();
     if request.overlays.is_empty() && writable > 0 {
-        return Err(SnapshotError::NeedsOverlays(config.disks.len()));
+        return Err(SnapshotError::NeedsOverlays(writable));
     }
-    if !request.overlays.is_empty() && request.overlays.len() != config.disks.len() {
+    if request.overlays.len() != writable {
         return Err(SnapshotError::OverlayCount {
             given: request.overlays.len(),
-            disks: config.disks.len(),
+            disks: writable,
         });
+    }
+    if let Some(taken) = request.overlays.iter().find(|o| o.exists()) {
+        return Err(SnapshotError::DirNotEmpty(taken.clone()));
     }
     let recorded = crate::snapshot::recorded_config(config)?;
     prepare_dir(&request.dir)?;
     ctx.virtio.sleep_all().map_err(SnapshotError::Save)?;
     let saved = save_asleep(ctx, described, recorded, &request.dir);
     let swapped = match saved {
-        Ok(()) => disks
-            .iter_mut()
-            .zip(&request.overlays)
-            .try_for_each(|(disk, overlay)| disk.switch_to_overlay(overlay))
-            .map_err(SnapshotError::Save),
+        Ok(()) => {
+            let moved = disks
+                .iter_mut()
+                .filter(|d| !d.config.readonly)
+                .zip(&request.overlays)
+                .try_for_each(|(disk, overlay)| disk.switch_to_overlay(overlay))
+                .map_err(SnapshotError::Save);
+            if moved.is_err() {
+                // A disk the snapshot names would change under it: the
+                // snapshot is not whole (no state file), and is removed.
+                let _ = std::fs::remove_file(request.dir.join(STATE_FILE));
+                let _ = std::fs::remove_file(request.dir.join(MEMORY_FILE));
+            }
+            moved
+        }
         other => other,
     };
     let woken = ctx.virtio.wake_all().map_err(SnapshotError::Save);

@@ -68,10 +68,10 @@ pub struct SnapshotRequest {
     /// Where to write the snapshot: a directory that does not exist yet or
     /// is empty.
     pub dir: PathBuf,
-    /// For each disk, in order, a new qcow2 overlay to create on top of
-    /// the disk's image and to switch the disk to after saving, so that
-    /// the image the snapshot names never changes again. Required when
-    /// the VM has writable disks.
+    /// For each writable disk, in order, a new qcow2 overlay to create on
+    /// top of the disk's image and to switch the disk to after saving, so
+    /// that the image the snapshot names never changes again. (Read-only
+    /// disks never change and need none.)
     pub overlays: Vec<PathBuf>,
 }
 
@@ -93,13 +93,13 @@ pub enum SnapshotError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{0} already exists and is not an empty directory")]
+    #[error("{0} already exists (and is not an empty directory)")]
     DirNotEmpty(PathBuf),
     #[error("{0} is not a snapshot directory (it has no state file)")]
     NotASnapshot(PathBuf),
     #[error("the VM has writable disks: a snapshot must be given an overlay for each ({0} disks) so the images it names stay as they were")]
     NeedsOverlays(usize),
-    #[error("{given} overlays given for {disks} disks")]
+    #[error("{given} overlays given for {disks} writable disks")]
     OverlayCount { given: usize, disks: usize },
     #[error("the snapshot does not fit this VM: {0}")]
     Mismatch(String),
