@@ -18,12 +18,23 @@
 //! | `SetTime` | `Done` |
 //! | `Shutdown` | `Done`, then the guest goes down |
 //! | `Info` | `Info` |
+//! | `Reseed` | `Reseeded` (how the bytes reached the guest's random pool) |
+//! | `SetIdentity` | `Done` (hostname and/or machine id set) |
 //!
 //! Any step may be answered by `Error(text)` instead.
+//!
+//! New requests are added at the end of [`ToAgent`] (and new replies at
+//! the end of [`FromAgent`]) without changing [`PROTOCOL_VERSION`], so an
+//! older agent keeps serving the requests it knows. One that does not know
+//! a request answers `Error` starting with [`server::UNKNOWN_REQUEST`]
+//! (agents from before `Reseed` close the connection instead, after their
+//! `Hello`); the client turns both into
+//! [`AgentError::Unsupported`](client::AgentError::Unsupported).
 
 pub mod client;
 mod conn;
 mod exec;
+pub mod identity;
 pub mod server;
 pub mod spawn;
 
@@ -80,6 +91,43 @@ pub enum ToAgent {
         reboot: bool,
     },
     Info,
+    /// Mix `seed` (1 to [`identity::MAX_SEED`] fresh bytes from the host's
+    /// CSPRNG) into the guest kernel's random pool, credited as entropy
+    /// where the kernel allows, and reseed its CRNG at once: sent to a
+    /// guest resumed from a snapshot or cloned, whose RNG state is
+    /// otherwise that of the snapshot (there is no vmgenid device).
+    Reseed {
+        #[serde(with = "serde_bytes")]
+        seed: Vec<u8>,
+    },
+    /// Give the guest a new identity (a clone resumed from its source's
+    /// running state must not keep the source's); each part is optional.
+    SetIdentity(Identity),
+}
+
+/// A guest's identity, as a clone gets a new one.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Identity {
+    /// Set with sethostname(2): 1 to 64 of `[A-Za-z0-9-]`, not starting
+    /// or ending with `-` (see [`identity::check_hostname`]).
+    pub hostname: Option<String>,
+    /// Written to /etc/machine-id: 32 lowercase hex digits, not all zero
+    /// (see [`identity::check_machine_id`]).
+    pub machine_id: Option<String>,
+}
+
+/// How a `Reseed`'s bytes reached the guest's random pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reseeded {
+    /// How many bytes were mixed in.
+    pub bytes: u32,
+    /// Credited as entropy (`RNDADDENTROPY`); otherwise only mixed in by a
+    /// write to /dev/urandom (the ioctl was refused).
+    pub credited: bool,
+    /// The kernel's CRNG was reseeded at once (`RNDRESEEDCRNG`), so its
+    /// output differs from the snapshot's from now on; otherwise it
+    /// changes at the kernel's next periodic reseed (up to a minute).
+    pub crng_reseeded: bool,
 }
 
 /// A command to run in the guest.
@@ -134,6 +182,8 @@ pub enum FromAgent {
     Done,
     Info(GuestInfo),
     Error(String),
+    /// The answer to `Reseed`.
+    Reseeded(Reseeded),
 }
 
 /// What `guest-info` shows.
