@@ -457,6 +457,85 @@ mod tests {
         assert!(matches!(recv::<ToAgent>(&mut r), Err(FrameError::Closed)));
     }
 
+    #[test]
+    fn restore_messages_round_trip_and_keep_their_places() {
+        let msgs = [
+            ToAgent::Reseed {
+                seed: vec![0xa5; identity::MAX_SEED],
+            },
+            ToAgent::SetIdentity(Identity {
+                hostname: Some("clone-1".into()),
+                machine_id: None,
+            }),
+            ToAgent::SetIdentity(Identity::default()),
+        ];
+        for m in &msgs {
+            let frame = encode(m).unwrap();
+            assert_eq!(&decode::<ToAgent>(&frame[4..]).unwrap(), m);
+        }
+        let reply = FromAgent::Reseeded(Reseeded {
+            bytes: 64,
+            credited: true,
+            crng_reseeded: false,
+        });
+        assert_eq!(
+            decode::<FromAgent>(&encode(&reply).unwrap()[4..]).unwrap(),
+            reply
+        );
+        // New messages come after the old ones, whose variant numbers (the
+        // first byte) older agents and hosts still rely on.
+        assert_eq!(encode(&ToAgent::Info).unwrap()[4], 11);
+        assert_eq!(encode(&msgs[0]).unwrap()[4], 12);
+        assert_eq!(encode(&msgs[1]).unwrap()[4], 13);
+        assert_eq!(encode(&FromAgent::Error(String::new())).unwrap()[4], 11);
+        assert_eq!(encode(&reply).unwrap()[4], 12);
+    }
+
+    #[test]
+    fn hostile_restore_messages_are_errors() {
+        // A seed whose length field claims more bytes than follow, or far
+        // more than a frame can hold: refused before any allocation.
+        let good = encode(&ToAgent::Reseed { seed: vec![7; 64] }).unwrap();
+        let body = &good[4..];
+        assert_eq!(&body[..2], &[12, 64]);
+        let mut short = body.to_vec();
+        short[1] = 65;
+        assert!(matches!(
+            decode::<ToAgent>(&short),
+            Err(FrameError::Malformed(_))
+        ));
+        let mut huge = vec![12u8, 0xfd];
+        huge.extend(u64::MAX.to_le_bytes());
+        assert!(matches!(
+            decode::<ToAgent>(&huge),
+            Err(FrameError::Malformed(_))
+        ));
+        // Trailing bytes after a whole message are refused too.
+        let mut long = body.to_vec();
+        long.push(0);
+        assert!(decode::<ToAgent>(&long).is_err());
+        // An identity with a truncated string, a bad option tag, a hostname
+        // that is not UTF-8.
+        let id = encode(&ToAgent::SetIdentity(Identity {
+            hostname: Some("abc".into()),
+            machine_id: None,
+        }))
+        .unwrap();
+        let body = &id[4..];
+        assert!(decode::<ToAgent>(&body[..body.len() - 2]).is_err());
+        let mut tag = body.to_vec();
+        tag[1] = 7;
+        assert!(decode::<ToAgent>(&tag).is_err());
+        let mut utf8 = body.to_vec();
+        let at = utf8.iter().position(|&b| b == b'a').unwrap();
+        utf8[at] = 0xff;
+        assert!(decode::<ToAgent>(&utf8).is_err());
+        // Every truncation of a good frame is an error, never a panic.
+        for n in 0..good.len() - 4 {
+            assert!(decode::<ToAgent>(&good[4..4 + n]).is_err(), "{n}");
+        }
+    }
+
     fn scratch(name: &str) -> std::path::PathBuf {
         let dir = std::env::temp_dir().join(format!("hv-agent-lib-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);

@@ -27,6 +27,10 @@ impl Stream for vsock::VsockStream {}
 
 /// The operations that act on the whole guest.
 pub trait System: Sync {
+    /// The guest's clock, as `Ping` reports it (ns since the epoch).
+    fn now_ns(&self) -> i64 {
+        crate::now_ns()
+    }
     fn set_time(&self, unix_ns: i64) -> std::io::Result<()>;
     fn shutdown(&self, reboot: bool) -> std::io::Result<()>;
     /// Mixes `seed` (already checked: 1 to [`MAX_SEED`](crate::identity::MAX_SEED)
@@ -137,7 +141,7 @@ pub fn handle_connection<S: Stream>(s: S, system: &dyn System) -> Result<(), Fra
     };
     match request {
         ToAgent::Ping => s.send(&FromAgent::Pong {
-            unix_ns: crate::now_ns(),
+            unix_ns: system.now_ns(),
         }),
         ToAgent::Exec(req) => crate::exec::exec(&mut s, req),
         ToAgent::Upload {
