@@ -7,9 +7,10 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use crate::identity::IdentityError;
 use crate::{
-    encode, recv, send, ExecRequest, ExitStatus, FrameError, FromAgent, GuestInfo, ToAgent,
-    AGENT_PORT, CHUNK, PROTOCOL_VERSION,
+    encode, recv, send, ExecRequest, ExitStatus, FrameError, FromAgent, GuestInfo, Identity,
+    Reseeded, ToAgent, AGENT_PORT, CHUNK, PROTOCOL_VERSION,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +32,36 @@ pub enum AgentError {
     },
     #[error("connection to the guest agent: {0}")]
     Frame(#[from] FrameError),
+    /// The agent is older than the request (it answered that it does not
+    /// know it, or closed the connection after its `Hello`).
+    #[error("the guest agent (version {agent}) does not support the {request} request; update the guest's hostvisor-agent")]
+    Unsupported {
+        request: &'static str,
+        agent: String,
+    },
+    /// Refused before anything was sent.
+    #[error(transparent)]
+    Invalid(#[from] IdentityError),
+    #[error("cannot get random bytes on the host")]
+    HostRandom(#[source] std::io::Error),
+}
+
+/// The clock tolerance of [`Client::announce_restore`]: the guest's clock
+/// is stepped when it is further than this from the host's.
+pub const RESTORE_CLOCK_TOLERANCE: Duration = Duration::from_millis(50);
+
+/// What [`Client::announce_restore`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RestoreReport {
+    /// How the fresh seed reached the guest's random pool.
+    pub reseeded: Reseeded,
+    /// The guest's clock before it was stepped (guest − host, seconds).
+    pub clock_drift_secs: f64,
+    /// Whether the clock was stepped (the drift exceeded
+    /// [`RESTORE_CLOCK_TOLERANCE`]).
+    pub clock_stepped: bool,
+    /// Whether a new identity was set.
+    pub identity_set: bool,
 }
 
 /// How to reach the guest's vsock.
@@ -442,5 +473,137 @@ impl Client {
             FromAgent::Info(info) => Ok(info),
             other => Err(unexpected(other)),
         }
+    }
+
+    /// Makes a request older agents may not know: `Hello` first, on its
+    /// own (waiting for the agent up to the client's patience), then
+    /// `req` once the agent has answered. An agent that then closes the
+    /// connection without a word (agents from before `Reseed` do that on
+    /// a request they cannot decode), or answers
+    /// [`UNKNOWN_REQUEST`](crate::server::UNKNOWN_REQUEST), does not know
+    /// it: [`AgentError::Unsupported`], never a wait. Costs one round
+    /// trip more than [`request`](Self::request).
+    fn request_new(
+        &self,
+        name: &'static str,
+        req: &ToAgent,
+    ) -> Result<(Box<dyn Duplex>, FromAgent), AgentError> {
+        let deadline = Instant::now() + self.patience;
+        let (mut s, agent) = loop {
+            match self.hello() {
+                Err(AgentError::Unreachable(_)) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                other => break other?,
+            }
+        };
+        s.set_read_timeout(Some(TRANSFER_TIMEOUT))
+            .map_err(FrameError::Io)?;
+        send(&mut s, req)?;
+        match recv(&mut s) {
+            Err(FrameError::Closed) => Err(AgentError::Unsupported {
+                request: name,
+                agent,
+            }),
+            Ok(FromAgent::Error(text)) if text.starts_with(crate::server::UNKNOWN_REQUEST) => {
+                Err(AgentError::Unsupported {
+                    request: name,
+                    agent,
+                })
+            }
+            Ok(reply) => Ok((s, reply)),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Connects and exchanges `Hello` alone; returns the stream and the
+    /// agent's version.
+    fn hello(&self) -> Result<(Box<dyn Duplex>, String), AgentError> {
+        let mut s = self.raw_connect(&encode(&ToAgent::Hello {
+            protocol: PROTOCOL_VERSION,
+        })?)?;
+        match recv::<FromAgent>(&mut s) {
+            Ok(FromAgent::Hello { protocol, version }) if protocol == PROTOCOL_VERSION => {
+                Ok((s, version))
+            }
+            Ok(FromAgent::Hello { protocol, .. }) => Err(AgentError::Version {
+                agent: protocol,
+                host: PROTOCOL_VERSION,
+            }),
+            Ok(other) => Err(unexpected(other)),
+            Err(FrameError::Closed) => Err(AgentError::Unreachable(
+                "the connection closed before the agent answered".into(),
+            )),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Mixes `seed` (1 to [`MAX_SEED`](crate::identity::MAX_SEED) bytes,
+    /// which should come from a CSPRNG: the guest credits them as
+    /// entropy) into the guest kernel's random pool and reseeds its CRNG.
+    pub fn reseed(&self, seed: &[u8]) -> Result<Reseeded, AgentError> {
+        crate::identity::check_seed(seed)?;
+        let req = ToAgent::Reseed {
+            seed: seed.to_vec(),
+        };
+        match self.request_new("Reseed", &req)?.1 {
+            FromAgent::Reseeded(done) => Ok(done),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Sets the guest's hostname and/or machine id (each part that is
+    /// `Some`), after checking them here: a bad part is an
+    /// [`AgentError::Invalid`] and nothing is sent.
+    pub fn set_identity(&self, identity: &Identity) -> Result<(), AgentError> {
+        identity.check()?;
+        expect_done(
+            self.request_new("SetIdentity", &ToAgent::SetIdentity(identity.clone()))?
+                .1,
+        )
+    }
+
+    /// Tells a guest that was just resumed from a snapshot (or cloned
+    /// from one) so: in order, mixes [`SEED_LEN`](crate::identity::SEED_LEN)
+    /// fresh bytes from the host's CSPRNG into its random pool and
+    /// reseeds its CRNG ([`reseed`](Self::reseed)), steps its clock to the
+    /// host's when it is off by more than [`RESTORE_CLOCK_TOLERANCE`],
+    /// and, for a clone, sets its new `identity`
+    /// ([`set_identity`](Self::set_identity); checked before anything is
+    /// sent). Call it once the agent answers after the restore (the
+    /// client's patience applies to each step).
+    ///
+    /// An agent too old for `Reseed` still gets its clock stepped; the
+    /// result is then [`AgentError::Unsupported`].
+    pub fn announce_restore(
+        &self,
+        identity: Option<&Identity>,
+    ) -> Result<RestoreReport, AgentError> {
+        if let Some(identity) = identity {
+            identity.check()?;
+        }
+        let mut seed = [0u8; crate::identity::SEED_LEN];
+        crate::identity::host_random(&mut seed).map_err(AgentError::HostRandom)?;
+        let reseeded = self.reseed(&seed);
+        seed.fill(0);
+        let reseeded = match reseeded {
+            Ok(done) => done,
+            Err(e @ AgentError::Unsupported { .. }) => {
+                self.sync_time(RESTORE_CLOCK_TOLERANCE)?;
+                return Err(e);
+            }
+            Err(e) => return Err(e),
+        };
+        let clock_drift_secs = self.sync_time(RESTORE_CLOCK_TOLERANCE)?;
+        let identity = identity.filter(|i| i.hostname.is_some() || i.machine_id.is_some());
+        if let Some(identity) = identity {
+            self.set_identity(identity)?;
+        }
+        Ok(RestoreReport {
+            reseeded,
+            clock_drift_secs,
+            clock_stepped: clock_drift_secs.abs() > RESTORE_CLOCK_TOLERANCE.as_secs_f64(),
+            identity_set: identity.is_some(),
+        })
     }
 }

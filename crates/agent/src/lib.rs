@@ -18,12 +18,23 @@
 //! | `SetTime` | `Done` |
 //! | `Shutdown` | `Done`, then the guest goes down |
 //! | `Info` | `Info` |
+//! | `Reseed` | `Reseeded` (how the bytes reached the guest's random pool) |
+//! | `SetIdentity` | `Done` (hostname and/or machine id set) |
 //!
 //! Any step may be answered by `Error(text)` instead.
+//!
+//! New requests are added at the end of [`ToAgent`] (and new replies at
+//! the end of [`FromAgent`]) without changing [`PROTOCOL_VERSION`], so an
+//! older agent keeps serving the requests it knows. One that does not know
+//! a request answers `Error` starting with [`server::UNKNOWN_REQUEST`]
+//! (agents from before `Reseed` close the connection instead, after their
+//! `Hello`); the client turns both into
+//! [`AgentError::Unsupported`](client::AgentError::Unsupported).
 
 pub mod client;
 mod conn;
 mod exec;
+pub mod identity;
 pub mod server;
 pub mod spawn;
 
@@ -80,6 +91,43 @@ pub enum ToAgent {
         reboot: bool,
     },
     Info,
+    /// Mix `seed` (1 to [`identity::MAX_SEED`] fresh bytes from the host's
+    /// CSPRNG) into the guest kernel's random pool, credited as entropy
+    /// where the kernel allows, and reseed its CRNG at once: sent to a
+    /// guest resumed from a snapshot or cloned, whose RNG state is
+    /// otherwise that of the snapshot (there is no vmgenid device).
+    Reseed {
+        #[serde(with = "serde_bytes")]
+        seed: Vec<u8>,
+    },
+    /// Give the guest a new identity (a clone resumed from its source's
+    /// running state must not keep the source's); each part is optional.
+    SetIdentity(Identity),
+}
+
+/// A guest's identity, as a clone gets a new one.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Identity {
+    /// Set with sethostname(2): 1 to 64 of `[A-Za-z0-9-]`, not starting
+    /// or ending with `-` (see [`identity::check_hostname`]).
+    pub hostname: Option<String>,
+    /// Written to /etc/machine-id: 32 lowercase hex digits, not all zero
+    /// (see [`identity::check_machine_id`]).
+    pub machine_id: Option<String>,
+}
+
+/// How a `Reseed`'s bytes reached the guest's random pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reseeded {
+    /// How many bytes were mixed in.
+    pub bytes: u32,
+    /// Credited as entropy (`RNDADDENTROPY`); otherwise only mixed in by a
+    /// write to /dev/urandom (the ioctl was refused).
+    pub credited: bool,
+    /// The kernel's CRNG was reseeded at once (`RNDRESEEDCRNG`), so its
+    /// output differs from the snapshot's from now on; otherwise it
+    /// changes at the kernel's next periodic reseed (up to a minute).
+    pub crng_reseeded: bool,
 }
 
 /// A command to run in the guest.
@@ -134,6 +182,8 @@ pub enum FromAgent {
     Done,
     Info(GuestInfo),
     Error(String),
+    /// The answer to `Reseed`.
+    Reseeded(Reseeded),
 }
 
 /// What `guest-info` shows.
@@ -405,6 +455,85 @@ mod tests {
             assert_eq!(&recv::<ToAgent>(&mut r).unwrap(), m);
         }
         assert!(matches!(recv::<ToAgent>(&mut r), Err(FrameError::Closed)));
+    }
+
+    #[test]
+    fn restore_messages_round_trip_and_keep_their_places() {
+        let msgs = [
+            ToAgent::Reseed {
+                seed: vec![0xa5; identity::MAX_SEED],
+            },
+            ToAgent::SetIdentity(Identity {
+                hostname: Some("clone-1".into()),
+                machine_id: None,
+            }),
+            ToAgent::SetIdentity(Identity::default()),
+        ];
+        for m in &msgs {
+            let frame = encode(m).unwrap();
+            assert_eq!(&decode::<ToAgent>(&frame[4..]).unwrap(), m);
+        }
+        let reply = FromAgent::Reseeded(Reseeded {
+            bytes: 64,
+            credited: true,
+            crng_reseeded: false,
+        });
+        assert_eq!(
+            decode::<FromAgent>(&encode(&reply).unwrap()[4..]).unwrap(),
+            reply
+        );
+        // New messages come after the old ones, whose variant numbers (the
+        // first byte) older agents and hosts still rely on.
+        assert_eq!(encode(&ToAgent::Info).unwrap()[4], 11);
+        assert_eq!(encode(&msgs[0]).unwrap()[4], 12);
+        assert_eq!(encode(&msgs[1]).unwrap()[4], 13);
+        assert_eq!(encode(&FromAgent::Error(String::new())).unwrap()[4], 11);
+        assert_eq!(encode(&reply).unwrap()[4], 12);
+    }
+
+    #[test]
+    fn hostile_restore_messages_are_errors() {
+        // A seed whose length field claims more bytes than follow, or far
+        // more than a frame can hold: refused before any allocation.
+        let good = encode(&ToAgent::Reseed { seed: vec![7; 64] }).unwrap();
+        let body = &good[4..];
+        assert_eq!(&body[..2], &[12, 64]);
+        let mut short = body.to_vec();
+        short[1] = 65;
+        assert!(matches!(
+            decode::<ToAgent>(&short),
+            Err(FrameError::Malformed(_))
+        ));
+        let mut huge = vec![12u8, 0xfd];
+        huge.extend(u64::MAX.to_le_bytes());
+        assert!(matches!(
+            decode::<ToAgent>(&huge),
+            Err(FrameError::Malformed(_))
+        ));
+        // Trailing bytes after a whole message are refused too.
+        let mut long = body.to_vec();
+        long.push(0);
+        assert!(decode::<ToAgent>(&long).is_err());
+        // An identity with a truncated string, a bad option tag, a hostname
+        // that is not UTF-8.
+        let id = encode(&ToAgent::SetIdentity(Identity {
+            hostname: Some("abc".into()),
+            machine_id: None,
+        }))
+        .unwrap();
+        let body = &id[4..];
+        assert!(decode::<ToAgent>(&body[..body.len() - 2]).is_err());
+        let mut tag = body.to_vec();
+        tag[1] = 7;
+        assert!(decode::<ToAgent>(&tag).is_err());
+        let mut utf8 = body.to_vec();
+        let at = utf8.iter().position(|&b| b == b'a').unwrap();
+        utf8[at] = 0xff;
+        assert!(decode::<ToAgent>(&utf8).is_err());
+        // Every truncation of a good frame is an error, never a panic.
+        for n in 0..good.len() - 4 {
+            assert!(decode::<ToAgent>(&good[4..4 + n]).is_err(), "{n}");
+        }
     }
 
     fn scratch(name: &str) -> std::path::PathBuf {

@@ -13,7 +13,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::conn::Conn;
-use crate::{Address, FrameError, FromAgent, GuestInfo, ToAgent, CHUNK, PROTOCOL_VERSION, VERSION};
+use crate::{
+    identity, Address, FrameError, FromAgent, GuestInfo, Identity, Reseeded, ToAgent, CHUNK,
+    PROTOCOL_VERSION, VERSION,
+};
 
 /// A connection the agent serves.
 pub trait Stream: Read + Write + AsRawFd + Send + 'static + Sized {}
@@ -24,9 +27,34 @@ impl Stream for vsock::VsockStream {}
 
 /// The operations that act on the whole guest.
 pub trait System: Sync {
+    /// The guest's clock, as `Ping` reports it (ns since the epoch).
+    fn now_ns(&self) -> i64 {
+        crate::now_ns()
+    }
     fn set_time(&self, unix_ns: i64) -> std::io::Result<()>;
     fn shutdown(&self, reboot: bool) -> std::io::Result<()>;
+    /// Mixes `seed` (already checked: 1 to [`MAX_SEED`](crate::identity::MAX_SEED)
+    /// bytes) into the kernel's random pool.
+    fn reseed(&self, seed: &[u8]) -> std::io::Result<Reseeded> {
+        let _ = seed;
+        Err(std::io::ErrorKind::Unsupported.into())
+    }
+    /// Sets the hostname (already checked).
+    fn set_hostname(&self, name: &str) -> std::io::Result<()> {
+        let _ = name;
+        Err(std::io::ErrorKind::Unsupported.into())
+    }
+    /// Replaces the machine id (already checked).
+    fn set_machine_id(&self, id: &str) -> std::io::Result<()> {
+        let _ = id;
+        Err(std::io::ErrorKind::Unsupported.into())
+    }
 }
+
+/// The start of the error an agent answers a request it cannot decode
+/// with (one newer than the agent, most likely); the client reports it as
+/// [`AgentError::Unsupported`](crate::client::AgentError::Unsupported).
+pub const UNKNOWN_REQUEST: &str = "unknown or malformed request";
 
 /// The real guest.
 pub struct RealSystem;
@@ -61,6 +89,18 @@ impl System for RealSystem {
         }
         Ok(())
     }
+
+    fn reseed(&self, seed: &[u8]) -> std::io::Result<Reseeded> {
+        identity::mix_into_pool(Path::new(identity::URANDOM), seed)
+    }
+
+    fn set_hostname(&self, name: &str) -> std::io::Result<()> {
+        identity::set_hostname(name)
+    }
+
+    fn set_machine_id(&self, id: &str) -> std::io::Result<()> {
+        identity::write_machine_id(Path::new(identity::MACHINE_ID), id)
+    }
 }
 
 fn error<S: Read + Write>(s: &mut Conn<S>, text: String) -> Result<(), FrameError> {
@@ -87,9 +127,21 @@ pub fn handle_connection<S: Stream>(s: S, system: &dyn System) -> Result<(), Fra
         protocol: PROTOCOL_VERSION,
         version: VERSION.into(),
     })?;
-    match s.recv::<ToAgent>()? {
+    let request = match s.recv::<ToAgent>() {
+        Ok(request) => request,
+        // Most likely a request newer than this agent: say so (the host
+        // would otherwise see only the connection close).
+        Err(FrameError::Malformed(why)) => {
+            return error(
+                &mut s,
+                format!("{UNKNOWN_REQUEST} (agent {VERSION}): {why}"),
+            )
+        }
+        Err(e) => return Err(e),
+    };
+    match request {
         ToAgent::Ping => s.send(&FromAgent::Pong {
-            unix_ns: crate::now_ns(),
+            unix_ns: system.now_ns(),
         }),
         ToAgent::Exec(req) => crate::exec::exec(&mut s, req),
         ToAgent::Upload {
@@ -111,8 +163,42 @@ pub fn handle_connection<S: Stream>(s: S, system: &dyn System) -> Result<(), Fra
             Ok(())
         }
         ToAgent::Info => s.send(&FromAgent::Info(guest_info())),
+        ToAgent::Reseed { seed } => {
+            let result = identity::check_seed(&seed)
+                .map_err(|e| e.to_string())
+                .and_then(|()| {
+                    system
+                        .reseed(&seed)
+                        .map_err(|e| format!("cannot reseed the random pool: {e}"))
+                });
+            match result {
+                Ok(done) => s.send(&FromAgent::Reseeded(done)),
+                Err(text) => error(&mut s, text),
+            }
+        }
+        ToAgent::SetIdentity(id) => match set_identity(system, &id) {
+            Ok(()) => s.send(&FromAgent::Done),
+            Err(text) => error(&mut s, text),
+        },
         other => error(&mut s, format!("{} is not a request", message_name(&other))),
     }
+}
+
+/// Checks the whole identity first (nothing is changed if a part is bad),
+/// then sets the hostname and the machine id.
+fn set_identity(system: &dyn System, id: &Identity) -> Result<(), String> {
+    id.check().map_err(|e| e.to_string())?;
+    if let Some(name) = &id.hostname {
+        system
+            .set_hostname(name)
+            .map_err(|e| format!("cannot set the hostname: {e}"))?;
+    }
+    if let Some(machine_id) = &id.machine_id {
+        system
+            .set_machine_id(machine_id)
+            .map_err(|e| format!("cannot write {}: {e}", identity::MACHINE_ID))?;
+    }
+    Ok(())
 }
 
 fn message_name(m: &ToAgent) -> &'static str {
