@@ -434,6 +434,9 @@ fn run(cmd: RunCmd) -> Result<VmOutcome, CliError> {
             )
         }
     };
+    if let (Some(_), Some(vsock)) = (&restore, &config.vsock) {
+        vmproc::announce_restore(&vsock.socket_path(), None);
+    }
     let served = cmd
         .api_socket
         .as_deref()

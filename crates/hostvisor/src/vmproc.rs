@@ -237,6 +237,26 @@ impl Read for Follow {
     }
 }
 
+/// Once the agent of a VM resumed from a snapshot answers, tells it so
+/// (on a thread of its own): fresh randomness for its RNG (two resumes of
+/// one snapshot must not share a random stream), its clock stepped to the
+/// host's, and — for a clone resumed from its source's state — its own
+/// hostname and machine id. Without the agent (no vsock) nothing can be
+/// told; with an older agent the clock is still stepped.
+pub fn announce_restore(vsock: &std::path::Path, identity: Option<agent::Identity>) {
+    let client = agent::client::Client::new(agent::client::Transport::Muxer(vsock.to_path_buf()))
+        .patient(Duration::from_secs(60));
+    std::thread::spawn(move || match client.announce_restore(identity.as_ref()) {
+        Ok(report) => tracing::info!(
+            credited = report.reseeded.credited,
+            clock_drift_secs = report.clock_drift_secs,
+            identity = report.identity_set,
+            "the restored guest was reseeded and its clock set"
+        ),
+        Err(e) => tracing::warn!("cannot tell the restored guest it was restored: {e}"),
+    });
+}
+
 /// What `hostvisor run` serves its API with.
 pub struct Served {
     pub control: VmControl,
