@@ -243,6 +243,28 @@ fn a_running_guest_is_saved_and_resumed_in_new_processes() {
     assert_ne!(changed.disk, before.disk);
     // The image the snapshot names did not change.
     assert_eq!(image_hash(&dir, &disk), before.disk);
+    // A paused VM changes nothing in guest RAM, even with a host program
+    // connecting to the agent meanwhile: two snapshots of it, with that
+    // connection in between, hold the same memory; once resumed, the
+    // connection is served.
+    let r = first.request("PUT", "/vm/pause", "");
+    assert_eq!(r.status, 204, "{}", r.error_message());
+    let (p1, p2) = (dir.join("paused-1"), dir.join("paused-2"));
+    first.snapshot(&p1, &dir.join("paused-1.qcow2"));
+    let waiting =
+        Client::new(Transport::Muxer(dir.join("v.sock"))).patient(Duration::from_secs(60));
+    let pinger = std::thread::spawn(move || waiting.ping());
+    std::thread::sleep(Duration::from_millis(500));
+    first.snapshot(&p2, &dir.join("paused-2.qcow2"));
+    assert!(
+        std::fs::read(p1.join("memory")).unwrap() == std::fs::read(p2.join("memory")).unwrap(),
+        "guest RAM changed while the VM was paused"
+    );
+    let r = first.request("PUT", "/vm/resume", "");
+    assert_eq!(r.status, 204, "{}", r.error_message());
+    pinger.join().unwrap().unwrap();
+    std::fs::remove_dir_all(&p1).unwrap();
+    std::fs::remove_dir_all(&p2).unwrap();
     assert!(!first.console.to_string_lossy().is_empty());
     first.kill();
 

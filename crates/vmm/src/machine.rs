@@ -424,19 +424,28 @@ impl Machine {
                             for h in &handles {
                                 h.kick();
                             }
-                            if gate.wait_parked(running, std::time::Duration::from_secs(10)) {
-                                // The guest's clock stands still while paused.
+                            if !gate.wait_parked(running, std::time::Duration::from_secs(10)) {
+                                gate.open();
+                                Err(ControlError::Failed("the vCPUs did not stop".into()))
+                            } else if let Err(e) = self.virtio.sleep_all() {
+                                // A device stuck in its backend: no pause
+                                // that would let it write guest RAM.
+                                gate.open();
+                                Err(ControlError::Failed(e))
+                            } else {
+                                // The guest's clock stands still while
+                                // paused, and nothing changes its RAM.
                                 let clock = self.vm.clock().unwrap_or(0);
                                 paused = Some((clock, Instant::now()));
                                 Ok(None)
-                            } else {
-                                gate.open();
-                                Err(ControlError::Failed("the vCPUs did not stop".into()))
                             }
                         }
                         ControlRequest::Resume => match paused.take() {
                             None => Err(ControlError::Conflict("the VM is not paused".into())),
                             Some((clock, since)) => {
+                                if let Err(e) = self.virtio.wake_all() {
+                                    tracing::error!("resuming: {e}");
+                                }
                                 if let Err(e) = self.vm.set_clock(clock) {
                                     tracing::warn!("cannot restore the guest clock: {e}");
                                 }
@@ -572,7 +581,8 @@ impl Machine {
             vcpus: running,
             clock,
         };
-        let result = crate::persist::save(&ctx, request);
+        // A paused VM's devices are asleep and stay so.
+        let result = crate::persist::save(&ctx, request, paused_clock.is_none());
         if paused_clock.is_none() {
             if let Err(e) = self.vm.set_clock(clock) {
                 tracing::warn!("cannot restore the guest clock: {e}");

@@ -40,8 +40,13 @@ pub(crate) struct SaveContext<'a> {
 }
 
 /// Saves the paused machine into `request.dir`. Devices are put to sleep
-/// for the save and woken after it, whatever happened.
-pub(crate) fn save(ctx: &SaveContext<'_>, request: &SnapshotRequest) -> Result<(), SnapshotError> {
+/// for the save (if they are not) and, with `wake`, woken after it,
+/// whatever happened.
+pub(crate) fn save(
+    ctx: &SaveContext<'_>,
+    request: &SnapshotRequest,
+    wake: bool,
+) -> Result<(), SnapshotError> {
     let described = ctx.described.ok_or_else(|| {
         SnapshotError::Save("this machine was not built from a VM configuration".into())
     })?;
@@ -89,7 +94,11 @@ pub(crate) fn save(ctx: &SaveContext<'_>, request: &SnapshotRequest) -> Result<(
         }
         other => other,
     };
-    let woken = ctx.virtio.wake_all().map_err(SnapshotError::Save);
+    let woken = if wake {
+        ctx.virtio.wake_all().map_err(SnapshotError::Save)
+    } else {
+        Ok(())
+    };
     swapped.and(woken)
 }
 
