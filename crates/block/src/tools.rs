@@ -321,6 +321,25 @@ fn info_at(path: &Path, format: Option<Format>, depth: usize) -> Result<ImageInf
     })
 }
 
+/// The backing file an image names in its own header (as written there,
+/// with its format), without opening the chain or taking the image's
+/// lock (it works on an image a running VM holds, and when the backing
+/// file is missing): `None` for raw images and qcow2 images without one.
+pub fn backing_of(path: &Path) -> Result<Option<(String, Option<String>)>, ToolError> {
+    use std::io::Read;
+    if probe(path)? == Format::Raw {
+        return Ok(None);
+    }
+    // The header and the backing file name lie in the first cluster (at
+    // most 2 MiB).
+    let mut buf = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(2 << 20).read_to_end(&mut buf))
+        .map_err(io_err(path))?;
+    let h = qcow2::header::Header::parse(&buf).map_err(q_err(path))?;
+    Ok(h.backing_file.map(|b| (b, h.backing_format)))
+}
+
 /// Stands in for a backing file an operation never reads: an image opened
 /// without its chain, whose unallocated clusters then read as zeroes.
 #[derive(Debug)]

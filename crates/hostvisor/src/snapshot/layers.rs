@@ -1,0 +1,132 @@
+//! The disk-file side of snapshots: overlays made on top of a frozen
+//! layer, backing chains read from image headers, and the safe rebase that
+//! lets a layer be removed without changing what any other layer reads.
+
+use std::path::{Path, PathBuf};
+
+use block::tools::{self, CreateSpec};
+use block::Format;
+
+use super::meta::sync_dir;
+use super::SnapshotError;
+
+fn tool(path: &Path) -> impl FnOnce(tools::ToolError) -> SnapshotError + '_ {
+    move |e| SnapshotError::Disk {
+        path: path.to_path_buf(),
+        message: vmm::error_chain(&e),
+    }
+}
+
+/// The name an overlay at `overlay` records for `backing`: the bare file
+/// name when both lie in one directory (the VM's directory can then move),
+/// the absolute path otherwise.
+pub fn backing_name(overlay: &Path, backing: &Path) -> String {
+    if overlay.parent().is_some() && overlay.parent() == backing.parent() {
+        if let Some(name) = backing.file_name() {
+            return name.to_string_lossy().into_owned();
+        }
+    }
+    backing.display().to_string()
+}
+
+/// Makes an empty qcow2 overlay at `path` backed by `backing` (any
+/// format, probed) and makes it durable (file and directory entry).
+pub fn create_overlay(path: &Path, backing: &Path) -> Result<(), SnapshotError> {
+    tools::create(&CreateSpec {
+        path: path.to_path_buf(),
+        size: None,
+        format: Format::Qcow2,
+        backing: Some(backing_name(path, backing)),
+        backing_format: Some(block::probe(backing).map_err(|e| SnapshotError::Disk {
+            path: backing.to_path_buf(),
+            message: vmm::error_chain(&e),
+        })?),
+        cluster_size: None,
+    })
+    .map_err(tool(path))?;
+    sync_file(path)?;
+    if let Some(dir) = path.parent() {
+        sync_dir(dir).map_err(|e| SnapshotError::io(dir, e))?;
+    }
+    Ok(())
+}
+
+pub fn sync_file(path: &Path) -> Result<(), SnapshotError> {
+    std::fs::File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| SnapshotError::io(path, e))
+}
+
+/// The absolute path of the file `path` is backed by, read from its
+/// header (no lock taken: works on an image a running VM holds).
+pub fn backing_file(path: &Path) -> Result<Option<PathBuf>, SnapshotError> {
+    Ok(tools::backing_of(path)
+        .map_err(tool(path))?
+        .map(|(name, _)| block::qcow2::backing_path(path, &name)))
+}
+
+/// `path` and every file below it in its backing chain.
+pub fn chain(path: &Path) -> Result<Vec<PathBuf>, SnapshotError> {
+    let mut out = vec![path.to_path_buf()];
+    while let Some(next) = backing_file(out.last().unwrap_or(&out[0]))? {
+        if out.len() > block::MAX_CHAIN || out.contains(&next) {
+            return Err(SnapshotError::Disk {
+                path: path.to_path_buf(),
+                message: "the backing chain loops or is too deep".into(),
+            });
+        }
+        out.push(next);
+    }
+    Ok(out)
+}
+
+/// Points `path` at `new_backing` (or none), first copying into it every
+/// cluster whose guest-visible contents would otherwise change. A kill at
+/// any moment leaves it reading as before: data is copied (and flushed)
+/// before the header names the new backing file, in one write.
+pub fn safe_rebase(path: &Path, new_backing: Option<&Path>) -> Result<(), SnapshotError> {
+    let name = new_backing.map(|b| backing_name(path, b));
+    let mut quiet = |_: u64, _: u64| {};
+    tools::rebase(path, name.as_deref(), None, false, &mut quiet).map_err(tool(path))?;
+    sync_file(path)
+}
+
+/// Whether a file the VM wrote to can be removed once nothing needs it:
+/// an overlay (it has a backing file) in the VM's own `disks/`. The disk
+/// as it was before the first snapshot (the base) never is.
+pub fn removable(path: &Path, disks_dir: &Path) -> bool {
+    path.parent() == Some(disks_dir) && matches!(backing_file(path), Ok(Some(_)))
+}
+
+/// Host bytes a file occupies (allocated blocks), 0 if missing.
+pub fn allocated(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).map_or(0, |m| m.blocks() * 512)
+}
+
+/// Host bytes a directory's files occupy, recursively.
+pub fn allocated_dir(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .filter_map(Result::ok)
+        .map(|e| {
+            let p = e.path();
+            if p.is_dir() {
+                allocated_dir(&p)
+            } else {
+                allocated(&p)
+            }
+        })
+        .sum()
+}
+
+/// Removes a file if it exists.
+pub fn remove_if_present(path: &Path) -> Result<(), SnapshotError> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(SnapshotError::io(path, e)),
+    }
+}
