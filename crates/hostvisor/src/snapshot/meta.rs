@@ -35,7 +35,7 @@ pub struct FrozenLayer {
     /// the disk as it was before the first snapshot (the base), which is
     /// never deleted or rebased.
     pub removable: bool,
-    /// For a base: its length and modification time (ns) when frozen, so a
+    /// For a base: its length and modification time when frozen, so a
     /// base changed behind hostvisor's back is noticed before a restore
     /// would give wrong contents.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -46,7 +46,8 @@ pub struct FrozenLayer {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Fingerprint {
     pub len: u64,
-    pub mtime_ns: i128,
+    pub mtime_s: i64,
+    pub mtime_nsec: i64,
 }
 
 impl Fingerprint {
@@ -55,7 +56,8 @@ impl Fingerprint {
         let m = std::fs::metadata(path)?;
         Ok(Fingerprint {
             len: m.len(),
-            mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+            mtime_s: m.mtime(),
+            mtime_nsec: m.mtime_nsec(),
         })
     }
 }
@@ -418,8 +420,12 @@ mod tests {
             parent: None,
             layers: vec![FrozenLayer {
                 path: "/x".into(),
-                removable: true,
-                fingerprint: None,
+                removable: false,
+                fingerprint: Some(Fingerprint {
+                    len: 1 << 20,
+                    mtime_s: 1_700_000_000,
+                    mtime_nsec: 5,
+                }),
             }],
         };
         let text = serde_json::to_string(&j).unwrap_or_default();

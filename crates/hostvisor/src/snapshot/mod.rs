@@ -605,6 +605,7 @@ impl Snapshots {
     /// `snapshot delete`.
     pub fn delete(&self, access: &Access, m: &SnapshotMeta) -> Result<(), SnapshotError> {
         self.check_no_clone_uses(m)?;
+        self.check_not_open(access, &self.tree()?, &m.id)?;
         self.begin(&Journal::Delete {
             id: m.id.clone(),
             parent: m.parent.clone(),
@@ -612,6 +613,29 @@ impl Snapshots {
         })?;
         self.finish_delete(access, &m.id, m.parent.as_deref(), &m.disks)?;
         self.end()
+    }
+
+    /// Refuses to delete, while the VM runs, the snapshot it stands on or
+    /// one of that one's ancestors: their layers are open in the VMM.
+    fn check_not_open(&self, access: &Access, tree: &Tree, id: &str) -> Result<(), SnapshotError> {
+        if !access.running() {
+            return Ok(());
+        }
+        let current = self.current()?;
+        let path = current
+            .current
+            .as_deref()
+            .map(|c| tree.path_to_root(c))
+            .unwrap_or_default();
+        if path.iter().any(|m| m.id == id) {
+            return Err(refused(format!(
+                "{} is running on snapshot `{}` or one of its children: its disk layers are open in the VM, so it can be deleted only with the VM stopped (hostvisor stop {})",
+                self.vm.name,
+                tree.nodes.get(id).map_or(id, |m| m.name.as_str()),
+                self.vm.name
+            )));
+        }
+        Ok(())
     }
 
     /// The files the running VM has open: the current snapshot's layers
@@ -639,21 +663,7 @@ impl Snapshots {
     ) -> Result<(), SnapshotError> {
         let tree = self.tree()?;
         let current = self.current()?;
-        if access.running() {
-            let path = current
-                .current
-                .as_deref()
-                .map(|c| tree.path_to_root(c))
-                .unwrap_or_default();
-            if path.iter().any(|m| m.id == id) {
-                return Err(refused(format!(
-                    "{} is running on snapshot `{}` or one of its children: its disk layers are open in the VM, so it can be deleted only with the VM stopped (hostvisor stop {})",
-                    self.vm.name,
-                    tree.nodes.get(id).map_or(id, |m| m.name.as_str()),
-                    self.vm.name
-                )));
-            }
-        }
+        self.check_not_open(access, &tree, id)?;
         let mut candidates: Vec<PathBuf> = tree
             .nodes
             .values()
