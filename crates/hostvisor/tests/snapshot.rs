@@ -522,3 +522,149 @@ fn running_vms_are_handled_without_touching_open_layers() {
         before
     );
 }
+
+/// A small xorshift generator: the test prints its seed, so a failing
+/// sequence of kill moments can be replayed (HOSTVISOR_KILL_SEED).
+struct Rng(u64);
+
+impl Rng {
+    fn new() -> Rng {
+        let seed = std::env::var("HOSTVISOR_KILL_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_nanos() as u64
+                    | 1
+            });
+        eprintln!("kill moments: HOSTVISOR_KILL_SEED={seed}");
+        Rng(seed)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n.max(1)
+    }
+}
+
+/// Starts `hostvisor args` and kills it with SIGKILL after `delay`
+/// (or lets it finish first).
+fn kill_during(env: &Env, args: &[&str], delay: Duration) {
+    let mut child = Command::new(common::BIN)
+        .args(args)
+        .env("XDG_DATA_HOME", env.data())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(delay);
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// How long a command takes when not killed.
+fn timed(env: &Env, args: &[&str]) -> Duration {
+    let start = std::time::Instant::now();
+    env.ok(args);
+    start.elapsed()
+}
+
+#[test]
+fn kill_9_during_take_and_delete_keeps_every_snapshot() {
+    let env = Env::new("kill");
+    let base = env.create_vm("vm");
+    write(&base, 0, 0xb0);
+    let mut rng = Rng::new();
+    // name -> contents of every snapshot that exists.
+    let mut expect: BTreeMap<String, String> = BTreeMap::new();
+    let snap = |env: &Env, name: &str, byte: u8, expect: &mut BTreeMap<String, String>| {
+        let top = env.top("vm");
+        write(&top, u64::from(byte % 48) * 65536, byte);
+        expect.insert(name.to_string(), digest(&top));
+        env.ok(&["snapshot", "take", "vm", name]);
+    };
+    snap(&env, "root", 1, &mut expect);
+    snap(&env, "mid", 2, &mut expect);
+    let take_time = timed(&env, &["snapshot", "take", "vm", "probe"]);
+    expect.insert("probe".into(), digest(&env.top("vm")));
+
+    // Takes killed at random moments.
+    let journal = env.vm_dir("vm").join("snapshots/journal.json");
+    let mut interrupted = 0;
+    for i in 0..20u8 {
+        let name = format!("k{i}");
+        let top = env.top("vm");
+        write(&top, u64::from(i % 48) * 65536 + 4096, 0x80 | i);
+        let before = digest(&top);
+        let delay = rng.below(take_time.as_micros() as u64 * 3 / 2);
+        kill_during(
+            &env,
+            &["snapshot", "take", "vm", &name],
+            Duration::from_micros(delay),
+        );
+        interrupted += usize::from(journal.exists());
+        // The next command finishes or undoes it.
+        let ids = env.ids("vm");
+        if ids.contains_key(&name) {
+            expect.insert(name.clone(), before.clone());
+        }
+        assert_eq!(
+            digest(&env.top("vm")),
+            before,
+            "take {name} changed the disk"
+        );
+        assert!(!env.vm_dir("vm").join("snapshots/journal.json").exists());
+    }
+    for (name, hash) in &expect {
+        env.ok(&["snapshot", "restore", "vm", name]);
+        assert_eq!(&digest(&env.top("vm")), hash, "{name} after killed takes");
+    }
+    check_images(&env, "vm", false);
+
+    // Deletes of inner nodes (with a child and data to merge) killed at
+    // random moments.
+    for i in 0..20u8 {
+        env.ok(&["snapshot", "restore", "vm", "mid"]);
+        let (inner, child) = (format!("d{i}"), format!("e{i}"));
+        for (n, name) in [(0u8, &inner), (1, &child)] {
+            let top = env.top("vm");
+            for k in 0..8u64 {
+                write(&top, (k * 6 + u64::from(n)) * 65536, 0x40 | i);
+            }
+            expect.insert(name.clone(), digest(&top));
+            env.ok(&["snapshot", "take", "vm", name]);
+        }
+        // Deletes take about as long as takes (a little more): kill
+        // anywhere in up to twice that.
+        let delay = rng.below(take_time.as_micros() as u64 * 2);
+        kill_during(
+            &env,
+            &["snapshot", "delete", "vm", &inner],
+            Duration::from_micros(delay),
+        );
+        interrupted += usize::from(journal.exists());
+        if !env.ids("vm").contains_key(&inner) {
+            expect.remove(&inner);
+        }
+        check_images(&env, "vm", false);
+        for name in [&inner, &child] {
+            if let Some(hash) = expect.get(name) {
+                env.ok(&["snapshot", "restore", "vm", name]);
+                assert_eq!(
+                    &digest(&env.top("vm")),
+                    hash,
+                    "{name} after a killed delete"
+                );
+            }
+        }
+    }
+    for (name, hash) in &expect {
+        env.ok(&["snapshot", "restore", "vm", name]);
+        assert_eq!(&digest(&env.top("vm")), hash, "{name} after killed deletes");
+    }
+    eprintln!("{interrupted} of 40 operations were killed midway (a journal was left)");
+    check_images(&env, "vm", have_qemu_img());
+}

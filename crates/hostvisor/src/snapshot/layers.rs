@@ -91,6 +91,27 @@ pub fn safe_rebase(path: &Path, new_backing: Option<&Path>) -> Result<(), Snapsh
     sync_file(path)
 }
 
+/// Reclaims leaked clusters (allocated, referenced by nothing) in a qcow2
+/// image, as `disk check --repair` does; refuses an image with real
+/// corruption rather than touch it.
+pub fn repair_leaks(path: &Path) -> Result<(), SnapshotError> {
+    let report = tools::check(path, None, false).map_err(tool(path))?;
+    if report.corruptions > 0 {
+        return Err(SnapshotError::Disk {
+            path: path.to_path_buf(),
+            message: format!(
+                "{} errors found; check it with `hostvisor disk check`",
+                report.corruptions
+            ),
+        });
+    }
+    if report.leaks > 0 {
+        tools::check(path, None, true).map_err(tool(path))?;
+        sync_file(path)?;
+    }
+    Ok(())
+}
+
 /// Whether a file the VM wrote to can be removed once nothing needs it:
 /// an overlay (it has a backing file) in the VM's own `disks/`. The disk
 /// as it was before the first snapshot (the base) never is.

@@ -300,6 +300,21 @@ impl Snapshots {
                 }
             }
             Journal::Delete { id, parent, layers } => {
+                // A rebase killed midway leaves clusters it had allocated
+                // but not yet mapped (leaks, no harm to data): reclaim them.
+                let tree = self.tree()?;
+                let mut files: Vec<PathBuf> = tree
+                    .nodes
+                    .values()
+                    .flat_map(|m| m.disks.iter().filter(|l| l.removable))
+                    .map(|l| l.path.clone())
+                    .collect();
+                if !access.running() {
+                    files.extend(tops);
+                }
+                for f in files.iter().filter(|f| f.exists()) {
+                    layers::repair_leaks(f)?;
+                }
                 self.finish_delete(access, &id, parent.as_deref(), &layers)?;
             }
         }
