@@ -145,9 +145,10 @@ fn clone_config(
         // its own directory.
         v.socket = None;
     }
+    // A hostname has no '_' (a VM name may).
     config.append = Some(identity_append(
         config.append.as_deref(),
-        dst,
+        &dst.replace('_', "-"),
         &machine_id(),
     ));
     Ok(config)

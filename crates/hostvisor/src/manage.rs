@@ -505,6 +505,13 @@ pub fn delete(name: &str) -> Result<i32, CliError> {
     let Some(lock) = vm.try_lock().map_err(fail)? else {
         return Err(fail(format!("{name} is running; stop it before deleting")));
     };
+    let clones = crate::snapshot::linked_clones_of(&vm);
+    if !clones.is_empty() {
+        return Err(fail(format!(
+            "{name} cannot be deleted: its linked clones {} are backed by its disks (delete them first)",
+            clones.join(", ")
+        )));
+    }
     std::fs::remove_dir_all(&vm.dir).map_err(fail)?;
     drop(lock);
     println!("deleted {name}");

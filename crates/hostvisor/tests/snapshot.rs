@@ -393,6 +393,10 @@ fn clones_get_their_own_disks_and_identity() {
     // ("quick" stands on it too, through the snapshot taken for it.)
     let err = env.fails(&["snapshot", "delete", "src", "two"]);
     assert!(err.contains("the linked clone"), "{err}");
+    // So can the VM itself.
+    let err = env.fails(&["delete", "src"]);
+    assert!(err.contains("linked clones"), "{err}");
+    assert!(err.contains("linked") && err.contains("quick"), "{err}");
     env.ok(&["delete", "linked"]);
     env.ok(&["delete", "quick"]);
     env.ok(&["snapshot", "delete", "src", "two"]);

@@ -744,6 +744,29 @@ pub fn absolute(p: &Path) -> PathBuf {
     })
 }
 
+/// The other VMs whose disks are backed by a file in `vm`'s directory:
+/// its linked clones (which deleting `vm` would break).
+pub fn linked_clones_of(vm: &VmDir) -> Vec<String> {
+    let ours = absolute(&vm.dir);
+    let mut out = Vec::new();
+    for other in VmDir::all().unwrap_or_default() {
+        if other.name == vm.name {
+            continue;
+        }
+        let Ok(config) = other.config() else { continue };
+        let uses = config.disks.iter().any(|d| {
+            layers::chain(&absolute(&d.path))
+                .unwrap_or_default()
+                .iter()
+                .any(|p| p.starts_with(&ours))
+        });
+        if uses {
+            out.push(other.name);
+        }
+    }
+    out
+}
+
 /// The saved state `start` should resume the VM from: set when the last
 /// restore (or clone) put it on a snapshot with a running state and its
 /// disks are untouched since. Runs recovery first (the caller holds
