@@ -165,7 +165,8 @@ fn restore(name: &str, key: &str) -> Result<i32, CliError> {
         let (snaps, access) = enter(&vm)?;
         let tree = snaps.tree()?;
         let m = tree.find(key).ok_or_else(|| no_such(&vm, key))?.clone();
-        if access.running() {
+        let was_running = access.running();
+        if was_running {
             drop(access);
             drop(snaps);
             eprintln!("{name} is running: killing it to restore `{}`", m.name);
@@ -182,7 +183,12 @@ fn restore(name: &str, key: &str) -> Result<i32, CliError> {
         }
         snaps.restore(&m)?;
         println!("restored {name} to snapshot `{}`", m.name);
-        m.saved_state
+        if m.saved_state && !was_running {
+            println!("its next start resumes the snapshot's running state");
+        }
+        // A VM that ran goes on from the snapshot's running state; one
+        // that was stopped stays so (as VirtualBox's "saved" state).
+        m.saved_state && was_running
     };
     if resume {
         println!("starting {name} from the snapshot's running state");
