@@ -750,3 +750,98 @@ fn a_linked_clone_boots_with_its_own_identity() {
     assert!(out.stdout.contains(&want), "{} (want {want})", out.stdout);
     assert_ne!(mac_of(&config), mac_of(&env.config("src")));
 }
+
+/// A stand-in VMM that implements `PUT /vm/snapshot` as the VMM side
+/// will: writes a state file into `dir`, makes each overlay backed by the
+/// disk's current image. Serves until the listener is dropped.
+fn fake_vmm(socket: &Path, tops: Vec<PathBuf>) -> std::thread::JoinHandle<()> {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let _ = std::fs::remove_file(socket);
+    let listener = std::os::unix::net::UnixListener::bind(socket).unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { return };
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut head = String::new();
+            let mut length = 0usize;
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    length = v.trim().parse().unwrap();
+                }
+                head.push_str(&line);
+            }
+            let mut body = vec![0u8; length];
+            reader.read_exact(&mut body).unwrap();
+            let mut out = stream;
+            if head.starts_with("PUT /vm/snapshot ") {
+                let req: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                let dir = PathBuf::from(req["dir"].as_str().unwrap());
+                std::fs::write(dir.join("vm.state"), b"running state").unwrap();
+                for (overlay, top) in req["overlays"].as_array().unwrap().iter().zip(&tops) {
+                    block::tools::create(&block::tools::CreateSpec {
+                        path: overlay.as_str().unwrap().into(),
+                        size: None,
+                        format: block::Format::Qcow2,
+                        backing: Some(top.display().to_string()),
+                        backing_format: None,
+                        cluster_size: None,
+                    })
+                    .unwrap();
+                }
+                let _ = out.write_all(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n");
+                return;
+            }
+            let body = br#"{"state":"running","pid":1}"#;
+            let _ = write!(
+                out,
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            );
+            let _ = out.write_all(body);
+        }
+    })
+}
+
+#[test]
+fn a_running_vm_is_snapshotted_through_its_vmm() {
+    let env = Env::new("live");
+    let base = env.create_vm("vm");
+    write(&base, 0, 0x31);
+    let dir = env.vm_dir("vm");
+    let expect = digest(&base);
+    {
+        let lock = std::fs::File::create(dir.join("lock")).unwrap();
+        // SAFETY: flock on a descriptor this test owns.
+        let locked = unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        assert_eq!(locked, 0);
+        let server = fake_vmm(&dir.join("api.sock"), vec![base.clone()]);
+        let out = env.ok(&["snapshot", "take", "vm", "live"]);
+        assert!(out.contains("with its running state"), "{out}");
+        server.join().unwrap();
+    }
+    std::fs::remove_file(dir.join("api.sock")).unwrap();
+    // The definition names the overlay the VMM made; the snapshot is
+    // current and holds the state.
+    let top = env.top("vm");
+    assert!(top.starts_with(dir.join("disks")), "{}", top.display());
+    let list = env.list("vm");
+    let snap = &list["snapshots"][0];
+    assert_eq!(snap["saved_state"], true);
+    assert_eq!(list["current"], snap["id"]);
+    assert!(dir
+        .join("snapshots")
+        .join(snap["id"].as_str().unwrap())
+        .join("state/vm.state")
+        .exists());
+    assert!(!dir.join("snapshots/journal.json").exists());
+    // Restored while stopped: the disk is the snapshot's, and the next
+    // start resumes the state.
+    write(&top, 0, 0x99);
+    env.ok(&["snapshot", "restore", "vm", "live"]);
+    assert_eq!(digest(&env.top("vm")), expect);
+    assert_eq!(env.list("vm")["resume_pending"], true);
+}

@@ -484,6 +484,13 @@ impl Snapshots {
                 }
                 return Err(e);
             }
+            // A running VM wrote to a base until the VMM paused it: its
+            // fingerprint is the one it has now that it is frozen.
+            for l in m.disks.iter_mut().filter(|l| !l.removable) {
+                l.fingerprint =
+                    Some(Fingerprint::of(&l.path).map_err(|e| SnapshotError::io(&l.path, e))?);
+            }
+            self.write_meta(&m)?;
         } else {
             for (top, old) in new_tops.iter().zip(&old_tops) {
                 layers::create_overlay(top, old)?;
