@@ -751,6 +751,32 @@ mod tests {
     use super::*;
 
     #[test]
+    fn backing_of_reads_the_header_even_of_a_locked_image() {
+        let dir = std::env::temp_dir().join(format!("hv-backing-of-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let (raw, top) = (dir.join("base.raw"), dir.join("top.qcow2"));
+        let spec = |path: &Path, format, backing: Option<&str>| CreateSpec {
+            path: path.to_path_buf(),
+            size: Some(1 << 20),
+            format,
+            backing: backing.map(str::to_string),
+            backing_format: None,
+            cluster_size: None,
+        };
+        create(&spec(&raw, Format::Raw, None)).expect("raw");
+        create(&spec(&top, Format::Qcow2, Some("base.raw"))).expect("overlay");
+        assert_eq!(backing_of(&raw).expect("raw"), None);
+        // Held for writing, as by a running VM.
+        let _open = open_image(&top, OpenOptions::default()).expect("open");
+        assert_eq!(
+            backing_of(&top).expect("overlay"),
+            Some(("base.raw".to_string(), Some("raw".to_string())))
+        );
+        assert!(backing_of(&dir.join("missing")).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn sizes_parse() {
         assert_eq!(parse_size("20G"), Ok(20 << 30));
         assert_eq!(parse_size("512M"), Ok(512 << 20));
