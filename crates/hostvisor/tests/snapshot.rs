@@ -751,13 +751,19 @@ fn a_linked_clone_boots_with_its_own_identity() {
     assert_ne!(mac_of(&config), mac_of(&env.config("src")));
 }
 
-/// A stand-in VMM that implements `PUT /vm/snapshot` as the VMM side
-/// will: writes a state file into `dir`, makes each overlay backed by the
-/// disk's current image. Serves until the listener is dropped.
-fn fake_vmm(socket: &Path, tops: Vec<PathBuf>) -> std::thread::JoinHandle<()> {
+/// A stand-in VM process: holds the VM's lock and serves its API as the
+/// VMM side will: `PUT /vm/snapshot` writes a state file into `dir` and
+/// makes each overlay backed by the disk's current image (switching to
+/// it); `PUT /vm/kill` releases the lock and ends the stand-in.
+fn fake_vmm(dir: &Path, mut tops: Vec<PathBuf>) -> std::thread::JoinHandle<()> {
     use std::io::{BufRead, BufReader, Read, Write};
-    let _ = std::fs::remove_file(socket);
-    let listener = std::os::unix::net::UnixListener::bind(socket).unwrap();
+    let lock = std::fs::File::create(dir.join("lock")).unwrap();
+    // SAFETY: flock on a descriptor this test owns.
+    let locked = unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    assert_eq!(locked, 0);
+    let socket = dir.join("api.sock");
+    let _ = std::fs::remove_file(&socket);
+    let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
     std::thread::spawn(move || {
         for stream in listener.incoming() {
             let Ok(stream) = stream else { return };
@@ -781,9 +787,15 @@ fn fake_vmm(socket: &Path, tops: Vec<PathBuf>) -> std::thread::JoinHandle<()> {
                 let req: serde_json::Value = serde_json::from_slice(&body).unwrap();
                 let dir = PathBuf::from(req["dir"].as_str().unwrap());
                 std::fs::write(dir.join("vm.state"), b"running state").unwrap();
-                for (overlay, top) in req["overlays"].as_array().unwrap().iter().zip(&tops) {
+                let overlays: Vec<PathBuf> = req["overlays"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|o| PathBuf::from(o.as_str().unwrap()))
+                    .collect();
+                for (overlay, top) in overlays.iter().zip(&tops) {
                     block::tools::create(&block::tools::CreateSpec {
-                        path: overlay.as_str().unwrap().into(),
+                        path: overlay.clone(),
                         size: None,
                         format: block::Format::Qcow2,
                         backing: Some(top.display().to_string()),
@@ -792,6 +804,13 @@ fn fake_vmm(socket: &Path, tops: Vec<PathBuf>) -> std::thread::JoinHandle<()> {
                     })
                     .unwrap();
                 }
+                tops = overlays;
+                let _ = out.write_all(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n");
+                continue;
+            }
+            if head.starts_with("PUT /vm/kill ") {
+                drop(lock);
+                let _ = std::fs::remove_file(&socket);
                 let _ = out.write_all(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n");
                 return;
             }
@@ -813,17 +832,9 @@ fn a_running_vm_is_snapshotted_through_its_vmm() {
     write(&base, 0, 0x31);
     let dir = env.vm_dir("vm");
     let expect = digest(&base);
-    {
-        let lock = std::fs::File::create(dir.join("lock")).unwrap();
-        // SAFETY: flock on a descriptor this test owns.
-        let locked = unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-        assert_eq!(locked, 0);
-        let server = fake_vmm(&dir.join("api.sock"), vec![base.clone()]);
-        let out = env.ok(&["snapshot", "take", "vm", "live"]);
-        assert!(out.contains("with its running state"), "{out}");
-        server.join().unwrap();
-    }
-    std::fs::remove_file(dir.join("api.sock")).unwrap();
+    let vmm = fake_vmm(&dir, vec![base.clone()]);
+    let out = env.ok(&["snapshot", "take", "vm", "live"]);
+    assert!(out.contains("with its running state"), "{out}");
     // The definition names the overlay the VMM made; the snapshot is
     // current and holds the state.
     let top = env.top("vm");
@@ -832,16 +843,38 @@ fn a_running_vm_is_snapshotted_through_its_vmm() {
     let snap = &list["snapshots"][0];
     assert_eq!(snap["saved_state"], true);
     assert_eq!(list["current"], snap["id"]);
+    let id = snap["id"].as_str().unwrap().to_string();
     assert!(dir
         .join("snapshots")
-        .join(snap["id"].as_str().unwrap())
+        .join(&id)
         .join("state/vm.state")
         .exists());
     assert!(!dir.join("snapshots/journal.json").exists());
-    // Restored while stopped: the disk is the snapshot's, and the next
-    // start resumes the state.
-    write(&top, 0, 0x99);
-    env.ok(&["snapshot", "restore", "vm", "live"]);
+    // Cloning a running VM's current state snapshots it first (through
+    // the VMM) and copies the frozen disks.
+    write(&top, 65536, 0x32);
+    let now = digest(&top);
+    let out = env.ok(&["clone", "vm", "copy"]);
+    assert!(out.contains("full clone"), "{out}");
+    assert_eq!(digest(&env.top("copy")), now);
+    assert!(env.ids("vm").contains_key("base of copy"));
+    // Restoring a running VM kills it, restores, and starts it again from
+    // the snapshot's running state (which needs the VMM's restore: until
+    // then that start fails, saying so).
+    write(&env.top("vm"), 0, 0x99);
+    let out = env.run(&["snapshot", "restore", "vm", "live"]);
+    vmm.join().unwrap();
+    assert!(out.stderr.contains("killing it"), "{}", out.stderr);
+    assert!(
+        out.stdout.contains("restored vm to snapshot `live`"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stderr.contains("from its saved state"),
+        "{}",
+        out.stderr
+    );
     assert_eq!(digest(&env.top("vm")), expect);
     assert_eq!(env.list("vm")["resume_pending"], true);
 }
