@@ -156,6 +156,7 @@ fn clone_config(
 
 fn build(dst: &str, final_dir: &Path, source: Source, linked: bool) -> Result<(), SnapshotError> {
     let root = store::root();
+    remove_stale_stages(&root);
     let stage = root.join(format!(".clone-{dst}-{}", std::process::id()));
     let result = (|| {
         std::fs::DirBuilder::new()
@@ -231,6 +232,29 @@ fn build(dst: &str, final_dir: &Path, source: Source, linked: bool) -> Result<()
         }
     );
     Ok(())
+}
+
+/// Removes what killed clones left: `.clone-NAME-PID` directories whose
+/// process is gone.
+fn remove_stale_stages(root: &Path) {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return;
+    };
+    for e in entries.filter_map(Result::ok) {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix(".clone-") else {
+            continue;
+        };
+        let Some(pid) = rest.rsplit('-').next().and_then(|p| p.parse::<i32>().ok()) else {
+            continue;
+        };
+        // SAFETY: kill(2) with signal 0 only checks that the process exists.
+        let alive = unsafe { libc::kill(pid, 0) } == 0
+            || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
+        if !alive {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
 }
 
 /// Renames a directory into place, failing if the target exists (two

@@ -330,8 +330,17 @@ fn clones_get_their_own_disks_and_identity() {
     write(&env.top("src"), 2 * MIB, 0x03);
     let current = digest(&env.top("src"));
 
+    // What a killed clone left (its process gone) is cleared away.
+    let mut gone = Command::new("true").spawn().unwrap();
+    gone.wait().unwrap();
+    let stale = env
+        .dir
+        .join("data/hostvisor/vms")
+        .join(format!(".clone-full-{}", gone.id()));
+    std::fs::create_dir_all(stale.join("disks")).unwrap();
     // Full clone of a snapshot: one flat image with that snapshot's data.
     env.ok(&["clone", "src", "full", "--snapshot", "two"]);
+    assert!(!stale.exists(), "a stale clone stage is left");
     let full = env.top("full");
     assert!(full.starts_with(env.vm_dir("full")));
     assert_eq!(digest(&full), one_two);

@@ -185,12 +185,14 @@ pub fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> io::Result<Option
     }
 }
 
-/// Now as RFC 3339 (UTC, seconds).
+/// Now as RFC 3339 (UTC, milliseconds: snapshots taken within one second
+/// still sort in order).
 pub fn now_rfc3339() -> String {
-    let secs = std::time::SystemTime::now()
+    let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    rfc3339(secs)
+        .unwrap_or_default();
+    let text = rfc3339(now.as_secs());
+    format!("{}.{:03}Z", text.trim_end_matches('Z'), now.subsec_millis())
 }
 
 /// Seconds since the epoch as `YYYY-MM-DDTHH:MM:SSZ` (the civil-date
@@ -379,6 +381,9 @@ mod tests {
         assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
         assert_eq!(rfc3339(1_798_761_599), "2026-12-31T23:59:59Z");
         assert_eq!(rfc3339(4_107_542_400), "2100-03-01T00:00:00Z");
+        let now = now_rfc3339();
+        assert_eq!(now.len(), "2026-11-27T21:18:21.123Z".len(), "{now}");
+        assert!(now.ends_with('Z') && now.as_bytes()[19] == b'.', "{now}");
     }
 
     #[test]
