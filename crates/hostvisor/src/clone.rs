@@ -28,8 +28,8 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError + '_ {
 /// What the clone is made from.
 struct Source {
     config: vmm::VmConfig,
-    /// One image (with its chain) per disk.
-    disks: Vec<PathBuf>,
+    /// One image (with its chain) per disk, and its format when known.
+    disks: Vec<(PathBuf, Option<block::Format>)>,
     /// The snapshot's running state to resume from, if it has one.
     state: Option<PathBuf>,
     what: String,
@@ -69,7 +69,7 @@ pub fn clone(src: &str, dst: &str, snapshot: Option<&str>, linked: bool) -> Resu
                 disks: config
                     .disks
                     .iter()
-                    .map(|d| crate::snapshot::absolute(&d.path))
+                    .map(|d| (crate::snapshot::absolute(&d.path), d.format))
                     .collect(),
                 config,
                 state: None,
@@ -88,7 +88,7 @@ fn from_snapshot(snaps: &Snapshots, m: &meta::SnapshotMeta) -> Result<Source, Sn
     let state = snaps.state_dir(&m.id);
     Ok(Source {
         config,
-        disks: m.disks.iter().map(|l| l.path.clone()).collect(),
+        disks: m.disks.iter().map(|l| (l.path.clone(), l.format)).collect(),
         state: (m.saved_state && state.is_dir()).then_some(state),
         what: format!("snapshot `{}`", m.name),
     })
@@ -165,14 +165,15 @@ fn build(dst: &str, final_dir: &Path, source: Source, linked: bool) -> Result<()
             .create(stage.join("disks"))
             .map_err(io(&stage))?;
         let config = clone_config(dst, final_dir, source.config)?;
-        for (i, src) in source.disks.iter().enumerate() {
+        for (i, (src, format)) in source.disks.iter().enumerate() {
             let to = stage.join("disks").join(format!("disk{i}.qcow2"));
             if linked {
-                layers::create_overlay(&to, src)?;
+                layers::create_overlay(&to, src, *format)?;
             } else {
                 let (bar, mut progress) =
                     crate::progress::progress_bar(&format!("copying disk {i}"));
-                let r = block::tools::convert(src, None, &to, block::Format::Qcow2, &mut progress);
+                let r =
+                    block::tools::convert(src, *format, &to, block::Format::Qcow2, &mut progress);
                 bar.finish_and_clear();
                 r.map_err(|e| SnapshotError::Disk {
                     path: src.clone(),

@@ -481,6 +481,36 @@ fn a_raw_base_disk_becomes_the_bottom_layer() {
     );
 }
 
+/// A raw base whose guest wrote a qcow2 header into its first sector stays
+/// raw under its overlays: the format comes from the definition, not a
+/// probe (which would read the guest's bytes as an image header).
+#[test]
+fn a_raw_base_that_looks_like_qcow2_stays_raw() {
+    let env = Env::new("rawmagic");
+    let raw = env.dir.join("base.raw");
+    let mut bytes = vec![0u8; 1 << 20];
+    bytes[..4].copy_from_slice(b"QFI\xfb");
+    bytes[4..8].copy_from_slice(&3u32.to_be_bytes());
+    bytes[4096] = 0x77;
+    std::fs::write(&raw, &bytes).unwrap();
+    let want: String = Sha256::digest(&bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let disk = format!("path={},format=raw", raw.display());
+    env.ok(&["create", "vm", "--kernel", "/bin/true", "--disk", &disk]);
+    env.ok(&["snapshot", "take", "vm", "a"]);
+    assert_eq!(digest(&env.top("vm")), want);
+    env.ok(&["snapshot", "take", "vm", "b"]);
+    env.ok(&["snapshot", "restore", "vm", "a"]);
+    assert_eq!(digest(&env.top("vm")), want);
+    env.ok(&["snapshot", "delete", "vm", "b"]);
+    env.ok(&["clone", "vm", "full", "--snapshot", "a"]);
+    assert_eq!(digest(&env.top("full")), want);
+    env.ok(&["clone", "vm", "linked", "--snapshot", "a", "--linked"]);
+    assert_eq!(digest(&env.top("linked")), want);
+}
+
 /// A stand-in VM process: holds the VM's lock and answers its API (GET
 /// /vm; `/vm/snapshot` is unknown, as before the VMM part lands).
 struct FakeVm;

@@ -28,7 +28,7 @@ impl Snapshots {
             }
             let Ok(config) = other.config() else { continue };
             for d in &config.disks {
-                let chain = layers::chain(&absolute(&d.path)).unwrap_or_default();
+                let chain = layers::chain(&absolute(&d.path), d.format);
                 if chain.iter().any(|p| ours.contains(&p.as_path())) {
                     return Err(refused(format!(
                         "snapshot `{}` cannot be deleted: the linked clone {} is backed by it (delete or fully clone {} first)",
@@ -102,27 +102,37 @@ impl Snapshots {
         let tree = self.tree()?;
         let current = self.current()?;
         self.check_not_open(access, &tree, id)?;
-        let mut candidates: Vec<PathBuf> = tree
+        // Every layer that may be backed by a deleted one, with its format
+        // (a raw base is never read as an image header).
+        let mut candidates: Vec<(PathBuf, Option<block::Format>)> = tree
             .nodes
             .values()
             .filter(|m| m.id != id)
-            .flat_map(|m| m.disks.iter().map(|l| l.path.clone()))
+            .flat_map(|m| m.disks.iter().map(|l| (l.path.clone(), l.format)))
             .collect();
         let in_use = if access.running() {
             self.in_use(&tree)?
         } else {
-            candidates.extend(self.tops(&self.vm.config()?));
+            let config = self.vm.config()?;
+            candidates.extend(
+                self.tops(&config)
+                    .into_iter()
+                    .zip(config.disks.iter().map(|d| d.format)),
+            );
             Vec::new()
         };
-        candidates.sort();
-        candidates.dedup();
+        candidates.sort_by(|a, b| a.0.cmp(&b.0));
+        candidates.dedup_by(|a, b| a.0 == b.0);
         for layer in deleted.iter().filter(|l| l.removable) {
             if !layer.path.exists() {
                 continue;
             }
-            let below = layers::backing_file(&layer.path)?;
-            for d in &candidates {
-                if !d.exists() || layers::backing_file(d)?.as_deref() != Some(&layer.path) {
+            let below = layers::backing_known(&layer.path, layer.format)?;
+            for (d, format) in &candidates {
+                if !d.exists()
+                    || layers::backing_known(d, *format)?.map(|(p, _)| p).as_ref()
+                        != Some(&layer.path)
+                {
                     continue;
                 }
                 if in_use.contains(d) {
@@ -132,7 +142,7 @@ impl Snapshots {
                         self.vm.name
                     )));
                 }
-                layers::safe_rebase(d, below.as_deref())?;
+                layers::safe_rebase(d, below.as_ref().map(|(p, f)| (p.as_path(), *f)))?;
             }
         }
         for child in tree.children(Some(id)) {
@@ -166,8 +176,7 @@ pub fn linked_clones_of(vm: &VmDir) -> Vec<String> {
         }
         let Ok(config) = other.config() else { continue };
         let uses = config.disks.iter().any(|d| {
-            layers::chain(&absolute(&d.path))
-                .unwrap_or_default()
+            layers::chain(&absolute(&d.path), d.format)
                 .iter()
                 .any(|p| p.starts_with(&ours))
         });

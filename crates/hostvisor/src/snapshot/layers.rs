@@ -29,18 +29,28 @@ pub fn backing_name(overlay: &Path, backing: &Path) -> String {
     backing.display().to_string()
 }
 
-/// Makes an empty qcow2 overlay at `path` backed by `backing` (any
-/// format, probed) and makes it durable (file and directory entry).
-pub fn create_overlay(path: &Path, backing: &Path) -> Result<(), SnapshotError> {
+/// Makes an empty qcow2 overlay at `path` backed by `backing` and makes
+/// it durable (file and directory entry). The backing file's format is
+/// the one given (as the VM's definition names it) and only probed when
+/// unknown: a raw image whose guest wrote a qcow2 header must stay raw.
+pub fn create_overlay(
+    path: &Path,
+    backing: &Path,
+    format: Option<Format>,
+) -> Result<(), SnapshotError> {
+    let format = match format {
+        Some(f) => f,
+        None => block::probe(backing).map_err(|e| SnapshotError::Disk {
+            path: backing.to_path_buf(),
+            message: vmm::error_chain(&e),
+        })?,
+    };
     tools::create(&CreateSpec {
         path: path.to_path_buf(),
         size: None,
         format: Format::Qcow2,
         backing: Some(backing_name(path, backing)),
-        backing_format: Some(block::probe(backing).map_err(|e| SnapshotError::Disk {
-            path: backing.to_path_buf(),
-            message: vmm::error_chain(&e),
-        })?),
+        backing_format: Some(format),
         cluster_size: None,
     })
     .map_err(tool(path))?;
@@ -60,34 +70,65 @@ pub fn sync_file(path: &Path) -> Result<(), SnapshotError> {
 /// The absolute path of the file `path` is backed by, read from its
 /// header (no lock taken: works on an image a running VM holds).
 pub fn backing_file(path: &Path) -> Result<Option<PathBuf>, SnapshotError> {
-    Ok(tools::backing_of(path)
-        .map_err(tool(path))?
-        .map(|(name, _)| block::qcow2::backing_path(path, &name)))
+    Ok(backing(path)?.map(|(p, _)| p))
 }
 
-/// `path` and every file below it in its backing chain.
-pub fn chain(path: &Path) -> Result<Vec<PathBuf>, SnapshotError> {
+/// The backing file (absolute) and the format the header names for it.
+pub fn backing(path: &Path) -> Result<Option<(PathBuf, Option<Format>)>, SnapshotError> {
+    let Some((name, format)) = tools::backing_of(path).map_err(tool(path))? else {
+        return Ok(None);
+    };
+    let format = format
+        .map(|f| f.parse::<Format>())
+        .transpose()
+        .map_err(|e| SnapshotError::Disk {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+    Ok(Some((block::qcow2::backing_path(path, &name), format)))
+}
+
+/// `path` (of `format`, probed when `None`) and every file below it in
+/// its backing chain, each read with the format the header above names;
+/// as far as it can be read (a missing or damaged file ends it).
+pub fn chain(path: &Path, format: Option<Format>) -> Vec<PathBuf> {
     let mut out = vec![path.to_path_buf()];
-    while let Some(next) = backing_file(out.last().unwrap_or(&out[0]))? {
+    let mut format = format;
+    while let Ok(Some((next, next_format))) = backing_known(&out[out.len() - 1], format) {
         if out.len() > block::MAX_CHAIN || out.contains(&next) {
-            return Err(SnapshotError::Disk {
-                path: path.to_path_buf(),
-                message: "the backing chain loops or is too deep".into(),
-            });
+            break;
         }
         out.push(next);
+        format = next_format;
     }
-    Ok(out)
+    out
 }
 
-/// Points `path` at `new_backing` (or none), first copying into it every
-/// cluster whose guest-visible contents would otherwise change. A kill at
-/// any moment leaves it reading as before: data is copied (and flushed)
-/// before the header names the new backing file, in one write.
-pub fn safe_rebase(path: &Path, new_backing: Option<&Path>) -> Result<(), SnapshotError> {
-    let name = new_backing.map(|b| backing_name(path, b));
+/// As [`backing`], for an image of a known format: a raw image has no
+/// backing file whatever its first bytes are.
+pub fn backing_known(
+    path: &Path,
+    format: Option<Format>,
+) -> Result<Option<(PathBuf, Option<Format>)>, SnapshotError> {
+    if format == Some(Format::Raw) {
+        return Ok(None);
+    }
+    backing(path)
+}
+
+/// Points `path` at `new_backing` (of the given format, or none), first
+/// copying into it every cluster whose guest-visible contents would
+/// otherwise change. A kill at any moment leaves it reading as before:
+/// data is copied (and flushed) before the header names the new backing
+/// file, in one write.
+pub fn safe_rebase(
+    path: &Path,
+    new_backing: Option<(&Path, Option<Format>)>,
+) -> Result<(), SnapshotError> {
+    let name = new_backing.map(|(b, _)| backing_name(path, b));
+    let format = new_backing.and_then(|(_, f)| f);
     let mut quiet = |_: u64, _: u64| {};
-    tools::rebase(path, name.as_deref(), None, false, &mut quiet).map_err(tool(path))?;
+    tools::rebase(path, name.as_deref(), format, false, &mut quiet).map_err(tool(path))?;
     sync_file(path)
 }
 

@@ -35,6 +35,10 @@ pub struct FrozenLayer {
     /// the disk as it was before the first snapshot (the base), which is
     /// never deleted or rebased.
     pub removable: bool,
+    /// The image's format as the VM's definition named it (probed when
+    /// `None`): a raw base stays raw whatever its first bytes are.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<block::Format>,
     /// For a base: its length and modification time when frozen, so a
     /// base changed behind hostvisor's back is noticed before a restore
     /// would give wrong contents.
@@ -426,6 +430,7 @@ mod tests {
             layers: vec![FrozenLayer {
                 path: "/x".into(),
                 removable: false,
+                format: Some(block::Format::Raw),
                 fingerprint: Some(Fingerprint {
                     len: 1 << 20,
                     mtime_s: 1_700_000_000,

@@ -436,7 +436,8 @@ impl Snapshots {
             .collect();
         let layers = old_tops
             .iter()
-            .map(|p| {
+            .zip(&config.disks)
+            .map(|(p, d)| {
                 let removable = layers::removable(p, &disks);
                 let fingerprint = if removable {
                     None
@@ -446,6 +447,7 @@ impl Snapshots {
                 Ok(FrozenLayer {
                     path: p.clone(),
                     removable,
+                    format: d.format,
                     fingerprint,
                 })
             })
@@ -492,8 +494,8 @@ impl Snapshots {
             }
             self.write_meta(&m)?;
         } else {
-            for (top, old) in new_tops.iter().zip(&old_tops) {
-                layers::create_overlay(top, old)?;
+            for (top, old) in new_tops.iter().zip(&m.disks) {
+                layers::create_overlay(top, &old.path, old.format)?;
             }
         }
         self.commit_take(&id, &new_tops)?;
@@ -585,7 +587,7 @@ impl Snapshots {
             resume,
         })?;
         for (top, layer) in new_tops.iter().zip(&m.disks) {
-            layers::create_overlay(top, &layer.path)?;
+            layers::create_overlay(top, &layer.path, layer.format)?;
         }
         for (d, top) in config.disks.iter_mut().zip(&new_tops) {
             d.path = top.clone();
