@@ -442,6 +442,18 @@ fn bad_input_is_refused_clearly() {
         ids.contains_key("snap-1") && ids.contains_key("snap-2"),
         "{ids:?}"
     );
+    // One snapshot operation at a time.
+    {
+        let lock = std::fs::File::open(env.vm_dir("vm").join("snapshots/lock")).unwrap();
+        // SAFETY: flock on a descriptor this test owns.
+        let locked = unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        assert_eq!(locked, 0);
+        let err = env.fails(&["snapshot", "take", "vm"]);
+        assert!(
+            err.contains("another snapshot or clone operation on vm is in progress"),
+            "{err}"
+        );
+    }
     // A base changed behind hostvisor's back is noticed.
     let base = env.dir.join("vm-base.qcow2");
     write(&base, 0, 0x99);

@@ -107,8 +107,32 @@ pub struct Snapshots {
 }
 
 impl Snapshots {
-    /// Opens (creating) `vms/NAME/snapshots/` and takes its lock.
+    /// Opens (creating) `vms/NAME/snapshots/` and takes its lock, waiting
+    /// up to 2 s for a short operation (a `list`) to end.
     pub fn lock(vm: &VmDir) -> Result<Snapshots, SnapshotError> {
+        Snapshots::lock_within(vm, std::time::Duration::from_secs(2))
+    }
+
+    /// As [`Snapshots::lock`], waiting up to `limit`.
+    pub fn lock_within(vm: &VmDir, limit: std::time::Duration) -> Result<Snapshots, SnapshotError> {
+        let start = std::time::Instant::now();
+        loop {
+            match Snapshots::try_lock(vm)? {
+                Some(s) => return Ok(s),
+                None if start.elapsed() < limit => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                None => {
+                    return Err(refused(format!(
+                        "another snapshot or clone operation on {} is in progress",
+                        vm.name
+                    )))
+                }
+            }
+        }
+    }
+
+    fn try_lock(vm: &VmDir) -> Result<Option<Snapshots>, SnapshotError> {
         let dir = vm.path("snapshots");
         std::fs::DirBuilder::new()
             .recursive(true)
@@ -124,16 +148,17 @@ impl Snapshots {
             .map_err(|e| SnapshotError::io(&path, e))?;
         // SAFETY: flock on a descriptor we own; no memory is involved.
         if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            return Err(refused(format!(
-                "another snapshot or clone operation on {} is in progress",
-                vm.name
-            )));
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                return Ok(None);
+            }
+            return Err(SnapshotError::io(&path, e));
         }
-        Ok(Snapshots {
+        Ok(Some(Snapshots {
             vm: vm.clone(),
             dir,
             _lock: file,
-        })
+        }))
     }
 
     fn node_dir(&self, id: &str) -> PathBuf {
@@ -619,7 +644,7 @@ pub fn resume_for_start(vm: &VmDir) -> Result<Option<PathBuf>, SnapshotError> {
     if !vm.path("snapshots").is_dir() {
         return Ok(None);
     }
-    let snaps = Snapshots::lock(vm)?;
+    let snaps = Snapshots::lock_within(vm, std::time::Duration::from_secs(10))?;
     {
         let Some(lock) = vm.try_lock()? else {
             return Ok(None);
@@ -640,7 +665,7 @@ pub fn resume_for_start(vm: &VmDir) -> Result<Option<PathBuf>, SnapshotError> {
 
 /// Clears the resume mark once a start has used it (or found it stale).
 pub fn resume_used(vm: &VmDir) -> Result<(), SnapshotError> {
-    let snaps = Snapshots::lock(vm)?;
+    let snaps = Snapshots::lock_within(vm, std::time::Duration::from_secs(10))?;
     let mut c = snaps.current()?;
     if c.resume.take().is_some() {
         snaps.set_current(&c)?;
