@@ -184,7 +184,8 @@ impl Snapshots {
     fn journal_path(&self) -> PathBuf {
         self.dir.join("journal.json")
     }
-    /// Where the VM's overlays live (made on first use).
+    /// Where the VM's overlays live (made on first use), as a canonical
+    /// path: layers are told apart by comparing canonical paths.
     pub fn disks_dir(&self) -> Result<PathBuf, SnapshotError> {
         let dir = self.vm.path("disks");
         std::fs::DirBuilder::new()
@@ -192,7 +193,7 @@ impl Snapshots {
             .mode(0o700)
             .create(&dir)
             .map_err(|e| SnapshotError::io(&dir, e))?;
-        Ok(dir)
+        std::fs::canonicalize(&dir).map_err(|e| SnapshotError::io(&dir, e))
     }
 
     /// Every snapshot (a directory without a readable meta.json is not
@@ -659,7 +660,7 @@ pub fn resume_for_start(vm: &VmDir) -> Result<Option<PathBuf>, SnapshotError> {
         && tops
             .iter()
             .zip(&mark.tops)
-            .all(|(t, (p, f))| t == p && Fingerprint::of(p).ok() == Some(*f));
+            .all(|(t, (p, f))| *t == absolute(p) && Fingerprint::of(p).ok() == Some(*f));
     Ok((untouched && mark.state_dir.is_dir()).then_some(mark.state_dir))
 }
 
