@@ -58,7 +58,14 @@ pub fn clone(src: &str, dst: &str, snapshot: Option<&str>, linked: bool) -> Resu
         None if linked || acc.running() => {
             // The disks must be frozen to be shared, or to be read while
             // the source runs on.
-            let name = format!("base of {dst}");
+            let tree = snaps.tree()?;
+            let name = (1..)
+                .map(|n| match n {
+                    1 => format!("base of {dst}"),
+                    n => format!("base of {dst} ({n})"),
+                })
+                .find(|n| tree.find(n).is_none())
+                .unwrap_or_default();
             let m = snaps.take(&acc, Some(name), format!("taken to clone {dst}"))?;
             eprintln!("took snapshot `{}` of {src} to clone it", m.name);
             from_snapshot(&snaps, &m)?

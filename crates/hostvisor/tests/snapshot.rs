@@ -408,6 +408,10 @@ fn clones_get_their_own_disks_and_identity() {
     assert!(err.contains("linked") && err.contains("quick"), "{err}");
     env.ok(&["delete", "linked"]);
     env.ok(&["delete", "quick"]);
+    // A second clone of that name gets a snapshot of its own.
+    env.ok(&["clone", "src", "quick", "--linked"]);
+    assert!(env.ids("src").contains_key("base of quick (2)"));
+    env.ok(&["delete", "quick"]);
     env.ok(&["snapshot", "delete", "src", "two"]);
     assert_eq!(digest(&env.top("src")), one_two);
 
