@@ -99,6 +99,20 @@ impl Client {
         Ok(Response { status, body })
     }
 
+    /// `PUT /vm/snapshot`: the VMM pauses the VM, writes its running state
+    /// into `dir`, makes each disk's new top overlay (`overlays`, one per
+    /// disk in the definition's order) backed by its current image and
+    /// switches the disk to it, then resumes; 204 on success. Saving a
+    /// large guest takes a while: this request waits up to 10 minutes.
+    pub fn snapshot(&self, dir: &Path, overlays: &[PathBuf]) -> Result<Response, ClientError> {
+        let body = serde_json::json!({ "dir": dir, "overlays": overlays }).to_string();
+        let slow = Client {
+            path: self.path.clone(),
+            timeout: Duration::from_secs(600),
+        };
+        slow.request("PUT", "/vm/snapshot", &body)
+    }
+
     /// Sends a request whose answer is a stream (the console): returns the
     /// status and a reader of the body as it arrives.
     pub fn stream(&self, path: &str) -> Result<(u16, Box<dyn Read + Send>), ClientError> {

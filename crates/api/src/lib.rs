@@ -42,7 +42,8 @@ pub enum Action {
     Kill,
     /// `PUT /vm/snapshot`: save the whole VM into `dir` (absolute; new or
     /// empty), pausing it meanwhile; each disk then continues on a new
-    /// qcow2 overlay (`overlays`, one per writable disk, absolute) so the images
+    /// qcow2 overlay (`overlays`, one per disk or per writable disk,
+    /// absolute) so the images
     /// the snapshot names never change.
     Snapshot {
         dir: PathBuf,

@@ -244,7 +244,7 @@ mod tests {
         })
         .unwrap();
         let top = dir.join("top.qcow2");
-        create_overlay(&top, &small).unwrap();
+        create_overlay(&top, &small, Format::Qcow2).unwrap();
         let i = info(&top, None).unwrap();
         assert_eq!(i.cluster_size, Some(4096));
         assert_eq!(i.virtual_size, 1 << 20);
@@ -255,9 +255,23 @@ mod tests {
         let raw = dir.join("base.raw");
         std::fs::write(&raw, vec![0u8; 1 << 20]).unwrap();
         let over_raw = dir.join("over-raw.qcow2");
-        create_overlay(&over_raw, &raw).unwrap();
+        create_overlay(&over_raw, &raw, Format::Raw).unwrap();
         assert_eq!(info(&over_raw, None).unwrap().cluster_size, Some(65536));
-        assert!(create_overlay(&over_raw, &raw).is_err(), "never overwrites");
+        assert!(
+            create_overlay(&over_raw, &raw, Format::Raw).is_err(),
+            "never overwrites"
+        );
+        // A raw image holding a qcow2 header stays raw under its overlay.
+        let tricky = dir.join("tricky.raw");
+        let mut bytes = std::fs::read(&small).unwrap();
+        bytes.resize(1 << 20, 0);
+        std::fs::write(&tricky, &bytes).unwrap();
+        let over_tricky = dir.join("over-tricky.qcow2");
+        create_overlay(&over_tricky, &tricky, Format::Raw).unwrap();
+        assert_eq!(
+            info(&over_tricky, None).unwrap().backing_format.as_deref(),
+            Some("raw")
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -1,10 +1,12 @@
 //! `hostvisor`: run virtual machines on KVM.
 
+mod clone;
 mod disk;
 mod doctor;
 mod guest;
 mod manage;
 mod progress;
+mod snapshot;
 mod store;
 mod vmproc;
 
@@ -85,6 +87,25 @@ enum Command {
     },
     /// Delete a stopped VM and every file in its directory.
     Delete { name: String },
+    /// Take, list, restore and delete a VM's snapshots (a tree).
+    Snapshot {
+        #[command(subcommand)]
+        command: snapshot::cli::SnapshotCommand,
+    },
+    /// Make a new VM from SRC: a full copy of its disks (flattened), or
+    /// with --linked new overlays on a snapshot's frozen disks. The clone
+    /// gets its own MAC addresses, vsock CID, hostname and machine id.
+    Clone {
+        src: String,
+        dst: String,
+        /// Clone this snapshot's state rather than SRC's current one.
+        #[arg(long, value_name = "SNAP")]
+        snapshot: Option<String>,
+        /// Share SRC's snapshot disks read-only instead of copying them
+        /// (takes a snapshot of SRC when --snapshot is not given).
+        #[arg(long)]
+        linked: bool,
+    },
     /// Run a command in a running VM through its guest agent.
     ///
     /// Exit status: the command's; 128+N if a signal N ended it; 124 it
@@ -147,7 +168,12 @@ enum Command {
     Man { dir: PathBuf },
     /// The process behind a started VM (used by `start`).
     #[command(hide = true)]
-    VmProcess { name: String },
+    VmProcess {
+        name: String,
+        /// Resume from this saved state instead of booting.
+        #[arg(long, value_name = "DIR")]
+        restore: Option<PathBuf>,
+    },
 }
 
 /// `run`: a VM's options, or a snapshot to resume, and an API socket.
@@ -468,7 +494,15 @@ fn overlay_restored_disks(config: &mut VmConfig, overlays: &[PathBuf]) -> Result
         )));
     }
     for (disk, overlay) in writable.into_iter().zip(overlays) {
-        block::tools::create_overlay(overlay, &disk.path)
+        // Recorded at the snapshot (never probed from an image the guest
+        // wrote to).
+        let format = disk.format.ok_or_else(|| {
+            CliError::Failure(format!(
+                "the snapshot does not say which format {} is",
+                disk.path.display()
+            ))
+        })?;
+        block::tools::create_overlay(overlay, &disk.path, format)
             .map_err(|e| CliError::Failure(format!("{}: {e}", overlay.display())))?;
         disk.path = overlay.clone();
         disk.format = Some(block::Format::Qcow2);
@@ -548,6 +582,13 @@ fn main() -> ExitCode {
         Command::Edit { name, changes } => exit_with(manage::edit(&name, changes)),
         Command::Logs { name, follow } => exit_with(manage::logs(&name, follow)),
         Command::Delete { name } => exit_with(manage::delete(&name)),
+        Command::Snapshot { command } => exit_with(snapshot::cli::run(command)),
+        Command::Clone {
+            src,
+            dst,
+            snapshot,
+            linked,
+        } => exit_with(clone::clone(&src, &dst, snapshot.as_deref(), linked)),
         Command::Exec {
             name,
             timeout,
@@ -578,7 +619,9 @@ fn main() -> ExitCode {
             std::process::exit(0)
         }
         Command::Man { dir } => exit_with(man_pages(&dir)),
-        Command::VmProcess { name } => exit_with(vmproc::run(&name).map_err(CliError::Failure)),
+        Command::VmProcess { name, restore } => {
+            exit_with(vmproc::run(&name, restore.as_deref()).map_err(CliError::Failure))
+        }
     };
     let code = match result {
         Ok(outcome) => {

@@ -217,6 +217,9 @@ pub fn start(name: &str) -> Result<i32, CliError> {
         return Err(fail(format!("{name} is already running")));
     }
     vm.config().map_err(fail)?;
+    // A VM restored to (or cloned from) a snapshot with a running state
+    // resumes from it while its disks are untouched since.
+    let restore = crate::snapshot::resume_for_start(&vm)?;
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -224,8 +227,11 @@ pub fn start(name: &str) -> Result<i32, CliError> {
         .map_err(fail)?;
     let exe = std::env::current_exe().map_err(fail)?;
     let mut cmd = Command::new(exe);
-    cmd.args(["vm-process", name])
-        .stdin(Stdio::null())
+    cmd.args(["vm-process", name]);
+    if let Some(dir) = &restore {
+        cmd.arg("--restore").arg(dir);
+    }
+    cmd.stdin(Stdio::null())
         .stdout(log.try_clone().map_err(fail)?)
         .stderr(log);
     // SAFETY: setsid is async-signal-safe and touches no memory; the child
@@ -243,6 +249,10 @@ pub fn start(name: &str) -> Result<i32, CliError> {
         // Answered by our VM process (not one a concurrent start made).
         if let Ok(r) = client(&vm).request("GET", "/vm", "") {
             if r.status == 200 && r.json().is_ok_and(|v| v["pid"] == child.id()) {
+                if restore.is_some() {
+                    // Used: the next start boots (the disks move on).
+                    crate::snapshot::resume_used(&vm)?;
+                }
                 println!("started {name} (pid {})", child.id());
                 return Ok(0);
             }
@@ -495,6 +505,13 @@ pub fn delete(name: &str) -> Result<i32, CliError> {
     let Some(lock) = vm.try_lock().map_err(fail)? else {
         return Err(fail(format!("{name} is running; stop it before deleting")));
     };
+    let clones = crate::snapshot::linked_clones_of(&vm);
+    if !clones.is_empty() {
+        return Err(fail(format!(
+            "{name} cannot be deleted: its linked clones {} are backed by its disks (delete them first)",
+            clones.join(", ")
+        )));
+    }
     std::fs::remove_dir_all(&vm.dir).map_err(fail)?;
     drop(lock);
     println!("deleted {name}");

@@ -224,9 +224,20 @@ impl VmDir {
             path: path.clone(),
             message: e.to_string(),
         })?;
+        // Written whole and durably: a temporary file, fsync, rename over
+        // the old one, fsync of the directory (snapshots rely on a kill
+        // leaving either the old or the new definition).
         let tmp = self.path(".config.toml.new");
-        std::fs::write(&tmp, text).map_err(io_err(&tmp))?;
-        std::fs::rename(&tmp, &path).map_err(io_err(&path))
+        let write = || -> io::Result<()> {
+            let mut f = File::create(&tmp)?;
+            f.write_all(text.as_bytes())?;
+            f.sync_all()
+        };
+        write().map_err(io_err(&tmp))?;
+        std::fs::rename(&tmp, &path).map_err(io_err(&path))?;
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io_err(&self.dir))
     }
 
     /// Takes the VM's lock without waiting: `None` if a VM process holds it.

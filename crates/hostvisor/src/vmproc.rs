@@ -296,8 +296,29 @@ pub fn serve_unmanaged(config: &vmm::VmConfig, socket: &std::path::Path) -> Resu
     })
 }
 
-/// Runs VM `name` in this process; returns the exit code.
-pub fn run(name: &str) -> Result<i32, String> {
+/// The identity a definition gives its guest on the kernel command line
+/// (`hostvisor.hostname=`, `hostvisor.machine_id=`, as a clone's has),
+/// which a guest resumed from a snapshot did not boot with and must be
+/// told.
+fn identity_in(config: &vmm::VmConfig) -> Option<agent::Identity> {
+    let words = config.append.as_deref().unwrap_or("").split_whitespace();
+    let mut identity = agent::Identity {
+        hostname: None,
+        machine_id: None,
+    };
+    for word in words {
+        if let Some(h) = word.strip_prefix("hostvisor.hostname=") {
+            identity.hostname = Some(h.to_string());
+        } else if let Some(m) = word.strip_prefix("hostvisor.machine_id=") {
+            identity.machine_id = Some(m.to_string());
+        }
+    }
+    (identity.hostname.is_some() || identity.machine_id.is_some()).then_some(identity)
+}
+
+/// Runs VM `name` in this process (resuming it from the saved state in
+/// `restore` if given); returns the exit code.
+pub fn run(name: &str, restore: Option<&std::path::Path>) -> Result<i32, String> {
     let vm = VmDir::open(name).map_err(|e| e.to_string())?;
     // `list` and other commands take the lock for an instant to look at
     // the state: retry briefly before concluding that a VM process has it.
@@ -338,7 +359,14 @@ pub fn run(name: &str) -> Result<i32, String> {
     });
     let server = api::serve(&vm.socket(), backend).map_err(|e| e.to_string())?;
     tracing::info!(vm = name, pid = std::process::id(), "VM process started");
-    let result = vmm::run_controlled(&config, Some(&control));
+    let restore = restore.map(|dir| vmm::RestoreSpec {
+        dir: dir.to_path_buf(),
+        load: vmm::snapshot::Load::Lazy,
+    });
+    if let (Some(_), Some(socket)) = (&restore, config.vsock.as_ref()) {
+        announce_restore(&socket.socket_path(), identity_in(&config));
+    }
+    let result = vmm::run_vm(&config, Some(&control), restore.as_ref());
     ended.store(true, Ordering::Release);
     drop(server);
     let (exit, code) = match &result {

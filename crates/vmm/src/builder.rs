@@ -45,13 +45,20 @@ pub fn configured_devices(
     let mut list: Vec<Box<dyn VirtioDevice>> = Vec::new();
     let mut disks = Vec::new();
     for disk in &config.disks {
+        // The format is settled once, before the guest runs: later layers
+        // (snapshot overlays) take it from here, never from probing an
+        // image the guest has written to.
+        let mut disk = disk.clone();
+        if disk.format.is_none() {
+            disk.format = Some(block::probe(&disk.path)?);
+        }
         let image = Arc::new(block::switchable::Switchable::new(open_disk(
-            &disk.path, disk,
+            &disk.path, &disk,
         )?));
         list.push(Box::new(devices::virtio::block::Block::new(image.clone())));
         disks.push(DiskHandle {
             image,
-            config: disk.clone(),
+            config: disk,
         });
     }
     if config.rng {
@@ -110,7 +117,9 @@ impl DiskHandle {
         let made = std::cell::Cell::new(false);
         let result = self.image.switch(
             || {
-                block::tools::create_overlay(overlay, &current).map_err(std::io::Error::other)?;
+                let format = config.format.unwrap_or(block::Format::Raw);
+                block::tools::create_overlay(overlay, &current, format)
+                    .map_err(std::io::Error::other)?;
                 made.set(true);
                 let mut on_overlay = config.clone();
                 on_overlay.format = Some(block::Format::Qcow2);

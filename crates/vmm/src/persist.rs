@@ -63,10 +63,14 @@ pub(crate) fn save(
     if request.overlays.is_empty() && writable > 0 {
         return Err(SnapshotError::NeedsOverlays(writable));
     }
-    if request.overlays.len() != writable {
+    // One overlay per disk, or one per writable disk (read-only disks do
+    // not change, so they need none).
+    let every_disk = request.overlays.len() == config.disks.len();
+    if !every_disk && request.overlays.len() != writable {
         return Err(SnapshotError::OverlayCount {
             given: request.overlays.len(),
-            disks: writable,
+            disks: config.disks.len(),
+            writable,
         });
     }
     if let Some(taken) = request.overlays.iter().find(|o| o.exists()) {
@@ -80,7 +84,7 @@ pub(crate) fn save(
         Ok(()) => {
             let moved = disks
                 .iter_mut()
-                .filter(|d| !d.config.readonly)
+                .filter(|d| every_disk || !d.config.readonly)
                 .zip(&request.overlays)
                 .try_for_each(|(disk, overlay)| disk.switch_to_overlay(overlay))
                 .map_err(SnapshotError::Save);

@@ -68,10 +68,11 @@ pub struct SnapshotRequest {
     /// Where to write the snapshot: a directory that does not exist yet or
     /// is empty.
     pub dir: PathBuf,
-    /// For each writable disk, in order, a new qcow2 overlay to create on
-    /// top of the disk's image and to switch the disk to after saving, so
-    /// that the image the snapshot names never changes again. (Read-only
-    /// disks never change and need none.)
+    /// For each disk, or for each writable disk, in order, a new qcow2
+    /// overlay to create on top of the disk's image and to switch the disk
+    /// to after saving, so that the image the snapshot names never changes
+    /// again. (Read-only disks never change and need none, but a caller
+    /// that layers every disk may give them one.)
     pub overlays: Vec<PathBuf>,
 }
 
@@ -99,8 +100,12 @@ pub enum SnapshotError {
     NotASnapshot(PathBuf),
     #[error("the VM has writable disks: a snapshot must be given an overlay for each ({0} disks) so the images it names stay as they were")]
     NeedsOverlays(usize),
-    #[error("{given} overlays given for {disks} writable disks")]
-    OverlayCount { given: usize, disks: usize },
+    #[error("{given} overlays given: the VM has {disks} disks, {writable} of them writable; give one per disk or one per writable disk")]
+    OverlayCount {
+        given: usize,
+        disks: usize,
+        writable: usize,
+    },
     #[error("the snapshot does not fit this VM: {0}")]
     Mismatch(String),
     #[error("cannot save the VM: {0}")]
