@@ -461,7 +461,7 @@ fn run(cmd: RunCmd) -> Result<VmOutcome, CliError> {
         }
     };
     if let (Some(_), Some(vsock)) = (&restore, &config.vsock) {
-        vmproc::announce_restore(&vsock.socket_path(), None);
+        vmproc::announce_restore(&vsock.socket_path(), None, Vec::new());
     }
     let served = cmd
         .api_socket

@@ -243,18 +243,81 @@ impl Read for Follow {
 /// host's, and — for a clone resumed from its source's state — its own
 /// hostname and machine id. Without the agent (no vsock) nothing can be
 /// told; with an older agent the clock is still stepped.
-pub fn announce_restore(vsock: &std::path::Path, identity: Option<agent::Identity>) {
+pub fn announce_restore(
+    vsock: &std::path::Path,
+    identity: Option<agent::Identity>,
+    new_macs: Vec<(usize, net::MacAddr)>,
+) {
     let client = agent::client::Client::new(agent::client::Transport::Muxer(vsock.to_path_buf()))
         .patient(Duration::from_secs(60));
-    std::thread::spawn(move || match client.announce_restore(identity.as_ref()) {
-        Ok(report) => tracing::info!(
-            credited = report.reseeded.credited,
-            clock_drift_secs = report.clock_drift_secs,
-            identity = report.identity_set,
-            "the restored guest was reseeded and its clock set"
-        ),
-        Err(e) => tracing::warn!("cannot tell the restored guest it was restored: {e}"),
+    std::thread::spawn(move || {
+        match client.announce_restore(identity.as_ref()) {
+            Ok(report) => tracing::info!(
+                credited = report.reseeded.credited,
+                clock_drift_secs = report.clock_drift_secs,
+                identity = report.identity_set,
+                "the restored guest was reseeded and its clock set"
+            ),
+            Err(e) => tracing::warn!("cannot tell the restored guest it was restored: {e}"),
+        }
+        // A clone's NICs have their own addresses; the guest's driver read
+        // the source's when it probed (virtio-net lets it change them live).
+        for (index, mac) in new_macs {
+            let argv = [
+                "ip",
+                "link",
+                "set",
+                "dev",
+                &format!("eth{index}"),
+                "address",
+            ]
+            .iter()
+            .map(ToString::to_string)
+            .chain([mac.to_string()])
+            .collect();
+            let request = agent::ExecRequest {
+                argv,
+                env: vec![],
+                cwd: None,
+                stdin: false,
+                timeout_ms: Some(10_000),
+            };
+            let (mut out, mut err) = (Vec::new(), Vec::new());
+            let io = agent::client::ExecIo {
+                stdin: None,
+                stdout: &mut out,
+                stderr: &mut err,
+            };
+            match client.exec(&request, io) {
+                Ok(status) if status.code == Some(0) => {
+                    tracing::info!("eth{index} of the restored guest is now {mac}");
+                }
+                Ok(status) => tracing::warn!(
+                    "cannot give eth{index} its address {mac}: {status:?} {}",
+                    String::from_utf8_lossy(&err)
+                ),
+                Err(e) => tracing::warn!("cannot give eth{index} its address {mac}: {e}"),
+            }
+        }
     });
+}
+
+/// The NICs whose address in `config` differs from the one the guest had
+/// when `snapshot` was taken (a clone's), with their new addresses.
+fn changed_macs(config: &vmm::VmConfig, snapshot: &std::path::Path) -> Vec<(usize, net::MacAddr)> {
+    let Ok(saved) = vmm::VmSnapshot::read(snapshot) else {
+        return Vec::new();
+    };
+    config
+        .nets
+        .iter()
+        .zip(&saved.macs)
+        .enumerate()
+        .filter_map(|(i, (nic, old))| {
+            let mac = nic.mac?;
+            (mac.to_string() != *old).then_some((i, mac))
+        })
+        .collect()
 }
 
 /// What `hostvisor run` serves its API with.
@@ -363,8 +426,9 @@ pub fn run(name: &str, restore: Option<&std::path::Path>) -> Result<i32, String>
         dir: dir.to_path_buf(),
         load: vmm::snapshot::Load::Lazy,
     });
-    if let (Some(_), Some(socket)) = (&restore, config.vsock.as_ref()) {
-        announce_restore(&socket.socket_path(), identity_in(&config));
+    if let (Some(from), Some(socket)) = (&restore, config.vsock.as_ref()) {
+        let macs = changed_macs(&config, &from.dir);
+        announce_restore(&socket.socket_path(), identity_in(&config), macs);
     }
     let result = vmm::run_vm(&config, Some(&control), restore.as_ref());
     ended.store(true, Ordering::Release);

@@ -1,0 +1,114 @@
+//! Managed snapshots with the real VMM, on the default guest booted once:
+//! `snapshot take` of a running VM saves its running state; `snapshot
+//! restore` of the running VM brings back memory and disk as they were;
+//! full and linked clones of that snapshot resume from it at the same time
+//! as the source, each with its own hostname, machine id, MAC and vsock
+//! CID, and the source keeps running.
+
+#![allow(clippy::unwrap_used)] // test helpers: a failed setup step should fail the test
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// What the test reads back from a guest.
+fn facts(vm: &TestVm, name: &str) -> Vec<String> {
+    let out = vm.exec_args(&[
+        name,
+        "--",
+        "sh",
+        "-c",
+        "hostname; cat /etc/machine-id; cat /sys/class/net/eth0/address; \
+         cat /tmp/note; head -c 4 /dev/vda; echo",
+    ]);
+    assert_eq!(out.code, 0, "{name}: {}{}", out.stdout, out.stderr);
+    out.stdout.lines().map(str::to_string).collect()
+}
+
+/// Waits until `check` holds for the guest's facts (the identity is set
+/// by the agent just after a resume).
+fn settle(vm: &TestVm, name: &str, check: impl Fn(&[String]) -> bool) -> Vec<String> {
+    let start = Instant::now();
+    loop {
+        let f = facts(vm, name);
+        if check(&f) || start.elapsed() > Duration::from_secs(60) {
+            return f;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+fn show(vm: &TestVm, name: &str) -> serde_json::Value {
+    serde_json::from_str(&vm.ok(&["show", name, "--json"])).unwrap()
+}
+
+#[test]
+fn running_vms_are_snapshotted_restored_and_cloned() {
+    if !kvm_usable() || default_guest().is_none() {
+        return;
+    }
+    let disks = temp_dir("managed-snap-disks");
+    let base = disks.join("base.qcow2");
+    let out = hostvisor(
+        &["disk", "create", base.to_str().unwrap(), "--size", "4M"],
+        &[],
+        Duration::from_secs(30),
+    );
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let vm = TestVm::start("src", &["--disk", &format!("path={}", base.display())]);
+    vm.sh("echo one > /tmp/note; printf AAAA | dd of=/dev/vda conv=fsync 2>/dev/null");
+    let source = facts(&vm, "src");
+    assert_eq!(&source[3..], ["one", "AAAA"]);
+
+    let out = vm.ok(&["snapshot", "take", "src", "s1"]);
+    assert!(out.contains("running state"), "{out}");
+    vm.sh("echo two > /tmp/note; printf BBBB | dd of=/dev/vda conv=fsync 2>/dev/null");
+    assert_eq!(&facts(&vm, "src")[3..], ["two", "BBBB"]);
+
+    // Restoring the running VM: memory (the note in tmpfs) and disk as at
+    // the snapshot.
+    vm.ok(&["snapshot", "restore", "src", "s1"]);
+    assert_eq!(show(&vm, "src")["state"], "running");
+    assert_eq!(facts(&vm, "src"), source);
+
+    // Clones of the snapshot resume from its running state, beside the
+    // source, each with an identity of its own.
+    vm.ok(&["clone", "src", "full1", "--snapshot", "s1"]);
+    vm.ok(&["clone", "src", "link1", "--snapshot", "s1", "--linked"]);
+    vm.ok(&["start", "full1"]);
+    vm.ok(&["start", "link1"]);
+    let mut cids = vec![show(&vm, "src")["config"]["vsock"]["cid"].clone()];
+    let mut macs = vec![source[2].clone()];
+    let mut ids = vec![source[1].clone()];
+    for clone in ["full1", "link1"] {
+        let f = settle(&vm, clone, |f| f[0] == clone);
+        assert_eq!(f[0], clone, "{clone}: hostname");
+        assert_eq!(&f[3..], ["one", "AAAA"], "{clone}: the snapshot's state");
+        let config = show(&vm, clone)["config"].clone();
+        // A NIC is written as its option string: nat,mac=52:54:00:...
+        let nic = config["nets"][0].as_str().unwrap();
+        let mac = nic.split("mac=").nth(1).unwrap().to_ascii_lowercase();
+        assert_eq!(f[2], mac, "{clone}: the guest uses the clone's MAC");
+        macs.push(f[2].clone());
+        ids.push(f[1].clone());
+        cids.push(config["vsock"]["cid"].clone());
+        let _ = vm.hv(&["kill", clone]);
+        let _ = vm.hv(&["delete", clone]);
+    }
+    for list in [&macs, &ids] {
+        let mut unique = list.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(unique.len(), 3, "{list:?}");
+    }
+    assert!(
+        cids[0] != cids[1] && cids[1] != cids[2] && cids[0] != cids[2],
+        "{cids:?}"
+    );
+    // The source ran on all along.
+    assert_eq!(show(&vm, "src")["state"], "running");
+    assert_eq!(facts(&vm, "src"), source);
+    let _ = std::fs::remove_dir_all(&disks);
+}
