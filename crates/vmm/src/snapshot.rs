@@ -152,42 +152,48 @@ impl VmSnapshot {
     /// when the machine would differ (another VM's snapshot, or this VM
     /// changed since): vCPUs, RAM, and the devices.
     pub fn check_fits(&self, config: &VmConfig) -> Result<(), SnapshotError> {
-        let mut diffs = Vec::new();
-        let saved = &self.config;
-        if saved.cpus != config.cpus {
-            diffs.push(format!("{} vCPUs, the VM has {}", saved.cpus, config.cpus));
-        }
-        if saved.memory != config.memory {
-            diffs.push(format!(
-                "{} of RAM, the VM has {}",
-                saved.memory, config.memory
-            ));
-        }
-        if saved.disks.len() != config.disks.len() {
-            diffs.push(format!(
-                "{} disks, the VM has {}",
-                saved.disks.len(),
-                config.disks.len()
-            ));
-        }
-        if saved.nets.len() != config.nets.len() {
-            diffs.push(format!(
-                "{} NICs, the VM has {}",
-                saved.nets.len(),
-                config.nets.len()
-            ));
-        }
-        if saved.rng != config.rng
-            || saved.vsock.is_some() != config.vsock.is_some()
-            || saved.console != config.console
-        {
-            diffs.push("a different set of devices".to_string());
-        }
-        if diffs.is_empty() {
-            Ok(())
-        } else {
-            Err(SnapshotError::Mismatch(diffs.join("; ")))
-        }
+        config_fits(&self.config, config)
+    }
+}
+
+/// Whether a snapshot of a VM configured as `saved` can resume as a VM
+/// configured as `config` (only what the machine's shape depends on: disk
+/// paths, MACs, CIDs and the like may differ, as a clone's do).
+fn config_fits(saved: &VmConfig, config: &VmConfig) -> Result<(), SnapshotError> {
+    let mut diffs = Vec::new();
+    if saved.cpus != config.cpus {
+        diffs.push(format!("{} vCPUs, the VM has {}", saved.cpus, config.cpus));
+    }
+    if saved.memory != config.memory {
+        diffs.push(format!(
+            "{} of RAM, the VM has {}",
+            saved.memory, config.memory
+        ));
+    }
+    if saved.disks.len() != config.disks.len() {
+        diffs.push(format!(
+            "{} disks, the VM has {}",
+            saved.disks.len(),
+            config.disks.len()
+        ));
+    }
+    if saved.nets.len() != config.nets.len() {
+        diffs.push(format!(
+            "{} NICs, the VM has {}",
+            saved.nets.len(),
+            config.nets.len()
+        ));
+    }
+    if saved.rng != config.rng
+        || saved.vsock.is_some() != config.vsock.is_some()
+        || saved.console != config.console
+    {
+        diffs.push("a different set of devices".to_string());
+    }
+    if diffs.is_empty() {
+        Ok(())
+    } else {
+        Err(SnapshotError::Mismatch(diffs.join("; ")))
     }
 }
 
@@ -230,4 +236,33 @@ pub(crate) fn now_unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn another_vms_snapshot_does_not_fit() {
+        let saved = VmConfig::new("/k");
+        let mut clone = saved.clone();
+        clone.append = Some("hostvisor.hostname=other".into());
+        clone.kernel = "/elsewhere".into();
+        config_fits(&saved, &clone).unwrap();
+        let mut bigger = saved.clone();
+        bigger.cpus = 2;
+        bigger.memory = "1G".parse().unwrap();
+        bigger.rng = true;
+        let e = config_fits(&saved, &bigger).unwrap_err().to_string();
+        assert!(
+            e.contains("1 vCPUs, the VM has 2")
+                && e.contains("of RAM, the VM has 1G")
+                && e.contains("a different set of devices"),
+            "{e}"
+        );
+        let mut disks = saved.clone();
+        disks.disks.push("path=/d.qcow2".parse().unwrap());
+        let e = config_fits(&saved, &disks).unwrap_err().to_string();
+        assert!(e.contains("0 disks, the VM has 1"), "{e}");
+    }
 }
