@@ -118,23 +118,35 @@ impl Drop for Env {
     }
 }
 
+/// Opens an image. Tests run in parallel and spawn processes: a child
+/// forked by another test thread holds a copy of this process's open
+/// image (and its lock) until it execs, so a lock conflict is retried.
+fn open(image: &Path, read_only: bool) -> Arc<dyn block::DiskImage> {
+    let opts = block::OpenOptions {
+        read_only,
+        ..Default::default()
+    };
+    let start = std::time::Instant::now();
+    loop {
+        match block::open_image(image, opts) {
+            Err(block::BlockError::Locked { .. }) if start.elapsed() < Duration::from_secs(5) => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            other => return other.unwrap(),
+        }
+    }
+}
+
 /// Writes `byte` over 64 KiB at `offset` of the image (through its chain).
 fn write(image: &Path, offset: u64, byte: u8) {
-    let disk = block::open_image(image, block::OpenOptions::default()).unwrap();
+    let disk = open(image, false);
     disk.write_at(&[byte; 65536], offset).unwrap();
     disk.flush().unwrap();
 }
 
 /// SHA-256 of the guest-visible contents of an image and its chain.
 fn digest(image: &Path) -> String {
-    let disk = block::open_image(
-        image,
-        block::OpenOptions {
-            read_only: true,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let disk = open(image, true);
     let mut buf = vec![0u8; disk.size() as usize];
     disk.read_at(&mut buf, 0).unwrap();
     Sha256::digest(&buf)

@@ -142,7 +142,7 @@ impl Snapshots {
                         self.vm.name
                     )));
                 }
-                layers::safe_rebase(d, below.as_ref().map(|(p, f)| (p.as_path(), *f)))?;
+                layers::rebase_past(d, below.as_ref().map(|(p, f)| (p.as_path(), *f)))?;
             }
         }
         for child in tree.children(Some(id)) {
