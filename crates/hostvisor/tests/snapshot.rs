@@ -470,6 +470,36 @@ fn bad_input_is_refused_clearly() {
             "{err}"
         );
     }
+    // Edited metadata names files only inside the VM's directory: a
+    // removable layer elsewhere is not removed by a delete ...
+    let ids = env.ids("vm");
+    let meta_path = env
+        .vm_dir("vm")
+        .join("snapshots")
+        .join(&ids["snap-2"])
+        .join("meta.json");
+    let original = std::fs::read(&meta_path).unwrap();
+    let mut meta: serde_json::Value = serde_json::from_slice(&original).unwrap();
+    let victim = env.dir.join("victim.qcow2");
+    env.ok(&["disk", "create", victim.to_str().unwrap(), "--size", "1M"]);
+    meta["disks"][0]["path"] = victim.to_str().unwrap().into();
+    std::fs::write(&meta_path, meta.to_string()).unwrap();
+    env.ok(&["snapshot", "delete", "vm", "snap-2"]);
+    assert!(victim.exists(), "a file outside the VM was removed");
+    // ... and an id is never a path.
+    let a = env.ids("vm")["a"].clone();
+    let a_meta = env
+        .vm_dir("vm")
+        .join("snapshots")
+        .join(&a)
+        .join("meta.json");
+    let saved = std::fs::read(&a_meta).unwrap();
+    let mut meta: serde_json::Value = serde_json::from_slice(&saved).unwrap();
+    meta["id"] = "../../elsewhere".into();
+    std::fs::write(&a_meta, meta.to_string()).unwrap();
+    let err = env.fails(&["snapshot", "list", "vm"]);
+    assert!(err.contains("the metadata is damaged"), "{err}");
+    std::fs::write(&a_meta, &saved).unwrap();
     // A base changed behind hostvisor's back is noticed.
     let base = env.dir.join("vm-base.qcow2");
     write(&base, 0, 0x99);

@@ -209,6 +209,17 @@ impl Snapshots {
             if let Some(m) =
                 meta::read_json::<SnapshotMeta>(&path).map_err(|e| SnapshotError::io(&path, e))?
             {
+                // The files are the user's to edit: an id is a name in
+                // this directory, never a path elsewhere.
+                if !meta::valid_id(&m.id) || *e.file_name() != *m.id {
+                    return Err(SnapshotError::Disk {
+                        path,
+                        message: format!(
+                            "the snapshot id `{}` does not match its directory; the metadata is damaged",
+                            m.id
+                        ),
+                    });
+                }
                 list.push(m);
             }
         }
@@ -240,7 +251,20 @@ impl Snapshots {
 
     fn journal(&self) -> Result<Option<Journal>, SnapshotError> {
         let path = self.journal_path();
-        meta::read_json(&path).map_err(|e| SnapshotError::io(&path, e))
+        let j: Option<Journal> = meta::read_json(&path).map_err(|e| SnapshotError::io(&path, e))?;
+        let id = match &j {
+            Some(
+                Journal::Take { id, .. } | Journal::Restore { id, .. } | Journal::Delete { id, .. },
+            ) => id,
+            None => return Ok(None),
+        };
+        if !meta::valid_id(id) {
+            return Err(SnapshotError::Disk {
+                path,
+                message: format!("`{id}` is not a snapshot id; the journal is damaged"),
+            });
+        }
+        Ok(j)
     }
 
     fn begin(&self, j: &Journal) -> Result<(), SnapshotError> {
