@@ -331,9 +331,7 @@ impl Snapshots {
                         self.vm.name
                     )));
                 } else {
-                    for p in &new_tops {
-                        layers::remove_if_present(p)?;
-                    }
+                    self.remove_new_tops(&new_tops)?;
                     self.remove_node(&id)?;
                 }
             }
@@ -346,9 +344,7 @@ impl Snapshots {
                 if tops == new_tops {
                     self.commit_restore(&id, &old_tops, &new_tops, resume)?;
                 } else {
-                    for p in &new_tops {
-                        layers::remove_if_present(p)?;
-                    }
+                    self.remove_new_tops(&new_tops)?;
                 }
             }
             Journal::Delete { id, parent, layers } => {
@@ -371,6 +367,19 @@ impl Snapshots {
             }
         }
         self.end()
+    }
+
+    /// Undoes the overlays an interrupted operation made: only files in
+    /// the VM's `disks/` (the journal could name any file).
+    fn remove_new_tops(&self, new_tops: &[PathBuf]) -> Result<(), SnapshotError> {
+        let disks = self.disks_dir()?;
+        for p in new_tops
+            .iter()
+            .filter(|p| p.parent() == Some(disks.as_path()))
+        {
+            layers::remove_if_present(p)?;
+        }
+        Ok(())
     }
 
     /// After a take's commit point: the definition names the new tops, the
