@@ -12,6 +12,9 @@ use crate::file::HostFile;
 use crate::qcow2::{self, CheckReport, Qcow2, Snapshot};
 use crate::{open_image, open_qcow2, probe, BlockError, CacheMode, DiskImage, Format, OpenOptions};
 
+mod layers;
+pub use layers::{backing_of, create_overlay, rebase_past_backing};
+
 #[derive(Debug, thiserror::Error)]
 pub enum ToolError {
     #[error(transparent)]
@@ -318,54 +321,6 @@ fn info_at(path: &Path, format: Option<Format>, depth: usize) -> Result<ImageInf
         backing_format: h.backing_format.clone(),
         snapshots,
         backing,
-    })
-}
-
-/// A qcow2 image's header, read without opening the image (no lock, no
-/// backing chain): it and the backing file's name lie in the first
-/// cluster, at most 2 MiB.
-fn qcow2_header(path: &Path) -> Result<qcow2::header::Header, ToolError> {
-    use std::io::Read;
-    let mut buf = Vec::new();
-    std::fs::File::open(path)
-        .and_then(|f| f.take(2 << 20).read_to_end(&mut buf))
-        .map_err(io_err(path))?;
-    qcow2::header::Header::parse(&buf).map_err(q_err(path))
-}
-
-/// The backing file an image names in its own header (as written there,
-/// with its format), without opening the chain or taking the image's
-/// lock (it works on an image a running VM holds, and when the backing
-/// file is missing): `None` for raw images and qcow2 images without one.
-pub fn backing_of(path: &Path) -> Result<Option<(String, Option<String>)>, ToolError> {
-    if probe(path)? == Format::Raw {
-        return Ok(None);
-    }
-    let h = qcow2_header(path)?;
-    Ok(h.backing_file.map(|b| (b, h.backing_format)))
-}
-
-/// Creates a qcow2 overlay at `path` (which must not exist) backed by
-/// the image at `backing`, named by its absolute path, with its format
-/// and — when it is a qcow2 — its cluster size (a snapshot layer behaves
-/// like the layer below it). Works while a VM reads the backing image.
-///
-/// Pass the format the disk was opened with: probing a raw disk a guest
-/// wrote to would take a qcow2 header the guest wrote for the image's own
-/// (and its backing file name, a host path, for the guest's to choose).
-pub fn create_overlay(path: &Path, backing: &Path, format: Format) -> Result<u64, ToolError> {
-    let backing = std::fs::canonicalize(backing).map_err(io_err(backing))?;
-    let cluster_size = match format {
-        Format::Raw => None,
-        Format::Qcow2 => Some(1u64 << qcow2_header(&backing)?.cluster_bits),
-    };
-    create(&CreateSpec {
-        path: path.to_path_buf(),
-        size: None,
-        format: Format::Qcow2,
-        backing: Some(backing.to_string_lossy().into_owned()),
-        backing_format: Some(format),
-        cluster_size,
     })
 }
 
@@ -778,32 +733,6 @@ pub fn bench(path: &Path, spec: BenchSpec) -> Result<std::time::Duration, ToolEr
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn backing_of_reads_the_header_even_of_a_locked_image() {
-        let dir = std::env::temp_dir().join(format!("hv-backing-of-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let (raw, top) = (dir.join("base.raw"), dir.join("top.qcow2"));
-        let spec = |path: &Path, format, backing: Option<&str>| CreateSpec {
-            path: path.to_path_buf(),
-            size: Some(1 << 20),
-            format,
-            backing: backing.map(str::to_string),
-            backing_format: None,
-            cluster_size: None,
-        };
-        create(&spec(&raw, Format::Raw, None)).expect("raw");
-        create(&spec(&top, Format::Qcow2, Some("base.raw"))).expect("overlay");
-        assert_eq!(backing_of(&raw).expect("raw"), None);
-        // Held for writing, as by a running VM.
-        let _open = open_image(&top, OpenOptions::default()).expect("open");
-        assert_eq!(
-            backing_of(&top).expect("overlay"),
-            Some(("base.raw".to_string(), Some("raw".to_string())))
-        );
-        assert!(backing_of(&dir.join("missing")).is_err());
-        let _ = std::fs::remove_dir_all(&dir);
-    }
 
     #[test]
     fn sizes_parse() {

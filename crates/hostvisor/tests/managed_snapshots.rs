@@ -203,7 +203,10 @@ fn killing_the_vmm_during_snapshot_take_loses_no_snapshot() {
         // The killed VM process is gone once its lock is free.
         let start = Instant::now();
         while show(&vm, "k")["state"] == "running" {
-            assert!(start.elapsed() < Duration::from_secs(20), "the VM did not die");
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "the VM did not die"
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }

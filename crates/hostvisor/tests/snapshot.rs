@@ -118,23 +118,35 @@ impl Drop for Env {
     }
 }
 
+/// Opens an image. Tests run in parallel and spawn processes: a child
+/// forked by another test thread holds a copy of this process's open
+/// image (and its lock) until it execs, so a lock conflict is retried.
+fn open(image: &Path, read_only: bool) -> Arc<dyn block::DiskImage> {
+    let opts = block::OpenOptions {
+        read_only,
+        ..Default::default()
+    };
+    let start = std::time::Instant::now();
+    loop {
+        match block::open_image(image, opts) {
+            Err(block::BlockError::Locked { .. }) if start.elapsed() < Duration::from_secs(5) => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            other => return other.unwrap(),
+        }
+    }
+}
+
 /// Writes `byte` over 64 KiB at `offset` of the image (through its chain).
 fn write(image: &Path, offset: u64, byte: u8) {
-    let disk = block::open_image(image, block::OpenOptions::default()).unwrap();
+    let disk = open(image, false);
     disk.write_at(&[byte; 65536], offset).unwrap();
     disk.flush().unwrap();
 }
 
 /// SHA-256 of the guest-visible contents of an image and its chain.
 fn digest(image: &Path) -> String {
-    let disk = block::open_image(
-        image,
-        block::OpenOptions {
-            read_only: true,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let disk = open(image, true);
     let mut buf = vec![0u8; disk.size() as usize];
     disk.read_at(&mut buf, 0).unwrap();
     Sha256::digest(&buf)
@@ -458,6 +470,36 @@ fn bad_input_is_refused_clearly() {
             "{err}"
         );
     }
+    // Edited metadata names files only inside the VM's directory: a
+    // removable layer elsewhere is not removed by a delete ...
+    let ids = env.ids("vm");
+    let meta_path = env
+        .vm_dir("vm")
+        .join("snapshots")
+        .join(&ids["snap-2"])
+        .join("meta.json");
+    let original = std::fs::read(&meta_path).unwrap();
+    let mut meta: serde_json::Value = serde_json::from_slice(&original).unwrap();
+    let victim = env.dir.join("victim.qcow2");
+    env.ok(&["disk", "create", victim.to_str().unwrap(), "--size", "1M"]);
+    meta["disks"][0]["path"] = victim.to_str().unwrap().into();
+    std::fs::write(&meta_path, meta.to_string()).unwrap();
+    env.ok(&["snapshot", "delete", "vm", "snap-2"]);
+    assert!(victim.exists(), "a file outside the VM was removed");
+    // ... and an id is never a path.
+    let a = env.ids("vm")["a"].clone();
+    let a_meta = env
+        .vm_dir("vm")
+        .join("snapshots")
+        .join(&a)
+        .join("meta.json");
+    let saved = std::fs::read(&a_meta).unwrap();
+    let mut meta: serde_json::Value = serde_json::from_slice(&saved).unwrap();
+    meta["id"] = "../../elsewhere".into();
+    std::fs::write(&a_meta, meta.to_string()).unwrap();
+    let err = env.fails(&["snapshot", "list", "vm"]);
+    assert!(err.contains("the metadata is damaged"), "{err}");
+    std::fs::write(&a_meta, &saved).unwrap();
     // A base changed behind hostvisor's back is noticed.
     let base = env.dir.join("vm-base.qcow2");
     write(&base, 0, 0x99);
@@ -528,7 +570,7 @@ fn a_raw_base_that_looks_like_qcow2_stays_raw() {
 }
 
 /// A stand-in VM process: holds the VM's lock and answers its API (GET
-/// /vm; `/vm/snapshot` is unknown, as before the VMM part lands).
+/// /vm; everything else, `/vm/snapshot` included, is refused).
 struct FakeVm;
 
 impl api::Backend for FakeVm {
@@ -564,7 +606,10 @@ fn running_vms_are_handled_without_touching_open_layers() {
     let before = std::fs::read_to_string(dir.join("config.toml")).unwrap();
 
     let err = env.fails(&["snapshot", "take", "vm", "live"]);
-    assert!(err.contains("needs the VMM's snapshot support"), "{err}");
+    assert!(
+        err.contains("the VM could not take the snapshot: fake"),
+        "{err}"
+    );
     assert!(
         !env.ids("vm").contains_key("live"),
         "an undone take leaves no snapshot"
@@ -748,8 +793,10 @@ fn a_saved_running_state_is_handed_to_start_while_the_disks_are_untouched() {
 
     env.ok(&["snapshot", "restore", "vm", "live"]);
     assert_eq!(env.list("vm")["resume_pending"], true);
+    // The VM process is handed the state (which the VMM then refuses: it
+    // is not a real one).
     let err = env.fails(&["start", "vm"]);
-    assert!(err.contains("from its saved state"), "{err}");
+    assert!(err.contains("is not a snapshot directory"), "{err}");
     assert!(err.contains(&format!("snapshots/{id}/state")), "{err}");
 
     // A clone of it resumes from its own copy of the state.
@@ -914,8 +961,8 @@ fn a_running_vm_is_snapshotted_through_its_vmm() {
     assert_eq!(digest(&env.top("copy")), now);
     assert!(env.ids("vm").contains_key("base of copy"));
     // Restoring a running VM kills it, restores, and starts it again from
-    // the snapshot's running state (which needs the VMM's restore: until
-    // then that start fails, saying so).
+    // the snapshot's running state (here the stand-in's, which the real
+    // VMM refuses: the hand-off is what this checks).
     write(&env.top("vm"), 0, 0x99);
     let out = env.run(&["snapshot", "restore", "vm", "live"]);
     vmm.join().unwrap();
@@ -926,7 +973,7 @@ fn a_running_vm_is_snapshotted_through_its_vmm() {
         out.stdout
     );
     assert!(
-        out.stderr.contains("from its saved state"),
+        out.stderr.contains("is not a snapshot directory"),
         "{}",
         out.stderr
     );

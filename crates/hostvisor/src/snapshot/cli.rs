@@ -185,6 +185,8 @@ fn restore(name: &str, key: &str) -> Result<i32, CliError> {
         println!("restored {name} to snapshot `{}`", m.name);
         if m.saved_state && !was_running {
             println!("its next start resumes the snapshot's running state");
+        } else if was_running && !m.saved_state {
+            println!("{name} stays stopped: the snapshot was taken while it was stopped");
         }
         // A VM that ran goes on from the snapshot's running state; one
         // that was stopped stays so (as VirtualBox's "saved" state).

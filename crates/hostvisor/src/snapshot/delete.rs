@@ -142,7 +142,7 @@ impl Snapshots {
                         self.vm.name
                     )));
                 }
-                layers::safe_rebase(d, below.as_ref().map(|(p, f)| (p.as_path(), *f)))?;
+                layers::rebase_past(d, below.as_ref().map(|(p, f)| (p.as_path(), *f)))?;
             }
         }
         for child in tree.children(Some(id)) {
@@ -158,8 +158,12 @@ impl Snapshots {
         }
         self.remove_node(id)?;
         let disks = self.disks_dir()?;
+        // Only hostvisor's own overlays are removed (the metadata could
+        // name any file).
         for layer in deleted.iter().filter(|l| l.removable) {
-            layers::remove_if_present(&layer.path)?;
+            if layer.path.parent() == Some(disks.as_path()) {
+                layers::remove_if_present(&layer.path)?;
+            }
         }
         meta::sync_dir(&disks).map_err(|e| SnapshotError::io(&disks, e))
     }

@@ -116,19 +116,21 @@ pub fn backing_known(
     backing(path)
 }
 
-/// Points `path` at `new_backing` (of the given format, or none), first
-/// copying into it every cluster whose guest-visible contents would
-/// otherwise change. A kill at any moment leaves it reading as before:
-/// data is copied (and flushed) before the header names the new backing
-/// file, in one write.
-pub fn safe_rebase(
+/// Takes the file `path` is backed by out of its chain: `path` is then
+/// backed by `below` (what that file was backed by, with its format), and
+/// first gets a copy of every cluster that file defined and `path` did not
+/// (block's `rebase_past_backing`: a safe rebase in time proportional to
+/// the removed layer's data). A kill at any moment leaves it reading as
+/// before: data is copied (and flushed) before the header names the new
+/// backing file, in one write.
+pub fn rebase_past(
     path: &Path,
-    new_backing: Option<(&Path, Option<Format>)>,
+    below: Option<(&Path, Option<Format>)>,
 ) -> Result<(), SnapshotError> {
-    let name = new_backing.map(|(b, _)| backing_name(path, b));
-    let format = new_backing.and_then(|(_, f)| f);
+    let name = below.map(|(b, _)| backing_name(path, b));
+    let format = below.and_then(|(_, f)| f);
     let mut quiet = |_: u64, _: u64| {};
-    tools::rebase(path, name.as_deref(), format, false, &mut quiet).map_err(tool(path))?;
+    tools::rebase_past_backing(path, name.as_deref(), format, &mut quiet).map_err(tool(path))?;
     sync_file(path)
 }
 

@@ -240,6 +240,12 @@ pub fn new_id() -> String {
     format!("{:012x}", h & 0xffff_ffff_ffff)
 }
 
+/// Whether `id` is a snapshot id ([`new_id`] makes 12 hex digits; up to
+/// 64 are accepted): it names a directory, so nothing else may pass.
+pub fn valid_id(id: &str) -> bool {
+    (1..=64).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
 /// The snapshots of one VM, by id, with tree queries.
 #[derive(Debug, Clone, Default)]
 pub struct Tree {
@@ -388,6 +394,14 @@ mod tests {
         let now = now_rfc3339();
         assert_eq!(now.len(), "2026-11-27T21:18:21.123Z".len(), "{now}");
         assert!(now.ends_with('Z') && now.as_bytes()[19] == b'.', "{now}");
+    }
+
+    #[test]
+    fn ids_name_nothing_but_a_directory() {
+        assert!(valid_id(&new_id()));
+        for bad in ["", "..", "../x", "a/b", "abc ", &"a".repeat(65)] {
+            assert!(!valid_id(bad), "{bad:?}");
+        }
     }
 
     #[test]

@@ -209,6 +209,17 @@ impl Snapshots {
             if let Some(m) =
                 meta::read_json::<SnapshotMeta>(&path).map_err(|e| SnapshotError::io(&path, e))?
             {
+                // The files are the user's to edit: an id is a name in
+                // this directory, never a path elsewhere.
+                if !meta::valid_id(&m.id) || *e.file_name() != *m.id {
+                    return Err(SnapshotError::Disk {
+                        path,
+                        message: format!(
+                            "the snapshot id `{}` does not match its directory; the metadata is damaged",
+                            m.id
+                        ),
+                    });
+                }
                 list.push(m);
             }
         }
@@ -240,7 +251,20 @@ impl Snapshots {
 
     fn journal(&self) -> Result<Option<Journal>, SnapshotError> {
         let path = self.journal_path();
-        meta::read_json(&path).map_err(|e| SnapshotError::io(&path, e))
+        let j: Option<Journal> = meta::read_json(&path).map_err(|e| SnapshotError::io(&path, e))?;
+        let id = match &j {
+            Some(
+                Journal::Take { id, .. } | Journal::Restore { id, .. } | Journal::Delete { id, .. },
+            ) => id,
+            None => return Ok(None),
+        };
+        if !meta::valid_id(id) {
+            return Err(SnapshotError::Disk {
+                path,
+                message: format!("`{id}` is not a snapshot id; the journal is damaged"),
+            });
+        }
+        Ok(j)
     }
 
     fn begin(&self, j: &Journal) -> Result<(), SnapshotError> {
@@ -307,9 +331,7 @@ impl Snapshots {
                         self.vm.name
                     )));
                 } else {
-                    for p in &new_tops {
-                        layers::remove_if_present(p)?;
-                    }
+                    self.remove_new_tops(&new_tops)?;
                     self.remove_node(&id)?;
                 }
             }
@@ -322,9 +344,7 @@ impl Snapshots {
                 if tops == new_tops {
                     self.commit_restore(&id, &old_tops, &new_tops, resume)?;
                 } else {
-                    for p in &new_tops {
-                        layers::remove_if_present(p)?;
-                    }
+                    self.remove_new_tops(&new_tops)?;
                 }
             }
             Journal::Delete { id, parent, layers } => {
@@ -347,6 +367,19 @@ impl Snapshots {
             }
         }
         self.end()
+    }
+
+    /// Undoes the overlays an interrupted operation made: only files in
+    /// the VM's `disks/` (the journal could name any file).
+    fn remove_new_tops(&self, new_tops: &[PathBuf]) -> Result<(), SnapshotError> {
+        let disks = self.disks_dir()?;
+        for p in new_tops
+            .iter()
+            .filter(|p| p.parent() == Some(disks.as_path()))
+        {
+            layers::remove_if_present(p)?;
+        }
+        Ok(())
     }
 
     /// After a take's commit point: the definition names the new tops, the
