@@ -51,12 +51,7 @@ fn running_vms_are_snapshotted_restored_and_cloned() {
     }
     let disks = temp_dir("managed-snap-disks");
     let base = disks.join("base.qcow2");
-    let out = hostvisor(
-        &["disk", "create", base.to_str().unwrap(), "--size", "4M"],
-        &[],
-        Duration::from_secs(30),
-    );
-    assert_eq!(out.code, 0, "{}", out.stderr);
+    create_disk(&base, "4M");
     let vm = TestVm::start("src", &["--disk", &format!("path={}", base.display())]);
     vm.sh("echo one > /tmp/note; printf AAAA | dd of=/dev/vda conv=fsync 2>/dev/null");
     let source = facts(&vm, "src");
@@ -113,28 +108,6 @@ fn running_vms_are_snapshotted_restored_and_cloned() {
     let _ = std::fs::remove_dir_all(&disks);
 }
 
-/// A small xorshift generator for kill moments (its seed is printed, so a
-/// failure can be replayed with HOSTVISOR_KILL_SEED).
-fn kill_moments() -> impl FnMut(u64) -> u64 {
-    let mut x: u64 = std::env::var("HOSTVISOR_KILL_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-                | 1
-        });
-    eprintln!("kill moments: HOSTVISOR_KILL_SEED={x}");
-    move |below| {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        x % below.max(1)
-    }
-}
-
 /// The VMM killed (SIGKILL) at random moments while `snapshot take` saves
 /// a running VM, 20 times: every snapshot that was taken — the ones
 /// before, and any the kill did not stop — still restores to its own
@@ -148,12 +121,7 @@ fn killing_the_vmm_during_snapshot_take_loses_no_snapshot() {
     }
     let disks = temp_dir("managed-snap-kill");
     let base = disks.join("base.qcow2");
-    let out = hostvisor(
-        &["disk", "create", base.to_str().unwrap(), "--size", "4M"],
-        &[],
-        Duration::from_secs(30),
-    );
-    assert_eq!(out.code, 0, "{}", out.stderr);
+    create_disk(&base, "4M");
     let vm = TestVm::start("k", &["--disk", &format!("path={}", base.display())]);
     let mark = |m: &str| {
         vm.sh(&format!(
@@ -174,7 +142,7 @@ fn killing_the_vmm_during_snapshot_take_loses_no_snapshot() {
             vm.ok(&["start", "k"]);
         }
     };
-    let mut next = kill_moments();
+    let mut rng = KillRng::new();
     let mut taken = vec![("base".to_string(), "BASE".to_string())];
     for round in 0..20 {
         back_to("base");
@@ -193,7 +161,7 @@ fn killing_the_vmm_during_snapshot_take_loses_no_snapshot() {
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
-        std::thread::sleep(Duration::from_millis(next(1500)));
+        std::thread::sleep(Duration::from_millis(rng.below(1500)));
         // SAFETY: kill(2) on the VM process's pid, read from its pidfile.
         unsafe { libc::kill(pid, libc::SIGKILL) };
         let status = take.wait().unwrap();

@@ -185,12 +185,7 @@ fn a_running_guest_is_saved_and_resumed_in_new_processes() {
     }
     let dir = temp_dir("restore");
     let disk = dir.join("disk.qcow2");
-    let out = hostvisor(
-        &["disk", "create", disk.to_str().unwrap(), "--size", "4M"],
-        &[],
-        Duration::from_secs(30),
-    );
-    assert_eq!(out.code, 0, "{}", out.stderr);
+    create_disk(&disk, "4M");
     let (port, _) = http_server(b"served by the host\n");
     let vsock = format!("cid=21,socket={}", dir.join("v.sock").display());
     let first = RunVm::spawn(

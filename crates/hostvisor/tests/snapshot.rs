@@ -627,33 +627,6 @@ fn running_vms_are_handled_without_touching_open_layers() {
     );
 }
 
-/// A small xorshift generator: the test prints its seed, so a failing
-/// sequence of kill moments can be replayed (HOSTVISOR_KILL_SEED).
-struct Rng(u64);
-
-impl Rng {
-    fn new() -> Rng {
-        let seed = std::env::var("HOSTVISOR_KILL_SEED")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| {
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .unwrap()
-                    .as_nanos() as u64
-                    | 1
-            });
-        eprintln!("kill moments: HOSTVISOR_KILL_SEED={seed}");
-        Rng(seed)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n.max(1)
-    }
-}
-
 /// Starts `hostvisor args` and kills it with SIGKILL after `delay`
 /// (or lets it finish first).
 fn kill_during(env: &Env, args: &[&str], delay: Duration) {
@@ -681,7 +654,7 @@ fn kill_9_during_take_and_delete_keeps_every_snapshot() {
     let env = Env::new("kill");
     let base = env.create_vm("vm");
     write(&base, 0, 0xb0);
-    let mut rng = Rng::new();
+    let mut rng = common::KillRng::new();
     // name -> contents of every snapshot that exists.
     let mut expect: BTreeMap<String, String> = BTreeMap::new();
     let snap = |env: &Env, name: &str, byte: u8, expect: &mut BTreeMap<String, String>| {

@@ -376,3 +376,42 @@ pub fn tiny_kernel(name: &str, code: &[u8]) -> PathBuf {
     std::fs::write(&path, elf).unwrap();
     path
 }
+
+/// A small xorshift generator for kill moments: it prints its seed, so a
+/// failing sequence can be replayed (HOSTVISOR_KILL_SEED).
+pub struct KillRng(u64);
+
+impl KillRng {
+    pub fn new() -> KillRng {
+        let seed = std::env::var("HOSTVISOR_KILL_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_nanos() as u64
+                    | 1
+            });
+        eprintln!("kill moments: HOSTVISOR_KILL_SEED={seed}");
+        KillRng(seed)
+    }
+
+    /// A number below `n`.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n.max(1)
+    }
+}
+
+/// Creates a qcow2 image of `size` (like "4M") with `hostvisor disk create`.
+pub fn create_disk(path: &std::path::Path, size: &str) {
+    let out = hostvisor(
+        &["disk", "create", path.to_str().unwrap(), "--size", size],
+        &[],
+        Duration::from_secs(30),
+    );
+    assert_eq!(out.code, 0, "{}", out.stderr);
+}
