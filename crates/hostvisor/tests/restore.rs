@@ -67,6 +67,7 @@ impl RunVm {
         let api = dir.join(format!("api-{tag}.sock"));
         let console = dir.join(format!("console-{tag}.log"));
         let child = Command::new(BIN)
+            .env("HOSTVISOR_LOG", "warn,hostvisor::vmproc=info")
             .args(["run", "--serial"])
             .arg(format!("file:{}", console.display()))
             .arg("--api-socket")
@@ -105,8 +106,9 @@ impl RunVm {
         assert_eq!(r.status, 204, "{}", r.error_message());
     }
 
-    /// Kills the VM through the API and waits for the process.
-    fn kill(mut self) {
+    /// Kills the VM through the API and waits for the process; its log
+    /// (stderr).
+    fn kill(mut self) -> String {
         let r = self.request("PUT", "/vm/kill", "");
         assert_eq!(r.status, 204, "{}", r.error_message());
         let start = Instant::now();
@@ -114,6 +116,10 @@ impl RunVm {
             assert!(start.elapsed() < Duration::from_secs(20), "kill took long");
             std::thread::sleep(Duration::from_millis(50));
         }
+        let mut log = String::new();
+        use std::io::Read;
+        let _ = self.child.stderr.take().unwrap().read_to_string(&mut log);
+        log
     }
 }
 
@@ -187,6 +193,20 @@ fn a_running_guest_is_saved_and_resumed_in_new_processes() {
     let disk = dir.join("disk.qcow2");
     create_disk(&disk, "4M");
     let (port, _) = http_server(b"served by the host\n");
+    // A download in flight across the snapshot (1 MiB: seconds here).
+    let big: &'static [u8] = Box::leak(
+        (0..1u32 << 20)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect::<Vec<u8>>()
+            .into_boxed_slice(),
+    );
+    let big_hash = {
+        let path = dir.join("big");
+        std::fs::write(&path, big).unwrap();
+        let h = tool("sha256sum", &[path.to_str().unwrap()]);
+        h.split_whitespace().next().unwrap().to_string()
+    };
+    let (big_port, _) = http_server(big);
     let vsock = format!("cid=21,socket={}", dir.join("v.sock").display());
     let first = RunVm::spawn(
         &dir,
@@ -222,10 +242,24 @@ fn a_running_guest_is_saved_and_resumed_in_new_processes() {
     let snap = dir.join("snap");
     let top = dir.join("after-snap.qcow2");
     let taken = Instant::now();
+    sh(
+        &first.client,
+        &format!(
+            "(wget -q -O /tmp/big http://10.0.2.2:{big_port}/ && touch /tmp/got) \
+               </dev/null >/dev/null 2>&1 &"
+        ),
+    );
     first.snapshot(&snap, &top);
     // The VM runs on, on the new overlay; the guest saw a pause only.
     assert!(top.exists());
     let after = look(&first.client);
+    // The download in flight went on to the end, intact.
+    let got = sh(
+        &first.client,
+        "i=0; while [ ! -e /tmp/got ] && [ $i -lt 120 ]; do sleep 0.5; i=$((i+1)); done; \
+         sha256sum /tmp/big | cut -d' ' -f1",
+    );
+    assert_eq!(got.trim(), big_hash, "the download across the snapshot");
     assert_eq!((after.count, &after.disk), (6, &before.disk));
     sh(
         &first.client,
@@ -306,7 +340,13 @@ fn a_running_guest_is_saved_and_resumed_in_new_processes() {
             &vm.client,
             "dd if=/dev/zero of=/dev/vda bs=4k count=16 conv=fsync 2>/dev/null",
         );
-        vm.kill();
+        let log = vm.kill();
+        // The guest was told it was restored: fresh randomness for its
+        // RNG (two resumes must not share a random stream), its clock.
+        assert!(
+            log.contains("the restored guest was reseeded and its clock set"),
+            "{log}"
+        );
         assert_eq!(
             image_hash(&dir, &disk),
             before.disk,
