@@ -585,6 +585,17 @@ class Firecracker(Vmm):
 
     def after_spawn(self, proc, t):
         wait_path(self.api())
+        # The socket's file exists a moment before it listens.
+        end = time.monotonic() + 10
+        while True:
+            try:
+                with socket.socket(socket.AF_UNIX) as probe:
+                    probe.connect(self.api())
+                break
+            except ConnectionRefusedError:
+                if time.monotonic() > end:
+                    raise
+                time.sleep(0.0002)
         t0 = time.monotonic()
         self._call("PUT", "/snapshot/load", {
             "snapshot_path": self.snap_paths[0],
