@@ -31,17 +31,21 @@ The VMs of one size boot together. Per VMM and size it measures:
             RESUME event and Firecracker's `PUT /snapshot/load` duration
             are printed beside when caught;
   serial echo  from spawning the restoring VMM to the guest's answer to a
-            line written on its serial console (stdin) at spawn: the same
-            method for every VMM;
+            line written on its serial console (stdin) once the process
+            made its first KVM_RUN: the same method for every VMM;
   agent ping  from spawning it to the first Pong of hostvisor's guest
             agent through the VMM's vsock Unix socket (`CONNECT 52`, the
             protocol hostvisor's and Firecracker's vsock share; QEMU's
-            vhost-vsock needs /dev/vhost-vsock, absent here).
+            vhost-vsock needs /dev/vhost-vsock, absent here), with the
+            attempts that failed before it and when the first one did;
+  --version spawn to exit of the VMM printing its version: what starting
+            the process costs at all on this host.
 
 Each restore is its own process, killed after its figure; restores take
 turns (run 1 of every VMM, then run 2, ...), and the serial and agent
 figures come from separate restores so that one does not wait for the
-other. Medians of --runs.
+other. Medians of --runs (save overhead: the largest). Needs root for
+bpftrace and /proc/PID/clear_refs of the VMMs.
 """
 
 import argparse
@@ -79,6 +83,10 @@ PING_LINE, ANSWER = b"ping\n", b"RE:4"
 def median(xs):
     xs = [x for x in xs if x is not None]
     return statistics.median(xs) if xs else None
+
+
+def largest(xs):
+    return max((x for x in xs if x is not None), default=None)
 
 
 def unlink(path):
@@ -667,23 +675,23 @@ def main():
 
 
 ROWS = [
-    ("execve -> first KVM_RUN (ms)", "first", 1),
-    ("spawn -> first KVM_RUN (ms)", "spawn_first", 1),
-    ("  self: main -> restored (ms)", "self_restored", 1),
-    ("  self: main -> 1st KVM_RUN (ms)", "self_first", 1),
-    ("  QMP RESUME / FC load (ms)", "running", 1),
-    ("spawn -> serial echo (ms)", "serial", 1),
-    ("spawn -> agent pong (ms)", "agent", 1),
-    ("  failed pings first", "agent_failed", 1),
-    ("  spawn -> 1st failed ping (ms)", "agent_first_fail", 1),
-    ("spawn -> exit, --version (ms)", "start_floor", 1),
-    ("take snapshot (ms)", "take", 1),
-    ("  self: snapshot taken in (ms)", "self_take", 1),
+    ("execve -> first KVM_RUN (ms)", "first", median),
+    ("spawn -> first KVM_RUN (ms)", "spawn_first", median),
+    ("  self: main -> restored (ms)", "self_restored", median),
+    ("  self: main -> 1st KVM_RUN (ms)", "self_first", median),
+    ("  QMP RESUME / FC load (ms)", "running", median),
+    ("spawn -> serial echo (ms)", "serial", median),
+    ("spawn -> agent pong (ms)", "agent", median),
+    ("  failed pings first", "agent_failed", median),
+    ("  spawn -> 1st failed ping (ms)", "agent_first_fail", median),
+    ("spawn -> exit, --version (ms)", "start_floor", median),
+    ("take snapshot (ms)", "take", median),
+    ("  self: snapshot taken in (ms)", "self_take", median),
     # The largest of the runs: the first save allocates what later ones
     # reuse, so the median would hide it.
-    ("save: peak Rss growth, max (MiB)", "peak", max),
-    ("save: non-guest growth, max (MiB)", "own", max),
-    ("save: guest-RAM growth, max (MiB)", "guest", max),
+    ("save: peak Rss growth, max (MiB)", "peak", largest),
+    ("save: non-guest growth, max (MiB)", "own", largest),
+    ("save: guest-RAM growth, max (MiB)", "guest", largest),
 ]
 
 
@@ -703,12 +711,10 @@ def report(results, runs, load, tracer, notes):
             head += f" {p.name:>12} {'hv/' + p.name[:2]:>7}"
         print(head)
         for label, key, agg in ROWS:
-            pick = median if agg == 1 else (lambda xs: max((x for x in xs if x is not None),
-                                                           default=None))
-            h = pick(hv.res[key])
+            h = agg(hv.res[key])
             line = f"{label:<34} {fmt(h):>10}"
             for p in peers:
-                v = pick(p.res[key])
+                v = agg(p.res[key])
                 ratio = f"{h / v:.2f}x" if h is not None and v else "-"
                 line += f" {fmt(v):>12} {ratio:>7}"
             print(line)
