@@ -44,8 +44,8 @@ The VMs of one size boot together. Per VMM and size it measures:
 Each restore is its own process, killed after its figure; restores take
 turns (run 1 of every VMM, then run 2, ...), and the serial and agent
 figures come from separate restores so that one does not wait for the
-other. Medians of --runs (save overhead: the largest). Needs root for
-bpftrace and /proc/PID/clear_refs of the VMMs.
+other. Medians of --runs (save overhead: the largest). bpftrace needs
+root: without it the first-instruction rows stay empty.
 """
 
 import argparse
