@@ -414,9 +414,22 @@ fn a_sleeping_vsock_writes_nothing_and_a_restored_one_resets_the_transport() {
     expected.queues[2].next_avail = 1;
     expected.queues[2].next_used = 1;
     assert_eq!(json(&again), json(&expected));
-    // The new device's listener works.
+    // The new device's listener works, but a host program's request
+    // waits until the guest has handled the reset (it posts the event
+    // buffer again): one sent before would be dropped by the reset it
+    // raced.
     t2.wake().unwrap();
-    assert!(std::os::unix::net::UnixStream::connect(&path2).is_ok());
+    rx.add_desc_chains(&[d(0x110000, 4096, F_WRITE, 0)], 1)
+        .unwrap();
+    kick(&t2, 0);
+    let mut host2 = std::os::unix::net::UnixStream::connect(&path2).unwrap();
+    host2.write_all(b"CONNECT 52\n").unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(rx.used().idx().load(), 1, "the request waits for the reset");
+    ev.add_desc_chains(&[d(0x190000, 8, F_WRITE, 0)], 1)
+        .unwrap();
+    kick(&t2, 2);
+    assert!(wait_for(|| rx.used().idx().load() == 2), "then it is sent");
     drop(t);
     drop(t2);
     for p in [path, path2] {

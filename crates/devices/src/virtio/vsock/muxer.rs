@@ -34,6 +34,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::connection::{Connection, Reply, State};
 use super::packet::{Header, Op, HDR_LEN, MAX_PAYLOAD, SHUTDOWN_SEND};
+use super::persist::TransportReset;
 use crate::virtio::Interrupt;
 
 // Epoll tokens below FIRST_STREAM are fixed; host sockets get the rest.
@@ -177,8 +178,9 @@ pub struct Muxer {
     stats: Arc<VsockStats>,
     buf: Vec<u8>,
     max_connections: usize,
-    /// A transport-reset event waits for a buffer in the event queue.
-    transport_reset: bool,
+    /// A transport reset to send, and host connections waiting for the
+    /// guest to handle it.
+    reset: TransportReset,
 }
 
 impl Muxer {
@@ -219,7 +221,7 @@ impl Muxer {
             stats,
             buf: vec![0u8; MAX_PAYLOAD as usize],
             max_connections: MAX_CONNECTIONS,
-            transport_reset: false,
+            reset: TransportReset::default(),
         })
     }
 
@@ -227,21 +229,22 @@ impl Muxer {
     /// transport was reset: it drops every socket (a restored device,
     /// whose connections stayed with the snapshot's process).
     pub fn request_transport_reset(&mut self) {
-        self.transport_reset = true;
+        self.reset.request();
     }
 
     /// Whether a transport reset still waits for an event buffer.
     pub fn transport_reset_pending(&self) -> bool {
-        self.transport_reset
+        self.reset.pending()
     }
 
-    /// Sends a pending transport reset if the guest gave an event buffer.
+    /// Sends a pending transport reset if the guest gave an event buffer;
+    /// once the guest has handled one, sends the connection requests that
+    /// waited for that.
     pub fn deliver_events(&mut self) {
         let g = &mut self.guest;
-        if self.transport_reset
-            && super::persist::send_transport_reset(&mut g.events, &g.mem, &g.interrupt)
-        {
-            self.transport_reset = false;
+        let released = self.reset.deliver(&mut g.events, &g.mem, &g.interrupt);
+        for (token, stream, port) in released {
+            self.connect_host(token, stream, port);
         }
     }
 
@@ -298,7 +301,11 @@ impl Muxer {
         self.deliver_events();
         let mut ready = vec![EpollEvent::default(); 64];
         loop {
-            let n = match self.epoll.wait(-1, &mut ready) {
+            // While the guest handles a transport reset, look again now
+            // and then (its re-posted event buffer may come without a
+            // notification).
+            let timeout = if self.reset.resetting() { 20 } else { -1 };
+            let n = match self.epoll.wait(timeout, &mut ready) {
                 Ok(n) => n,
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
@@ -318,6 +325,9 @@ impl Muxer {
                     }
                     token => self.host_event(token, event.event_set()),
                 }
+            }
+            if self.reset.resetting() {
+                self.deliver_events();
             }
             self.fill_rx();
             self.reap();
@@ -443,17 +453,27 @@ impl Muxer {
                 return;
             }
         };
+        if self.reset.resetting() {
+            self.reset.defer(token, hello.stream, port);
+            return;
+        }
+        self.connect_host(token, hello.stream, port);
+    }
+
+    /// Asks the guest for a connection to `port` on a host program's
+    /// behalf.
+    fn connect_host(&mut self, token: u64, stream: UnixStream, port: u32) {
         let local = self.free_local_port(port);
         let conn = Connection::host_initiated(self.guest_cid, local, port);
         let _ = self.epoll.ctl(
             ControlOperation::Modify,
-            hello.stream.as_raw_fd(),
+            stream.as_raw_fd(),
             EpollEvent::new(
                 EventSet::IN | EventSet::OUT | EventSet::EDGE_TRIGGERED,
                 token,
             ),
         );
-        self.add(conn, hello.stream, token, true);
+        self.add(conn, stream, token, true);
     }
 
     fn free_local_port(&mut self, peer: u32) -> u32 {

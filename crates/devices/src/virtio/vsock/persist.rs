@@ -82,3 +82,73 @@ pub fn send_transport_reset(
     }
     true
 }
+
+/// How long host connections wait for a guest to handle a transport reset
+/// before they are sent anyway.
+pub const RESET_ACK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// A restored device's transport reset: waiting for an event buffer to be
+/// sent in, then for the guest to handle it. A connection a host program
+/// requests meanwhile would be accepted by the guest and dropped by the
+/// reset it raced, so such requests wait until the guest posts the event
+/// buffer again (what Linux does once it has handled the event), or
+/// [`RESET_ACK_TIMEOUT`] passed.
+#[derive(Debug, Default)]
+pub struct TransportReset {
+    /// The event waits for a buffer.
+    pending: bool,
+    /// Sent: the event queue's available index then, and when.
+    unacked: Option<(std::num::Wrapping<u16>, std::time::Instant)>,
+    /// Host programs waiting: token, socket, guest port.
+    deferred: Vec<(u64, std::os::unix::net::UnixStream, u32)>,
+}
+
+impl TransportReset {
+    pub fn request(&mut self) {
+        self.pending = true;
+    }
+
+    pub fn pending(&self) -> bool {
+        self.pending
+    }
+
+    /// Whether host connections wait.
+    pub fn resetting(&self) -> bool {
+        self.pending || self.unacked.is_some()
+    }
+
+    /// Keeps a host program's request until the guest handled the reset.
+    pub fn defer(&mut self, token: u64, stream: std::os::unix::net::UnixStream, port: u32) {
+        self.deferred.push((token, stream, port));
+    }
+
+    /// Sends the event if it is pending and the guest gave a buffer; the
+    /// requests that may go now.
+    pub fn deliver(
+        &mut self,
+        events: &mut Queue,
+        mem: &GuestMemoryMmap,
+        interrupt: &Interrupt,
+    ) -> Vec<(u64, std::os::unix::net::UnixStream, u32)> {
+        let posted = |events: &Queue| {
+            events
+                .avail_idx(mem, std::sync::atomic::Ordering::Acquire)
+                .ok()
+        };
+        if self.pending && send_transport_reset(events, mem, interrupt) {
+            self.pending = false;
+            self.unacked = Some((
+                posted(events).unwrap_or_default(),
+                std::time::Instant::now(),
+            ));
+        }
+        if let Some((then, since)) = self.unacked {
+            let now = posted(events).unwrap_or(then);
+            if now != then || since.elapsed() >= RESET_ACK_TIMEOUT {
+                self.unacked = None;
+                return std::mem::take(&mut self.deferred);
+            }
+        }
+        Vec::new()
+    }
+}
