@@ -189,13 +189,16 @@ impl Machine {
         for id in 0..spec.cpus {
             let mut vcpu = vm.create_vcpu(id)?;
             vcpu.set_cpuid(&policy.apply(&supported, id))?;
-            vcpu.set_msrs(&arch::regs::boot_msrs())?;
-            vcpu.set_fpu(&arch::regs::boot_fpu())?;
-            let sregs = arch::regs::long_mode_sregs(&vcpu.sregs()?);
-            vcpu.set_sregs(&sregs)?;
-            let mut lapic = vcpu.lapic()?;
-            arch::regs::configure_lint(&mut lapic);
-            vcpu.set_lapic(&lapic)?;
+            // A restored vCPU gets all of this from its saved state.
+            if restore.is_none() {
+                vcpu.set_msrs(&arch::regs::boot_msrs())?;
+                vcpu.set_fpu(&arch::regs::boot_fpu())?;
+                let sregs = arch::regs::long_mode_sregs(&vcpu.sregs()?);
+                vcpu.set_sregs(&sregs)?;
+                let mut lapic = vcpu.lapic()?;
+                arch::regs::configure_lint(&mut lapic);
+                vcpu.set_lapic(&lapic)?;
+            }
             vcpus.push(vcpu);
         }
         let stop = Arc::new(AtomicBool::new(false));
