@@ -376,16 +376,18 @@ fn writer_snapshot(dir: &Path, image: &Path, source: &Path) -> PathBuf {
     let disk = format!("path={}", image.display());
     let src = format!("path={},readonly=on", source.display());
     let append = format!("hostvisor.run={}", base64(script.as_bytes()));
-    let mut child = Command::new(BIN)
-        .args(["run", "--disk", &disk, "--disk", &src, "--append", &append])
-        .arg("--api-socket")
-        .arg(&api)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut stdout = child.stdout.take().unwrap();
+    let mut child = KillOnDrop(
+        Command::new(BIN)
+            .args(["run", "--disk", &disk, "--disk", &src, "--append", &append])
+            .arg("--api-socket")
+            .arg(&api)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut stdout = child.0.stdout.take().unwrap();
     let seen = read_until(&mut stdout, BOOT, |s| contains(s, b"WAITING-FOR-RUN"));
     assert!(
         contains(&seen, b"WAITING-FOR-RUN"),
@@ -400,8 +402,7 @@ fn writer_snapshot(dir: &Path, image: &Path, source: &Path) -> PathBuf {
         .unwrap();
     assert_eq!(r.status, 204, "{}", r.error_message());
     let _ = client.request("PUT", "/vm/kill", "");
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(child);
     snap
 }
 
@@ -431,19 +432,21 @@ fn crash_loop(dir: &Path, image: &Path, source: &Path, base: Option<&[u8]>, seed
         let mut state = initial.clone();
         let overlay = dir.join(format!("run-{r}.qcow2"));
         let image = overlay.as_path();
-        let mut child = Command::new(BIN)
-            .args(["run", "--restore", p(&snap), "--disk-overlay", p(image)])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let mut child = KillOnDrop(
+            Command::new(BIN)
+                .args(["run", "--restore", p(&snap), "--disk-overlay", p(image)])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
         {
             use std::io::Write;
-            let mut stdin = child.stdin.take().unwrap();
+            let mut stdin = child.0.stdin.take().unwrap();
             stdin.write_all(format!("{r}\n").as_bytes()).unwrap();
         }
-        let mut stdout = child.stdout.take().unwrap();
+        let mut stdout = child.0.stdout.take().unwrap();
         rng ^= rng << 13;
         rng ^= rng >> 7;
         rng ^= rng << 17;
@@ -470,8 +473,7 @@ fn crash_loop(dir: &Path, image: &Path, source: &Path, base: Option<&[u8]>, seed
                 seen.extend_from_slice(&bytes);
             }
         }
-        let _ = child.kill(); // SIGKILL, mid-write
-        let _ = child.wait();
+        drop(child); // SIGKILL, mid-write
         while let Ok(bytes) = rx.recv_timeout(Duration::from_millis(200)) {
             seen.extend_from_slice(&bytes);
         }

@@ -70,6 +70,17 @@ fn running_vms_are_snapshotted_restored_and_cloned() {
 
     // Clones of the snapshot resume from its running state, beside the
     // source, each with an identity of its own.
+    // Clones are killed and deleted even if the test fails.
+    struct Clones<'a>(&'a TestVm);
+    impl Drop for Clones<'_> {
+        fn drop(&mut self) {
+            for clone in ["full1", "link1"] {
+                let _ = self.0.hv(&["kill", clone]);
+                let _ = self.0.hv(&["delete", clone]);
+            }
+        }
+    }
+    let _clones = Clones(&vm);
     vm.ok(&["clone", "src", "full1", "--snapshot", "s1"]);
     vm.ok(&["clone", "src", "link1", "--snapshot", "s1", "--linked"]);
     vm.ok(&["start", "full1"]);
@@ -89,8 +100,6 @@ fn running_vms_are_snapshotted_restored_and_cloned() {
         macs.push(f[2].clone());
         ids.push(f[1].clone());
         cids.push(config["vsock"]["cid"].clone());
-        let _ = vm.hv(&["kill", clone]);
-        let _ = vm.hv(&["delete", clone]);
     }
     for list in [&macs, &ids] {
         let mut unique = list.clone();

@@ -415,3 +415,14 @@ pub fn create_disk(path: &std::path::Path, size: &str) {
     );
     assert_eq!(out.code, 0, "{}", out.stderr);
 }
+
+/// A child process killed (and reaped) when dropped, so that a failing
+/// test leaves no VM behind.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
