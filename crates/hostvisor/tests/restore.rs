@@ -1,4 +1,5 @@
-//! Snapshots of a running VM end to end, on the default guest booted once:
+//! Snapshots of a running VM end to end, on the default guest (2 vCPUs)
+//! booted once:
 //! `hostvisor run --api-socket` saves it with `PUT /vm/snapshot` while the
 //! guest keeps a file in tmpfs, a counter in a running process, disk
 //! writes and the agent busy; the first process is killed; `hostvisor run
@@ -212,6 +213,8 @@ fn a_running_guest_is_saved_and_resumed_in_new_processes() {
         &dir,
         "first",
         &[
+            "--cpus",
+            "2",
             "--vsock",
             &vsock,
             "--rng",
@@ -333,6 +336,8 @@ fn a_running_guest_is_saved_and_resumed_in_new_processes() {
             up >= up_before && up <= up_before + started.elapsed().as_secs_f64() + 5.0,
             "uptime {up} s after restore, {up_before} s before the snapshot"
         );
+        // Both vCPUs came back.
+        assert_eq!(sh(&vm.client, "nproc"), "2\n", "round {round}");
         // The network and the disk work on.
         let page = sh(&vm.client, &format!("wget -q -O - http://10.0.2.2:{port}/"));
         assert_eq!(page, "served by the host\n");
