@@ -295,6 +295,15 @@ fn a_running_guest_is_saved_and_resumed_in_new_processes() {
     let r = first.request("PUT", "/vm/resume", "");
     assert_eq!(r.status, 204, "{}", r.error_message());
     pinger.join().unwrap().unwrap();
+    // A snapshot whose disk cannot move onto its overlay fails whole: no
+    // state file is left to restore, and the VM runs on, on its disk.
+    let failed = dir.join("failed");
+    let body = serde_json::json!({"dir": failed, "overlays": [dir.join("no/such/dir.qcow2")]});
+    let r = first.request("PUT", "/vm/snapshot", &body.to_string());
+    assert_eq!(r.status, 500, "{}", r.error_message());
+    assert!(r.error_message().contains("overlay"), "{}", r.error_message());
+    assert!(!failed.join("state").exists() && !failed.join("memory").exists());
+    assert_eq!(look(&first.client).note, "changed");
     std::fs::remove_dir_all(&p1).unwrap();
     std::fs::remove_dir_all(&p2).unwrap();
     assert!(!first.console.to_string_lossy().is_empty());

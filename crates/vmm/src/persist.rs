@@ -80,24 +80,20 @@ pub(crate) fn save(
     prepare_dir(&request.dir)?;
     ctx.virtio.sleep_all().map_err(SnapshotError::Save)?;
     let saved = save_asleep(ctx, described, recorded, &request.dir);
-    let swapped = match saved {
-        Ok(()) => {
-            let moved = disks
-                .iter_mut()
-                .filter(|d| every_disk || !d.config.readonly)
-                .zip(&request.overlays)
-                .try_for_each(|(disk, overlay)| disk.switch_to_overlay(overlay))
-                .map_err(SnapshotError::Save);
-            if moved.is_err() {
-                // A disk the snapshot names would change under it: the
-                // snapshot is not whole (no state file), and is removed.
-                let _ = std::fs::remove_file(request.dir.join(STATE_FILE));
-                let _ = std::fs::remove_file(request.dir.join(MEMORY_FILE));
-            }
-            moved
-        }
-        other => other,
-    };
+    let swapped = saved.and_then(|()| {
+        disks
+            .iter_mut()
+            .filter(|d| every_disk || !d.config.readonly)
+            .zip(&request.overlays)
+            .try_for_each(|(disk, overlay)| disk.switch_to_overlay(overlay))
+            .map_err(SnapshotError::Save)
+    });
+    if swapped.is_err() {
+        // A failed save, or a disk the snapshot names that would change
+        // under it: no partial snapshot is left behind.
+        let _ = std::fs::remove_file(request.dir.join(STATE_FILE));
+        let _ = std::fs::remove_file(request.dir.join(MEMORY_FILE));
+    }
     let woken = if wake {
         ctx.virtio.wake_all().map_err(SnapshotError::Save)
     } else {
