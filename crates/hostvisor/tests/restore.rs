@@ -301,7 +301,11 @@ fn a_running_guest_is_saved_and_resumed_in_new_processes() {
     let body = serde_json::json!({"dir": failed, "overlays": [dir.join("no/such/dir.qcow2")]});
     let r = first.request("PUT", "/vm/snapshot", &body.to_string());
     assert_eq!(r.status, 500, "{}", r.error_message());
-    assert!(r.error_message().contains("overlay"), "{}", r.error_message());
+    assert!(
+        r.error_message().contains("overlay"),
+        "{}",
+        r.error_message()
+    );
     assert!(!failed.join("state").exists() && !failed.join("memory").exists());
     assert_eq!(look(&first.client).note, "changed");
     std::fs::remove_dir_all(&p1).unwrap();
