@@ -100,6 +100,43 @@ pub struct SerialDeviceState {
     pub in_buffer: Vec<u8>,
 }
 
+// vm-superio's `SerialState` is not serde: the two types mirror each
+// other field for field, and these two conversions are the one place that
+// says so.
+impl From<SerialState> for SerialDeviceState {
+    fn from(s: SerialState) -> Self {
+        SerialDeviceState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+}
+
+impl From<&SerialDeviceState> for SerialState {
+    fn from(s: &SerialDeviceState) -> Self {
+        SerialState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer.clone(),
+        }
+    }
+}
+
 /// The receive FIFO's size (vm-superio's).
 pub const FIFO_SIZE: usize = 64;
 
@@ -162,19 +199,7 @@ impl Persist for SerialDevice {
     type Error = SerialStateError;
 
     fn save(&self) -> SerialDeviceState {
-        let s = self.inner.state();
-        SerialDeviceState {
-            baud_divisor_low: s.baud_divisor_low,
-            baud_divisor_high: s.baud_divisor_high,
-            interrupt_enable: s.interrupt_enable,
-            interrupt_identification: s.interrupt_identification,
-            line_control: s.line_control,
-            line_status: s.line_status,
-            modem_control: s.modem_control,
-            modem_status: s.modem_status,
-            scratch: s.scratch,
-            in_buffer: s.in_buffer,
-        }
+        self.inner.state().into()
     }
 
     /// Any register values are accepted (the guest can write any byte to
@@ -183,18 +208,7 @@ impl Persist for SerialDevice {
         if s.in_buffer.len() > FIFO_SIZE {
             return Err(SerialStateError::Fifo(s.in_buffer.len()));
         }
-        let state = SerialState {
-            baud_divisor_low: s.baud_divisor_low,
-            baud_divisor_high: s.baud_divisor_high,
-            interrupt_enable: s.interrupt_enable,
-            interrupt_identification: s.interrupt_identification,
-            line_control: s.line_control,
-            line_status: s.line_status,
-            modem_control: s.modem_control,
-            modem_status: s.modem_status,
-            scratch: s.scratch,
-            in_buffer: s.in_buffer.clone(),
-        };
+        let state = SerialState::from(s);
         let inner = Serial::from_state(
             &state,
             EventFdTrigger(args.irq),

@@ -23,6 +23,7 @@ use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 
+use super::persist::OwnState;
 use super::worker::{stop_worker, WorkerError, WorkerThread};
 use super::{
     read_config_bytes, ActivateError, Activation, Interrupt, VirtioDevice, VirtioDeviceState,
@@ -592,13 +593,8 @@ impl VirtioDevice for Block {
     }
 
     fn restore_state(&mut self, state: &VirtioDeviceState) -> Result<(), VirtioStateError> {
-        if self.worker.is_some() {
-            return Err(VirtioStateError::Active);
-        }
-        match state {
-            VirtioDeviceState::Block(s) => self.check_state(s),
-            other => Err(VirtioStateError::wrong(self.name(), other)),
-        }
+        let s = persist::BlockState::own(state, self.name(), self.worker.is_some())?;
+        self.check_state(s)
     }
 }
 

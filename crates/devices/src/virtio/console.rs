@@ -12,6 +12,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::persist::OwnState;
 use super::worker::{stop_worker, WorkerError, WorkerThread};
 use super::{
     ActivateError, Activation, Interrupt, VirtioDevice, VirtioDeviceState, VirtioStateError,
@@ -200,13 +201,8 @@ impl VirtioDevice for Console {
     }
 
     fn restore_state(&mut self, state: &VirtioDeviceState) -> Result<(), VirtioStateError> {
-        if self.worker.is_some() {
-            return Err(VirtioStateError::Active);
-        }
-        match state {
-            VirtioDeviceState::Console(s) => self.restore(s),
-            other => Err(VirtioStateError::wrong(self.name(), other)),
-        }
+        let s = persist::ConsoleState::own(state, self.name(), self.worker.is_some())?;
+        self.restore(s)
     }
 }
 

@@ -34,6 +34,7 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::persist::OwnState;
 use super::worker::{stop_worker, WorkerError, WorkerThread};
 use super::{
     read_config_bytes, ActivateError, Activation, Interrupt, VirtioDevice, VirtioDeviceState,
@@ -318,13 +319,8 @@ impl VirtioDevice for Net {
     }
 
     fn restore_state(&mut self, state: &VirtioDeviceState) -> Result<(), VirtioStateError> {
-        if self.worker.is_some() {
-            return Err(VirtioStateError::Active);
-        }
-        match state {
-            VirtioDeviceState::Net(s) => self.restore(s),
-            other => Err(VirtioStateError::wrong(self.name(), other)),
-        }
+        let s = persist::NetState::own(state, self.name(), self.worker.is_some())?;
+        self.restore(s)
     }
 }
 

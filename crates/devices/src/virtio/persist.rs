@@ -139,6 +139,49 @@ impl VirtioDeviceState {
     }
 }
 
+/// A device type's own variant of [`VirtioDeviceState`]: what every
+/// `restore_state` picks out of the state it is given.
+pub trait OwnState: Sized {
+    /// This type's state in `state`, if `state` is of this type.
+    fn pick(state: &VirtioDeviceState) -> Option<&Self>;
+
+    /// The checks every device's `restore_state` starts with: a state is
+    /// restored into a device that is not running (`active` is whether it
+    /// has a worker), and it must be this device's type (`device` names the
+    /// device for the error).
+    fn own<'a>(
+        state: &'a VirtioDeviceState,
+        device: &'static str,
+        active: bool,
+    ) -> Result<&'a Self, VirtioStateError> {
+        if active {
+            return Err(VirtioStateError::Active);
+        }
+        Self::pick(state).ok_or_else(|| VirtioStateError::wrong(device, state))
+    }
+}
+
+macro_rules! own_state {
+    ($($variant:ident => $ty:ty),* $(,)?) => {$(
+        impl OwnState for $ty {
+            fn pick(state: &VirtioDeviceState) -> Option<&Self> {
+                match state {
+                    VirtioDeviceState::$variant(s) => Some(s),
+                    _ => None,
+                }
+            }
+        }
+    )*};
+}
+
+own_state!(
+    Block => BlockState,
+    Net => NetState,
+    Console => ConsoleState,
+    Rng => RngState,
+    Vsock => VsockState,
+);
+
 /// virtio-rng keeps nothing: its queue is the transport's.
 #[derive(Serialize, Deserialize, Clone, PartialEq, Eq, Debug, Default)]
 pub struct RngState {}

@@ -5,7 +5,7 @@ use virtio_bindings::virtio_ids::VIRTIO_ID_RNG;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 
-use super::persist::RngState;
+use super::persist::{OwnState, RngState};
 use super::worker::{stop_worker, WorkerError, WorkerThread};
 use super::{
     ActivateError, Activation, Interrupt, VirtioDevice, VirtioDeviceState, VirtioStateError,
@@ -122,13 +122,9 @@ impl VirtioDevice for Rng {
     }
 
     fn restore_state(&mut self, state: &VirtioDeviceState) -> Result<(), VirtioStateError> {
-        if self.worker.is_some() {
-            return Err(VirtioStateError::Active);
-        }
-        match state {
-            VirtioDeviceState::Rng(RngState {}) => Ok(()),
-            other => Err(VirtioStateError::wrong(self.name(), other)),
-        }
+        let s = RngState::own(state, self.name(), self.worker.is_some())?;
+        let RngState {} = s;
+        Ok(())
     }
 }
 

@@ -14,6 +14,7 @@ use virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
 
 use virtio_queue::Queue;
 
+use super::persist::OwnState;
 use super::worker::{stop_worker, WorkerError, WorkerThread};
 use super::{
     read_config_bytes, ActivateError, Activation, VirtioDevice, VirtioDeviceState, VirtioStateError,
@@ -145,13 +146,8 @@ impl VirtioDevice for Vsock {
     }
 
     fn restore_state(&mut self, state: &VirtioDeviceState) -> Result<(), VirtioStateError> {
-        if self.worker.is_some() {
-            return Err(VirtioStateError::Active);
-        }
-        match state {
-            VirtioDeviceState::Vsock(s) => self.restore(s),
-            other => Err(VirtioStateError::wrong(self.name(), other)),
-        }
+        let s = persist::VsockState::own(state, self.name(), self.worker.is_some())?;
+        self.restore(s)
     }
 }
 
