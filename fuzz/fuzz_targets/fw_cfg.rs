@@ -28,8 +28,8 @@ fuzz_target!(|data: &[u8]| {
     let mem = memory::GuestMemoryMmap::from_ranges(&[(GuestAddress(0), RAM)]).unwrap();
     let mut d = device(&mem);
     let mut rest = data;
-    while rest.len() >= 10 {
-        let (op, tail) = rest.split_at(10);
+    while rest.len() >= 11 {
+        let (op, tail) = rest.split_at(11);
         rest = tail;
         let offset = u64::from(op[0]) % FW_CFG_PORT_LEN;
         let width = [1usize, 2, 4, 8][usize::from(op[1] % 4)];
