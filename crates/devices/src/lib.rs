@@ -7,6 +7,7 @@
 
 #![warn(clippy::cast_possible_truncation)]
 
+pub mod acpi_pm;
 pub mod bus;
 pub mod cmos;
 pub mod debug_exit;
@@ -26,8 +27,11 @@ pub use bus::{Bus, BusDevice, BusError};
 /// Something a device asks of the machine as a whole.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PlatformRequest {
-    /// The guest reset the machine (keyboard controller pulse, `reboot=k`).
+    /// The guest reset the machine (keyboard controller pulse, `reboot=k`,
+    /// the ACPI reset register).
     Reset,
+    /// The guest powered the machine off (ACPI S5).
+    PowerOff,
     /// A test guest wrote `code` to the debug-exit port: 0 means success,
     /// anything else a failure the guest reports (such as a panic).
     DebugExit(u32),

@@ -415,6 +415,7 @@ impl Machine {
             };
             match event {
                 VmmEvent::Platform(PlatformRequest::Reset) => break VmOutcome::Reset,
+                VmmEvent::Platform(PlatformRequest::PowerOff) => break VmOutcome::PoweredOff,
                 VmmEvent::Platform(PlatformRequest::DebugExit(code)) => break VmOutcome::DebugExit(code),
                 VmmEvent::ConsoleExit => break VmOutcome::Terminated,
                 VmmEvent::Control(request, reply) => {
