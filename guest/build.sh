@@ -44,6 +44,8 @@ command -v qemu-img >/dev/null || need_pkgs+=(qemu-utils)
 pkg-config --exists glib-2.0 2>/dev/null || need_pkgs+=(libglib2.0-dev)
 command -v pkg-config >/dev/null || need_pkgs+=(pkg-config)
 command -v ip >/dev/null || need_pkgs+=(iproute2)
+# The ACPI table tests read hostvisor's tables back with ACPICA's iasl.
+command -v iasl >/dev/null || need_pkgs+=(acpica-tools)
 if ((${#need_pkgs[@]})); then
   if [[ $(id -u) -ne 0 ]]; then
     log "missing Debian packages: ${need_pkgs[*]} (install them with apt-get as root)"

@@ -5,6 +5,7 @@
 
 #![cfg(target_arch = "x86_64")]
 
+pub mod acpi;
 pub mod boot;
 pub mod cpuid;
 pub mod layout;
