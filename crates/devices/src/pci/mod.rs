@@ -12,6 +12,9 @@
 //! (Cloud Hypervisor's and crosvm's live inside those VMMs), and this part
 //! is a few registers.
 
+pub mod config;
+pub mod msix;
+
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
