@@ -90,7 +90,13 @@ impl PciDevice for HostBridge {
 pub struct PciRoot {
     address: u32,
     functions: BTreeMap<u8, Box<dyn PciDevice>>,
+    /// Where the ECAM (MMCONFIG) window starts, when the machine maps one
+    /// (the root is then on the MMIO bus too, at that base).
+    ecam_base: Option<u64>,
 }
+
+/// The ECAM window of bus 0 only: 32 devices × 8 functions × 4 KiB.
+pub const ECAM_BUS_LEN: u64 = 1 << 20;
 
 impl std::fmt::Debug for PciRoot {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -109,7 +115,39 @@ impl PciRoot {
         PciRoot {
             address: 0,
             functions,
+            ecam_base: None,
         }
+    }
+
+    /// Also answers configuration accesses through an ECAM window at
+    /// `base` (bus 0's [`ECAM_BUS_LEN`] bytes), which the VMM maps on the
+    /// MMIO bus to this same root.
+    pub fn with_ecam(mut self, base: u64) -> Self {
+        self.ecam_base = Some(base);
+        self
+    }
+
+    /// Adds a function at `devfn` (device << 3 | function); a taken slot
+    /// is refused.
+    pub fn add_function(&mut self, devfn: u8, f: Box<dyn PciDevice>) -> Result<(), PciSlotTaken> {
+        if self.functions.contains_key(&devfn) {
+            return Err(PciSlotTaken(devfn));
+        }
+        self.functions.insert(devfn, f);
+        Ok(())
+    }
+
+    /// An ECAM access at `offset` in the window: bus 0 only, registers
+    /// below 256 (no extended space, which reads as all ones — "none" to
+    /// an OS), naturally aligned 1, 2 or 4 bytes.
+    fn ecam_target(offset: u64, len: usize) -> Option<(u8, u8)> {
+        if offset >= ECAM_BUS_LEN || !matches!(len, 1 | 2 | 4) || !offset.is_multiple_of(len as u64)
+        {
+            return None;
+        }
+        let devfn = u8::try_from(offset >> 12).ok()?;
+        let reg = u8::try_from(offset & 0xfff).ok()?;
+        Some((devfn, reg))
     }
 
     /// The function the address register selects and the register offset
@@ -156,8 +194,22 @@ impl Default for PciRoot {
     }
 }
 
+/// A PCI slot that already holds a function.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("PCI slot {:02x}.{} is taken", .0 >> 3, .0 & 7)]
+pub struct PciSlotTaken(pub u8);
+
 impl BusDevice for PciRoot {
-    fn read(&mut self, _base: u64, offset: u64, data: &mut [u8]) {
+    fn read(&mut self, base: u64, offset: u64, data: &mut [u8]) {
+        if Some(base) == self.ecam_base {
+            data.fill(0xff);
+            if let Some((devfn, reg)) = Self::ecam_target(offset, data.len()) {
+                if let Some(f) = self.functions.get(&devfn) {
+                    f.config_read(reg, data);
+                }
+            }
+            return;
+        }
         match (offset, data.len()) {
             (0, 4) => data.copy_from_slice(&self.address.to_le_bytes()),
             (4..=7, _) => {
@@ -169,7 +221,15 @@ impl BusDevice for PciRoot {
         }
     }
 
-    fn write(&mut self, _base: u64, offset: u64, data: &[u8]) {
+    fn write(&mut self, base: u64, offset: u64, data: &[u8]) {
+        if Some(base) == self.ecam_base {
+            if let Some((devfn, reg)) = Self::ecam_target(offset, data.len()) {
+                if let Some(f) = self.functions.get_mut(&devfn) {
+                    f.config_write(reg, data);
+                }
+            }
+            return;
+        }
         match (offset, data.len()) {
             (0, 4) => {
                 let mut b = [0u8; 4];
@@ -343,6 +403,63 @@ mod tests {
             ..saved
         };
         assert!(PciRoot::restore((), &reserved).is_err());
+    }
+
+    /// A function that records writes, for the ECAM tests.
+    type Writes = std::sync::Arc<std::sync::Mutex<Vec<(u8, Vec<u8>)>>>;
+    struct Probe(Writes);
+
+    impl PciDevice for Probe {
+        fn config_read(&self, offset: u8, data: &mut [u8]) {
+            for (i, b) in data.iter_mut().enumerate() {
+                *b = offset.wrapping_add(u8::try_from(i).unwrap_or(0));
+            }
+        }
+
+        fn config_write(&mut self, offset: u8, data: &[u8]) {
+            self.0.lock().unwrap().push((offset, data.to_vec()));
+        }
+    }
+
+    #[test]
+    fn ecam_reaches_the_same_functions_as_the_ports() {
+        const ECAM: u64 = 0xe000_0000;
+        let writes = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut root = PciRoot::new().with_ecam(ECAM);
+        root.add_function(3 << 3, Box::new(Probe(writes.clone())))
+            .unwrap();
+        assert_eq!(
+            root.add_function(0, Box::new(HostBridge::new())),
+            Err(PciSlotTaken(0))
+        );
+        let mut v = [0u8; 4];
+        root.read(ECAM, 0, &mut v);
+        assert_eq!(u32::from_le_bytes(v), 0x0d57_8086, "00:00.0 by ECAM");
+        root.read(ECAM, (3 << 15) | 0x10, &mut v);
+        assert_eq!(v, [0x10, 0x11, 0x12, 0x13]);
+        assert_eq!(
+            read32(&mut root, 3 << 3, 0x10),
+            0x1312_1110,
+            "the same by 0xCF8"
+        );
+        root.write(ECAM, (3 << 15) | 0x3c, &[9]);
+        assert_eq!(*writes.lock().unwrap(), vec![(0x3c, vec![9])]);
+        // Extended registers, empty slots, misaligned or wide accesses,
+        // other buses: all ones, nothing written.
+        for (off, len) in [
+            ((3 << 15) | 0x100, 4),
+            (4 << 15, 4),
+            ((3 << 15) | 0x11, 2),
+            ((3 << 15) | 0x10, 8),
+            (ECAM_BUS_LEN, 4),
+            (u64::MAX - 3, 4),
+        ] {
+            let mut buf = vec![0u8; len];
+            root.read(ECAM, off, &mut buf);
+            assert!(buf.iter().all(|&b| b == 0xff), "{off:#x}+{len}");
+            root.write(ECAM, off, &buf);
+        }
+        assert_eq!(writes.lock().unwrap().len(), 1);
     }
 
     #[test]

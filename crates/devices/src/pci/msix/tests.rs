@@ -129,7 +129,10 @@ fn state_round_trips_and_a_mismatched_one_is_refused() {
 fn a_write_across_two_entries_unmasks_both() {
     let (mut m, sent) = msix(2);
     m.set_control(1 << 15);
-    let second = MsiMessage { addr: 0xfee0_1000, data: 0x22 };
+    let second = MsiMessage {
+        addr: 0xfee0_1000,
+        data: 0x22,
+    };
     // Entry 0's message, then both pending while masked.
     m.table_write(0, &MSG.addr.to_le_bytes());
     m.table_write(8, &MSG.data.to_le_bytes());
