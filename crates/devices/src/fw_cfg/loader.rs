@@ -135,6 +135,53 @@ impl TableLoader {
     }
 }
 
+/// The fw_cfg file names QEMU uses for ACPI, which firmware expects.
+pub const RSDP_FILE: &str = "etc/acpi/rsdp";
+pub const TABLES_FILE: &str = "etc/acpi/tables";
+pub const LOADER_FILE: &str = "etc/table-loader";
+
+/// ACPI tables as a VMM builds them for firmware: the RSDP and one blob
+/// of the other tables whose pointers hold offsets into the blob.
+#[derive(Clone, Debug, Default)]
+pub struct AcpiFiles {
+    pub rsdp: Vec<u8>,
+    pub tables: Vec<u8>,
+    /// Pointer fields: (in the RSDP, else in the blob; offset; size).
+    pub pointers: Vec<(bool, u32, u8)>,
+    /// Checksums, in the order to fix them: (in the RSDP, else in the
+    /// blob; the checksum byte's offset; the range's start; its length).
+    pub checksums: Vec<(bool, u32, u32, u32)>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum InstallError {
+    #[error(transparent)]
+    Loader(#[from] LoaderError),
+    #[error(transparent)]
+    FwCfg(#[from] super::FwCfgError),
+}
+
+/// Hands ACPI tables to firmware: the RSDP (in the F segment, where an OS
+/// scans for it) and the blob as fw_cfg files, and the table-loader
+/// script that places them, patches every pointer with the blob's address
+/// and fixes every checksum.
+pub fn install_acpi(fw: &mut super::FwCfg, acpi: AcpiFiles) -> Result<(), InstallError> {
+    let mut l = TableLoader::new();
+    l.allocate(RSDP_FILE, 16, Zone::FSeg)?;
+    l.allocate(TABLES_FILE, 64, Zone::High)?;
+    let file = |in_rsdp: bool| if in_rsdp { RSDP_FILE } else { TABLES_FILE };
+    for &(in_rsdp, offset, size) in &acpi.pointers {
+        l.add_pointer(file(in_rsdp), TABLES_FILE, offset, size)?;
+    }
+    for &(in_rsdp, offset, start, len) in &acpi.checksums {
+        l.add_checksum(file(in_rsdp), offset, start, len)?;
+    }
+    fw.add_file(RSDP_FILE, acpi.rsdp, false)?;
+    fw.add_file(TABLES_FILE, acpi.tables, false)?;
+    fw.add_file(LOADER_FILE, l.bytes().to_vec(), false)?;
+    Ok(())
+}
+
 fn check_size(size: u8) -> Result<(), LoaderError> {
     match size {
         1 | 2 | 4 | 8 => Ok(()),
@@ -319,5 +366,66 @@ mod tests {
             Err(LoaderError::BadName(String::new()))
         );
         assert!(l.bytes().is_empty(), "a refused command writes nothing");
+    }
+
+    /// The firmware path gives what direct boot gives: the fw_cfg files
+    /// run through the loader script equal the tables placed directly at
+    /// the address the loader chose.
+    #[test]
+    fn firmware_places_acpi_tables_as_direct_boot_does() {
+        use arch::acpi::{AcpiConfig, AcpiTables, PmBlock, SerialPort};
+        let cfg = AcpiConfig {
+            cpus: 2,
+            pm: PmBlock {
+                pm1_evt: 0x600,
+                pm1_evt_len: 4,
+                pm1_cnt: 0x604,
+                pm1_cnt_len: 2,
+                pm_tmr: 0x608,
+                pm_tmr_len: 4,
+                gpe0: 0x60c,
+                gpe0_len: 4,
+                reset: 0x610,
+                reset_value: 6,
+                slp_typ_s5: 5,
+                sci_irq: 9,
+            },
+            serial: vec![SerialPort {
+                port: 0x3f8,
+                irq: 4,
+            }],
+            pci: None,
+            virtio_mmio: vec![],
+        };
+        let t = AcpiTables::build(&cfg).unwrap();
+        let files = AcpiFiles {
+            rsdp: t.rsdp().to_vec(),
+            tables: t.blob().to_vec(),
+            pointers: t
+                .pointers()
+                .iter()
+                .map(|p| (p.in_rsdp, p.offset, p.size))
+                .collect(),
+            checksums: t
+                .checksums()
+                .iter()
+                .map(|c| (c.in_rsdp, c.offset, c.start, c.len))
+                .collect(),
+        };
+        let mem =
+            memory::GuestMemoryMmap::from_ranges(&[(vm_memory::GuestAddress(0), 4096)]).unwrap();
+        let mut fw = super::super::FwCfg::new(mem);
+        install_acpi(&mut fw, files).unwrap();
+        let mut loaded: HashMap<String, Vec<u8>> = [RSDP_FILE, TABLES_FILE]
+            .iter()
+            .map(|n| (n.to_string(), fw.file(n).unwrap().to_vec()))
+            .collect();
+        let (addr, written) = run(fw.file(LOADER_FILE).unwrap(), &mut loaded);
+        assert!(written.is_empty());
+        let (rsdp, blob) = t.placed(addr[TABLES_FILE]);
+        assert_eq!(loaded[RSDP_FILE], rsdp);
+        assert_eq!(loaded[TABLES_FILE], blob);
+        // Installing twice is refused (the files exist).
+        assert!(install_acpi(&mut fw, AcpiFiles::default()).is_err());
     }
 }
