@@ -198,6 +198,41 @@ impl Cmos {
     }
 }
 
+/// The CMOS bytes a PC BIOS reads the machine's size from (the IBM PC/AT
+/// layout that SeaBIOS and QEMU keep).
+const REG_BASE_MEM: usize = 0x15;
+const REG_EXT_MEM: usize = 0x17;
+const REG_EXT_MEM_POST: usize = 0x30;
+const REG_MEM_ABOVE_16M: usize = 0x34;
+const REG_MEM_ABOVE_4G: usize = 0x5b;
+const REG_SMP_COUNT: usize = 0x5f;
+
+impl Cmos {
+    /// Records the machine's RAM and CPUs where firmware looks for them:
+    /// base memory (640 KiB), memory from 1 MiB up to 64 MiB in KiB,
+    /// from 16 MiB up to `below_4g` in 64 KiB units, above 4 GiB in 64
+    /// KiB units (three bytes), and the CPU count less one.
+    pub fn set_machine_size(&mut self, below_4g: u64, above_4g: u64, cpus: u8) {
+        let mut put16 = |at: usize, v: u16| {
+            self.ram[at..at + 2].copy_from_slice(&v.to_le_bytes());
+        };
+        put16(REG_BASE_MEM, 640);
+        let ext_kib = (below_4g.saturating_sub(1 << 20) >> 10).min(0xffff);
+        // Clamped to 16 bits just above.
+        let ext_kib = u16::try_from(ext_kib).unwrap_or(u16::MAX);
+        put16(REG_EXT_MEM, ext_kib);
+        put16(REG_EXT_MEM_POST, ext_kib);
+        let above_16m = (below_4g.saturating_sub(16 << 20) >> 16).min(0xffff);
+        put16(
+            REG_MEM_ABOVE_16M,
+            u16::try_from(above_16m).unwrap_or(u16::MAX),
+        );
+        let above = (above_4g >> 16).min(0xff_ffff).to_le_bytes();
+        self.ram[REG_MEM_ABOVE_4G..REG_MEM_ABOVE_4G + 3].copy_from_slice(&above[..3]);
+        self.ram[REG_SMP_COUNT] = cpus.saturating_sub(1);
+    }
+}
+
 impl Persist for Cmos {
     type State = CmosState;
     /// The clock the restored RTC reads.
@@ -221,6 +256,41 @@ impl Persist for Cmos {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn firmware_reads_the_machine_size() {
+        let mut c = Cmos::new(Box::new(|| 0));
+        c.set_machine_size(3 << 30, 5 << 30, 4);
+        let mut byte = |i: u8| {
+            c.write(CMOS_PORT, 0, &[i]);
+            let mut b = [0u8];
+            c.read(CMOS_PORT, 1, &mut b);
+            u32::from(b[0])
+        };
+        assert_eq!(byte(0x15) | byte(0x16) << 8, 640);
+        assert_eq!(
+            byte(0x17) | byte(0x18) << 8,
+            0xffff,
+            "1 MiB..64 MiB, clamped"
+        );
+        assert_eq!(byte(0x30) | byte(0x31) << 8, 0xffff);
+        assert_eq!(byte(0x34) | byte(0x35) << 8, ((3 << 30) - (16 << 20)) >> 16);
+        // 5 GiB in 64 KiB units.
+        assert_eq!(byte(0x5b) | byte(0x5c) << 8 | byte(0x5d) << 16, 5 << 14);
+        assert_eq!(byte(0x5f), 3);
+        // A small machine: no memory above 16 MiB or 4 GiB.
+        let mut c = Cmos::new(Box::new(|| 0));
+        c.set_machine_size(8 << 20, 0, 1);
+        let mut byte = |i: u8| {
+            c.write(CMOS_PORT, 0, &[i]);
+            let mut b = [0u8];
+            c.read(CMOS_PORT, 1, &mut b);
+            u32::from(b[0])
+        };
+        assert_eq!(byte(0x17) | byte(0x18) << 8, 7 << 10);
+        assert_eq!(byte(0x34) | byte(0x35) << 8, 0);
+        assert_eq!(byte(0x5f), 0);
+    }
     use super::*;
 
     fn read(cmos: &mut Cmos, reg: u8) -> u8 {
