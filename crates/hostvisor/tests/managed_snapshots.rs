@@ -422,3 +422,144 @@ fn the_api_takes_lists_restores_and_deletes_snapshots_of_a_running_vm() {
     }
     let _ = std::fs::remove_dir_all(&disks);
 }
+
+/// `kill -9` at random moments while a running VM's snapshot delete
+/// merges layers the VM has open (the deleted snapshot is an ancestor of
+/// the current one), 20 times: of the VM process (which does the merge)
+/// in even rounds, of the CLI in odd ones. Every snapshot that remains
+/// restores to its own contents (memory and disk), and every layer passes
+/// `hostvisor disk check` and `qemu-img check`. Each round resumes the VM
+/// from a saved state instead of booting it.
+#[test]
+fn killing_a_running_delete_loses_no_snapshot() {
+    if !kvm_usable() || default_guest().is_none() || !qemu_img_usable() {
+        return;
+    }
+    let disks = temp_dir("managed-snap-kill-delete");
+    let base = disks.join("base.qcow2");
+    create_disk(&base, "4M");
+    let vm = TestVm::start("kd", &["--disk", &format!("path={}", base.display())]);
+    let mark = |m: &str| {
+        vm.sh(&format!(
+            "echo {m} > /tmp/note; printf {m} | dd of=/dev/vda conv=fsync 2>/dev/null"
+        ));
+    };
+    let read = || {
+        let f = facts(&vm, "kd");
+        (f[3].clone(), f[4].clone())
+    };
+    let back_to = |name: &str| {
+        vm.ok(&["snapshot", "restore", "kd", name]);
+        if show(&vm, "kd")["state"] != "running" {
+            vm.ok(&["start", "kd"]);
+        }
+    };
+    let names = || -> Vec<String> {
+        let list: serde_json::Value =
+            serde_json::from_str(&vm.ok(&["snapshot", "list", "kd", "--json"])).unwrap();
+        list["snapshots"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    mark("BASE");
+    vm.ok(&["snapshot", "take", "kd", "base"]);
+    let mut rng = KillRng::new();
+    let mut expect = vec![("base".to_string(), "BASE".to_string())];
+    let mut before_kill = 0;
+    for round in 0..20 {
+        back_to("base");
+        for step in ["a", "b"] {
+            let m = format!("R{round:02}{step}");
+            mark(&m);
+            let name = format!("{step}{round}");
+            vm.ok(&["snapshot", "take", "kd", &name]);
+            expect.push((name, m));
+        }
+        mark(&format!("R{round:02}c"));
+        let pid: i32 = std::fs::read_to_string(vm.dir().join("pid"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let victim = format!("a{round}");
+        let delete = std::process::Command::new(BIN)
+            .args(["snapshot", "delete", "kd", &victim])
+            .env("XDG_DATA_HOME", &vm.data)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut delete = KillOnDrop(delete);
+        std::thread::sleep(Duration::from_millis(rng.below(1500)));
+        if delete.0.try_wait().unwrap().is_some() {
+            before_kill += 1;
+        }
+        if round % 2 == 0 {
+            // SAFETY: kill(2) on the VM process's pid, read from its pidfile.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            let _ = delete.0.wait();
+            let start = Instant::now();
+            while show(&vm, "kd")["state"] == "running" {
+                assert!(
+                    start.elapsed() < Duration::from_secs(20),
+                    "the VM did not die"
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        } else {
+            let _ = delete.0.kill();
+            let _ = delete.0.wait();
+        }
+        // The next command finishes (or the VM process has finished) the
+        // delete; either way the snapshot goes.
+        let left = names();
+        assert!(left.contains(&format!("b{round}")), "{left:?}");
+        // A delete killed before it began leaves the snapshot (to be
+        // checked like the others); one that began is finished.
+        if !left.contains(&victim) {
+            expect.retain(|(n, _)| *n != victim);
+        }
+    }
+    eprintln!("{before_kill} of 20 deletes had finished before the kill");
+    // Its disks are checked closed.
+    let _ = vm.hv(&["kill", "kd"]);
+    // Every layer is sound.
+    let mut images: Vec<std::path::PathBuf> = ["disks", "snapshots"]
+        .iter()
+        .flat_map(|sub| walk_files(&vm.dir().join(sub)))
+        .filter(|p| p.extension().is_some_and(|e| e == "qcow2"))
+        .collect();
+    images.push(base.clone());
+    for image in &images {
+        let out = vm.hv(&["disk", "check", image.to_str().unwrap()]);
+        assert_eq!(
+            out.code,
+            0,
+            "{}: {}{}",
+            image.display(),
+            out.stdout,
+            out.stderr
+        );
+        let q = std::process::Command::new("qemu-img")
+            .args(["check", "-U", image.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(
+            q.status.success(),
+            "{}: {}",
+            image.display(),
+            String::from_utf8_lossy(&q.stdout)
+        );
+    }
+    // Every snapshot that remains restores to its own memory and disk.
+    let left = names();
+    for (name, m) in &expect {
+        assert!(left.contains(name), "snapshot {name} is gone: {left:?}");
+        back_to(name);
+        assert_eq!(read(), (m.clone(), m.clone()), "snapshot {name}");
+    }
+    let _ = std::fs::remove_dir_all(&disks);
+}

@@ -136,7 +136,29 @@ fn take(name: &str, snapshot: Option<String>, description: String) -> Result<i32
 
 fn list(name: &str, json: bool) -> Result<i32, CliError> {
     let vm = open(name)?;
-    let (snaps, _access) = enter(&vm)?;
+    let (snaps, _access) = match via(&vm)? {
+        Via::Here(snaps, access) => (snaps, access),
+        Via::Api(client) => {
+            // The VM's process lists (finishing, with its VMM at hand, an
+            // operation that failed midway, which this process could not).
+            let r = client
+                .slow_request("GET", "/vm/snapshots", "")
+                .map_err(|e| SnapshotError::Refused(format!("{name}: {e}")))?;
+            if r.status != 200 {
+                return Err(
+                    SnapshotError::Refused(format!("{name}: {}", r.error_message())).into(),
+                );
+            }
+            if json {
+                let list = r
+                    .json()
+                    .map_err(|e| SnapshotError::Refused(format!("{name}: {e}")))?;
+                println!("{list:#}");
+                return Ok(0);
+            }
+            enter(&vm)?
+        }
+    };
     let tree = snaps.tree()?;
     let current = snaps.current()?;
     if json {
