@@ -260,3 +260,38 @@ pub fn restore(
     };
     Ok(serde_json::json!({ "snapshot": m.name, "id": m.id, "state": state }))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A machine that ends with no restore asking ends the process; one a
+    /// restore ended waits for the restore's word and gets it; a second
+    /// restore meanwhile is refused.
+    #[test]
+    fn the_run_loop_waits_for_the_restore_that_ended_its_machine() {
+        let relaunch = std::sync::Arc::new(Relaunch::default());
+        assert!(relaunch.after_run().is_none());
+        let control = VmControl::new();
+        let run_loop = {
+            let relaunch = relaunch.clone();
+            std::thread::spawn(move || loop {
+                // The machine "ends" once asked (the kill).
+                if let Some(next) = relaunch.after_run() {
+                    return next;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            })
+        };
+        relaunch.end_machine(&control).expect("the machine ends");
+        let again = relaunch.end_machine(&control).unwrap_err();
+        assert_eq!(again.status, 409);
+        relaunch.decide(Next::Run(Some(PathBuf::from("/state"))));
+        match run_loop.join().expect("the run loop") {
+            Next::Run(Some(dir)) => assert_eq!(dir, PathBuf::from("/state")),
+            other => panic!("{other:?}"),
+        }
+        // Idle again: the next machine's end is the process's.
+        assert!(relaunch.after_run().is_none());
+    }
+}
