@@ -924,12 +924,18 @@ fn a_running_vm_is_snapshotted_through_its_vmm() {
     write(&base, 0, 0x31);
     let dir = env.vm_dir("vm");
     let expect = digest(&base);
-    let _vmm = fake_vmm(&dir, vec![base.clone()]);
+    let vmm = fake_vmm(&dir, vec![base.clone()]);
     // Cloning a running VM's current state snapshots it first (through
     // the VMM: `PUT /vm/snapshot`) and copies the frozen disks.
     let out = env.ok(&["clone", "vm", "copy"]);
     assert!(out.contains("full clone"), "{out}");
     assert_eq!(digest(&env.top("copy")), expect);
+    // The stand-in ends (a running VM's list would come from it).
+    let r = api::Client::new(&dir.join("api.sock"))
+        .request("PUT", "/vm/kill", "")
+        .unwrap();
+    assert_eq!(r.status, 204);
+    vmm.join().unwrap();
     // The definition names the overlay the VMM made; the snapshot is
     // current and holds the state.
     let top = env.top("vm");
