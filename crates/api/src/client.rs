@@ -113,6 +113,21 @@ impl Client {
         slow.request("PUT", "/vm/snapshot", &body)
     }
 
+    /// A managed-snapshot request (`/vm/snapshots/...`): these wait up
+    /// to 10 minutes (a take writes guest RAM, a delete merges layers).
+    pub fn slow_request(
+        &self,
+        method: &str,
+        path: &str,
+        body: &str,
+    ) -> Result<Response, ClientError> {
+        let slow = Client {
+            path: self.path.clone(),
+            timeout: Duration::from_secs(600),
+        };
+        slow.request(method, path, body)
+    }
+
     /// Sends a request whose answer is a stream (the console): returns the
     /// status and a reader of the body as it arrives.
     pub fn stream(&self, path: &str) -> Result<(u16, Box<dyn Read + Send>), ClientError> {

@@ -49,7 +49,40 @@ pub enum Action {
         dir: PathBuf,
         overlays: Vec<PathBuf>,
     },
+    /// `GET /vm/snapshots`: the managed VM's snapshot tree.
+    SnapshotList,
+    /// `PUT /vm/snapshots/take`: a named snapshot in the managed tree
+    /// (the default name when `name` is `None`).
+    SnapshotTake {
+        name: Option<String>,
+        description: String,
+    },
+    /// `PUT /vm/snapshots/restore`: the VM goes on from the snapshot (its
+    /// running state, or powered off when it has none).
+    SnapshotRestore { snapshot: String },
+    /// `PUT /vm/snapshots/delete`: the snapshot's disk changes are merged
+    /// into its neighbours while the VM runs on.
+    SnapshotDelete { snapshot: String },
 }
+
+/// `PUT /vm/snapshots/take`'s body.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TakeBody {
+    name: Option<String>,
+    #[serde(default)]
+    description: String,
+}
+
+/// `PUT /vm/snapshots/restore` and `/delete`'s body.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SnapshotKeyBody {
+    snapshot: Option<String>,
+}
+
+/// The longest snapshot name or description the API takes (in bytes).
+pub const MAX_SNAPSHOT_TEXT: usize = 4096;
 
 /// `PUT /vm/snapshot`'s body.
 #[derive(Debug, Default, serde::Deserialize)]
@@ -99,7 +132,8 @@ pub struct ErrorBody {
 /// The VM behind the API.
 pub trait Backend: Send + Sync + 'static {
     /// Carries out `action`; the value is the JSON body of a 200 answer
-    /// (`Info`), or ignored (actions answer 204, stop 202).
+    /// (`Info` and the snapshot list, take and restore), or ignored (other
+    /// actions answer 204, stop 202).
     fn act(&self, action: Action) -> Result<serde_json::Value, ApiError>;
     /// The console's output so far and as it comes, until the VM ends.
     fn console(&self) -> Result<Box<dyn Read + Send>, ApiError>;
@@ -146,6 +180,10 @@ fn route(method: &str, path: &str, body: &[u8]) -> Result<Route, ApiError> {
         ("/vm/stop", "PUT"),
         ("/vm/kill", "PUT"),
         ("/vm/snapshot", "PUT"),
+        ("/vm/snapshots", "GET"),
+        ("/vm/snapshots/take", "PUT"),
+        ("/vm/snapshots/restore", "PUT"),
+        ("/vm/snapshots/delete", "PUT"),
     ];
     let methods: Vec<&str> = known
         .iter()
@@ -201,6 +239,35 @@ fn route(method: &str, path: &str, body: &[u8]) -> Result<Route, ApiError> {
             Route::Act(Action::Snapshot {
                 dir,
                 overlays: b.overlays,
+            })
+        }
+        "/vm/snapshots" => Route::Act(Action::SnapshotList),
+        "/vm/snapshots/take" => {
+            let b: TakeBody = parse_body(body)?;
+            if b.name.as_ref().map_or(0, String::len) > MAX_SNAPSHOT_TEXT
+                || b.description.len() > MAX_SNAPSHOT_TEXT
+            {
+                return Err(ApiError::bad_request(format!(
+                    "a snapshot's name and description are limited to {MAX_SNAPSHOT_TEXT} bytes"
+                )));
+            }
+            Route::Act(Action::SnapshotTake {
+                name: b.name,
+                description: b.description,
+            })
+        }
+        "/vm/snapshots/restore" | "/vm/snapshots/delete" => {
+            let b: SnapshotKeyBody = parse_body(body)?;
+            let snapshot = b
+                .snapshot
+                .filter(|s| !s.is_empty() && s.len() <= MAX_SNAPSHOT_TEXT)
+                .ok_or_else(|| {
+                    ApiError::bad_request("the body must name a `snapshot` (its name or id)")
+                })?;
+            Route::Act(if path.ends_with("restore") {
+                Action::SnapshotRestore { snapshot }
+            } else {
+                Action::SnapshotDelete { snapshot }
             })
         }
         other => {
@@ -319,7 +386,10 @@ fn handle(mut request: tiny_http::Request, backend: &dyn Backend) {
         Ok(Route::Act(action)) => match (action.clone(), backend.act(action)) {
             (_, Err(e)) => request.respond(error_response(&e)),
             (action, Ok(value)) => match action {
-                Action::Info => request.respond(
+                Action::Info
+                | Action::SnapshotList
+                | Action::SnapshotTake { .. }
+                | Action::SnapshotRestore { .. } => request.respond(
                     tiny_http::Response::from_data(serde_json::to_vec(&value).unwrap_or_default())
                         .with_header(json_header()),
                 ),
@@ -339,6 +409,8 @@ pub struct ServerHandle {
     server: Arc<tiny_http::Server>,
     path: PathBuf,
     thread: Option<std::thread::JoinHandle<()>>,
+    /// Requests being answered.
+    busy: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl std::fmt::Debug for ServerHandle {
@@ -354,6 +426,15 @@ impl Drop for ServerHandle {
         self.server.unblock();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
+        }
+        // Answers being sent get out first (a restore that powers the VM
+        // off answers as the process ends), within a bound: a console
+        // stream ends with the VM, a stuck client must not hold the exit.
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        while self.busy.load(std::sync::atomic::Ordering::Acquire) > 0
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(10));
         }
         let _ = std::fs::remove_file(&self.path);
     }
@@ -372,15 +453,24 @@ pub fn serve(path: &Path, backend: Arc<dyn Backend>) -> std::io::Result<ServerHa
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     let server = Arc::new(server);
     let s = server.clone();
+    let busy = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = busy.clone();
     let thread = std::thread::Builder::new()
         .name("api".into())
         .spawn(move || {
+            use std::sync::atomic::Ordering;
             for request in s.incoming_requests() {
                 let backend = backend.clone();
+                let busy = counter.clone();
+                busy.fetch_add(1, Ordering::AcqRel);
                 let spawned = std::thread::Builder::new()
                     .name("api-request".into())
-                    .spawn(move || handle(request, &*backend));
+                    .spawn(move || {
+                        handle(request, &*backend);
+                        busy.fetch_sub(1, Ordering::AcqRel);
+                    });
                 if let Err(e) = spawned {
+                    counter.fetch_sub(1, Ordering::AcqRel);
                     tracing::warn!("api: cannot start a request thread: {e}");
                 }
             }
@@ -389,6 +479,7 @@ pub fn serve(path: &Path, backend: Arc<dyn Backend>) -> std::io::Result<ServerHa
         server,
         path: path.to_path_buf(),
         thread: Some(thread),
+        busy,
     })
 }
 
@@ -479,6 +570,61 @@ mod tests {
             400
         );
         assert_eq!(route("GET", "/vm/snapshot", b"").unwrap_err().status, 405);
+    }
+
+    #[test]
+    fn managed_snapshot_routes() {
+        assert_eq!(
+            route("GET", "/vm/snapshots", b""),
+            Ok(Route::Act(Action::SnapshotList))
+        );
+        assert_eq!(
+            route("PUT", "/vm/snapshots/take", b""),
+            Ok(Route::Act(Action::SnapshotTake {
+                name: None,
+                description: String::new()
+            }))
+        );
+        assert_eq!(
+            route(
+                "PUT",
+                "/vm/snapshots/take",
+                br#"{"name": "s1", "description": "before"}"#
+            ),
+            Ok(Route::Act(Action::SnapshotTake {
+                name: Some("s1".into()),
+                description: "before".into()
+            }))
+        );
+        assert_eq!(
+            route("PUT", "/vm/snapshots/restore", br#"{"snapshot": "s1"}"#),
+            Ok(Route::Act(Action::SnapshotRestore {
+                snapshot: "s1".into()
+            }))
+        );
+        assert_eq!(
+            route("PUT", "/vm/snapshots/delete", br#"{"snapshot": "s1"}"#),
+            Ok(Route::Act(Action::SnapshotDelete {
+                snapshot: "s1".into()
+            }))
+        );
+        let long = format!(r#"{{"name": "{}"}}"#, "x".repeat(MAX_SNAPSHOT_TEXT + 1));
+        for (path, bad) in [
+            ("/vm/snapshots/take", long.as_bytes()),
+            ("/vm/snapshots/take", br#"{"name": 1}"#),
+            ("/vm/snapshots/take", br#"{"nme": "s"}"#),
+            ("/vm/snapshots/restore", b""),
+            ("/vm/snapshots/restore", br#"{"snapshot": ""}"#),
+            ("/vm/snapshots/delete", br#"{"snapshot": "s", "x": 1}"#),
+        ] {
+            let e = route("PUT", path, bad).unwrap_err();
+            assert_eq!(e.status, 400, "{path}: {e}");
+        }
+        assert_eq!(route("PUT", "/vm/snapshots", b"").unwrap_err().status, 405);
+        assert_eq!(
+            route("GET", "/vm/snapshots/take", b"").unwrap_err().status,
+            405
+        );
     }
 
     #[test]

@@ -47,6 +47,33 @@ impl Backend for FakeVm {
                 Err(ApiError::internal("cannot save the VM: no space left"))
             }
             Action::Snapshot { .. } => Ok(Value::Null),
+            Action::SnapshotList => Ok(json!({
+                "vm": "fake", "current": "0b1c2d3e4f50", "resume_pending": false,
+                "snapshots": [fake_snapshot("s1", None, false), fake_snapshot("s2", Some("3f9c0a17b2de"), true)]
+            })),
+            Action::SnapshotTake { name, .. } if name.as_deref() == Some("s1") => {
+                Err(ApiError::conflict("fake already has a snapshot named `s1`"))
+            }
+            Action::SnapshotTake { name, .. } => Ok(fake_snapshot(
+                name.as_deref().unwrap_or("snap-3"),
+                Some("0b1c2d3e4f50"),
+                true,
+            )),
+            Action::SnapshotRestore { snapshot } | Action::SnapshotDelete { snapshot }
+                if snapshot == "nope" =>
+            {
+                Err(ApiError::new(404, "fake has no snapshot named `nope`"))
+            }
+            Action::SnapshotRestore { snapshot } if snapshot == "offline" => {
+                Ok(json!({"snapshot": "offline", "id": "3f9c0a17b2de", "state": "stopped"}))
+            }
+            Action::SnapshotRestore { snapshot } => {
+                Ok(json!({"snapshot": snapshot, "id": "0b1c2d3e4f50", "state": "running"}))
+            }
+            Action::SnapshotDelete { snapshot } if snapshot == "cloned" => {
+                Err(ApiError::conflict("the linked clone c1 is backed by it"))
+            }
+            Action::SnapshotDelete { .. } => Ok(Value::Null),
             Action::Kill => {
                 *stopped = true;
                 Ok(Value::Null)
@@ -83,6 +110,16 @@ impl Backend for FakeVm {
     }
 }
 
+/// A snapshot as the list shows it.
+fn fake_snapshot(name: &str, parent: Option<&str>, current: bool) -> Value {
+    json!({
+        "id": "0b1c2d3e4f50", "name": name, "parent": parent,
+        "created": "2026-11-27T21:18:21.042Z", "description": "", "saved_state": true,
+        "size": 135168, "current": current,
+        "disks": [{"path": "/vms/fake/disks/disk0-a.qcow2", "removable": true}]
+    })
+}
+
 fn spec() -> Value {
     let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/api.yaml"))
         .unwrap();
@@ -106,6 +143,9 @@ fn resolve<'a>(spec: &'a Value, v: &'a Value) -> &'a Value {
 /// A small JSON Schema check: types, required properties, enums, items.
 fn check_schema(spec: &Value, schema: &Value, value: &Value, at: &str) {
     let schema = resolve(spec, schema);
+    if value.is_null() && schema.get("nullable") == Some(&Value::Bool(true)) {
+        return;
+    }
     if let Some(t) = schema.get("type").and_then(Value::as_str) {
         let ok = match t {
             "object" => value.is_object(),
@@ -190,6 +230,44 @@ fn the_server_answers_as_its_openapi_document_says() {
         ("PUT", "/vm/snapshot", r#"{"dir": "/s/full"}"#, 409),
         ("PUT", "/vm/snapshot", r#"{"dir": "/s/broken"}"#, 500),
         ("PUT", "/vm/snapshot", r#"{"dir": "relative"}"#, 400),
+        ("GET", "/vm/snapshots", "", 200),
+        ("PUT", "/vm/snapshots/take", "", 200),
+        (
+            "PUT",
+            "/vm/snapshots/take",
+            r#"{"name": "s3", "description": "x"}"#,
+            200,
+        ),
+        ("PUT", "/vm/snapshots/take", r#"{"name": "s1"}"#, 409),
+        ("PUT", "/vm/snapshots/take", r#"{"label": "s1"}"#, 400),
+        ("PUT", "/vm/snapshots/restore", r#"{"snapshot": "s2"}"#, 200),
+        (
+            "PUT",
+            "/vm/snapshots/restore",
+            r#"{"snapshot": "offline"}"#,
+            200,
+        ),
+        (
+            "PUT",
+            "/vm/snapshots/restore",
+            r#"{"snapshot": "nope"}"#,
+            404,
+        ),
+        ("PUT", "/vm/snapshots/restore", "", 400),
+        ("PUT", "/vm/snapshots/delete", r#"{"snapshot": "s2"}"#, 204),
+        (
+            "PUT",
+            "/vm/snapshots/delete",
+            r#"{"snapshot": "nope"}"#,
+            404,
+        ),
+        (
+            "PUT",
+            "/vm/snapshots/delete",
+            r#"{"snapshot": "cloned"}"#,
+            409,
+        ),
+        ("PUT", "/vm/snapshots/delete", r#"{"snapshot": 1}"#, 400),
         ("PUT", "/vm/stop", r#"{"timeout_s": 3}"#, 202),
         ("PUT", "/vm/console", "uname -a\n", 204),
         ("PUT", "/vm/console", "to a guest that does not read", 504),

@@ -13,7 +13,7 @@ use crate::qcow2::{self, CheckReport, Qcow2, Snapshot};
 use crate::{open_image, open_qcow2, probe, BlockError, CacheMode, DiskImage, Format, OpenOptions};
 
 mod layers;
-pub use layers::{backing_of, create_overlay, rebase_past_backing};
+pub use layers::{backing_of, create_overlay, create_overlay_named, rebase_past_backing};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ToolError {

@@ -4,18 +4,24 @@
 
 use std::io::Read;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use api::{Action, ApiError, Backend};
 use vmm::control::{ControlError, ControlRequest, VmControl};
 use vmm::{SerialConfig, VmOutcome};
 
+use crate::snapshot::served::{self, Next, Relaunch};
 use crate::store::{LastExit, VmDir};
 
 struct VmBackend {
     name: String,
-    config: serde_json::Value,
+    /// The definition `GET /vm` shows (a restore changes it).
+    config: Mutex<serde_json::Value>,
+    /// A managed VM's directory and the hand-over to its run loop for an
+    /// in-place restore (None: `hostvisor run`, which has no snapshot
+    /// tree).
+    managed: Option<(VmDir, Arc<Relaunch>)>,
     control: VmControl,
     /// The console log (None: the console is `run`'s terminal).
     console: Option<std::path::PathBuf>,
@@ -41,6 +47,34 @@ impl VmBackend {
             ControlError::Failed(m) => ApiError::internal(m),
             ControlError::Timeout(m) => ApiError::new(504, m),
         }
+    }
+
+    /// The managed-snapshot requests (`/vm/snapshots...`).
+    fn snapshots(&self, action: Action) -> Result<serde_json::Value, ApiError> {
+        let Some((vm, relaunch)) = &self.managed else {
+            return Err(ApiError::conflict(
+                "only managed VMs keep a snapshot tree (hostvisor create); use PUT /vm/snapshot",
+            ));
+        };
+        let control = &self.control;
+        let value = match action {
+            Action::SnapshotList => served::list(vm, control)?,
+            Action::SnapshotTake { name, description } => {
+                let m = served::take(vm, control, name, description)?;
+                let _ = self.resync.send(());
+                m
+            }
+            Action::SnapshotDelete { snapshot } => {
+                served::delete(vm, control, &snapshot)?;
+                let _ = self.resync.send(());
+                serde_json::Value::Null
+            }
+            Action::SnapshotRestore { snapshot } => {
+                served::restore(vm, control, relaunch, &snapshot)?
+            }
+            _ => return Err(ApiError::internal("not a snapshot request")),
+        };
+        Ok(value)
     }
 }
 
@@ -164,6 +198,10 @@ impl Backend for VmBackend {
             Action::Snapshot { dir, overlays } => {
                 ControlRequest::Snapshot(vmm::SnapshotRequest { dir, overlays })
             }
+            Action::SnapshotList
+            | Action::SnapshotTake { .. }
+            | Action::SnapshotRestore { .. }
+            | Action::SnapshotDelete { .. } => return self.snapshots(action),
             Action::Stop { timeout } => {
                 // Accepted now (202); the guest gets `timeout` to power off
                 // before the VM is ended.
@@ -191,7 +229,7 @@ impl Backend for VmBackend {
                 "name": self.name,
                 "state": status.state,
                 "pid": std::process::id(),
-                "config": self.config,
+                "config": *self.config.lock().unwrap_or_else(std::sync::PoisonError::into_inner),
                 "status": status,
             }),
             None => serde_json::Value::Null,
@@ -344,7 +382,8 @@ pub fn serve_unmanaged(config: &vmm::VmConfig, socket: &std::path::Path) -> Resu
     }
     let backend = Arc::new(VmBackend {
         name: "run".to_string(),
-        config: serde_json::to_value(config).unwrap_or_default(),
+        config: Mutex::new(serde_json::to_value(config).unwrap_or_default()),
+        managed: None,
         control: control.clone(),
         console: None,
         ended: ended.clone(),
@@ -379,6 +418,18 @@ fn identity_in(config: &vmm::VmConfig) -> Option<agent::Identity> {
     (identity.hostname.is_some() || identity.machine_id.is_some()).then_some(identity)
 }
 
+/// The VM's definition as this process runs it: the console into its log,
+/// its vsock socket in its directory; with that socket's path.
+fn machine_config(vm: &VmDir) -> Result<(vmm::VmConfig, Option<std::path::PathBuf>), String> {
+    let mut config = vm.config().map_err(|e| e.to_string())?;
+    let vsock_socket = vm.vsock_socket(&config);
+    if let (Some(v), Some(socket)) = (config.vsock.as_mut(), &vsock_socket) {
+        v.socket = Some(socket.clone());
+    }
+    config.serial = SerialConfig::File(vm.console_log());
+    Ok((config, vsock_socket))
+}
+
 /// Runs VM `name` in this process (resuming it from the saved state in
 /// `restore` if given); returns the exit code.
 pub fn run(name: &str, restore: Option<&std::path::Path>) -> Result<i32, String> {
@@ -393,15 +444,10 @@ pub fn run(name: &str, restore: Option<&std::path::Path>) -> Result<i32, String>
             None => return Err(format!("{name} is already running")),
         }
     };
-    let mut config = vm.config().map_err(|e| e.to_string())?;
-    let vsock_socket = vm.vsock_socket(&config);
-    if let (Some(v), Some(socket)) = (config.vsock.as_mut(), &vsock_socket) {
-        v.socket = Some(socket.clone());
-    }
+    let (mut config, vsock_socket) = machine_config(&vm)?;
     vm.begin_run().map_err(|e| e.to_string())?;
     let console = vm.console_log();
     std::fs::write(&console, b"").map_err(|e| format!("{}: {e}", console.display()))?;
-    config.serial = SerialConfig::File(console.clone());
     let control = VmControl::new();
     let ended = Arc::new(AtomicBool::new(false));
     let agent =
@@ -411,26 +457,52 @@ pub fn run(name: &str, restore: Option<&std::path::Path>) -> Result<i32, String>
         let ended = ended.clone();
         std::thread::spawn(move || keep_clock(agent, resync_rx, ended));
     }
+    let relaunch = Arc::new(Relaunch::default());
     let backend = Arc::new(VmBackend {
         name: name.to_string(),
-        config: serde_json::to_value(&config).unwrap_or_default(),
+        config: Mutex::new(serde_json::to_value(&config).unwrap_or_default()),
+        managed: Some((vm.clone(), relaunch.clone())),
         control: control.clone(),
         console: Some(console),
         ended: ended.clone(),
         agent,
         resync,
     });
-    let server = api::serve(&vm.socket(), backend).map_err(|e| e.to_string())?;
+    let server = api::serve(&vm.socket(), backend.clone()).map_err(|e| e.to_string())?;
     tracing::info!(vm = name, pid = std::process::id(), "VM process started");
-    let restore = restore.map(|dir| vmm::RestoreSpec {
+    let mut restore = restore.map(|dir| vmm::RestoreSpec {
         dir: dir.to_path_buf(),
         load: vmm::snapshot::Load::Lazy,
     });
-    if let (Some(from), Some(socket)) = (&restore, config.vsock.as_ref()) {
-        let macs = changed_macs(&config, &from.dir);
-        announce_restore(&socket.socket_path(), identity_in(&config), macs);
-    }
-    let result = vmm::run_vm(&config, Some(&control), restore.as_ref());
+    let result = loop {
+        if let (Some(from), Some(socket)) = (&restore, config.vsock.as_ref()) {
+            let macs = changed_macs(&config, &from.dir);
+            announce_restore(&socket.socket_path(), identity_in(&config), macs);
+        }
+        let result = vmm::run_vm(&config, Some(&control), restore.as_ref())
+            .map_err(|e| vmm::error_chain(&e));
+        // A restore through the API ended this machine: go on from the
+        // snapshot, in this process (its API and lock stay).
+        match relaunch.after_run() {
+            Some(Next::Run(state)) => match machine_config(&vm) {
+                Ok((c, _)) => {
+                    tracing::info!(vm = name, "restored from a snapshot; running again");
+                    config = c;
+                    *backend
+                        .config
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner) =
+                        serde_json::to_value(&config).unwrap_or_default();
+                    restore = state.map(|dir| vmm::RestoreSpec {
+                        dir,
+                        load: vmm::snapshot::Load::Lazy,
+                    });
+                }
+                Err(e) => break Err(format!("after restoring a snapshot: {e}")),
+            },
+            Some(Next::Exit) | None => break result,
+        }
+    };
     ended.store(true, Ordering::Release);
     drop(server);
     let (exit, code) = match &result {
@@ -444,16 +516,14 @@ pub fn run(name: &str, restore: Option<&std::path::Path>) -> Result<i32, String>
         Err(e) => (
             LastExit {
                 crashed: true,
-                message: vmm::error_chain(e),
+                message: e.clone(),
             },
             vmm::exit_code::HOSTVISOR_ERROR,
         ),
     };
     tracing::info!(vm = name, ?exit, "VM process ends");
     vm.end_run(&exit);
-    if let Err(e) = result {
-        return Err(vmm::error_chain(&e));
-    }
+    result?;
     Ok(code)
 }
 

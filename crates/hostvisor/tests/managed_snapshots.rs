@@ -241,3 +241,325 @@ fn walk_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+/// A request to the VM's API; the status and JSON body (null if none).
+fn api(vm: &TestVm, method: &str, path: &str, body: &str) -> (u16, serde_json::Value) {
+    let client = api::Client::new(&vm.dir().join("api.sock"));
+    let r = client.slow_request(method, path, body).unwrap();
+    let json = r.json().unwrap_or(serde_json::Value::Null);
+    (r.status, json)
+}
+
+/// SHA-256 of the disk as the guest reads it (its page cache dropped, so
+/// the read goes to the device).
+fn guest_disk_hash(vm: &TestVm, name: &str) -> String {
+    let out = vm.exec_args(&[
+        name,
+        "--",
+        "sh",
+        "-c",
+        "sync; echo 3 > /proc/sys/vm/drop_caches; sha256sum /dev/vda",
+    ]);
+    assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
+    out.stdout.split_whitespace().next().unwrap().to_string()
+}
+
+/// SHA-256 of the VM's disk as the host reads its current top and chain
+/// (`qemu-img convert -U`: the VM has it open).
+fn host_disk_hash(vm: &TestVm, name: &str, scratch: &std::path::Path) -> String {
+    let config = show(vm, name)["config"].clone();
+    let disk = config["disks"][0].clone();
+    // A disk is written as its option string (path=...,format=...) or a
+    // table.
+    let top = disk["path"]
+        .as_str()
+        .map(str::to_string)
+        .unwrap_or_else(|| {
+            let s = disk.as_str().unwrap();
+            s.split(',')
+                .find_map(|kv| kv.strip_prefix("path="))
+                .unwrap_or(s)
+                .to_string()
+        });
+    let raw = scratch.join("flat.raw");
+    let _ = std::fs::remove_file(&raw);
+    let out = std::process::Command::new("qemu-img")
+        .args(["convert", "-U", "-O", "raw", &top, raw.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let hash = tool("sha256sum", &[raw.to_str().unwrap()]);
+    std::fs::remove_file(&raw).unwrap();
+    hash.split_whitespace().next().unwrap().to_string()
+}
+
+/// The per-VM API's snapshot operations on one booted guest: take (named,
+/// with a description), list, delete of the snapshot the VM stands on and
+/// of its ancestors while it runs (the guest sees only a pause: its disk
+/// reads the same, by SHA-256 from inside and from the host, and it keeps
+/// writing), and restore in place (the same VM process goes on from the
+/// snapshot's running state).
+#[test]
+fn the_api_takes_lists_restores_and_deletes_snapshots_of_a_running_vm() {
+    if !kvm_usable() || default_guest().is_none() || !qemu_img_usable() {
+        return;
+    }
+    let disks = temp_dir("managed-snap-api");
+    let base = disks.join("base.qcow2");
+    create_disk(&base, "4M");
+    let vm = TestVm::start("a", &["--disk", &format!("path={}", base.display())]);
+    // A marker in tmpfs and at the disk's start, and data spread over it.
+    let mark = |m: &str, seek: u32| {
+        vm.sh(&format!(
+            "echo {m} > /tmp/note; printf {m} | dd of=/dev/vda conv=fsync 2>/dev/null; \
+             dd if=/dev/urandom of=/dev/vda bs=4k seek={seek} count=64 conv=fsync 2>/dev/null"
+        ));
+    };
+    let read = || {
+        let f = facts(&vm, "a");
+        (f[3].clone(), f[4].clone())
+    };
+    let pid = || show(&vm, "a")["pid"].clone();
+    let first_pid = pid();
+    mark("ONE1", 100);
+    let (status, s1) = api(
+        &vm,
+        "PUT",
+        "/vm/snapshots/take",
+        r#"{"name": "s1", "description": "first"}"#,
+    );
+    assert_eq!(status, 200, "{s1}");
+    assert_eq!(s1["name"], "s1");
+    assert_eq!(s1["description"], "first");
+    assert_eq!(s1["saved_state"], true);
+    assert_eq!(s1["current"], true);
+    mark("TWO2", 300);
+    // The CLI goes through the API while the VM runs.
+    let out = vm.ok(&["snapshot", "take", "a", "s2"]);
+    assert!(out.contains("running state"), "{out}");
+    mark("THR3", 500);
+    let (status, _) = api(&vm, "PUT", "/vm/snapshots/take", r#"{"name": "s3"}"#);
+    assert_eq!(status, 200);
+    let (status, dup) = api(&vm, "PUT", "/vm/snapshots/take", r#"{"name": "s3"}"#);
+    assert_eq!(status, 409, "{dup}");
+    mark("FOU4", 700);
+
+    let (status, list) = api(&vm, "GET", "/vm/snapshots", "");
+    assert_eq!(status, 200);
+    let snaps = list["snapshots"].as_array().unwrap().clone();
+    let names: Vec<&str> = snaps.iter().map(|s| s["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["s1", "s2", "s3"], "{list}");
+    let id = |n: usize| snaps[n]["id"].clone();
+    assert_eq!(snaps[1]["parent"], id(0));
+    assert_eq!(snaps[2]["parent"], id(1));
+    assert_eq!(list["current"], id(2));
+    assert!(snaps
+        .iter()
+        .all(|s| s["created"].as_str().unwrap().ends_with('Z')));
+
+    // Deleting an ancestor of the current snapshot, then the current one,
+    // while the VM runs: the disk reads the same.
+    let guest_before = guest_disk_hash(&vm, "a");
+    let host_before = host_disk_hash(&vm, "a", &disks);
+    assert_eq!(guest_before, host_before);
+    vm.ok(&["snapshot", "delete", "a", "s2"]);
+    assert_eq!(guest_disk_hash(&vm, "a"), guest_before, "after deleting s2");
+    assert_eq!(host_disk_hash(&vm, "a", &disks), host_before);
+    let (status, e) = api(&vm, "PUT", "/vm/snapshots/delete", r#"{"snapshot": "s3"}"#);
+    assert_eq!(status, 204, "{e}");
+    assert_eq!(guest_disk_hash(&vm, "a"), guest_before, "after deleting s3");
+    assert_eq!(host_disk_hash(&vm, "a", &disks), host_before);
+    let (_, list) = api(&vm, "GET", "/vm/snapshots", "");
+    assert_eq!(list["current"], id(0), "{list}");
+    assert_eq!(list["snapshots"].as_array().unwrap().len(), 1, "{list}");
+    assert_eq!(read(), ("FOU4".to_string(), "FOU4".to_string()));
+    // The guest writes on, and reads back what it wrote.
+    vm.sh(
+        "dd if=/dev/urandom of=/tmp/blob bs=4k count=256 2>/dev/null; \
+         dd if=/tmp/blob of=/dev/vda bs=4k seek=200 conv=fsync 2>/dev/null; \
+         echo 3 > /proc/sys/vm/drop_caches; \
+         dd if=/dev/vda of=/tmp/back bs=4k skip=200 count=256 2>/dev/null; cmp /tmp/blob /tmp/back",
+    );
+    assert_eq!(
+        show(&vm, "a")["pid"],
+        first_pid,
+        "the VM ran on in its process"
+    );
+
+    // Restore in place: the same process, the snapshot's memory and disk.
+    let (status, r) = api(&vm, "PUT", "/vm/snapshots/restore", r#"{"snapshot": "s1"}"#);
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["state"], "running");
+    assert_eq!(pid(), first_pid, "restored in place");
+    assert_eq!(read(), ("ONE1".to_string(), "ONE1".to_string()));
+    assert_eq!(show(&vm, "a")["state"], "running");
+    // The base's snapshot, current, deleted while the VM runs.
+    let on_s1 = guest_disk_hash(&vm, "a");
+    vm.ok(&["snapshot", "delete", "a", "s1"]);
+    assert_eq!(guest_disk_hash(&vm, "a"), on_s1);
+    let (_, list) = api(&vm, "GET", "/vm/snapshots", "");
+    assert_eq!(list["snapshots"], serde_json::json!([]), "{list}");
+    assert_eq!(list["current"], serde_json::Value::Null);
+    for path in ["/vm/snapshots/restore", "/vm/snapshots/delete"] {
+        let (status, e) = api(&vm, "PUT", path, r#"{"snapshot": "s2"}"#);
+        assert_eq!(status, 404, "{path}: {e}");
+    }
+    vm.ok(&["kill", "a"]);
+    for image in walk_files(&vm.dir().join("disks")).iter().chain([&base]) {
+        let out = vm.hv(&["disk", "check", image.to_str().unwrap()]);
+        assert_eq!(
+            out.code,
+            0,
+            "{}: {}{}",
+            image.display(),
+            out.stdout,
+            out.stderr
+        );
+    }
+    let _ = std::fs::remove_dir_all(&disks);
+}
+
+/// `kill -9` at random moments while a running VM's snapshot delete
+/// merges layers the VM has open (the deleted snapshot is an ancestor of
+/// the current one), 20 times: of the VM process (which does the merge)
+/// in even rounds, of the CLI in odd ones. Every snapshot that remains
+/// restores to its own contents (memory and disk), and every layer passes
+/// `hostvisor disk check` and `qemu-img check`. Each round resumes the VM
+/// from a saved state instead of booting it.
+#[test]
+fn killing_a_running_delete_loses_no_snapshot() {
+    if !kvm_usable() || default_guest().is_none() || !qemu_img_usable() {
+        return;
+    }
+    let disks = temp_dir("managed-snap-kill-delete");
+    let base = disks.join("base.qcow2");
+    create_disk(&base, "4M");
+    let vm = TestVm::start("kd", &["--disk", &format!("path={}", base.display())]);
+    let mark = |m: &str| {
+        vm.sh(&format!(
+            "echo {m} > /tmp/note; printf {m} | dd of=/dev/vda conv=fsync 2>/dev/null"
+        ));
+    };
+    let read = || {
+        let f = facts(&vm, "kd");
+        (f[3].clone(), f[4].clone())
+    };
+    let back_to = |name: &str| {
+        vm.ok(&["snapshot", "restore", "kd", name]);
+        if show(&vm, "kd")["state"] != "running" {
+            vm.ok(&["start", "kd"]);
+        }
+    };
+    let names = || -> Vec<String> {
+        let list: serde_json::Value =
+            serde_json::from_str(&vm.ok(&["snapshot", "list", "kd", "--json"])).unwrap();
+        list["snapshots"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    mark("BASE");
+    vm.ok(&["snapshot", "take", "kd", "base"]);
+    let mut rng = KillRng::new();
+    let mut expect = vec![("base".to_string(), "BASE".to_string())];
+    let mut before_kill = 0;
+    for round in 0..20 {
+        back_to("base");
+        for step in ["a", "b"] {
+            let m = format!("R{round:02}{step}");
+            mark(&m);
+            let name = format!("{step}{round}");
+            vm.ok(&["snapshot", "take", "kd", &name]);
+            expect.push((name, m));
+        }
+        mark(&format!("R{round:02}c"));
+        let pid: i32 = std::fs::read_to_string(vm.dir().join("pid"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let victim = format!("a{round}");
+        let delete = std::process::Command::new(BIN)
+            .args(["snapshot", "delete", "kd", &victim])
+            .env("XDG_DATA_HOME", &vm.data)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut delete = KillOnDrop(delete);
+        std::thread::sleep(Duration::from_millis(rng.below(1500)));
+        if delete.0.try_wait().unwrap().is_some() {
+            before_kill += 1;
+        }
+        if round % 2 == 0 {
+            // SAFETY: kill(2) on the VM process's pid, read from its pidfile.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            let _ = delete.0.wait();
+            let start = Instant::now();
+            while show(&vm, "kd")["state"] == "running" {
+                assert!(
+                    start.elapsed() < Duration::from_secs(20),
+                    "the VM did not die"
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        } else {
+            let _ = delete.0.kill();
+            let _ = delete.0.wait();
+        }
+        // The next command finishes (or the VM process has finished) the
+        // delete; either way the snapshot goes.
+        let left = names();
+        assert!(left.contains(&format!("b{round}")), "{left:?}");
+        // A delete killed before it began leaves the snapshot (to be
+        // checked like the others); one that began is finished.
+        if !left.contains(&victim) {
+            expect.retain(|(n, _)| *n != victim);
+        }
+    }
+    eprintln!("{before_kill} of 20 deletes had finished before the kill");
+    // Its disks are checked closed.
+    let _ = vm.hv(&["kill", "kd"]);
+    // Every layer is sound.
+    let mut images: Vec<std::path::PathBuf> = ["disks", "snapshots"]
+        .iter()
+        .flat_map(|sub| walk_files(&vm.dir().join(sub)))
+        .filter(|p| p.extension().is_some_and(|e| e == "qcow2"))
+        .collect();
+    images.push(base.clone());
+    for image in &images {
+        let out = vm.hv(&["disk", "check", image.to_str().unwrap()]);
+        assert_eq!(
+            out.code,
+            0,
+            "{}: {}{}",
+            image.display(),
+            out.stdout,
+            out.stderr
+        );
+        let q = std::process::Command::new("qemu-img")
+            .args(["check", "-U", image.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(
+            q.status.success(),
+            "{}: {}",
+            image.display(),
+            String::from_utf8_lossy(&q.stdout)
+        );
+    }
+    // Every snapshot that remains restores to its own memory and disk.
+    let left = names();
+    for (name, m) in &expect {
+        assert!(left.contains(name), "snapshot {name} is gone: {left:?}");
+        back_to(name);
+        assert_eq!(read(), (m.clone(), m.clone()), "snapshot {name}");
+    }
+    let _ = std::fs::remove_dir_all(&disks);
+}

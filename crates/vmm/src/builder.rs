@@ -84,7 +84,7 @@ pub fn configured_devices(
 }
 
 /// Opens the image at `path` as `disk` says.
-fn open_disk(
+pub(crate) fn open_disk(
     path: &std::path::Path,
     disk: &DiskConfig,
 ) -> Result<Arc<dyn block::DiskImage>, block::BlockError> {

@@ -465,6 +465,13 @@ impl Machine {
                             running,
                             paused.map(|(clock, _)| clock),
                         ),
+                        ControlRequest::WithDisksClosed(job) => self.with_disks_closed(
+                            &job,
+                            &gate,
+                            &handles,
+                            running,
+                            paused.is_some(),
+                        ),
                         ControlRequest::Kill => {
                             let _ = reply.send(Ok(None));
                             break VmOutcome::Killed;
@@ -605,6 +612,54 @@ impl Machine {
             ) => Err(ControlError::Conflict(crate::error::error_chain(&e))),
             Err(e) => Err(ControlError::Failed(crate::error::error_chain(&e))),
         }
+    }
+}
+
+impl Machine {
+    /// Runs `job` with every disk closed (see [`crate::reopen`]): pauses
+    /// the vCPUs and puts the devices to sleep unless the VM is paused
+    /// (then they are already), and resumes afterwards.
+    fn with_disks_closed(
+        &self,
+        job: &crate::reopen::DiskJob,
+        gate: &PauseGate,
+        handles: &[VcpuHandle],
+        running: usize,
+        paused: bool,
+    ) -> Result<Option<VmStatus>, ControlError> {
+        let mut clock = None;
+        if !paused {
+            gate.close();
+            for h in handles {
+                h.kick();
+            }
+            if !gate.wait_parked(running, Duration::from_secs(10)) {
+                gate.open();
+                return Err(ControlError::Failed("the vCPUs did not stop".into()));
+            }
+            clock = Some(self.vm.clock().unwrap_or(0));
+            if let Err(e) = self.virtio.sleep_all() {
+                gate.open();
+                return Err(ControlError::Failed(e));
+            }
+        }
+        let result = {
+            let disks = self
+                .disks
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            crate::reopen::run_closed(&disks, job)
+        };
+        if let Some(clock) = clock {
+            if let Err(e) = self.virtio.wake_all() {
+                tracing::error!("resuming: {e}");
+            }
+            if let Err(e) = self.vm.set_clock(clock) {
+                tracing::warn!("cannot restore the guest clock: {e}");
+            }
+            gate.open();
+        }
+        result.map(|()| None).map_err(ControlError::Failed)
     }
 }
 

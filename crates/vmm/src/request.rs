@@ -18,6 +18,9 @@ pub enum ControlRequest {
     /// Save the VM's whole state into a snapshot directory (pausing it
     /// for the time of the save if it runs).
     Snapshot(crate::snapshot::SnapshotRequest),
+    /// Pause (if it runs), close every disk's image, run the job on the
+    /// files, reopen them and resume: the guest sees a pause only.
+    WithDisksClosed(crate::reopen::DiskJob),
 }
 
 impl ControlRequest {
@@ -25,7 +28,9 @@ impl ControlRequest {
     /// of guest RAM.
     pub fn timeout(&self) -> std::time::Duration {
         match self {
-            ControlRequest::Snapshot(_) => std::time::Duration::from_secs(600),
+            ControlRequest::Snapshot(_) | ControlRequest::WithDisksClosed(_) => {
+                std::time::Duration::from_secs(600)
+            }
             _ => std::time::Duration::from_secs(30),
         }
     }

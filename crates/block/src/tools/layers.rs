@@ -45,16 +45,29 @@ pub fn backing_of(path: &Path) -> Result<Option<(String, Option<String>)>, ToolE
 /// wrote to would take a qcow2 header the guest wrote for the image's own
 /// (and its backing file name, a host path, for the guest's to choose).
 pub fn create_overlay(path: &Path, backing: &Path, format: Format) -> Result<u64, ToolError> {
-    let backing = std::fs::canonicalize(backing).map_err(io_err(backing))?;
+    let canonical = std::fs::canonicalize(backing).map_err(io_err(backing))?;
+    create_overlay_named(path, backing, &canonical.to_string_lossy(), format)
+}
+
+/// As [`create_overlay`], with the name the overlay's header records for
+/// its backing file given (a bare file name when both lie in one
+/// directory, so the directory can move; resolved against `path`'s
+/// directory as every reader does).
+pub fn create_overlay_named(
+    path: &Path,
+    backing: &Path,
+    name: &str,
+    format: Format,
+) -> Result<u64, ToolError> {
     let cluster_size = match format {
         Format::Raw => None,
-        Format::Qcow2 => Some(1u64 << qcow2_header(&backing)?.cluster_bits),
+        Format::Qcow2 => Some(1u64 << qcow2_header(backing)?.cluster_bits),
     };
     super::create(&super::CreateSpec {
         path: path.to_path_buf(),
         size: None,
         format: Format::Qcow2,
-        backing: Some(backing.to_string_lossy().into_owned()),
+        backing: Some(name.to_string()),
         backing_format: Some(format),
         cluster_size,
     })

@@ -1,9 +1,11 @@
 //! The `hostvisor snapshot` subcommands: locks, recovery, and what a
-//! person (or `--json`) sees.
+//! person (or `--json`) sees. A stopped VM's files are changed here; a
+//! running VM's process is asked through its API (`/vm/snapshots...`,
+//! [`super::served`]), which runs the same operations with its VMM at hand.
 
 use clap::Subcommand;
 
-use super::{access, layers, Access, SnapshotError, Snapshots};
+use super::{access, Access, SnapshotError, Snapshots};
 use crate::store::VmDir;
 use crate::CliError;
 
@@ -62,6 +64,44 @@ fn enter(vm: &VmDir) -> Result<(Snapshots, Access), SnapshotError> {
     Ok((snaps, access))
 }
 
+/// Where an operation runs: here on a stopped VM's files, or in the
+/// running VM's process.
+enum Via {
+    Here(Snapshots, Access),
+    Api(api::Client),
+}
+
+fn via(vm: &VmDir) -> Result<Via, SnapshotError> {
+    match access(vm)? {
+        Access::Running => Ok(Via::Api(api::Client::new(&vm.socket()))),
+        stopped => {
+            let snaps = Snapshots::lock(vm)?;
+            snaps.recover(&stopped)?;
+            Ok(Via::Here(snaps, stopped))
+        }
+    }
+}
+
+/// Sends a snapshot request to the running VM's process; its JSON answer.
+fn ask(
+    vm: &VmDir,
+    client: &api::Client,
+    path: &str,
+    body: serde_json::Value,
+) -> Result<serde_json::Value, SnapshotError> {
+    let r = client
+        .slow_request("PUT", path, &body.to_string())
+        .map_err(|e| SnapshotError::Refused(format!("{}: {e}", vm.name)))?;
+    if r.status >= 300 {
+        return Err(SnapshotError::Refused(format!(
+            "{}: {}",
+            vm.name,
+            r.error_message()
+        )));
+    }
+    Ok(r.json().unwrap_or(serde_json::Value::Null))
+}
+
 fn no_such(vm: &VmDir, key: &str) -> SnapshotError {
     SnapshotError::Refused(format!(
         "{} has no snapshot named `{key}` (see hostvisor snapshot list {})",
@@ -71,13 +111,21 @@ fn no_such(vm: &VmDir, key: &str) -> SnapshotError {
 
 fn take(name: &str, snapshot: Option<String>, description: String) -> Result<i32, CliError> {
     let vm = open(name)?;
-    let (snaps, access) = enter(&vm)?;
-    let m = snaps.take(&access, snapshot, description)?;
+    let (snap, id, saved_state) = match via(&vm)? {
+        Via::Here(snaps, access) => {
+            let m = snaps.take(&access, snapshot, description)?;
+            (m.name, m.id, m.saved_state)
+        }
+        Via::Api(client) => {
+            let body = serde_json::json!({ "name": snapshot, "description": description });
+            let m = ask(&vm, &client, "/vm/snapshots/take", body)?;
+            let text = |k: &str| m[k].as_str().unwrap_or_default().to_string();
+            (text("name"), text("id"), m["saved_state"] == true)
+        }
+    };
     println!(
-        "took snapshot `{}` of {name} (id {}{})",
-        m.name,
-        m.id,
-        if m.saved_state {
+        "took snapshot `{snap}` of {name} (id {id}{})",
+        if saved_state {
             ", with its running state"
         } else {
             ""
@@ -88,45 +136,36 @@ fn take(name: &str, snapshot: Option<String>, description: String) -> Result<i32
 
 fn list(name: &str, json: bool) -> Result<i32, CliError> {
     let vm = open(name)?;
-    let (snaps, _access) = enter(&vm)?;
+    let (snaps, _access) = match via(&vm)? {
+        Via::Here(snaps, access) => (snaps, access),
+        Via::Api(client) => {
+            // The VM's process lists (finishing, with its VMM at hand, an
+            // operation that failed midway, which this process could not).
+            let r = client
+                .slow_request("GET", "/vm/snapshots", "")
+                .map_err(|e| SnapshotError::Refused(format!("{name}: {e}")))?;
+            if r.status != 200 {
+                return Err(
+                    SnapshotError::Refused(format!("{name}: {}", r.error_message())).into(),
+                );
+            }
+            if json {
+                let list = r
+                    .json()
+                    .map_err(|e| SnapshotError::Refused(format!("{name}: {e}")))?;
+                println!("{list:#}");
+                return Ok(0);
+            }
+            enter(&vm)?
+        }
+    };
     let tree = snaps.tree()?;
     let current = snaps.current()?;
-    let size_of = |m: &super::meta::SnapshotMeta| -> u64 {
-        m.disks
-            .iter()
-            .filter(|l| l.removable)
-            .map(|l| layers::allocated(&l.path))
-            .sum::<u64>()
-            + layers::allocated_dir(&snaps.state_dir(&m.id))
-    };
     if json {
-        let mut list: Vec<&super::meta::SnapshotMeta> = tree.nodes.values().collect();
-        list.sort_by(|a, b| a.created.cmp(&b.created).then(a.id.cmp(&b.id)));
-        let rows: Vec<serde_json::Value> = list
-            .iter()
-            .map(|m| {
-                serde_json::json!({
-                    "id": m.id,
-                    "name": m.name,
-                    "parent": m.parent,
-                    "created": m.created,
-                    "description": m.description,
-                    "saved_state": m.saved_state,
-                    "size": size_of(m),
-                    "current": current.current.as_deref() == Some(m.id.as_str()),
-                    "disks": m.disks,
-                })
-            })
-            .collect();
-        let out = serde_json::json!({
-            "vm": vm.name,
-            "current": current.current,
-            "resume_pending": current.resume.is_some(),
-            "snapshots": rows,
-        });
-        println!("{out:#}");
+        println!("{:#}", super::served::list_json(&snaps)?);
         return Ok(0);
     }
+    let size_of = |m: &super::meta::SnapshotMeta| super::served::size_of(&snaps, m);
     if tree.nodes.is_empty() {
         println!("{name} has no snapshots");
         return Ok(0);
@@ -160,54 +199,50 @@ fn list(name: &str, json: bool) -> Result<i32, CliError> {
 
 fn restore(name: &str, key: &str) -> Result<i32, CliError> {
     let vm = open(name)?;
-    let resume = {
-        // Check before stopping anything.
-        let (snaps, access) = enter(&vm)?;
-        let tree = snaps.tree()?;
-        let m = tree.find(key).ok_or_else(|| no_such(&vm, key))?.clone();
-        let was_running = access.running();
-        if was_running {
-            drop(access);
-            drop(snaps);
-            eprintln!("{name} is running: killing it to restore `{}`", m.name);
-            crate::manage::kill(name)?;
-        } else {
-            drop(access);
-            drop(snaps);
+    match via(&vm)? {
+        Via::Here(snaps, _stopped) => {
+            let tree = snaps.tree()?;
+            let m = tree.find(key).ok_or_else(|| no_such(&vm, key))?.clone();
+            snaps.restore(&m)?;
+            println!("restored {name} to snapshot `{}`", m.name);
+            if m.saved_state {
+                println!("its next start resumes the snapshot's running state");
+            }
         }
-        let (snaps, access) = enter(&vm)?;
-        if access.running() {
-            return Err(CliError::Failure(format!(
-                "{name} was started again meanwhile; not restoring"
-            )));
+        Via::Api(client) => {
+            // The VM process restores in place: the VM goes on from the
+            // snapshot's running state, or is powered off when it has none
+            // (as VirtualBox does).
+            let body = serde_json::json!({ "snapshot": key });
+            let r = ask(&vm, &client, "/vm/snapshots/restore", body)?;
+            let snap = r["snapshot"].as_str().unwrap_or(key);
+            println!("restored {name} to snapshot `{snap}`");
+            if r["state"] == "running" {
+                println!("{name} runs on from the snapshot's running state");
+            } else {
+                println!("{name} is stopped: the snapshot was taken while it was stopped");
+            }
         }
-        snaps.restore(&m)?;
-        println!("restored {name} to snapshot `{}`", m.name);
-        if m.saved_state && !was_running {
-            println!("its next start resumes the snapshot's running state");
-        } else if was_running && !m.saved_state {
-            println!("{name} stays stopped: the snapshot was taken while it was stopped");
-        }
-        // A VM that ran goes on from the snapshot's running state; one
-        // that was stopped stays so (as VirtualBox's "saved" state).
-        m.saved_state && was_running
-    };
-    if resume {
-        println!("starting {name} from the snapshot's running state");
-        return crate::manage::start(name);
     }
     Ok(0)
 }
 
 fn delete(name: &str, key: &str) -> Result<i32, CliError> {
     let vm = open(name)?;
-    let (snaps, access) = enter(&vm)?;
-    let tree = snaps.tree()?;
-    let m = tree.find(key).ok_or_else(|| no_such(&vm, key))?.clone();
-    let bar = crate::progress::spinner(&format!("deleting snapshot `{}`", m.name));
-    let result = snaps.delete(&access, &m);
+    let bar = crate::progress::spinner(&format!("deleting snapshot `{key}`"));
+    let result = match via(&vm) {
+        Ok(Via::Here(snaps, access)) => snaps.tree().and_then(|tree| {
+            let m = tree.find(key).ok_or_else(|| no_such(&vm, key))?.clone();
+            snaps.delete(&access, &m).map(|()| m.name)
+        }),
+        // The VM pauses while the layers it has open are merged.
+        Ok(Via::Api(client)) => {
+            let body = serde_json::json!({ "snapshot": key });
+            ask(&vm, &client, "/vm/snapshots/delete", body).map(|_| key.to_string())
+        }
+        Err(e) => Err(e),
+    };
     bar.finish_and_clear();
-    result?;
-    println!("deleted snapshot `{}` of {name}", m.name);
+    println!("deleted snapshot `{}` of {name}", result?);
     Ok(0)
 }

@@ -1,7 +1,9 @@
 //! `snapshot delete`: the layers backed by the deleted snapshot's are
 //! rebased onto its backing file (safe rebase: what they read stays), the
-//! children move up, then its files go; refused while a linked clone or
-//! the running VM uses its layers.
+//! children move up, then its files go; refused while a linked clone uses
+//! its layers. Layers a running VM has open (the snapshot it stands on,
+//! its ancestors, the current tops) are rebased by the VM's own process
+//! with the disks closed around the work: the guest sees a pause only.
 
 use std::path::{Path, PathBuf};
 
@@ -53,10 +55,12 @@ impl Snapshots {
         self.end()
     }
 
-    /// Refuses to delete, while the VM runs, the snapshot it stands on or
-    /// one of that one's ancestors: their layers are open in the VMM.
+    /// Refuses to delete, from another process while the VM runs, the
+    /// snapshot it stands on or one of that one's ancestors: their layers
+    /// are open in the VMM, and only the VM's process can close them
+    /// (the CLI asks it, through the API, to delete).
     fn check_not_open(&self, access: &Access, tree: &Tree, id: &str) -> Result<(), SnapshotError> {
-        if !access.running() {
+        if !matches!(access, Access::Running) {
             return Ok(());
         }
         let current = self.current()?;
@@ -67,20 +71,19 @@ impl Snapshots {
             .unwrap_or_default();
         if path.iter().any(|m| m.id == id) {
             return Err(refused(format!(
-                "{} is running on snapshot `{}` or one of its children: its disk layers are open in the VM, so it can be deleted only with the VM stopped (hostvisor stop {})",
+                "{} is running on snapshot `{}` or one of its children: its disk layers are open in the VM, so only its VM process can delete it (PUT /vm/snapshots/delete)",
                 self.vm.name,
                 tree.nodes.get(id).map_or(id, |m| m.name.as_str()),
-                self.vm.name
             )));
         }
         Ok(())
     }
 
     /// The files the running VM has open: the current snapshot's layers
-    /// and those of its ancestors.
-    fn in_use(&self, tree: &Tree) -> Result<Vec<PathBuf>, SnapshotError> {
+    /// and those of its ancestors, and its current tops.
+    pub(super) fn in_use(&self, tree: &Tree) -> Result<Vec<PathBuf>, SnapshotError> {
         let current = self.current()?;
-        let mut files = Vec::new();
+        let mut files = self.tops(&self.vm.config()?);
         if let Some(c) = current.current.as_deref() {
             for m in tree.path_to_root(c) {
                 files.extend(m.disks.iter().map(|l| l.path.clone()));
@@ -110,17 +113,23 @@ impl Snapshots {
             .filter(|m| m.id != id)
             .flat_map(|m| m.disks.iter().map(|l| (l.path.clone(), l.format)))
             .collect();
-        let in_use = if access.running() {
-            self.in_use(&tree)?
-        } else {
+        // The tops are backed by the deleted layers when it is current; a
+        // VM run by another process has them open (and is refused above).
+        if !matches!(access, Access::Running) {
             let config = self.vm.config()?;
             candidates.extend(
                 self.tops(&config)
                     .into_iter()
                     .zip(config.disks.iter().map(|d| d.format)),
             );
+        }
+        let in_use = if access.running() {
+            self.in_use(&tree)?
+        } else {
             Vec::new()
         };
+        // Rebases of open layers, done with the VM's disks closed.
+        let mut closed_work: Vec<Rebase> = Vec::new();
         candidates.sort_by(|a, b| a.0.cmp(&b.0));
         candidates.dedup_by(|a, b| a.0 == b.0);
         for layer in deleted.iter().filter(|l| l.removable) {
@@ -135,15 +144,21 @@ impl Snapshots {
                 {
                     continue;
                 }
-                if in_use.contains(d) {
+                if !in_use.contains(d) {
+                    layers::rebase_past(d, below.as_ref().map(|(p, f)| (p.as_path(), *f)))?;
+                } else if let Access::Served(_) = access {
+                    closed_work.push((d.clone(), below.clone()));
+                } else {
                     return Err(refused(format!(
                         "{} is open in the running VM {}; stop it to finish deleting the snapshot",
                         d.display(),
                         self.vm.name
                     )));
                 }
-                layers::rebase_past(d, below.as_ref().map(|(p, f)| (p.as_path(), *f)))?;
             }
+        }
+        if let (Access::Served(control), false) = (access, closed_work.is_empty()) {
+            self.rebase_closed(control, closed_work)?;
         }
         for child in tree.children(Some(id)) {
             let mut c = child.clone();
@@ -166,6 +181,39 @@ impl Snapshots {
             }
         }
         meta::sync_dir(&disks).map_err(|e| SnapshotError::io(&disks, e))
+    }
+}
+
+/// A layer to rebase past its backing file, onto what lies below that.
+type Rebase = (PathBuf, Option<(PathBuf, Option<block::Format>)>);
+
+impl Snapshots {
+    /// Rebases layers the running VM has open: the VMM pauses, closes its
+    /// disks, runs the rebases, reopens them (their chains one layer
+    /// shorter, reading the same) and resumes. Each rebase is safe
+    /// against a kill (the image reads as before until its header names
+    /// the new backing file) and is simply run again by recovery.
+    fn rebase_closed(
+        &self,
+        control: &vmm::control::VmControl,
+        work: Vec<Rebase>,
+    ) -> Result<(), SnapshotError> {
+        let job = vmm::reopen::DiskJob::new(move || {
+            for (d, below) in &work {
+                layers::rebase_past(d, below.as_ref().map(|(p, f)| (p.as_path(), *f)))
+                    .map_err(|e| vmm::error_chain(&e))?;
+            }
+            Ok(())
+        });
+        control
+            .request(vmm::control::ControlRequest::WithDisksClosed(job))
+            .map(|_| ())
+            .map_err(|e| {
+                refused(format!(
+                    "{}: merging the snapshot's layer into the disks the VM has open failed: {e}",
+                    self.vm.name
+                ))
+            })
     }
 }
 

@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use block::tools::{self, CreateSpec};
+use block::tools;
 use block::Format;
 
 use super::meta::sync_dir;
@@ -29,8 +29,9 @@ pub fn backing_name(overlay: &Path, backing: &Path) -> String {
     backing.display().to_string()
 }
 
-/// Makes an empty qcow2 overlay at `path` backed by `backing` and makes
-/// it durable (file and directory entry). The backing file's format is
+/// Makes an empty qcow2 overlay at `path` backed by `backing` (block's
+/// `create_overlay`, naming the backing file by [`backing_name`]) and
+/// makes it durable (file and directory entry). The backing file's format is
 /// the one given (as the VM's definition names it) and only probed when
 /// unknown: a raw image whose guest wrote a qcow2 header must stay raw.
 pub fn create_overlay(
@@ -45,15 +46,8 @@ pub fn create_overlay(
             message: vmm::error_chain(&e),
         })?,
     };
-    tools::create(&CreateSpec {
-        path: path.to_path_buf(),
-        size: None,
-        format: Format::Qcow2,
-        backing: Some(backing_name(path, backing)),
-        backing_format: Some(format),
-        cluster_size: None,
-    })
-    .map_err(tool(path))?;
+    tools::create_overlay_named(path, backing, &backing_name(path, backing), format)
+        .map_err(tool(path))?;
     sync_file(path)?;
     if let Some(dir) = path.parent() {
         sync_dir(dir).map_err(|e| SnapshotError::io(dir, e))?;

@@ -192,34 +192,12 @@ pub fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> io::Result<Option
 /// Now as RFC 3339 (UTC, milliseconds: snapshots taken within one second
 /// still sort in order).
 pub fn now_rfc3339() -> String {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    let text = rfc3339(now.as_secs());
-    format!("{}.{:03}Z", text.trim_end_matches('Z'), now.subsec_millis())
+    rfc3339(std::time::SystemTime::now())
 }
 
-/// Seconds since the epoch as `YYYY-MM-DDTHH:MM:SSZ` (the civil-date
-/// arithmetic of the proleptic Gregorian calendar).
-pub fn rfc3339(secs: u64) -> String {
-    let days = i64::try_from(secs / 86_400).unwrap_or(0);
-    let rem = secs % 86_400;
-    // Days since 0000-03-01, in 400-year eras of 146097 days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+/// A time as `YYYY-MM-DDTHH:MM:SS.mmmZ` (UTC, milliseconds).
+pub fn rfc3339(t: std::time::SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
 }
 
 /// A fresh identifier: 12 hex digits from the clock and the process id
@@ -387,10 +365,17 @@ mod tests {
 
     #[test]
     fn dates_are_rfc3339() {
-        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
-        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
-        assert_eq!(rfc3339(1_798_761_599), "2026-12-31T23:59:59Z");
-        assert_eq!(rfc3339(4_107_542_400), "2100-03-01T00:00:00Z");
+        let at = |secs: u64, ms: u64| {
+            rfc3339(
+                std::time::UNIX_EPOCH
+                    + std::time::Duration::from_secs(secs)
+                    + std::time::Duration::from_millis(ms),
+            )
+        };
+        assert_eq!(at(0, 0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(at(951_782_400, 42), "2000-02-29T00:00:00.042Z");
+        assert_eq!(at(1_798_761_599, 999), "2026-12-31T23:59:59.999Z");
+        assert_eq!(at(4_107_542_400, 0), "2100-03-01T00:00:00.000Z");
         let now = now_rfc3339();
         assert_eq!(now.len(), "2026-11-27T21:18:21.123Z".len(), "{now}");
         assert!(now.ends_with('Z') && now.as_bytes()[19] == b'.', "{now}");
