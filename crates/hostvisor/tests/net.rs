@@ -14,6 +14,7 @@ use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
+use common::template;
 use common::*;
 
 /// Runs `body` on a thread in a new network namespace with loopback up;
@@ -201,7 +202,13 @@ fn nat_gives_a_lease_reaches_the_host_and_forwards_ports() {
     in_netns(|| {
         fake_resolver("web.hostvisor.test", [192, 0, 2, 7]);
         let (port, _) = http_server("127.0.0.1", b"hello from the host\n");
-        let vm = TestVm::start("nat", &["--net", "nat,hostfwd=tcp:127.0.0.1:18080-:80"]);
+        // The booted default guest (its lease taken), resumed here with a
+        // port forward: NAT flows do not cross a restore, the lease does.
+        let vm = TestVm::from_template(
+            "nat",
+            &template::DEFAULT,
+            &["--net", "nat,hostfwd=tcp:127.0.0.1:18080-:80"],
+        );
         let show = vm.ok(&["show", "nat"]);
         assert!(
             show.contains("eth0: nat,hostfwd=tcp:127.0.0.1:18080-10.0.2.15:80,mac=52:54:00:"),
@@ -287,8 +294,10 @@ fn vms_on_an_internal_network_reach_each_other_and_not_the_host() {
     }
     let net = format!("lab-{}", std::process::id());
     let nic = format!("internal={net}");
-    let a = TestVm::start("lab-a", &["--net", &nic]);
-    let b = TestVm::start("lab-b", &["--net", &nic]);
+    // Clones of one booted guest: each has its own MAC (a resumed clone's
+    // is set by the agent), as two `create`d VMs would.
+    let a = TestVm::from_template("lab-a", &template::INTERNAL, &["--net", &nic]);
+    let b = TestVm::from_template("lab-b", &template::INTERNAL, &["--net", &nic]);
     // A host service on every address, which nothing on the network may
     // reach.
     let (port, hits) = http_server("0.0.0.0", b"host\n");
