@@ -7,8 +7,9 @@
 //!
 //! Templates are shared by every test binary of one target directory:
 //! they live in a cache directory keyed on the guest's kernel and
-//! initramfs, the hostvisor binary, the template's options and this
-//! file's format version, so a changed guest or a rebuilt hostvisor never
+//! initramfs and the hostvisor binary (each file's identity and
+//! modification time), the template's options and this file's format
+//! version, so a changed guest or a rebuilt hostvisor never
 //! resumes a stale template (the stale one is removed). A file lock makes
 //! parallel tests and binaries wait for the one that builds it; within a
 //! process a template is looked up once.
@@ -19,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use super::{hostvisor, temp_dir, tool, TestVm, BIN, BOOT};
+use super::{hostvisor, temp_dir, TestVm, BIN, BOOT};
 
 /// Bumped when what a template holds, or how it is laid out, changes.
 const FORMAT: &str = "template-v1";
@@ -81,25 +82,34 @@ fn sha256_hex(data: &[u8]) -> String {
         .collect()
 }
 
-/// The digests of the guest's files and of the hostvisor binary (once per
-/// process: ~150 MB).
+/// What identifies the guest's files and the hostvisor binary: path,
+/// device, inode, size and modification time of each (a rebuilt binary or
+/// guest is a new file, or at least a newly written one; hashing their
+/// ~150 MB took seconds per test binary here).
 fn inputs_digest() -> &'static str {
     static DIGEST: OnceLock<String> = OnceLock::new();
     DIGEST.get_or_init(|| {
+        use std::os::unix::fs::MetadataExt;
         let guest = super::default_guest().expect("the caller checked for the default guest");
-        let files = [
+        [
             guest.join("vmlinux"),
             guest.join("initramfs.cpio"),
             PathBuf::from(BIN),
-        ];
-        let args: Vec<&str> = files.iter().map(|f| f.to_str().unwrap()).collect();
-        // Content, not modification times: a rebuilt binary is new.
-        let sums = tool("sha256sum", &args);
-        let digests: String = sums
-            .lines()
-            .filter_map(|l| l.split_whitespace().next())
-            .collect();
-        format!("{}{digests}", guest.display())
+        ]
+        .iter()
+        .map(|f| {
+            let m = std::fs::metadata(f).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+            format!(
+                "{} {} {} {} {}.{}\n",
+                f.display(),
+                m.dev(),
+                m.ino(),
+                m.len(),
+                m.mtime(),
+                m.mtime_nsec()
+            )
+        })
+        .collect()
     })
 }
 
