@@ -176,10 +176,11 @@ impl Template {
             return store;
         }
         // Stale templates (other guests or binaries) and a half-built
-        // one go.
+        // one go, with the VM a killed build may have left running.
         for e in std::fs::read_dir(&root).unwrap().flatten() {
             let n = e.file_name().to_string_lossy().into_owned();
             if n.starts_with(&format!("{}-", self.name)) && e.path().is_dir() {
+                let _ = hv(&e.path(), &["kill", "template"]);
                 std::fs::remove_dir_all(e.path()).unwrap();
             }
         }
