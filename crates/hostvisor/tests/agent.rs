@@ -1,8 +1,10 @@
-//! The guest agent end to end, on the default guest: one managed VM made
-//! by a bare `create` (vsock by default) for exec, exit codes, signals,
-//! stdin, a 10 MB copy both ways, the clock and a graceful stop; and one
-//! `hostvisor run --vsock` VM driven through the client library, with
-//! hostile input on the vsock socket and a shutdown that ends `run` with 0.
+//! The guest agent end to end, on the default guest: one managed VM (what
+//! a bare `create` makes — vsock by default — resumed from the shared
+//! template rather than booted) for exec, exit codes, signals, stdin, a
+//! 10 MB copy both ways, the clock and a graceful stop; and one
+//! `hostvisor run --vsock` VM, booted (the agent must come up in a boot
+//! of `run`), driven through the client library, with hostile input on
+//! the vsock socket and a shutdown that ends `run` with 0.
 
 #![allow(clippy::unwrap_used)] // test helpers: a failed setup step should fail the test
 
@@ -28,14 +30,16 @@ fn the_agent_runs_commands_copies_files_keeps_time_and_stops_the_guest() {
     if !kvm_usable() || default_guest().is_none() {
         return;
     }
-    let vm = TestVm::start("agent", &[]);
+    // A clone of the booted default guest: the CID a bare `create` gets
+    // in a store of its own, and (as a clone) its name as hostname.
+    let vm = TestVm::from_template("agent", &common::template::DEFAULT, &[]);
     let show = vm.ok(&["show", "agent"]);
     assert!(show.contains("vsock: cid 3"), "{show}");
 
     // exec: output, exit codes, signals, timeouts, missing programs.
     let out = vm.exec(&["uname", "-a"]);
     assert_eq!(out.code, 0, "{}", out.stderr);
-    assert!(out.stdout.starts_with("Linux hostvisor "), "{}", out.stdout);
+    assert!(out.stdout.starts_with("Linux agent "), "{}", out.stdout);
     let out = vm.exec(&["sh", "-c", "echo out; echo err >&2; exit 7"]);
     assert_eq!(
         (out.code, out.stdout.as_str(), out.stderr.as_str()),
@@ -138,7 +142,7 @@ fn the_agent_runs_commands_copies_files_keeps_time_and_stops_the_guest() {
 
     let info: serde_json::Value =
         serde_json::from_str(&vm.ok(&["guest-info", "agent", "--json"])).unwrap();
-    assert_eq!(info["hostname"], "hostvisor");
+    assert_eq!(info["hostname"], "agent");
     assert!(info["kernel_release"].as_str().unwrap().starts_with("6.1"));
     assert!(info["mem_total_kib"].as_u64().unwrap() > 100_000);
     // The default guest configures no interface (not even lo) before the

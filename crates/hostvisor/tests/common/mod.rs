@@ -7,6 +7,8 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod template;
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_hostvisor");
 
 pub struct Output {
