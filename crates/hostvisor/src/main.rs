@@ -416,6 +416,7 @@ fn vm_config(args: RunArgs) -> Result<VmConfig, CliError> {
             Some(VsockArg::Auto) => Some(vmm::VsockConfig {
                 cid: 3,
                 socket: None,
+                pool: vec![agent::AGENT_PORT],
             }),
             Some(VsockArg::Set(v)) => Some(v),
         },

@@ -117,6 +117,7 @@ pub fn create(
         config.vsock = Some(vmm::VsockConfig {
             cid: crate::store::free_cid().map_err(fail)?,
             socket: None,
+            pool: vec![agent::AGENT_PORT],
         });
     }
     let vm = VmDir::create(name, &config).map_err(fail)?;
@@ -390,6 +391,7 @@ pub fn edit(name: &str, args: EditArgs) -> Result<i32, CliError> {
             c.vsock = Some(vmm::VsockConfig {
                 cid: crate::store::free_cid().map_err(fail)?,
                 socket: None,
+                pool: vec![agent::AGENT_PORT],
             });
         }
         Some(crate::VsockArg::Auto) => {}
