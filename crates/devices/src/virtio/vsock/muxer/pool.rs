@@ -115,8 +115,8 @@ impl Muxer {
     }
 
     /// The event loop's wait (ms, -1: none) before the pool needs
-    /// attention.
-    pub(super) fn pool_timeout_ms(&self) -> i32 {
+    /// attention (public for tests).
+    pub fn pool_timeout_ms(&self) -> i32 {
         let Some(at) = self.pool.ports.iter().filter_map(PortPool::deadline).min() else {
             return -1;
         };
@@ -153,12 +153,18 @@ impl Muxer {
             }
             let due =
                 p.member.is_none() && p.lent.is_none() && p.not_before.is_none_or(|t| now >= t);
-            if due && self.conns.len() < self.max_connections {
-                let port = p.port;
-                match self.open_pooled(port) {
-                    Some(key) => self.pool.ports[i].member = Some(key),
-                    None => self.pool.ports[i].failed(now),
-                }
+            if !due {
+                continue;
+            }
+            if self.conns.len() >= self.max_connections {
+                // No room: try again later, not on every round.
+                p.failed(now);
+                continue;
+            }
+            let port = p.port;
+            match self.open_pooled(port) {
+                Some(key) => self.pool.ports[i].member = Some(key),
+                None => self.pool.ports[i].failed(now),
             }
         }
     }

@@ -319,6 +319,40 @@ fn the_pool_is_bounded_against_a_guest_that_accepts_and_closes() {
 }
 
 #[test]
+fn a_full_connection_table_makes_the_pool_wait_not_spin() {
+    let fx = Fixture::new("pool-full");
+    let mem = memory();
+    let mut drv = FakeDriver::new(&mem);
+    drv.post_rx(40);
+    let mut m = pooled(&fx, &mem, &drv);
+    m.set_max_connections(1);
+    // Refused once: the next attempt is due in 50 ms.
+    let local = requests(&round(&mut m, &mut drv))[0];
+    drv.send(guest_packet(Op::Rst, 52, local, 0), &[]);
+    m.process_tx();
+    assert!(requests(&round(&mut m, &mut drv)).is_empty());
+    // Meanwhile a guest connection takes the only place.
+    let mut port_path = fx.path.clone().into_os_string();
+    port_path.push("_9");
+    let _service = UnixListener::bind(&port_path).unwrap();
+    drv.send(guest_packet(Op::Request, 100, 9, 0), &[]);
+    m.process_tx();
+    assert_eq!(m.connections(), 1);
+    // Once the attempt is due there is no room: the event loop still
+    // sleeps between attempts (not a 1 ms spin on a past deadline).
+    let due = Instant::now() + Duration::from_millis(60);
+    while Instant::now() < due {
+        m.poll_host(20).unwrap();
+    }
+    for _ in 0..3 {
+        assert!(requests(&round(&mut m, &mut drv)).is_empty());
+        let wait = m.pool_timeout_ms();
+        assert!(wait >= 10, "the event loop would spin: {wait} ms");
+    }
+    assert_eq!(m.pooled(), 0);
+}
+
+#[test]
 fn the_pool_waits_until_the_guest_handled_a_transport_reset() {
     let fx = Fixture::new("pool-reset");
     let mem = memory();
