@@ -514,6 +514,15 @@ mod tests {
         ] {
             assert_eq!(bad.parse::<VsockConfig>(), Err(err), "{bad}");
         }
+        // Configs written before the pool read as without one; a pool is
+        // kept.
+        let old: VsockConfig = serde_json::from_str(r#"{"cid":3}"#).unwrap();
+        assert!(old.pool.is_empty());
+        assert_eq!(serde_json::to_string(&old).unwrap(), r#"{"cid":3}"#);
+        let pooled: VsockConfig = "cid=3,pool=52".parse().unwrap();
+        let json = serde_json::to_string(&pooled).unwrap();
+        assert_eq!(json, r#"{"cid":3,"pool":[52]}"#);
+        assert_eq!(serde_json::from_str::<VsockConfig>(&json).unwrap(), pooled);
     }
 
     #[test]
