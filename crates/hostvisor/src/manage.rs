@@ -45,7 +45,8 @@ pub struct EditArgs {
     pub no_disks: bool,
     #[arg(long, value_name = "on|off", value_parser = parse_on_off)]
     pub rng: Option<bool>,
-    /// cid=N[,socket=PATH], auto (a free CID) or none.
+    /// cid=N[,socket=PATH][,pool=PORT[:PORT...]], auto (a free CID, the
+    /// agent's port pooled) or none.
     #[arg(long, value_name = "OPTIONS")]
     pub vsock: Option<crate::VsockArg>,
     /// Replaces all NICs (repeatable); `none` removes them.
