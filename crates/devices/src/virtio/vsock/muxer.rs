@@ -6,6 +6,9 @@
 //!   the connection is a byte stream to the guest's port.
 //! - A guest connection to host port `P` is connected to the Unix socket
 //!   `PATH_P`, if something listens there; otherwise the guest gets a reset.
+//! - Guest ports given to [`Muxer::set_pool`] (the agent's) get a
+//!   connection opened ahead of time, lent to the next `CONNECT` there
+//!   (the `pool` module).
 //!
 //! One thread runs it all on one epoll: the queues' notifications, the
 //! listening socket and every connection's socket. Host sockets are
