@@ -245,8 +245,10 @@ struct RunArgs {
     #[arg(long, value_name = "LIST", value_delimiter = ',')]
     hide_cpu_features: Vec<String>,
     /// A virtio-vsock device (the guest agent's channel):
-    /// cid=N[,socket=PATH], auto or none. Managed VMs get one by default,
-    /// with a CID no other managed VM has; `run` only when asked.
+    /// cid=N[,socket=PATH][,pool=PORT[:PORT...]] (pool: guest ports whose
+    /// connections are opened ahead of time), auto (the agent's port
+    /// pooled) or none. Managed VMs get one by default, with a CID no
+    /// other managed VM has; `run` only when asked.
     #[arg(long, value_name = "OPTIONS")]
     vsock: Option<VsockArg>,
     /// A NIC: nat[,hostfwd=tcp:127.0.0.1:8080-:80]... (user-mode NAT,
@@ -416,6 +418,7 @@ fn vm_config(args: RunArgs) -> Result<VmConfig, CliError> {
             Some(VsockArg::Auto) => Some(vmm::VsockConfig {
                 cid: 3,
                 socket: None,
+                pool: vec![agent::AGENT_PORT],
             }),
             Some(VsockArg::Set(v)) => Some(v),
         },

@@ -45,7 +45,8 @@ pub struct EditArgs {
     pub no_disks: bool,
     #[arg(long, value_name = "on|off", value_parser = parse_on_off)]
     pub rng: Option<bool>,
-    /// cid=N[,socket=PATH], auto (a free CID) or none.
+    /// cid=N[,socket=PATH][,pool=PORT[:PORT...]], auto (a free CID, the
+    /// agent's port pooled) or none.
     #[arg(long, value_name = "OPTIONS")]
     pub vsock: Option<crate::VsockArg>,
     /// Replaces all NICs (repeatable); `none` removes them.
@@ -117,6 +118,7 @@ pub fn create(
         config.vsock = Some(vmm::VsockConfig {
             cid: crate::store::free_cid().map_err(fail)?,
             socket: None,
+            pool: vec![agent::AGENT_PORT],
         });
     }
     let vm = VmDir::create(name, &config).map_err(fail)?;
@@ -390,6 +392,7 @@ pub fn edit(name: &str, args: EditArgs) -> Result<i32, CliError> {
             c.vsock = Some(vmm::VsockConfig {
                 cid: crate::store::free_cid().map_err(fail)?,
                 socket: None,
+                pool: vec![agent::AGENT_PORT],
             });
         }
         Some(crate::VsockArg::Auto) => {}

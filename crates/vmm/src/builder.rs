@@ -65,8 +65,9 @@ pub fn configured_devices(
         list.push(Box::new(devices::virtio::rng::Rng::new()));
     }
     if let Some(vsock) = &config.vsock {
-        let device =
+        let mut device =
             devices::virtio::vsock::Vsock::new(u64::from(vsock.cid), &vsock.socket_path())?;
+        device.set_pool(&vsock.pool);
         list.push(Box::new(device));
     }
     for (nic, &mac) in config.nets.iter().zip(macs) {

@@ -217,6 +217,11 @@ pub struct VsockConfig {
     /// The host-side socket; `None`: [`VsockConfig::default_socket`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub socket: Option<PathBuf>,
+    /// Guest ports whose connections the device opens ahead of time, so
+    /// a `CONNECT` there is answered at once (`pool=52` for the agent's;
+    /// several as `pool=52:53`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pool: Vec<u32>,
 }
 
 impl VsockConfig {
@@ -242,7 +247,9 @@ pub enum VsockConfigError {
     NoCid,
     #[error("cid must be a number from 3 to 4294967294, not `{0}`")]
     BadCid(String),
-    #[error("unknown vsock option `{0}` (known: cid, socket)")]
+    #[error("pool takes up to 4 guest ports separated by `:`, not `{0}`")]
+    BadPool(String),
+    #[error("unknown vsock option `{0}` (known: cid, socket, pool)")]
     UnknownKey(String),
     #[error("`{0}` is not key=value")]
     NotKeyValue(String),
@@ -253,6 +260,7 @@ impl FromStr for VsockConfig {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let mut cid = None;
         let mut socket = None;
+        let mut pool = Vec::new();
         for part in s.split(',') {
             let (key, value) = part
                 .split_once('=')
@@ -268,12 +276,22 @@ impl FromStr for VsockConfig {
                     )
                 }
                 "socket" | "path" if !value.is_empty() => socket = Some(PathBuf::from(value)),
+                "pool" => {
+                    pool = value
+                        .split(':')
+                        .map(str::parse::<u32>)
+                        .collect::<Result<Vec<_>, _>>()
+                        .ok()
+                        .filter(|p| (1..=4).contains(&p.len()))
+                        .ok_or_else(|| VsockConfigError::BadPool(value.to_string()))?
+                }
                 other => return Err(VsockConfigError::UnknownKey(other.to_string())),
             }
         }
         Ok(VsockConfig {
             cid: cid.ok_or(VsockConfigError::NoCid)?,
             socket,
+            pool,
         })
     }
 }
@@ -457,14 +475,24 @@ mod tests {
             "cid=3".parse(),
             Ok(VsockConfig {
                 cid: 3,
-                socket: None
+                socket: None,
+                pool: Vec::new(),
+            })
+        );
+        assert_eq!(
+            "cid=3,pool=52:53".parse(),
+            Ok(VsockConfig {
+                cid: 3,
+                socket: None,
+                pool: vec![52, 53],
             })
         );
         assert_eq!(
             "cid=7,socket=/run/v.sock".parse(),
             Ok(VsockConfig {
                 cid: 7,
-                socket: Some("/run/v.sock".into())
+                socket: Some("/run/v.sock".into()),
+                pool: Vec::new(),
             })
         );
         for (bad, err) in [
@@ -477,9 +505,24 @@ mod tests {
             ),
             ("cid=x", VsockConfigError::BadCid("x".into())),
             ("cid=3,port=1", VsockConfigError::UnknownKey("port".into())),
+            ("cid=3,pool=", VsockConfigError::BadPool(String::new())),
+            ("cid=3,pool=x", VsockConfigError::BadPool("x".into())),
+            (
+                "cid=3,pool=1:2:3:4:5",
+                VsockConfigError::BadPool("1:2:3:4:5".into()),
+            ),
         ] {
             assert_eq!(bad.parse::<VsockConfig>(), Err(err), "{bad}");
         }
+        // Configs written before the pool read as without one; a pool is
+        // kept.
+        let old: VsockConfig = serde_json::from_str(r#"{"cid":3}"#).unwrap();
+        assert!(old.pool.is_empty());
+        assert_eq!(serde_json::to_string(&old).unwrap(), r#"{"cid":3}"#);
+        let pooled: VsockConfig = "cid=3,pool=52".parse().unwrap();
+        let json = serde_json::to_string(&pooled).unwrap();
+        assert_eq!(json, r#"{"cid":3,"pool":[52]}"#);
+        assert_eq!(serde_json::from_str::<VsockConfig>(&json).unwrap(), pooled);
     }
 
     #[test]

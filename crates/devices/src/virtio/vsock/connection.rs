@@ -272,6 +272,16 @@ impl Connection {
         Some(self.header(Op::Rw, len, 0))
     }
 
+    /// Ends the connection at once with a reset (the host side gives it
+    /// up; not counted as the guest's protocol error).
+    pub fn abort(&mut self) {
+        if self.state != State::Closed {
+            self.pending.clear();
+            self.queue(Op::Rst, 0);
+            self.state = State::Closed;
+        }
+    }
+
     /// The host socket closed: tell the guest nothing more will come.
     pub fn host_closed(&mut self) {
         if matches!(self.state, State::Established | State::Closing) {

@@ -56,6 +56,8 @@ pub struct Vsock {
     /// Restored from a snapshot: the next activation tells the guest its
     /// connections are gone (VIRTIO_VSOCK_EVENT_TRANSPORT_RESET).
     reset_on_activate: bool,
+    /// Guest ports whose connections the muxer opens ahead of time.
+    pool: Vec<u32>,
 }
 
 impl Vsock {
@@ -84,7 +86,16 @@ impl Vsock {
             worker: None,
             sleeping: None,
             reset_on_activate: false,
+            pool: Vec::new(),
         })
+    }
+
+    /// Keeps a connection to each of `ports` (at most
+    /// [`MAX_POOL_PORTS`](muxer::MAX_POOL_PORTS)) open ahead of time, so a
+    /// host program's `CONNECT` there is answered at once (see
+    /// `muxer::pool`). Takes effect at the next activation.
+    pub fn set_pool(&mut self, ports: &[u32]) {
+        self.pool = ports.to_vec();
     }
 
     pub fn stats(&self) -> Arc<VsockStats> {
@@ -178,7 +189,11 @@ impl Vsock {
                     guest,
                     self.stats.clone(),
                 )
-                .map_err(ActivateError::Event)?
+                .map_err(ActivateError::Event)
+                .map(|mut m| {
+                    m.set_pool(&self.pool);
+                    m
+                })?
             }
         };
         if std::mem::take(&mut self.reset_on_activate) {

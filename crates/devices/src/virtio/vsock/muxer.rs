@@ -6,6 +6,9 @@
 //!   the connection is a byte stream to the guest's port.
 //! - A guest connection to host port `P` is connected to the Unix socket
 //!   `PATH_P`, if something listens there; otherwise the guest gets a reset.
+//! - Guest ports given to [`Muxer::set_pool`] (the agent's) get a
+//!   connection opened ahead of time, lent to the next `CONNECT` there
+//!   (the `pool` module).
 //!
 //! One thread runs it all on one epoll: the queues' notifications, the
 //! listening socket and every connection's socket. Host sockets are
@@ -36,6 +39,11 @@ use super::connection::{Connection, Reply, State};
 use super::packet::{Header, Op, HDR_LEN, MAX_PAYLOAD, SHUTDOWN_SEND};
 use super::persist::TransportReset;
 use crate::virtio::Interrupt;
+
+mod host_conn;
+mod pool;
+use host_conn::HostConn;
+pub use pool::MAX_PORTS as MAX_POOL_PORTS;
 
 // Epoll tokens below FIRST_STREAM are fixed; host sockets get the rest.
 const RX: u64 = 0;
@@ -78,69 +86,6 @@ struct Hello {
     line: Vec<u8>,
 }
 
-struct HostConn {
-    conn: Connection,
-    stream: UnixStream,
-    token: u64,
-    /// The socket may have bytes to read (edge-triggered epoll said so and
-    /// no read has since returned `WouldBlock`).
-    readable: bool,
-    /// Guest bytes the host socket has not taken yet.
-    to_host: VecDeque<u8>,
-    /// The guest sends no more: shut the socket's write side once
-    /// `to_host` is drained.
-    shut_write: bool,
-    /// The host side is done; the connection goes once the guest knows.
-    host_done: bool,
-    /// Leading bytes of `to_host` that are hostvisor's `OK` line, not the
-    /// guest's data (no credit is given back for them).
-    line_bytes: u32,
-}
-
-impl HostConn {
-    /// Writes what the host socket takes and gives the guest credit for
-    /// its bytes among them; a socket that is gone ends the host side.
-    fn pump_to_host(&mut self) {
-        match self.flush() {
-            Ok(n) => {
-                let line = n.min(self.line_bytes);
-                self.line_bytes -= line;
-                self.conn.delivered(n - line);
-            }
-            Err(_) => {
-                self.to_host.clear();
-                self.line_bytes = 0;
-                self.host_done = true;
-                self.conn.host_closed();
-            }
-        }
-    }
-
-    /// Writes as much of `to_host` as the socket takes; returns the bytes
-    /// written, or `Err` if the socket is gone.
-    fn flush(&mut self) -> std::io::Result<u32> {
-        let mut written = 0u32;
-        while !self.to_host.is_empty() {
-            let (front, _) = self.to_host.as_slices();
-            match self.stream.write(front) {
-                Ok(0) => return Err(ErrorKind::WriteZero.into()),
-                Ok(n) => {
-                    self.to_host.drain(..n);
-                    written = written.saturating_add(crate::virtio::len_u32(n));
-                }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            }
-        }
-        if self.to_host.is_empty() && self.shut_write {
-            let _ = self.stream.shutdown(std::net::Shutdown::Write);
-            self.shut_write = false;
-        }
-        Ok(written)
-    }
-}
-
 /// The device side a muxer serves: guest memory, the interrupt and the
 /// receive, transmit and event queues.
 pub struct Guest {
@@ -181,6 +126,7 @@ pub struct Muxer {
     /// A transport reset to send, and host connections waiting for the
     /// guest to handle it.
     reset: TransportReset,
+    pool: pool::Pool,
 }
 
 impl Muxer {
@@ -222,6 +168,7 @@ impl Muxer {
             buf: vec![0u8; MAX_PAYLOAD as usize],
             max_connections: MAX_CONNECTIONS,
             reset: TransportReset::default(),
+            pool: pool::Pool::default(),
         })
     }
 
@@ -297,6 +244,7 @@ impl Muxer {
         // Packets the guest queued before activation finished (or while
         // the device slept).
         self.process_tx();
+        self.refill_pool();
         self.fill_rx();
         self.deliver_events();
         let mut ready = vec![EpollEvent::default(); 64];
@@ -304,7 +252,11 @@ impl Muxer {
             // While the guest handles a transport reset, look again now
             // and then (its re-posted event buffer may come without a
             // notification).
-            let timeout = if self.reset.resetting() { 20 } else { -1 };
+            let timeout = if self.reset.resetting() {
+                20
+            } else {
+                self.pool_timeout_ms()
+            };
             let n = match self.epoll.wait(timeout, &mut ready) {
                 Ok(n) => n,
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
@@ -329,6 +281,7 @@ impl Muxer {
             if self.reset.resetting() {
                 self.deliver_events();
             }
+            self.refill_pool();
             self.fill_rx();
             self.reap();
         }
@@ -362,6 +315,7 @@ impl Muxer {
         for event in &ready[..n] {
             self.host_event(event.data(), event.event_set());
         }
+        self.refill_pool();
         self.fill_rx();
         self.reap();
         Ok(())
@@ -457,7 +411,9 @@ impl Muxer {
             self.reset.defer(token, hello.stream, port);
             return;
         }
-        self.connect_host(token, hello.stream, port);
+        if let Some(stream) = self.take_pooled(token, hello.stream, port) {
+            self.connect_host(token, stream, port);
+        }
     }
 
     /// Asks the guest for a connection to `port` on a host program's
@@ -501,6 +457,7 @@ impl Muxer {
                 shut_write: false,
                 host_done: false,
                 line_bytes: 0,
+                pooled: false,
             },
         );
     }
@@ -571,6 +528,10 @@ impl Muxer {
             }
             return;
         };
+        if c.pooled {
+            self.pooled_packet(key, h, payload);
+            return;
+        }
         let errors = c.conn.protocol_errors;
         match c.conn.from_guest(h, payload) {
             Reply::Nothing => {}

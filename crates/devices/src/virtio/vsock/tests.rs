@@ -470,3 +470,5 @@ fn a_connection_survives_a_pause_of_the_device() {
     host.read_exact(&mut pong).unwrap();
     assert_eq!(&pong, b"pong");
 }
+
+mod pool;
