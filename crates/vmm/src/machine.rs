@@ -177,18 +177,37 @@ impl Machine {
             restore.map(|(_, snap)| &snap.devices.legacy),
         )?;
 
-        let supported = hv.supported_cpuid()?;
-        let policy = CpuidPolicy {
-            cpu_count: spec.cpus,
-            hidden: spec.hidden_features,
+        // A restored vCPU gets the CPUID it had; otherwise (a boot, or a
+        // snapshot from before the CPUID was saved) the policy makes one
+        // from what the host supports.
+        let saved_cpuid = match restore {
+            Some((_, snap)) => snap
+                .vcpus
+                .iter()
+                .map(|v| v.saved_cpuid())
+                .collect::<Result<Option<Vec<_>>, _>>()?,
+            None => None,
+        };
+        let cpuids = match saved_cpuid {
+            Some(saved) => saved,
+            None => {
+                let supported = hv.supported_cpuid()?;
+                let policy = CpuidPolicy {
+                    cpu_count: spec.cpus,
+                    hidden: spec.hidden_features,
+                };
+                (0..spec.cpus)
+                    .map(|id| policy.apply(&supported, id))
+                    .collect()
+            }
         };
         if restore.is_none() {
             arch::regs::write_boot_tables(&mem)?;
         }
         let mut vcpus = Vec::with_capacity(spec.cpus as usize);
-        for id in 0..spec.cpus {
+        for (id, cpuid) in (0..spec.cpus).zip(&cpuids) {
             let mut vcpu = vm.create_vcpu(id)?;
-            vcpu.set_cpuid(&policy.apply(&supported, id))?;
+            vcpu.set_cpuid(cpuid)?;
             // A restored vCPU gets all of this from its saved state.
             if restore.is_none() {
                 vcpu.set_msrs(&arch::regs::boot_msrs())?;
