@@ -303,11 +303,8 @@ pub fn announce_restore(
 }
 
 /// The NICs whose address in `config` differs from the one the guest had
-/// when `snapshot` was taken (a clone's), with their new addresses.
-fn changed_macs(config: &vmm::VmConfig, snapshot: &std::path::Path) -> Vec<(usize, net::MacAddr)> {
-    let Ok(saved) = vmm::VmSnapshot::read(snapshot) else {
-        return Vec::new();
-    };
+/// when `saved` was taken (a clone's), with their new addresses.
+fn changed_macs(config: &vmm::VmConfig, saved: &vmm::VmSnapshot) -> Vec<(usize, net::MacAddr)> {
     config
         .nets
         .iter()
@@ -422,15 +419,21 @@ pub fn run(name: &str, restore: Option<&std::path::Path>) -> Result<i32, String>
     });
     let server = api::serve(&vm.socket(), backend).map_err(|e| e.to_string())?;
     tracing::info!(vm = name, pid = std::process::id(), "VM process started");
-    let restore = restore.map(|dir| vmm::RestoreSpec {
-        dir: dir.to_path_buf(),
-        load: vmm::snapshot::Load::Lazy,
-    });
-    if let (Some(from), Some(socket)) = (&restore, config.vsock.as_ref()) {
-        let macs = changed_macs(&config, &from.dir);
-        announce_restore(&socket.socket_path(), identity_in(&config), macs);
-    }
-    let result = vmm::run_vm(&config, Some(&control), restore.as_ref());
+    // The snapshot is read once, here: for the addresses to announce and
+    // for the VMM to restore from.
+    let restore = restore
+        .map(|dir| vmm::RestoreSpec::read(dir, vmm::snapshot::Load::Lazy))
+        .transpose();
+    let result = match restore {
+        Ok(restore) => {
+            if let (Some(from), Some(socket)) = (&restore, config.vsock.as_ref()) {
+                let macs = changed_macs(&config, &from.snapshot);
+                announce_restore(&socket.socket_path(), identity_in(&config), macs);
+            }
+            vmm::run_vm(&config, Some(&control), restore.as_ref())
+        }
+        Err(e) => Err(vmm::VmmError::Snapshot(e)),
+    };
     ended.store(true, Ordering::Release);
     drop(server);
     let (exit, code) = match &result {
