@@ -13,6 +13,7 @@ fn check(snap: &vmm::VmSnapshot) {
     let _ = snap.check_fits(&snap.config);
     for vcpu in &snap.vcpus {
         let _ = vcpu.validate();
+        let _ = vcpu.saved_cpuid();
     }
     let _ = snap.vm.validate();
     let legacy = &snap.devices.legacy;

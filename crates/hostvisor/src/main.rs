@@ -443,24 +443,20 @@ fn run(cmd: RunCmd) -> Result<VmOutcome, CliError> {
     let (config, restore) = match &cmd.restore {
         None => (vm_config(cmd.vm)?, None),
         Some(dir) => {
-            let snap = vmm::VmSnapshot::read(dir).map_err(|e| {
-                CliError::Failure(format!("{}: {}", dir.display(), vmm::error_chain(&e)))
-            })?;
-            let mut config = snap.config;
-            config.serial = cmd.vm.serial;
-            overlay_restored_disks(&mut config, &cmd.disk_overlay)?;
             let load = if cmd.restore_eager {
                 vmm::snapshot::Load::Eager
             } else {
                 vmm::snapshot::Load::Lazy
             };
-            (
-                config,
-                Some(vmm::RestoreSpec {
-                    dir: dir.clone(),
-                    load,
-                }),
-            )
+            // Read once: the configuration comes from it, and the VMM
+            // restores from the same document.
+            let spec = vmm::RestoreSpec::read(dir, load).map_err(|e| {
+                CliError::Failure(format!("{}: {}", dir.display(), vmm::error_chain(&e)))
+            })?;
+            let mut config = spec.snapshot.config.clone();
+            config.serial = cmd.vm.serial;
+            overlay_restored_disks(&mut config, &cmd.disk_overlay)?;
+            (config, Some(spec))
         }
     };
     if let (Some(_), Some(vsock)) = (&restore, &config.vsock) {

@@ -341,11 +341,8 @@ pub fn announce_restore(
 }
 
 /// The NICs whose address in `config` differs from the one the guest had
-/// when `snapshot` was taken (a clone's), with their new addresses.
-fn changed_macs(config: &vmm::VmConfig, snapshot: &std::path::Path) -> Vec<(usize, net::MacAddr)> {
-    let Ok(saved) = vmm::VmSnapshot::read(snapshot) else {
-        return Vec::new();
-    };
+/// when `saved` was taken (a clone's), with their new addresses.
+fn changed_macs(config: &vmm::VmConfig, saved: &vmm::VmSnapshot) -> Vec<(usize, net::MacAddr)> {
     config
         .nets
         .iter()
@@ -470,17 +467,24 @@ pub fn run(name: &str, restore: Option<&std::path::Path>) -> Result<i32, String>
     });
     let server = api::serve(&vm.socket(), backend.clone()).map_err(|e| e.to_string())?;
     tracing::info!(vm = name, pid = std::process::id(), "VM process started");
-    let mut restore = restore.map(|dir| vmm::RestoreSpec {
-        dir: dir.to_path_buf(),
-        load: vmm::snapshot::Load::Lazy,
-    });
+    let mut restore = restore.map(std::path::Path::to_path_buf);
     let result = loop {
-        if let (Some(from), Some(socket)) = (&restore, config.vsock.as_ref()) {
-            let macs = changed_macs(&config, &from.dir);
+        // The snapshot is read once per machine: for the addresses to
+        // announce and for the VMM to restore from.
+        let spec = restore
+            .as_deref()
+            .map(|dir| vmm::RestoreSpec::read(dir, vmm::snapshot::Load::Lazy))
+            .transpose();
+        let spec = match spec {
+            Ok(spec) => spec,
+            Err(e) => break Err(vmm::error_chain(&vmm::VmmError::Snapshot(e))),
+        };
+        if let (Some(from), Some(socket)) = (&spec, config.vsock.as_ref()) {
+            let macs = changed_macs(&config, &from.snapshot);
             announce_restore(&socket.socket_path(), identity_in(&config), macs);
         }
-        let result = vmm::run_vm(&config, Some(&control), restore.as_ref())
-            .map_err(|e| vmm::error_chain(&e));
+        let result =
+            vmm::run_vm(&config, Some(&control), spec.as_ref()).map_err(|e| vmm::error_chain(&e));
         // A restore through the API ended this machine: go on from the
         // snapshot, in this process (its API and lock stay).
         match relaunch.after_run() {
@@ -493,10 +497,7 @@ pub fn run(name: &str, restore: Option<&std::path::Path>) -> Result<i32, String>
                         .lock()
                         .unwrap_or_else(std::sync::PoisonError::into_inner) =
                         serde_json::to_value(&config).unwrap_or_default();
-                    restore = state.map(|dir| vmm::RestoreSpec {
-                        dir,
-                        load: vmm::snapshot::Load::Lazy,
-                    });
+                    restore = state;
                 }
                 Err(e) => break Err(format!("after restoring a snapshot: {e}")),
             },

@@ -216,6 +216,7 @@ impl Vm for KvmVm {
             fd,
             id,
             support: self.support.clone(),
+            cpuid: None,
         }))
     }
 
@@ -250,6 +251,11 @@ pub struct KvmVcpu {
     fd: VcpuFd,
     id: u32,
     support: Arc<StateSupport>,
+    /// The CPUID last set, which a saved state carries. (It is kept
+    /// rather than read back: `KVM_GET_CPUID2` answers with KVM's
+    /// runtime view, which on some hosts, the nested PVM KVM among them,
+    /// is not what was set.)
+    cpuid: Option<Vec<crate::state::CpuidEntry>>,
 }
 
 impl CpuState for KvmVcpu {
@@ -335,7 +341,15 @@ impl Vcpu for KvmVcpu {
     fn set_cpuid(&mut self, cpuid: &CpuId) -> Result<()> {
         self.fd
             .set_cpuid2(cpuid)
-            .map_err(ioctl_err("KVM_SET_CPUID2"))
+            .map_err(ioctl_err("KVM_SET_CPUID2"))?;
+        self.cpuid = Some(
+            cpuid
+                .as_slice()
+                .iter()
+                .map(crate::state::CpuidEntry::from_kvm)
+                .collect(),
+        );
+        Ok(())
     }
 
     fn set_msrs(&mut self, msrs: &[MsrEntry]) -> Result<()> {
@@ -403,7 +417,7 @@ impl Vcpu for KvmVcpu {
     }
 
     fn save_state(&self) -> Result<VcpuState> {
-        persist::save_vcpu(&self.fd, &self.support)
+        persist::save_vcpu(&self.fd, &self.support, self.cpuid.clone())
     }
 
     fn restore_state(&mut self, state: &VcpuState) -> Result<()> {

@@ -9,7 +9,9 @@
 //! FPU image on a host without XSAVE), the extended control registers
 //! (XCR0), the MSRs, the local APIC's register page, pending events
 //! (exceptions, interrupts, NMI, SMI), the multiprocessing state (running,
-//! halted, waiting for SIPI), the debug registers, and the TSC frequency.
+//! halted, waiting for SIPI), the debug registers, the TSC frequency, and
+//! the CPUID the vCPU was given (so a restore sets it again without asking
+//! the host what it supports).
 //!
 //! The MSRs saved are those KVM reports as saveable (`KVM_GET_MSR_INDEX_LIST`)
 //! plus a few it does not always list (the TSC, kvmclock's system-time and
@@ -19,7 +21,7 @@
 //!
 //! # Restore order
 //! The caller first sets the vCPU's CPUID (it decides which MSRs and XSAVE
-//! components exist), then [`crate::Vcpu::restore_state`] writes, in order:
+//! components exist: the saved one, [`VcpuState::saved_cpuid`]), then [`crate::Vcpu::restore_state`] writes, in order:
 //! the TSC frequency (before the TSC MSR, whose value it scales), the MP
 //! state, regs, sregs (which set the APIC base and so the LAPIC's mode,
 //! hence before the LAPIC), the XSAVE area or FPU, XCRs, debug registers,
@@ -102,7 +104,56 @@ pub struct VcpuState {
     /// The guest's TSC frequency; `None` where KVM cannot tell it.
     #[serde(default)]
     pub tsc_khz: Option<u32>,
+    /// The CPUID the vCPU was given (`KVM_SET_CPUID2`), which a restore sets
+    /// again instead of asking the host what it supports
+    /// (`KVM_GET_SUPPORTED_CPUID`, ~1 ms on a nested KVM) and applying the
+    /// boot-time policy; `None` in snapshots made before it was saved.
+    #[serde(default)]
+    pub cpuid: Option<Vec<CpuidEntry>>,
 }
+
+/// One CPUID leaf (and subleaf) as KVM exchanges it.
+#[derive(Serialize, Deserialize, Clone, Copy, PartialEq, Eq, Debug)]
+pub struct CpuidEntry {
+    pub function: u32,
+    pub index: u32,
+    /// `KVM_CPUID_FLAG_*` (bit 0: the subleaf index is significant).
+    pub flags: u32,
+    pub eax: u32,
+    pub ebx: u32,
+    pub ecx: u32,
+    pub edx: u32,
+}
+
+impl CpuidEntry {
+    pub fn from_kvm(e: &crate::CpuIdEntry) -> Self {
+        CpuidEntry {
+            function: e.function,
+            index: e.index,
+            flags: e.flags,
+            eax: e.eax,
+            ebx: e.ebx,
+            ecx: e.ecx,
+            edx: e.edx,
+        }
+    }
+
+    pub fn to_kvm(self) -> crate::CpuIdEntry {
+        crate::CpuIdEntry {
+            function: self.function,
+            index: self.index,
+            flags: self.flags,
+            eax: self.eax,
+            ebx: self.ebx,
+            ecx: self.ecx,
+            edx: self.edx,
+            ..Default::default()
+        }
+    }
+}
+
+/// The most CPUID entries a vCPU state may carry: what KVM accepts.
+pub const MAX_CPUID_ENTRIES: usize = kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 
 /// The floating-point and vector register context.
 #[derive(Serialize, Deserialize, Clone, PartialEq, Debug)]
@@ -226,7 +277,39 @@ impl VcpuState {
         if self.tsc_khz == Some(0) {
             return Err(invalid("a TSC frequency of 0 kHz".to_string()));
         }
+        if let Some(cpuid) = &self.cpuid {
+            validate_cpuid(cpuid)?;
+        }
         Ok(())
+    }
+
+    /// The saved CPUID in KVM's form, to set on the restored vCPU before
+    /// [`crate::Vcpu::restore_state`]; `None` when the state has none (an
+    /// older snapshot: the caller builds one as at boot). Checked: at most
+    /// [`MAX_CPUID_ENTRIES`] entries, no leaf twice, and the CPU vendor
+    /// of leaf 0 is this host's (a guest moved to another vendor's CPU
+    /// would run with the wrong instructions for it).
+    pub fn saved_cpuid(&self) -> Result<Option<crate::CpuId>> {
+        let Some(entries) = &self.cpuid else {
+            return Ok(None);
+        };
+        validate_cpuid(entries)?;
+        let host = host_vendor();
+        match entries.iter().find(|e| e.function == 0) {
+            Some(leaf0) if vendor(leaf0) == host => {}
+            Some(leaf0) => {
+                return Err(invalid(format!(
+                    "the snapshot's CPU vendor is {:?}, this host's is {:?}",
+                    String::from_utf8_lossy(&vendor(leaf0)),
+                    String::from_utf8_lossy(&host)
+                )))
+            }
+            None => return Err(invalid("the saved CPUID has no leaf 0".to_string())),
+        }
+        let kvm: Vec<crate::CpuIdEntry> = entries.iter().map(|e| e.to_kvm()).collect();
+        crate::CpuId::from_entries(&kvm)
+            .map(Some)
+            .map_err(|_| invalid(format!("{} CPUID entries", entries.len())))
     }
 
     /// The MSRs in the order they must be written (see
@@ -261,6 +344,43 @@ pub fn msr_restore_rank(index: u32) -> (u8, u32) {
         MSR_IA32_TSC_DEADLINE => (3, index),
         _ => (2, index),
     }
+}
+
+fn validate_cpuid(entries: &[CpuidEntry]) -> Result<()> {
+    if entries.is_empty() || entries.len() > MAX_CPUID_ENTRIES {
+        return Err(invalid(format!(
+            "{} CPUID entries; there must be 1 to {MAX_CPUID_ENTRIES}",
+            entries.len()
+        )));
+    }
+    let mut seen = std::collections::HashSet::new();
+    if entries.iter().any(|e| !seen.insert((e.function, e.index))) {
+        return Err(invalid("a CPUID leaf appears twice".to_string()));
+    }
+    Ok(())
+}
+
+/// The vendor string of a CPUID leaf 0 ("GenuineIntel", "AuthenticAMD").
+fn vendor(leaf0: &CpuidEntry) -> [u8; 12] {
+    let mut v = [0u8; 12];
+    v[..4].copy_from_slice(&leaf0.ebx.to_le_bytes());
+    v[4..8].copy_from_slice(&leaf0.edx.to_le_bytes());
+    v[8..].copy_from_slice(&leaf0.ecx.to_le_bytes());
+    v
+}
+
+/// This CPU's vendor string, from the CPUID instruction.
+fn host_vendor() -> [u8; 12] {
+    let leaf0 = std::arch::x86_64::__cpuid(0);
+    vendor(&CpuidEntry {
+        function: 0,
+        index: 0,
+        flags: 0,
+        eax: leaf0.eax,
+        ebx: leaf0.ebx,
+        ecx: leaf0.ecx,
+        edx: leaf0.edx,
+    })
 }
 
 fn has_duplicates(indices: impl Iterator<Item = u32>) -> bool {
@@ -443,7 +563,64 @@ mod tests {
             mp_state: 0,
             debug_regs: None,
             tsc_khz: Some(2_000_000),
+            cpuid: Some(vec![host_leaf0(), leaf(1, 0)]),
         }
+    }
+
+    fn leaf(function: u32, index: u32) -> CpuidEntry {
+        CpuidEntry {
+            function,
+            index,
+            flags: 0,
+            eax: 0,
+            ebx: 0,
+            ecx: 0,
+            edx: 0,
+        }
+    }
+
+    fn host_leaf0() -> CpuidEntry {
+        let r = std::arch::x86_64::__cpuid(0);
+        CpuidEntry {
+            eax: r.eax,
+            ebx: r.ebx,
+            ecx: r.ecx,
+            edx: r.edx,
+            ..leaf(0, 0)
+        }
+    }
+
+    #[test]
+    fn a_saved_cpuid_is_checked_before_it_is_used() {
+        let state = sample();
+        let cpuid = state.saved_cpuid().unwrap().unwrap();
+        assert_eq!(cpuid.as_slice().len(), 2);
+        assert_eq!(cpuid.as_slice()[0].ebx, host_leaf0().ebx);
+        // An older snapshot has none: the caller makes one.
+        let older = VcpuState {
+            cpuid: None,
+            ..sample()
+        };
+        assert!(older.saved_cpuid().unwrap().is_none());
+        older.validate().unwrap();
+        // Another vendor's CPU.
+        let mut other = sample();
+        let other_vendor = if host_vendor() == *b"AuthenticAMD" {
+            *b"GenuineIntel"
+        } else {
+            *b"AuthenticAMD"
+        };
+        let word = |i: usize| u32::from_le_bytes(other_vendor[i..i + 4].try_into().unwrap());
+        if let Some(leaf0) = other.cpuid.as_mut().and_then(|c| c.first_mut()) {
+            (leaf0.ebx, leaf0.edx, leaf0.ecx) = (word(0), word(4), word(8));
+        }
+        let err = other.saved_cpuid().unwrap_err().to_string();
+        assert!(err.contains("vendor"), "{err}");
+        // No leaf 0.
+        let mut headless = sample();
+        headless.cpuid = Some(vec![leaf(1, 0)]);
+        let err = headless.saved_cpuid().unwrap_err().to_string();
+        assert!(err.contains("leaf 0"), "{err}");
     }
 
     #[test]
@@ -517,6 +694,17 @@ mod tests {
             ),
             ("twice", Box::new(|s| s.xcrs.push(s.xcrs[0]))),
             ("TSC", Box::new(|s| s.tsc_khz = Some(0))),
+            ("CPUID entries", Box::new(|s| s.cpuid = Some(Vec::new()))),
+            (
+                "CPUID entries",
+                Box::new(|s| {
+                    s.cpuid = Some((0..=MAX_CPUID_ENTRIES as u32).map(|f| leaf(f, 0)).collect())
+                }),
+            ),
+            (
+                "CPUID leaf appears twice",
+                Box::new(|s| s.cpuid = Some(vec![leaf(0, 0), leaf(7, 1), leaf(7, 1)])),
+            ),
         ];
         for (what, mutate) in cases {
             let mut state = sample();

@@ -117,11 +117,18 @@ struct TestVm {
     /// How many times the guest read PORT (a device's state, which the
     /// VMM would save alongside).
     reads: u32,
+    /// The CPUID the vCPU was given.
+    cpuid: hypervisor::CpuId,
 }
 
 /// A VM with `mem` as its RAM, its platform devices, and one vCPU with
 /// the host's CPUID.
 fn new_vm(hv: &KvmHypervisor, mem: GuestMemoryMmap) -> TestVm {
+    new_vm_with(hv, mem, &hv.supported_cpuid().unwrap())
+}
+
+/// As [`new_vm`], the vCPU with `cpuid`.
+fn new_vm_with(hv: &KvmHypervisor, mem: GuestMemoryMmap, cpuid: &hypervisor::CpuId) -> TestVm {
     let vm = hv.create_vm().unwrap();
     for (slot, region) in (0u32..).zip(mem.iter()) {
         // SAFETY: the region belongs to `mem`, which TestVm keeps for as
@@ -138,12 +145,13 @@ fn new_vm(hv: &KvmHypervisor, mem: GuestMemoryMmap) -> TestVm {
     }
     vm.create_platform_devices().unwrap();
     let mut vcpu = vm.create_vcpu(0).unwrap();
-    vcpu.set_cpuid(&hv.supported_cpuid().unwrap()).unwrap();
+    vcpu.set_cpuid(cpuid).unwrap();
     TestVm {
         vm,
         vcpu,
         mem,
         reads: 0,
+        cpuid: cpuid.clone(),
     }
 }
 
@@ -293,9 +301,15 @@ fn save(t: &TestVm) -> (VcpuState, VmState) {
     (t.vcpu.save_state().unwrap(), t.vm.save_state().unwrap())
 }
 
-/// A second VM with a copy of `from`'s memory and the saved state.
+/// A second VM with a copy of `from`'s memory and the saved state (the
+/// vCPU given the saved CPUID, as a snapshot restore does).
 fn restore(hv: &KvmHypervisor, from: &TestVm, state: &(VcpuState, VmState)) -> TestVm {
-    let mut t = new_vm(hv, copy_memory(&from.mem));
+    let cpuid = state
+        .0
+        .saved_cpuid()
+        .unwrap()
+        .expect("the state has the CPUID");
+    let mut t = new_vm_with(hv, copy_memory(&from.mem), &cpuid);
     t.reads = from.reads;
     t.vm.restore_state(&state.1).unwrap();
     t.vcpu.restore_state(&state.0).unwrap();
@@ -314,6 +328,16 @@ fn a_guest_continues_in_a_second_vm_from_where_it_was_saved() {
     run_to_read(&mut first);
     complete(&mut first);
     let state = save(&first);
+    // The CPUID the vCPU was given is saved, leaf for leaf (what it was
+    // given, not what the host supports now: that can differ from one
+    // call to the next, in per-CPU fields).
+    let given: Vec<_> = first
+        .cpuid
+        .as_slice()
+        .iter()
+        .map(hypervisor::state::CpuidEntry::from_kvm)
+        .collect();
+    assert_eq!(state.0.cpuid.as_ref(), Some(&given));
     assert!(
         state.0.regs.rip > CODE && state.0.regs.rbx == 3,
         "saved mid-round: {:?}",

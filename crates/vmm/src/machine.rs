@@ -78,8 +78,7 @@ impl std::fmt::Debug for Machine {
 
 /// The highest vCPU count this host and platform allow, and why.
 pub fn max_cpus(hv: &dyn Hypervisor) -> (u32, &'static str) {
-    let host = std::thread::available_parallelism()
-        .map_or(1, |n| u32::try_from(n.get()).unwrap_or(u32::MAX));
+    let host = host_cpus();
     let kvm = u32::try_from(hv.max_vcpus()).unwrap_or(u32::MAX);
     let mp = arch::mptable::max_cpus();
     [
@@ -90,6 +89,27 @@ pub fn max_cpus(hv: &dyn Hypervisor) -> (u32, &'static str) {
     .into_iter()
     .min_by_key(|(n, _)| *n)
     .unwrap_or((1, "the host's CPU count"))
+}
+
+/// How many CPUs this process may run on: its affinity mask, one
+/// syscall. (`std::thread::available_parallelism` also reads the cgroup
+/// files and the mount table to find a CPU quota: 0.1 ms of every VM start
+/// and restore on the development host, for a limit that is about time
+/// shares, not about how many vCPUs can run at once.)
+fn host_cpus() -> u32 {
+    // SAFETY: `cpu_set_t` is a plain bit array; all zeros is an empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: the pointer and size describe `set`, which outlives the call.
+    let got = unsafe { libc::sched_getaffinity(0, std::mem::size_of_val(&set), &mut set) };
+    match got {
+        // More CPUs than a `cpu_set_t` holds (EINVAL), or no answer.
+        // SAFETY: `set` is an initialised `cpu_set_t`, filled by the call.
+        0 => u32::try_from(unsafe { libc::CPU_COUNT(&set) })
+            .unwrap_or(1)
+            .max(1),
+        _ => std::thread::available_parallelism()
+            .map_or(1, |n| u32::try_from(n.get()).unwrap_or(u32::MAX)),
+    }
 }
 
 impl Machine {
@@ -177,18 +197,37 @@ impl Machine {
             restore.map(|(_, snap)| &snap.devices.legacy),
         )?;
 
-        let supported = hv.supported_cpuid()?;
-        let policy = CpuidPolicy {
-            cpu_count: spec.cpus,
-            hidden: spec.hidden_features,
+        // A restored vCPU gets the CPUID it had; otherwise (a boot, or a
+        // snapshot from before the CPUID was saved) the policy makes one
+        // from what the host supports.
+        let saved_cpuid = match restore {
+            Some((_, snap)) => snap
+                .vcpus
+                .iter()
+                .map(|v| v.saved_cpuid())
+                .collect::<Result<Option<Vec<_>>, _>>()?,
+            None => None,
+        };
+        let cpuids = match saved_cpuid {
+            Some(saved) => saved,
+            None => {
+                let supported = hv.supported_cpuid()?;
+                let policy = CpuidPolicy {
+                    cpu_count: spec.cpus,
+                    hidden: spec.hidden_features,
+                };
+                (0..spec.cpus)
+                    .map(|id| policy.apply(&supported, id))
+                    .collect()
+            }
         };
         if restore.is_none() {
             arch::regs::write_boot_tables(&mem)?;
         }
         let mut vcpus = Vec::with_capacity(spec.cpus as usize);
-        for id in 0..spec.cpus {
+        for (id, cpuid) in (0..spec.cpus).zip(&cpuids) {
             let mut vcpu = vm.create_vcpu(id)?;
-            vcpu.set_cpuid(&policy.apply(&supported, id))?;
+            vcpu.set_cpuid(cpuid)?;
             // A restored vCPU gets all of this from its saved state.
             if restore.is_none() {
                 vcpu.set_msrs(&arch::regs::boot_msrs())?;
@@ -741,4 +780,18 @@ fn millis(d: Duration) -> u64 {
 
 fn at(rip: Option<u64>) -> String {
     rip.map_or_else(String::new, |rip| format!(" at RIP {rip:#x}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The affinity mask counts at least the CPUs std finds (which may
+    /// also apply a cgroup quota), and never zero.
+    #[test]
+    fn host_cpus_come_from_the_affinity_mask() {
+        let std_count = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let ours = host_cpus() as usize;
+        assert!(ours >= 1 && ours >= std_count, "{ours} < {std_count}");
+    }
 }

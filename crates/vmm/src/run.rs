@@ -18,7 +18,7 @@ use crate::control::VmControl;
 use crate::error::VmmError;
 use crate::machine::{Machine, MachineSpec, RunEnd, RunOptions};
 use crate::outcome::VmOutcome;
-use crate::snapshot::{RestoreSpec, VmSnapshot};
+use crate::snapshot::RestoreSpec;
 
 /// The address of NIC `index` of a VM whose configuration names none: one
 /// of its own for this run (`hostvisor` stores one per managed VM, which
@@ -151,14 +151,10 @@ pub fn run_vm(
     control: Option<&VmControl>,
     restore: Option<&RestoreSpec>,
 ) -> Result<VmOutcome, VmmError> {
-    let snap = restore
-        .map(|from| {
-            let snap = VmSnapshot::read(&from.dir)?;
-            snap.check_fits(config)?;
-            Ok::<_, crate::snapshot::SnapshotError>(snap)
-        })
-        .transpose()?;
-    let mut restore = restore.zip(snap);
+    if let Some(from) = restore {
+        from.snapshot.check_fits(config)?;
+    }
+    let mut restore = restore.map(|from| (from, &from.snapshot));
     let started = *PROCESS_START.get_or_init(Instant::now);
     let hv = open_hypervisor()?;
     let mut hidden = config
@@ -236,7 +232,7 @@ pub fn run_vm(
         }
         machine.describe(config.clone(), macs.clone());
         if let Some((_, snap)) = from {
-            machine.restore_state(&snap)?;
+            machine.restore_state(snap)?;
             tracing::info!(target: "hostvisor::timing",
                 "restored at {:.3} ms", started.elapsed().as_secs_f64() * 1e3);
         } else {

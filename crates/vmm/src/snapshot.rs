@@ -76,11 +76,29 @@ pub struct SnapshotRequest {
     pub overlays: Vec<PathBuf>,
 }
 
-/// Where a restore comes from.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Where a restore comes from: the snapshot directory, read and checked
+/// once ([`RestoreSpec::read`]) by whoever starts the restore, which
+/// then takes its configuration (or checks its own against it) from
+/// `snapshot`.
+#[derive(Debug, Clone, PartialEq)]
 pub struct RestoreSpec {
     pub dir: PathBuf,
     pub load: Load,
+    /// The directory's state document.
+    pub snapshot: VmSnapshot,
+}
+
+impl RestoreSpec {
+    /// Reads the state document of the snapshot in `dir` (see
+    /// [`VmSnapshot::read`]); guest RAM is mapped from its memory file,
+    /// as `load` says, when the machine is built.
+    pub fn read(dir: &Path, load: Load) -> Result<RestoreSpec, SnapshotError> {
+        Ok(RestoreSpec {
+            dir: dir.to_path_buf(),
+            load,
+            snapshot: VmSnapshot::read(dir)?,
+        })
+    }
 }
 
 /// Why a snapshot could not be taken or restored.

@@ -32,8 +32,8 @@ use zerocopy::{FromBytes, IntoBytes};
 
 use super::ioctl_err;
 use crate::state::{
-    msr_restore_rank, FpuContext, IoapicState, LegacyFpu, Msr, PicState, Xcr, IOAPIC_PINS,
-    MSR_IA32_TSC, MSR_IA32_TSC_ADJUST, MSR_IA32_TSC_DEADLINE, MSR_KVM_SYSTEM_TIME_NEW,
+    msr_restore_rank, CpuidEntry, FpuContext, IoapicState, LegacyFpu, Msr, PicState, Xcr,
+    IOAPIC_PINS, MSR_IA32_TSC, MSR_IA32_TSC_ADJUST, MSR_IA32_TSC_DEADLINE, MSR_KVM_SYSTEM_TIME_NEW,
     MSR_KVM_WALL_CLOCK_NEW, XSAVE_MIN_WORDS,
 };
 use crate::{HypervisorError, Result, VcpuState, VmState};
@@ -140,7 +140,12 @@ fn fam_error(op: &'static str) -> impl FnOnce(vmm_sys_util::fam::Error) -> Hyper
     }
 }
 
-pub(super) fn save_vcpu(fd: &VcpuFd, support: &StateSupport) -> Result<VcpuState> {
+/// Reads vCPU `fd`'s state; `cpuid` is the CPUID it was given.
+pub(super) fn save_vcpu(
+    fd: &VcpuFd,
+    support: &StateSupport,
+    cpuid: Option<Vec<CpuidEntry>>,
+) -> Result<VcpuState> {
     // The MP state first: reading it makes KVM process a pending INIT or
     // SIPI, which changes the registers and the LAPIC read after it.
     let mp_state = fd
@@ -199,6 +204,7 @@ pub(super) fn save_vcpu(fd: &VcpuFd, support: &StateSupport) -> Result<VcpuState
         mp_state,
         debug_regs,
         tsc_khz,
+        cpuid,
     })
 }
 
