@@ -463,25 +463,12 @@ impl Machine {
                             Err(ControlError::Conflict("the VM is already paused".into()))
                         }
                         ControlRequest::Pause => {
-                            gate.close();
-                            for h in &handles {
-                                h.kick();
-                            }
-                            if !gate.wait_parked(running, std::time::Duration::from_secs(10)) {
-                                gate.open();
-                                Err(ControlError::Failed("the vCPUs did not stop".into()))
-                            } else if let Err(e) = self.virtio.sleep_all() {
-                                // A device stuck in its backend: no pause
-                                // that would let it write guest RAM.
-                                gate.open();
-                                Err(ControlError::Failed(e))
-                            } else {
-                                // The guest's clock stands still while
-                                // paused, and nothing changes its RAM.
-                                let clock = self.vm.clock().unwrap_or(0);
+                            // The guest's clock stands still while paused,
+                            // and nothing changes its RAM.
+                            self.quiesce(&gate, &handles, running).map(|clock| {
                                 paused = Some((clock, Instant::now()));
-                                Ok(None)
-                            }
+                                None
+                            })
                         }
                         ControlRequest::Resume => match paused.take() {
                             None => Err(ControlError::Conflict("the VM is not paused".into())),
@@ -608,17 +595,7 @@ impl Machine {
         let started = Instant::now();
         let clock = match paused_clock {
             Some(clock) => clock,
-            None => {
-                gate.close();
-                for h in handles {
-                    h.kick();
-                }
-                if !gate.wait_parked(running, Duration::from_secs(10)) {
-                    gate.open();
-                    return Err(ControlError::Failed("the vCPUs did not stop".into()));
-                }
-                self.vm.clock().unwrap_or(0)
-            }
+            None => self.park_vcpus(gate, handles, running)?,
         };
         let ctx = SaveContext {
             vm: self.vm.as_ref(),
@@ -655,6 +632,42 @@ impl Machine {
 }
 
 impl Machine {
+    /// Stops the `running` vCPUs at `gate`; returns the guest clock as
+    /// they stopped (set back on resume, so the guest sees no gap).
+    fn park_vcpus(
+        &self,
+        gate: &PauseGate,
+        handles: &[VcpuHandle],
+        running: usize,
+    ) -> Result<u64, ControlError> {
+        gate.close();
+        for h in handles {
+            h.kick();
+        }
+        if !gate.wait_parked(running, Duration::from_secs(10)) {
+            gate.open();
+            return Err(ControlError::Failed("the vCPUs did not stop".into()));
+        }
+        Ok(self.vm.clock().unwrap_or(0))
+    }
+
+    /// [`Self::park_vcpus`], then every device asleep: nothing changes
+    /// guest RAM until they wake. A device stuck in its backend fails it
+    /// (the vCPUs run again): no pause that would let it write guest RAM.
+    fn quiesce(
+        &self,
+        gate: &PauseGate,
+        handles: &[VcpuHandle],
+        running: usize,
+    ) -> Result<u64, ControlError> {
+        let clock = self.park_vcpus(gate, handles, running)?;
+        if let Err(e) = self.virtio.sleep_all() {
+            gate.open();
+            return Err(ControlError::Failed(e));
+        }
+        Ok(clock)
+    }
+
     /// Runs `job` with every disk closed (see [`crate::reopen`]): pauses
     /// the vCPUs and puts the devices to sleep unless the VM is paused
     /// (then they are already), and resumes afterwards.
@@ -666,22 +679,11 @@ impl Machine {
         running: usize,
         paused: bool,
     ) -> Result<Option<VmStatus>, ControlError> {
-        let mut clock = None;
-        if !paused {
-            gate.close();
-            for h in handles {
-                h.kick();
-            }
-            if !gate.wait_parked(running, Duration::from_secs(10)) {
-                gate.open();
-                return Err(ControlError::Failed("the vCPUs did not stop".into()));
-            }
-            clock = Some(self.vm.clock().unwrap_or(0));
-            if let Err(e) = self.virtio.sleep_all() {
-                gate.open();
-                return Err(ControlError::Failed(e));
-            }
-        }
+        let clock = if paused {
+            None
+        } else {
+            Some(self.quiesce(gate, handles, running)?)
+        };
         let result = {
             let disks = self
                 .disks
