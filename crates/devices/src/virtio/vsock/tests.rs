@@ -56,6 +56,15 @@ impl<'a> FakeDriver<'a> {
     }
 
     /// Packets the device has put in receive buffers since the last call.
+    /// The payload bytes of the data packets received since the last look.
+    fn received_data(&mut self) -> Vec<u8> {
+        self.received()
+            .into_iter()
+            .filter(|(h, _)| h.op == Op::Rw)
+            .flat_map(|(_, p)| p)
+            .collect()
+    }
+
     fn received(&mut self) -> Vec<(Header, Vec<u8>)> {
         let used = self.rx.used().idx().load();
         let mut out = Vec::new();
@@ -304,32 +313,27 @@ fn host_data_waits_for_guest_credit() {
     m.process_tx();
     let (mut accepted, _) = service.accept().unwrap();
     accepted.write_all(b"0123456789abcdefghij").unwrap();
+    credit_limits_hold(&mut m, &mut drv, 6000, 7);
+}
+
+/// The host end of a connection (guest port `guest`, host port `host`)
+/// has written 20 bytes and the guest gave 10 bytes of credit: the guest
+/// gets 10, and the rest only once it says it consumed them — without a
+/// new host event (the socket stayed readable).
+fn credit_limits_hold(m: &mut Muxer, drv: &mut FakeDriver, guest: u32, host: u32) {
     let mut data = Vec::new();
     for _ in 0..5 {
         m.poll_host(50).unwrap();
-        data.extend(
-            drv.received()
-                .into_iter()
-                .filter(|(h, _)| h.op == Op::Rw)
-                .flat_map(|(_, p)| p),
-        );
+        data.extend(drv.received_data());
     }
     assert_eq!(data, b"0123456789", "no more than the guest's buffer");
-    // The guest consumed it and says so: the rest follows without a new
-    // host event (the socket stayed readable).
-    let mut update = guest_packet(Op::CreditUpdate, 6000, 7, 0);
+    let mut update = guest_packet(Op::CreditUpdate, guest, host, 0);
     update.buf_alloc = 10;
     update.fwd_cnt = 10;
     drv.send(update, &[]);
     m.process_tx();
     m.fill_rx();
-    let rest: Vec<u8> = drv
-        .received()
-        .into_iter()
-        .filter(|(h, _)| h.op == Op::Rw)
-        .flat_map(|(_, p)| p)
-        .collect();
-    assert_eq!(rest, b"abcdefghij");
+    assert_eq!(drv.received_data(), b"abcdefghij");
 }
 
 #[test]
