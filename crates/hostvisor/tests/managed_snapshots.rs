@@ -128,58 +128,107 @@ fn killing_the_vmm_during_snapshot_take_loses_no_snapshot() {
     if !kvm_usable() || default_guest().is_none() || !qemu_img_usable() {
         return;
     }
-    let disks = temp_dir("managed-snap-kill");
-    let base = disks.join("base.qcow2");
-    create_disk(&base, "4M");
-    let vm = TestVm::start("k", &["--disk", &format!("path={}", base.display())]);
-    let mark = |m: &str| {
-        vm.sh(&format!(
-            "echo {m} > /tmp/note; printf {m} | dd of=/dev/vda conv=fsync 2>/dev/null"
-        ));
-    };
-    let read = || {
-        let f = facts(&vm, "k");
-        (f[3].clone(), f[4].clone())
-    };
-    mark("BASE");
-    vm.ok(&["snapshot", "take", "k", "base"]);
-    // Restores a snapshot and makes sure the VM runs (a restore leaves a
-    // stopped VM stopped, to resume at its next start).
-    let back_to = |name: &str| {
-        vm.ok(&["snapshot", "restore", "k", name]);
-        if show(&vm, "k")["state"] != "running" {
-            vm.ok(&["start", "k"]);
-        }
-    };
+    let rig = KillRig::new("k", "managed-snap-kill");
+    rig.mark("BASE");
+    rig.vm.ok(&["snapshot", "take", "k", "base"]);
     let mut rng = KillRng::new();
     let mut taken = vec![("base".to_string(), "BASE".to_string())];
     for round in 0..20 {
-        back_to("base");
+        rig.back_to("base");
         let m = format!("R{round:03}");
-        mark(&m);
+        rig.mark(&m);
         let name = format!("t{round}");
-        let pid: i32 = std::fs::read_to_string(vm.dir().join("pid"))
+        let pid = rig.pid();
+        let mut take = rig.spawn_snapshot("take", &name);
+        std::thread::sleep(Duration::from_millis(rng.below(1500)));
+        rig.kill_vm_process(pid);
+        if take.0.wait().unwrap().success() {
+            taken.push((name, m));
+        }
+    }
+    eprintln!("{} of 20 takes finished before the kill", taken.len() - 1);
+    rig.check_layers();
+    // Every snapshot taken restores to its own memory and disk.
+    for (name, m) in &taken {
+        rig.back_to(name);
+        assert_eq!(rig.read(), (m.clone(), m.clone()), "snapshot {name}");
+    }
+    rig.finish();
+}
+
+/// A managed VM with a 4 MiB data disk, for the tests that kill a VM
+/// process or the CLI in the middle of a snapshot operation: it marks the
+/// guest's memory (a tmpfs file) and disk (its first bytes) and reads them
+/// back, goes back to a snapshot, and checks every layer afterwards.
+struct KillRig {
+    vm: TestVm,
+    name: &'static str,
+    disks: std::path::PathBuf,
+    base: std::path::PathBuf,
+}
+
+impl KillRig {
+    fn new(name: &'static str, dir: &str) -> KillRig {
+        let disks = temp_dir(dir);
+        let base = disks.join("base.qcow2");
+        create_disk(&base, "4M");
+        let vm = TestVm::start(name, &["--disk", &format!("path={}", base.display())]);
+        KillRig {
+            vm,
+            name,
+            disks,
+            base,
+        }
+    }
+
+    fn mark(&self, m: &str) {
+        self.vm.sh(&format!(
+            "echo {m} > /tmp/note; printf {m} | dd of=/dev/vda conv=fsync 2>/dev/null"
+        ));
+    }
+
+    /// The marks in memory and on disk.
+    fn read(&self) -> (String, String) {
+        let f = facts(&self.vm, self.name);
+        (f[3].clone(), f[4].clone())
+    }
+
+    /// Restores a snapshot and makes sure the VM runs (a restore leaves a
+    /// stopped VM stopped, to resume at its next start).
+    fn back_to(&self, snapshot: &str) {
+        self.vm.ok(&["snapshot", "restore", self.name, snapshot]);
+        if show(&self.vm, self.name)["state"] != "running" {
+            self.vm.ok(&["start", self.name]);
+        }
+    }
+
+    fn pid(&self) -> i32 {
+        std::fs::read_to_string(self.vm.dir().join("pid"))
             .unwrap()
             .trim()
             .parse()
-            .unwrap();
-        let mut take = std::process::Command::new(BIN)
-            .args(["snapshot", "take", "k", &name])
-            .env("XDG_DATA_HOME", &vm.data)
+            .unwrap()
+    }
+
+    /// `hostvisor snapshot OP NAME SNAPSHOT`, running.
+    fn spawn_snapshot(&self, op: &str, snapshot: &str) -> KillOnDrop {
+        let child = std::process::Command::new(BIN)
+            .args(["snapshot", op, self.name, snapshot])
+            .env("XDG_DATA_HOME", &self.vm.data)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
-        std::thread::sleep(Duration::from_millis(rng.below(1500)));
+        KillOnDrop(child)
+    }
+
+    /// SIGKILLs the VM process `pid` and waits until it is gone (its lock
+    /// free).
+    fn kill_vm_process(&self, pid: i32) {
         // SAFETY: kill(2) on the VM process's pid, read from its pidfile.
         unsafe { libc::kill(pid, libc::SIGKILL) };
-        let status = take.wait().unwrap();
-        if status.success() {
-            taken.push((name, m));
-        }
-        // The killed VM process is gone once its lock is free.
         let start = Instant::now();
-        while show(&vm, "k")["state"] == "running" {
+        while show(&self.vm, self.name)["state"] == "running" {
             assert!(
                 start.elapsed() < Duration::from_secs(20),
                 "the VM did not die"
@@ -187,44 +236,42 @@ fn killing_the_vmm_during_snapshot_take_loses_no_snapshot() {
             std::thread::sleep(Duration::from_millis(100));
         }
     }
-    eprintln!("{} of 20 takes finished before the kill", taken.len() - 1);
-    // Every layer is sound.
-    let mut images = Vec::new();
-    for sub in ["disks", "snapshots"] {
-        let walk = walk_files(&vm.dir().join(sub));
-        images.extend(
-            walk.into_iter()
-                .filter(|p| p.extension().is_some_and(|e| e == "qcow2")),
-        );
+
+    /// Every layer (the VM's disks, its snapshots' layers, the base)
+    /// passes `hostvisor disk check` and `qemu-img check`.
+    fn check_layers(&self) {
+        let mut images: Vec<std::path::PathBuf> = ["disks", "snapshots"]
+            .iter()
+            .flat_map(|sub| walk_files(&self.vm.dir().join(sub)))
+            .filter(|p| p.extension().is_some_and(|e| e == "qcow2"))
+            .collect();
+        images.push(self.base.clone());
+        for image in &images {
+            let out = self.vm.hv(&["disk", "check", image.to_str().unwrap()]);
+            assert_eq!(
+                out.code,
+                0,
+                "{}: {}{}",
+                image.display(),
+                out.stdout,
+                out.stderr
+            );
+            let q = std::process::Command::new("qemu-img")
+                .args(["check", "-U", image.to_str().unwrap()])
+                .output()
+                .unwrap();
+            assert!(
+                q.status.success(),
+                "{}: {}",
+                image.display(),
+                String::from_utf8_lossy(&q.stdout)
+            );
+        }
     }
-    images.push(base.clone());
-    for image in &images {
-        let out = vm.hv(&["disk", "check", image.to_str().unwrap()]);
-        assert_eq!(
-            out.code,
-            0,
-            "{}: {}{}",
-            image.display(),
-            out.stdout,
-            out.stderr
-        );
-        let q = std::process::Command::new("qemu-img")
-            .args(["check", "-U", image.to_str().unwrap()])
-            .output()
-            .unwrap();
-        assert!(
-            q.status.success(),
-            "{}: {}",
-            image.display(),
-            String::from_utf8_lossy(&q.stdout)
-        );
+
+    fn finish(self) {
+        let _ = std::fs::remove_dir_all(&self.disks);
     }
-    // Every snapshot taken restores to its own memory and disk.
-    for (name, m) in &taken {
-        back_to(name);
-        assert_eq!(read(), (m.clone(), m.clone()), "snapshot {name}");
-    }
-    let _ = std::fs::remove_dir_all(&disks);
 }
 
 fn walk_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
@@ -435,28 +482,10 @@ fn killing_a_running_delete_loses_no_snapshot() {
     if !kvm_usable() || default_guest().is_none() || !qemu_img_usable() {
         return;
     }
-    let disks = temp_dir("managed-snap-kill-delete");
-    let base = disks.join("base.qcow2");
-    create_disk(&base, "4M");
-    let vm = TestVm::start("kd", &["--disk", &format!("path={}", base.display())]);
-    let mark = |m: &str| {
-        vm.sh(&format!(
-            "echo {m} > /tmp/note; printf {m} | dd of=/dev/vda conv=fsync 2>/dev/null"
-        ));
-    };
-    let read = || {
-        let f = facts(&vm, "kd");
-        (f[3].clone(), f[4].clone())
-    };
-    let back_to = |name: &str| {
-        vm.ok(&["snapshot", "restore", "kd", name]);
-        if show(&vm, "kd")["state"] != "running" {
-            vm.ok(&["start", "kd"]);
-        }
-    };
+    let rig = KillRig::new("kd", "managed-snap-kill-delete");
     let names = || -> Vec<String> {
         let list: serde_json::Value =
-            serde_json::from_str(&vm.ok(&["snapshot", "list", "kd", "--json"])).unwrap();
+            serde_json::from_str(&rig.vm.ok(&["snapshot", "list", "kd", "--json"])).unwrap();
         list["snapshots"]
             .as_array()
             .unwrap()
@@ -464,51 +493,31 @@ fn killing_a_running_delete_loses_no_snapshot() {
             .map(|s| s["name"].as_str().unwrap().to_string())
             .collect()
     };
-    mark("BASE");
-    vm.ok(&["snapshot", "take", "kd", "base"]);
+    rig.mark("BASE");
+    rig.vm.ok(&["snapshot", "take", "kd", "base"]);
     let mut rng = KillRng::new();
     let mut expect = vec![("base".to_string(), "BASE".to_string())];
     let mut before_kill = 0;
     for round in 0..20 {
-        back_to("base");
+        rig.back_to("base");
         for step in ["a", "b"] {
             let m = format!("R{round:02}{step}");
-            mark(&m);
+            rig.mark(&m);
             let name = format!("{step}{round}");
-            vm.ok(&["snapshot", "take", "kd", &name]);
+            rig.vm.ok(&["snapshot", "take", "kd", &name]);
             expect.push((name, m));
         }
-        mark(&format!("R{round:02}c"));
-        let pid: i32 = std::fs::read_to_string(vm.dir().join("pid"))
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap();
+        rig.mark(&format!("R{round:02}c"));
+        let pid = rig.pid();
         let victim = format!("a{round}");
-        let delete = std::process::Command::new(BIN)
-            .args(["snapshot", "delete", "kd", &victim])
-            .env("XDG_DATA_HOME", &vm.data)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut delete = KillOnDrop(delete);
+        let mut delete = rig.spawn_snapshot("delete", &victim);
         std::thread::sleep(Duration::from_millis(rng.below(1500)));
         if delete.0.try_wait().unwrap().is_some() {
             before_kill += 1;
         }
         if round % 2 == 0 {
-            // SAFETY: kill(2) on the VM process's pid, read from its pidfile.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
+            rig.kill_vm_process(pid);
             let _ = delete.0.wait();
-            let start = Instant::now();
-            while show(&vm, "kd")["state"] == "running" {
-                assert!(
-                    start.elapsed() < Duration::from_secs(20),
-                    "the VM did not die"
-                );
-                std::thread::sleep(Duration::from_millis(100));
-            }
         } else {
             let _ = delete.0.kill();
             let _ = delete.0.wait();
@@ -525,41 +534,14 @@ fn killing_a_running_delete_loses_no_snapshot() {
     }
     eprintln!("{before_kill} of 20 deletes had finished before the kill");
     // Its disks are checked closed.
-    let _ = vm.hv(&["kill", "kd"]);
-    // Every layer is sound.
-    let mut images: Vec<std::path::PathBuf> = ["disks", "snapshots"]
-        .iter()
-        .flat_map(|sub| walk_files(&vm.dir().join(sub)))
-        .filter(|p| p.extension().is_some_and(|e| e == "qcow2"))
-        .collect();
-    images.push(base.clone());
-    for image in &images {
-        let out = vm.hv(&["disk", "check", image.to_str().unwrap()]);
-        assert_eq!(
-            out.code,
-            0,
-            "{}: {}{}",
-            image.display(),
-            out.stdout,
-            out.stderr
-        );
-        let q = std::process::Command::new("qemu-img")
-            .args(["check", "-U", image.to_str().unwrap()])
-            .output()
-            .unwrap();
-        assert!(
-            q.status.success(),
-            "{}: {}",
-            image.display(),
-            String::from_utf8_lossy(&q.stdout)
-        );
-    }
+    let _ = rig.vm.hv(&["kill", "kd"]);
+    rig.check_layers();
     // Every snapshot that remains restores to its own memory and disk.
     let left = names();
     for (name, m) in &expect {
         assert!(left.contains(name), "snapshot {name} is gone: {left:?}");
-        back_to(name);
-        assert_eq!(read(), (m.clone(), m.clone()), "snapshot {name}");
+        rig.back_to(name);
+        assert_eq!(rig.read(), (m.clone(), m.clone()), "snapshot {name}");
     }
-    let _ = std::fs::remove_dir_all(&disks);
+    rig.finish();
 }
