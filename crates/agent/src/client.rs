@@ -13,6 +13,9 @@ use crate::{
     Reseeded, ToAgent, AGENT_PORT, CHUNK, PROTOCOL_VERSION,
 };
 
+/// Why a connection that reached the agent's port gave no answer at all.
+const CLOSED_BEFORE_ANSWER: &str = "the connection closed before the agent answered";
+
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     /// Nothing answers on the agent's port (not started yet, or no agent).
@@ -264,9 +267,7 @@ impl Client {
             }
             Ok(other) => return Err(unexpected(other)),
             Err(FrameError::Closed) => {
-                return Err(AgentError::Unreachable(
-                    "the connection closed before the agent answered".into(),
-                ))
+                return Err(AgentError::Unreachable(CLOSED_BEFORE_ANSWER.into()))
             }
             Err(e) => return Err(e.into()),
         };
@@ -464,8 +465,26 @@ impl Client {
     }
 
     /// Asks the guest to power off (or restart).
+    /// Asks the guest to power off (or reboot). The request goes out with
+    /// the `Hello`, so a connection that ends before any answer is the
+    /// guest going down with the answers still in its kernel: that is
+    /// reported as the connection's end ([`AgentError::Frame`]), as when
+    /// it ends after the `Hello`, and never retried (the request may have
+    /// been taken).
     pub fn shutdown(&self, reboot: bool) -> Result<(), AgentError> {
-        expect_done(self.request(&ToAgent::Shutdown { reboot })?.1)
+        let req = ToAgent::Shutdown { reboot };
+        let deadline = Instant::now() + self.patience;
+        loop {
+            match self.open_once(&req) {
+                Err(AgentError::Unreachable(why)) if why == CLOSED_BEFORE_ANSWER => {
+                    return Err(FrameError::Closed.into());
+                }
+                Err(AgentError::Unreachable(_)) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                other => return expect_done(other?.2),
+            }
+        }
     }
 
     pub fn info(&self) -> Result<GuestInfo, AgentError> {
@@ -531,9 +550,7 @@ impl Client {
                 host: PROTOCOL_VERSION,
             }),
             Ok(other) => Err(unexpected(other)),
-            Err(FrameError::Closed) => Err(AgentError::Unreachable(
-                "the connection closed before the agent answered".into(),
-            )),
+            Err(FrameError::Closed) => Err(AgentError::Unreachable(CLOSED_BEFORE_ANSWER.into())),
             Err(e) => Err(e.into()),
         }
     }

@@ -595,8 +595,20 @@ mod tests {
     /// as "Killed").
     #[test]
     fn a_guest_that_goes_down_before_answering_is_not_killed() {
+        goes_down_before_answering(true);
+    }
+
+    /// The same when not even the agent's `Hello` left the guest (the
+    /// request went out with the client's: the connection just closes).
+    #[test]
+    fn a_guest_that_goes_down_before_its_hello_is_not_killed() {
+        goes_down_before_answering(false);
+    }
+
+    fn goes_down_before_answering(say_hello: bool) {
         use std::io::{BufRead, Write};
-        let dir = std::env::temp_dir().join(format!("hv-stop-eof-{}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("hv-stop-eof-{say_hello}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("vsock.sock");
         let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
@@ -611,11 +623,13 @@ mod tests {
             reader.read_line(&mut line).unwrap();
             (&stream).write_all(b"OK 1024\n").unwrap();
             let _: agent::ToAgent = agent::recv(&mut reader).unwrap();
-            let hello = agent::FromAgent::Hello {
-                protocol: agent::PROTOCOL_VERSION,
-                version: agent::VERSION.into(),
-            };
-            agent::send(&mut (&stream), &hello).unwrap();
+            if say_hello {
+                let hello = agent::FromAgent::Hello {
+                    protocol: agent::PROTOCOL_VERSION,
+                    version: agent::VERSION.into(),
+                };
+                agent::send(&mut (&stream), &hello).unwrap();
+            }
             let _: agent::ToAgent = agent::recv(&mut reader).unwrap();
             drop(reader);
             drop(stream);
