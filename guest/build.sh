@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds hostvisor's default guest from Debian packages only:
 #   vmlinux         an ELF Linux 6.1 kernel (booted directly: no decompressor)
+#   vmlinux-pc      the same kernel with ACPI and PCI MSI, for --machine pc
 #   initramfs.cpio  an uncompressed busybox initramfs whose /init prints
 #                   "HOSTVISOR-GUEST-READY cpus=N" (see guest/init)
 #                   and runs hostvisor-agent when the VM has a vsock device
@@ -60,32 +61,55 @@ fi
 
 src_version=$(dpkg-query -W -f '${Version}' linux-source-6.1)
 
-# ---- kernel -------------------------------------------------------------
-kernel_hash=$(cat "$here/kernel-6.1.config" "$here"/patches/*-6.1.patch \
-  <(echo "$src_version") | sha256sum | cut -c1-16)
-if [[ -f $out/vmlinux && $(cat "$out/vmlinux.hash" 2>/dev/null) == "$kernel_hash" ]]; then
-  log "kernel up to date ($out/vmlinux)"
-else
-  work=$out/build-kernel
+# ---- kernels ------------------------------------------------------------
+# vmlinux is the microvm kernel (virtio-mmio, no ACPI); vmlinux-pc is the
+# same kernel with the options of guest/kernel-pc.fragment added (ACPI,
+# MSI, PCI MMCONFIG) for `--machine pc` and firmware boots.
+build_kernel() {
+  local name=$1 fragment=${2:-}
+  local kernel_hash
+  kernel_hash=$(cat "$here/kernel-6.1.config" ${fragment:+"$fragment"} "$here"/patches/*-6.1.patch \
+    <(echo "$src_version") | sha256sum | cut -c1-16)
+  if [[ -f $out/$name && $(cat "$out/$name.hash" 2>/dev/null) == "$kernel_hash" ]]; then
+    log "kernel up to date ($out/$name)"
+    return
+  fi
+  local work=$out/build-$name
   rm -rf "$work"; mkdir -p "$work"
-  log "unpacking linux-source-6.1 ($src_version)"
+  log "unpacking linux-source-6.1 ($src_version) for $name"
   tar -C "$work" -xf /usr/src/linux-source-6.1.tar.xz
+  local ksrc
   ksrc=$(echo "$work"/linux-source-6.1)
   for p in "$here"/patches/*-6.1.patch; do
     log "applying $(basename "$p")"
     patch -d "$ksrc" -p1 --quiet < "$p"
   done
   cp "$here/kernel-6.1.config" "$ksrc/.config"
+  if [[ -n $fragment ]]; then
+    grep -E '^(CONFIG_|# CONFIG_.* is not set)' "$fragment" >> "$ksrc/.config"
+  fi
   make -C "$ksrc" -s olddefconfig
-  log "building vmlinux with $(nproc) jobs (a few minutes)"
+  if [[ -n $fragment ]]; then
+    # Every option the fragment turns on must have survived olddefconfig,
+    # and none it turns off may be on.
+    while IFS= read -r line; do
+      grep -qx -- "$line" "$ksrc/.config" || { log "$name: $line did not take"; exit 1; }
+    done < <(grep '^CONFIG_' "$fragment")
+    while IFS= read -r opt; do
+      ! grep -q "^$opt=" "$ksrc/.config" || { log "$name: $opt is still on"; exit 1; }
+    done < <(sed -n 's/^# \(CONFIG_[A-Z0-9_]*\) is not set$/\1/p' "$fragment")
+  fi
+  log "building $name with $(nproc) jobs (a few minutes)"
   make -C "$ksrc" -s -j"$(nproc)" vmlinux
-  cp "$ksrc/vmlinux" "$out/vmlinux.tmp"
-  strip --strip-debug "$out/vmlinux.tmp" 2>/dev/null || true
-  mv "$out/vmlinux.tmp" "$out/vmlinux"
-  echo "$kernel_hash" > "$out/vmlinux.hash"
+  cp "$ksrc/vmlinux" "$out/$name.tmp"
+  strip --strip-debug "$out/$name.tmp" 2>/dev/null || true
+  mv "$out/$name.tmp" "$out/$name"
+  echo "$kernel_hash" > "$out/$name.hash"
   rm -rf "$work"
-  log "kernel built: $out/vmlinux"
-fi
+  log "kernel built: $out/$name"
+}
+build_kernel vmlinux
+build_kernel vmlinux-pc "$here/kernel-pc.fragment"
 
 # ---- guest agent ----------------------------------------------------------
 # hostvisor-agent (crates/agent), linked statically: the guest has no libc.

@@ -201,6 +201,28 @@ impl Vm for KvmVm {
             .map_err(ioctl_err("KVM_IOEVENTFD"))
     }
 
+    fn register_mmio_notify(&self, fd: &EventFd, addr: u64) -> Result<()> {
+        self.fd
+            .register_ioevent(fd, &IoEventAddress::Mmio(addr), kvm_ioctls::NoDatamatch)
+            .map_err(ioctl_err("KVM_IOEVENTFD"))
+    }
+
+    fn signal_msi(&self, addr: u64, data: u32) -> Result<()> {
+        let msi = kvm_bindings::kvm_msi {
+            // The low and high halves of the 64-bit message address.
+            address_lo: u32::try_from(addr & 0xffff_ffff).unwrap_or(0),
+            address_hi: u32::try_from(addr >> 32).unwrap_or(0),
+            data,
+            ..Default::default()
+        };
+        // KVM_SIGNAL_MSI returns >0 when delivered, 0 when the guest
+        // blocked it (masked at the APIC): neither is an error.
+        self.fd
+            .signal_msi(msi)
+            .map(|_| ())
+            .map_err(ioctl_err("KVM_SIGNAL_MSI"))
+    }
+
     fn create_vcpu(&self, id: u32) -> Result<Box<dyn Vcpu>> {
         let fd = self
             .fd

@@ -109,6 +109,13 @@ pub trait Vm: Send + Sync + std::fmt::Debug {
     /// Makes a 32-bit guest write of `datamatch` to MMIO address `addr`
     /// signal `fd` in the kernel, without an exit to the VMM.
     fn register_mmio_ioevent(&self, fd: &EventFd, addr: u64, datamatch: u32) -> Result<()>;
+    /// Makes any guest write to MMIO address `addr` (whatever its width
+    /// and value) signal `fd` in the kernel: virtio-pci's per-queue
+    /// notification addresses.
+    fn register_mmio_notify(&self, fd: &EventFd, addr: u64) -> Result<()>;
+    /// Sends a message-signalled interrupt (the address and data an MSI
+    /// or MSI-X table entry holds) to the guest's local APICs.
+    fn signal_msi(&self, addr: u64, data: u32) -> Result<()>;
     /// Creates vCPU `id` (also its initial APIC ID).
     fn create_vcpu(&self, id: u32) -> Result<Box<dyn Vcpu>>;
     /// The guest's paravirtual clock (kvmclock) in nanoseconds.

@@ -61,6 +61,15 @@ pub struct Msix {
     target: Arc<dyn MsiTarget>,
 }
 
+impl std::fmt::Debug for Msix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Msix")
+            .field("vectors", &self.vectors())
+            .field("enabled", &self.enabled())
+            .finish_non_exhaustive()
+    }
+}
+
 impl Msix {
     /// `vectors` vectors, all masked (as after reset).
     pub fn new(vectors: u16, target: Arc<dyn MsiTarget>) -> Result<Self, MsixError> {

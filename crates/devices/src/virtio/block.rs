@@ -338,7 +338,8 @@ pub fn process_queue(
         }
     }
     if used_any && queue.needs_notification(mem).unwrap_or(true) {
-        interrupt.signal_used();
+        // The request queue is the only one.
+        interrupt.signal_queue(0);
     }
 }
 

@@ -16,9 +16,11 @@
 //! ([`restore_state`](VirtioDevice::restore_state)). See [`persist`].
 
 pub mod block;
+pub mod common;
 pub mod console;
 pub mod mmio;
 pub mod net;
+pub mod pci;
 pub mod persist;
 pub mod rng;
 pub mod vsock;
@@ -41,12 +43,28 @@ pub use worker::WorkerError;
 pub const INT_VRING: u32 = 1;
 pub const INT_CONFIG: u32 = 2;
 
-/// Raises a device's interrupt: sets a status bit the driver reads and
-/// acknowledges, and pulses the interrupt line (an irqfd).
+/// Per-queue interrupt vectors, as a transport with MSI-X provides them.
+/// Each call returns false when the function is not using its vectors
+/// (MSI-X disabled): the interrupt then goes through the status bits and
+/// the line.
+pub trait VectorSignal: Send + Sync + std::fmt::Debug {
+    /// Signals queue `queue`'s vector.
+    fn queue(&self, queue: usize) -> bool;
+    /// Signals every vector a queue uses (once each).
+    fn all_queues(&self) -> bool;
+    /// Signals the configuration-change vector.
+    fn config(&self) -> bool;
+}
+
+/// Raises a device's interrupt. With a line only (virtio-mmio, PCI INTx)
+/// it sets a status bit the driver reads and acknowledges and pulses the
+/// line (an irqfd); with vectors (virtio-pci MSI-X, once the driver
+/// enables it) each queue's own vector fires instead.
 #[derive(Debug)]
 pub struct Interrupt {
     status: AtomicU32,
     line: EventFd,
+    vectors: Option<Arc<dyn VectorSignal>>,
     /// Interrupts raised, for the VM's status.
     raised: std::sync::atomic::AtomicU64,
 }
@@ -56,27 +74,56 @@ impl Interrupt {
         Interrupt {
             status: AtomicU32::new(0),
             line,
+            vectors: None,
             raised: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
-    /// Tells the driver that buffers were used.
+    /// An interrupt that uses `vectors` when the driver enabled them and
+    /// `line` otherwise.
+    pub fn with_vectors(line: EventFd, vectors: Arc<dyn VectorSignal>) -> Self {
+        Interrupt {
+            vectors: Some(vectors),
+            ..Interrupt::new(line)
+        }
+    }
+
+    /// Tells the driver that buffers were used, in some queue (every
+    /// queue's vector fires; prefer [`signal_queue`](Self::signal_queue)).
     pub fn signal_used(&self) {
-        self.signal(INT_VRING);
+        self.raised.fetch_add(1, Ordering::Relaxed);
+        if !self.vectors.as_ref().is_some_and(|v| v.all_queues()) {
+            self.signal_line(INT_VRING);
+        }
+    }
+
+    /// Tells the driver that buffers were used in queue `queue`.
+    pub fn signal_queue(&self, queue: usize) {
+        self.raised.fetch_add(1, Ordering::Relaxed);
+        if !self.vectors.as_ref().is_some_and(|v| v.queue(queue)) {
+            self.signal_line(INT_VRING);
+        }
     }
 
     /// Tells the driver that the configuration (or the device status)
     /// changed.
     pub fn signal_config(&self) {
-        self.signal(INT_CONFIG);
+        self.raised.fetch_add(1, Ordering::Relaxed);
+        if !self.vectors.as_ref().is_some_and(|v| v.config()) {
+            self.signal_line(INT_CONFIG);
+        }
     }
 
-    fn signal(&self, bit: u32) {
+    fn signal_line(&self, bit: u32) {
         self.status.fetch_or(bit, Ordering::SeqCst);
-        self.raised.fetch_add(1, Ordering::Relaxed);
         if let Err(e) = self.line.write(1) {
             tracing::warn!("cannot raise a virtio interrupt: {e}");
         }
+    }
+
+    /// Reads and clears the status bits (virtio-pci's ISR register).
+    pub fn take_status(&self) -> u32 {
+        self.status.swap(0, Ordering::SeqCst)
     }
 
     pub fn status(&self) -> u32 {

@@ -215,10 +215,14 @@ pub fn deliver_rx_frame(
     Ok(())
 }
 
-/// Interrupts the guest for `queue` if it asked to be.
-pub fn notify(queue: &mut Queue, mem: &GuestMemoryMmap, interrupt: &Interrupt) {
+/// The queues' indices: receive, transmit.
+const RX: usize = 0;
+const TX: usize = 1;
+
+/// Interrupts the guest for queue `index` if it asked to be.
+pub fn notify(queue: &mut Queue, index: usize, mem: &GuestMemoryMmap, interrupt: &Interrupt) {
     if queue.needs_notification(mem).unwrap_or(true) {
-        interrupt.signal_used();
+        interrupt.signal_queue(index);
     }
 }
 
@@ -514,7 +518,7 @@ impl NetWorker {
         );
         self.tx_blocked = blocked;
         if used {
-            notify(&mut self.tx, &self.mem, &self.interrupt);
+            notify(&mut self.tx, TX, &self.mem, &self.interrupt);
         }
         taken >= BUDGET && !blocked
     }
@@ -563,7 +567,7 @@ impl NetWorker {
             }
         }
         if delivered {
-            notify(&mut self.rx, &self.mem, &self.interrupt);
+            notify(&mut self.rx, RX, &self.mem, &self.interrupt);
         }
     }
 }

@@ -2,8 +2,23 @@ use std::sync::Mutex;
 
 use vm_memory::GuestAddress;
 
+use virtio_bindings::virtio_config::{
+    VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
+    VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
+};
+use virtio_queue::Queue;
+
 use super::*;
-use crate::virtio::{ActivateError, INT_CONFIG, INT_VRING};
+use crate::virtio::common::word;
+
+fn low_half(v: u64) -> u32 {
+    word(v, 0)
+}
+
+fn high_half(v: u64) -> u32 {
+    word(v, 1)
+}
+use crate::virtio::{ActivateError, Activation, INT_CONFIG, INT_VRING, VIRTIO_F_VERSION_1};
 
 #[derive(Default)]
 struct Record {
@@ -271,7 +286,7 @@ fn config_space_is_forwarded() {
 #[test]
 fn interrupt_acknowledge() {
     let mut h = harness(false);
-    h.t.interrupt.signal_used();
+    h.t.common.interrupt.signal_used();
     assert_eq!(h.r(0x60), 1);
     h.w(0x64, 1);
     assert_eq!(h.r(0x60), 0);
@@ -409,7 +424,7 @@ fn transport_state_round_trips_and_the_device_runs_on_where_it_was() {
     let mut h = running();
     h.w(0x30, 1);
     h.w(0x14, 1);
-    h.t.interrupt.signal_used();
+    h.t.common.interrupt.signal_used();
     h.t.sleep().unwrap();
     let saved = h.t.save_state().unwrap();
     let json = crate::test_util::json(&saved);

@@ -514,7 +514,8 @@ impl Muxer {
             &mut self.guest.tx
         };
         if q.needs_notification(&self.guest.mem).unwrap_or(true) {
-            self.guest.interrupt.signal_used();
+            // Receive is queue 0, transmit queue 1.
+            self.guest.interrupt.signal_queue(usize::from(!rx));
         }
     }
 

@@ -1,7 +1,7 @@
-//! The virtio-mmio transport's saved state: its registers, each queue
-//! (with its ring positions) and the device's own state.
+//! A virtio transport's common saved state: the negotiation registers,
+//! each queue (with its ring positions) and the device's own state.
 //!
-//! Saving needs the device asleep ([`MmioTransport::sleep`]), so the
+//! Saving needs the device asleep ([`VirtioCommon::sleep`]), so the
 //! queue positions are the device's, not stale copies. Restoring goes
 //! into a freshly made transport (its device made from the VM's
 //! configuration, not activated) and treats the state as untrusted: the
@@ -18,7 +18,7 @@ use virtio_bindings::virtio_config::{
 };
 use virtio_queue::QueueT;
 
-use super::{MmioTransport, Quiesce};
+use super::{Quiesce, VirtioCommon};
 use crate::virtio::{
     ActivateError, VirtioDeviceState, VirtioStateError, VirtqueueState, INT_CONFIG, INT_VRING,
 };
@@ -27,7 +27,7 @@ use crate::virtio::{
 const MAX_REASON: usize = 1024;
 
 #[derive(Serialize, Deserialize, Clone, PartialEq, Debug)]
-pub struct MmioTransportState {
+pub struct VirtioTransportState {
     /// The virtio device ID.
     pub device_type: u32,
     /// The features offered (VERSION_1 included).
@@ -55,7 +55,7 @@ pub struct MmioTransportState {
 
 /// Why a transport's state cannot be saved or restored.
 #[derive(Debug, thiserror::Error)]
-pub enum MmioStateError {
+pub enum TransportStateError {
     #[error("the {0} device is running; put it to sleep before saving")]
     Awake(&'static str),
     #[error("the {0} device is already set up; restore into a new transport")]
@@ -82,14 +82,14 @@ pub enum MmioStateError {
     Activate(&'static str, #[source] ActivateError),
 }
 
-impl MmioTransport {
+impl VirtioCommon {
     /// The transport's state with its device's. The device must be asleep
     /// if it was activated.
-    pub fn save_state(&self) -> Result<MmioTransportState, MmioStateError> {
+    pub fn save_state(&self) -> Result<VirtioTransportState, TransportStateError> {
         if self.activated && self.quiesce != Quiesce::Asleep {
-            return Err(MmioStateError::Awake(self.device.name()));
+            return Err(TransportStateError::Awake(self.device.name()));
         }
-        Ok(MmioTransportState {
+        Ok(VirtioTransportState {
             device_type: self.device.device_type(),
             device_features: self.offered_features(),
             acked_features: self.acked_features,
@@ -112,22 +112,22 @@ impl MmioTransport {
     /// device was running, it is activated with the restored queues, and
     /// each queue's notification is replayed once (a kick that went with
     /// the old process must not be lost; a spare one is harmless).
-    pub fn restore(&mut self, state: &MmioTransportState) -> Result<(), MmioStateError> {
+    pub fn restore(&mut self, state: &VirtioTransportState) -> Result<(), TransportStateError> {
         let name = self.device.name();
         if self.activated || self.status != 0 {
-            return Err(MmioStateError::Active(name));
+            return Err(TransportStateError::Active(name));
         }
         let actual = self.device.device_type();
         if state.device_type != actual {
-            return Err(MmioStateError::DeviceType {
+            return Err(TransportStateError::DeviceType {
                 saved: state.device_type,
                 actual,
             });
         }
-        let invalid = |why: String| MmioStateError::Invalid { device: name, why };
+        let invalid = |why: String| TransportStateError::Invalid { device: name, why };
         let sizes = self.device.queue_max_sizes();
         if state.queues.len() != sizes.len() {
-            return Err(MmioStateError::QueueCount {
+            return Err(TransportStateError::QueueCount {
                 device: name,
                 saved: state.queues.len(),
                 actual: sizes.len(),
@@ -140,7 +140,7 @@ impl MmioTransport {
             .enumerate()
             .map(|(index, (q, &max))| {
                 q.to_queue(max, &self.mem)
-                    .map_err(|why| MmioStateError::Queue {
+                    .map_err(|why| TransportStateError::Queue {
                         device: name,
                         index,
                         why,
@@ -191,7 +191,7 @@ impl MmioTransport {
         }
         self.device
             .restore_state(&state.device)
-            .map_err(|e| MmioStateError::Device(name, e))?;
+            .map_err(|e| TransportStateError::Device(name, e))?;
 
         self.acked_features = state.acked_features;
         self.device_features_select = state.device_features_select;
@@ -205,10 +205,10 @@ impl MmioTransport {
         if state.activated {
             let activation = self
                 .activation()
-                .map_err(|e| MmioStateError::Activate(name, ActivateError::Event(e)))?;
+                .map_err(|e| TransportStateError::Activate(name, ActivateError::Event(e)))?;
             self.device
                 .activate(activation)
-                .map_err(|e| MmioStateError::Activate(name, e))?;
+                .map_err(|e| TransportStateError::Activate(name, e))?;
             self.activated = true;
             for event in &self.queue_events {
                 let _ = event.write(1);
