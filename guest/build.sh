@@ -145,6 +145,10 @@ make_tree() {
   echo "root:x:0:0:root:/root:/bin/sh" > "$root/etc/passwd"
   echo "root:x:0:" > "$root/etc/group"
   echo "hostvisor" > "$root/etc/hostname"
+  # The ACPI power button's action (busybox acpid; `pc` machines).
+  mkdir -p "$root/etc/acpi/PWRF"
+  printf '#!/bin/sh\nsync\nexec poweroff -f\n' > "$root/etc/acpi/PWRF/00000080"
+  chmod 0755 "$root/etc/acpi/PWRF/00000080"
   printf '%s\n' "proc /proc proc defaults 0 0" "sysfs /sys sysfs defaults 0 0" \
     "devtmpfs /dev devtmpfs defaults 0 0" > "$root/etc/fstab"
 }

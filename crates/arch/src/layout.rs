@@ -8,9 +8,12 @@
 //!              of the first 4 GiB with 2 MiB pages)
 //! 0x0002_0000  kernel command line
 //! 0x0009_fc00  MP floating pointer and MP table (reserved to 1 MiB)
+//! 0x000e_0000  ACPI RSDP and tables (`pc` direct boot)
 //! 0x0010_0000  kernel (a bzImage here; an ELF vmlinux at its own address)
 //! ...          initrd at the top of low RAM
 //! 0xc000_0000  32-bit MMIO hole: devices, IOAPIC, LAPIC, KVM's TSS
+//! 0xd000_0000  virtio-mmio windows (`microvm`)
+//! 0xe000_0000  PCI ECAM (bus 0), then the 32-bit BAR window (`pc`)
 //! 4 GiB        RAM above the hole, if any
 //! ```
 
@@ -35,6 +38,17 @@ pub const IOAPIC_START: u64 = 0xfec0_0000;
 pub const APIC_START: u64 = 0xfee0_0000;
 /// Where the MMIO devices of the VMM go (virtio-mmio and the like).
 pub const DEVICE_MMIO_START: u64 = 0xd000_0000;
+/// The `pc` machine's PCI: ECAM for bus 0 (1 MiB), then the 32-bit
+/// window its BARs are placed in, up to the IOAPIC.
+pub const PCI_ECAM_START: u64 = 0xe000_0000;
+pub const PCI_ECAM_SIZE: u64 = 1 << 20;
+pub const PCI_MMIO32_START: u64 = PCI_ECAM_START + PCI_ECAM_SIZE;
+pub const PCI_MMIO32_END: u64 = IOAPIC_START - 1;
+/// ACPI tables of a directly booted `pc` machine: the RSDP where Linux
+/// scans for it, the tables after it (all in the reserved area below
+/// 1 MiB).
+pub const ACPI_RSDP_START: u64 = 0xe_0000;
+pub const ACPI_TABLES_START: u64 = 0xe_1000;
 /// The lowest RAM size hostvisor boots with.
 pub const MIN_MEMORY: u64 = 16 << 20;
 

@@ -189,7 +189,7 @@ struct RunCmd {
     /// /vm/snapshot`) instead of booting one; the VM's options come from
     /// the snapshot (only --serial and --api-socket apply).
     #[arg(long, value_name = "DIR", conflicts_with_all = [
-        "kernel", "initrd", "cmdline", "append", "cpus", "memory", "console",
+        "machine", "kernel", "initrd", "cmdline", "append", "cpus", "memory", "console",
         "on_reset", "disk", "rng", "hide_cpu_features", "vsock", "net",
     ])]
     restore: Option<PathBuf>,
@@ -207,6 +207,11 @@ struct RunCmd {
 
 #[derive(Debug, clap::Args)]
 struct RunArgs {
+    /// The machine: microvm (virtio-mmio, no ACPI: the fastest boot of a
+    /// kernel you hand it) or pc (PCI with virtio-pci and MSI-X, ACPI
+    /// with a power button: what an OS expects).
+    #[arg(long, value_name = "TYPE", default_value = "microvm")]
+    machine: vmm::MachineType,
     /// Kernel image: an ELF vmlinux or a bzImage.
     #[arg(long, value_name = "PATH")]
     kernel: Option<PathBuf>,
@@ -381,7 +386,11 @@ fn vm_config(args: RunArgs) -> Result<VmConfig, CliError> {
         Some(kernel) => (kernel, args.initrd),
         None => {
             let dir = default_guest_dir();
-            let kernel = dir.join("vmlinux");
+            // The default guest's kernel for a pc has ACPI and MSI.
+            let kernel = dir.join(match args.machine {
+                vmm::MachineType::Microvm => "vmlinux",
+                vmm::MachineType::Pc => "vmlinux-pc",
+            });
             if !kernel.exists() {
                 return Err(CliError::Failure(format!(
                     "no --kernel given and the default guest is not built ({} is missing); build it with guest/build.sh from the hostvisor source tree",
@@ -399,6 +408,7 @@ fn vm_config(args: RunArgs) -> Result<VmConfig, CliError> {
     }
     let nets = nics(&args.net)?.unwrap_or_default();
     Ok(VmConfig {
+        machine: args.machine,
         nets,
         cpus: args.cpus,
         memory: args.memory,

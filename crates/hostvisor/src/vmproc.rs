@@ -87,11 +87,50 @@ struct Stopper {
 
 impl Stopper {
     fn stop(self, timeout: Duration) {
+        let deadline = deadline_after(timeout);
         // A paused guest cannot power off: resume it first.
         let _ = self.control.request(ControlRequest::Resume);
-        if !self.ask_agent_to_power_off(timeout) {
+        if !self.ask_agent_to_power_off(timeout) && !self.press_power_button(deadline) {
             let _ = self.control.request(ControlRequest::Kill);
         }
+    }
+
+    /// Presses the ACPI power button (a `pc` machine has one) and waits
+    /// until `deadline` for the guest to power off; false on a machine
+    /// without one or a guest that does not go down in time.
+    fn press_power_button(&self, deadline: Instant) -> bool {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        // Pressed again every few seconds, as a user would: a guest still
+        // booting may not listen yet, and a second press does no harm.
+        loop {
+            if let Err(e) = self.control.request(ControlRequest::PowerButton) {
+                tracing::info!("stop: cannot press the power button ({e}); ending the VM");
+                return false;
+            }
+            tracing::info!("stop: pressed the ACPI power button; waiting for the guest");
+            let next = Instant::now() + POWER_BUTTON_REPEAT;
+            if self.wait_ended(next.min(deadline)) {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                break;
+            }
+        }
+        tracing::info!("stop: the guest did not react to the power button in time; ending the VM");
+        false
+    }
+
+    /// Waits until the VM ends or `deadline` passes.
+    fn wait_ended(&self, deadline: Instant) -> bool {
+        while Instant::now() < deadline {
+            if self.ended.load(Ordering::Acquire) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.ended.load(Ordering::Acquire)
     }
 
     /// Asks the guest agent to power the guest off and waits up to
@@ -133,16 +172,17 @@ impl Stopper {
                 return false;
             }
         }
-        while Instant::now() < deadline {
-            if self.ended.load(Ordering::Acquire) {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(50));
+        if self.wait_ended(deadline) {
+            return true;
         }
         tracing::info!("stop: the guest did not power off within {timeout:?}; ending the VM");
         false
     }
 }
+
+/// How often `stop` presses the power button of a guest that has not
+/// reacted yet.
+const POWER_BUTTON_REPEAT: Duration = Duration::from_secs(5);
 
 /// `timeout` from now, at most [`api::MAX_STOP_TIMEOUT_S`] (the API
 /// refuses more; this keeps `Instant + Duration` from overflowing whatever

@@ -14,6 +14,7 @@ use devices::i8042::{COMMAND_PORT, DATA_PORT, I8042};
 use devices::serial::{SerialArgs, SerialDevice, COM1_IRQ, COM1_PORT, UART_PORT_LEN};
 use devices::virtio::mmio::persist::MmioTransportState;
 use devices::virtio::mmio::{MmioTransport, MMIO_WINDOW, NOTIFY_OFFSET};
+use devices::virtio::pci::{PciVectors, VirtioPciState, VirtioPciTransport};
 use devices::virtio::{Interrupt, VirtioDevice};
 use devices::{Bus, PlatformRequest, PlatformRequestSink};
 use hypervisor::{GuestMemoryMmap, Vm};
@@ -154,25 +155,69 @@ struct MmioSlot {
     base: u64,
     irq: u32,
     interrupt: Arc<Interrupt>,
-    transport: Arc<Mutex<MmioTransport>>,
+    transport: Carrier,
 }
 
-fn lock(t: &Mutex<MmioTransport>) -> std::sync::MutexGuard<'_, MmioTransport> {
+/// The transport that carries a device.
+enum Carrier {
+    Mmio(Arc<Mutex<MmioTransport>>),
+    Pci(Arc<Mutex<VirtioPciTransport>>),
+}
+
+impl Carrier {
+    fn sleep(&self) -> Result<(), devices::virtio::WorkerError> {
+        match self {
+            Carrier::Mmio(t) => lock(t).sleep(),
+            Carrier::Pci(t) => lock(t).sleep(),
+        }
+    }
+
+    fn wake(&self) -> Result<(), devices::virtio::ActivateError> {
+        match self {
+            Carrier::Mmio(t) => lock(t).wake(),
+            Carrier::Pci(t) => lock(t).wake(),
+        }
+    }
+}
+
+fn lock<T>(t: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     t.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// The machine's virtio-mmio devices: each gets the next 4 KiB window from
-/// [`layout::DEVICE_MMIO_START`] and the next interrupt line from
-/// [`VIRTIO_FIRST_IRQ`].
+/// Where a `pc` machine puts its virtio-pci functions: slots on bus 0
+/// from 00:01.0 and BARs from the bottom of the 32-bit PCI window.
+pub(crate) struct PciPlacement {
+    pub root: Arc<Mutex<devices::pci::PciRoot>>,
+    pub msi: Arc<dyn devices::pci::msix::MsiTarget>,
+    /// The INTx line of each slot's pin A (`_PRT`'s swizzle).
+    pub intx_gsi: [u32; 4],
+}
+
+/// The saved states of the machine's virtio transports, by kind.
+pub(crate) struct TransportStates {
+    pub mmio: Vec<MmioTransportState>,
+    pub pci: Vec<VirtioPciState>,
+}
+
+/// The machine's virtio devices: on `microvm` each gets the next 4 KiB
+/// virtio-mmio window from [`layout::DEVICE_MMIO_START`] and the next
+/// interrupt line from [`VIRTIO_FIRST_IRQ`]; on `pc` each is a virtio-pci
+/// function ([`VirtioMmio::use_pci`]).
 #[derive(Default)]
 pub struct VirtioMmio {
     slots: Vec<MmioSlot>,
+    pci: Option<PciPlacement>,
 }
 
 impl VirtioMmio {
-    /// Puts `device` behind the next window: an irqfd for its interrupt
-    /// and an ioeventfd per queue at QueueNotify (data = queue index), so
-    /// that a guest kick wakes its worker without a VMM exit.
+    /// Devices added from now on are PCI functions.
+    pub(crate) fn use_pci(&mut self, placement: PciPlacement) {
+        self.pci = Some(placement);
+    }
+
+    /// Puts `device` behind its transport: an irqfd for its interrupt
+    /// line and an ioeventfd per queue notification, so that a guest kick
+    /// wakes its worker without a VMM exit.
     pub fn add(
         &mut self,
         vm: &dyn Vm,
@@ -180,6 +225,9 @@ impl VirtioMmio {
         bus: &Bus,
         device: Box<dyn VirtioDevice>,
     ) -> Result<(), VmmError> {
+        if self.pci.is_some() {
+            return self.add_pci(vm, mem, bus, device);
+        }
         let irq = u32::try_from(self.slots.len())
             .ok()
             .and_then(|index| VIRTIO_FIRST_IRQ.checked_add(index))
@@ -202,7 +250,62 @@ impl VirtioMmio {
             base,
             irq,
             interrupt,
-            transport,
+            transport: Carrier::Mmio(transport),
+        });
+        Ok(())
+    }
+
+    /// A virtio-pci function in the next slot, its BAR placed by the VMM
+    /// (firmware may move it; see docs/architecture.md), MSI-X vectors
+    /// sent with KVM's MSI injection, INTx on the slot's line.
+    fn add_pci(
+        &mut self,
+        vm: &dyn Vm,
+        mem: &GuestMemoryMmap,
+        bus: &Bus,
+        device: Box<dyn VirtioDevice>,
+    ) -> Result<(), VmmError> {
+        use devices::virtio::pci::{BAR_SIZE, NOTIFY_MULTIPLIER, NOTIFY_OFFSET as PCI_NOTIFY};
+        let Some(pci) = &self.pci else {
+            return Err(VmmError::TooManyDevices);
+        };
+        // Slot 0 is the host bridge; 31 slots on bus 0.
+        let slot = u8::try_from(self.slots.len() + 1)
+            .ok()
+            .filter(|&s| s < 32)
+            .ok_or(VmmError::TooManyDevices)?;
+        let base = layout::PCI_MMIO32_START + u64::from(slot - 1) * BAR_SIZE;
+        let irq = pci.intx_gsi[usize::from(slot % 4)];
+        let line = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)?;
+        vm.register_irqfd(&line, irq)?;
+        let vectors = Arc::new(
+            PciVectors::new(device.queue_max_sizes().len(), pci.msi.clone())
+                .map_err(|e| VmmError::Virtio(e.to_string()))?,
+        );
+        let interrupt = VirtioPciTransport::interrupt(line, &vectors);
+        let name = device.name();
+        let mut transport =
+            VirtioPciTransport::new(device, mem.clone(), interrupt.clone(), vectors)
+                .map_err(|e| VmmError::Virtio(e.to_string()))?;
+        transport.set_bar_address(base);
+        for (queue, event) in (0u64..).zip(transport.queue_events()) {
+            let at = base + PCI_NOTIFY + queue * u64::from(NOTIFY_MULTIPLIER);
+            vm.register_mmio_notify(event, at)?;
+        }
+        let transport = Arc::new(Mutex::new(transport));
+        bus.insert(transport.clone(), base, BAR_SIZE)?;
+        lock(&pci.root)
+            .add_function(
+                slot << 3,
+                Box::new(devices::virtio::pci::SharedPciTransport(transport.clone())),
+            )
+            .map_err(|e| VmmError::Virtio(e.to_string()))?;
+        self.slots.push(MmioSlot {
+            name,
+            base,
+            irq,
+            interrupt,
+            transport: Carrier::Pci(transport),
         });
         Ok(())
     }
@@ -213,7 +316,7 @@ impl VirtioMmio {
     /// woken again.
     pub fn sleep_all(&self) -> Result<(), String> {
         for (i, slot) in self.slots.iter().enumerate() {
-            if let Err(e) = lock(&slot.transport).sleep() {
+            if let Err(e) = slot.transport.sleep() {
                 let _ = self.wake_first(i);
                 return Err(format!("the {} device cannot sleep: {e}", slot.name));
             }
@@ -224,7 +327,7 @@ impl VirtioMmio {
     fn wake_first(&self, n: usize) -> Result<(), String> {
         let mut first_error = None;
         for slot in self.slots.iter().take(n) {
-            if let Err(e) = lock(&slot.transport).wake() {
+            if let Err(e) = slot.transport.wake() {
                 tracing::error!("the {} device cannot wake: {e}", slot.name);
                 first_error.get_or_insert(format!("the {} device cannot wake: {e}", slot.name));
             }
@@ -238,40 +341,60 @@ impl VirtioMmio {
     }
 
     /// Every transport's state with its device's (all asleep).
-    pub fn save_all(&self) -> Result<Vec<MmioTransportState>, String> {
-        self.slots
-            .iter()
-            .map(|slot| {
-                lock(&slot.transport)
-                    .save_state()
-                    .map_err(|e| format!("the {} device: {e}", slot.name))
-            })
-            .collect()
+    pub(crate) fn save_all(&self) -> Result<TransportStates, String> {
+        let mut states = TransportStates {
+            mmio: Vec::new(),
+            pci: Vec::new(),
+        };
+        for slot in &self.slots {
+            let failed = |e: &dyn std::fmt::Display| format!("the {} device: {e}", slot.name);
+            match &slot.transport {
+                Carrier::Mmio(t) => states
+                    .mmio
+                    .push(lock(t).save_state().map_err(|e| failed(&e))?),
+                Carrier::Pci(t) => states
+                    .pci
+                    .push(lock(t).save_state().map_err(|e| failed(&e))?),
+            }
+        }
+        Ok(states)
     }
 
     /// Restores saved transport states into this machine's (new) devices,
-    /// in window order; running devices start running.
-    pub fn restore_all(&self, states: &[MmioTransportState]) -> Result<(), String> {
-        if states.len() != self.slots.len() {
+    /// in order; running devices start running.
+    pub(crate) fn restore_all(
+        &self,
+        mmio: &[MmioTransportState],
+        pci: &[VirtioPciState],
+    ) -> Result<(), String> {
+        let (mut m, mut p) = (mmio.iter(), pci.iter());
+        let count = mmio.len() + pci.len();
+        if count != self.slots.len() {
             return Err(format!(
-                "the snapshot has {} virtio devices, the VM {}",
-                states.len(),
+                "the snapshot has {count} virtio devices, the VM {}",
                 self.slots.len()
             ));
         }
-        for (slot, state) in self.slots.iter().zip(states) {
-            lock(&slot.transport)
-                .restore(state)
-                .map_err(|e| crate::error::error_chain(&e))?;
+        for slot in &self.slots {
+            let missing = || format!("the snapshot has no state for the {} device", slot.name);
+            match &slot.transport {
+                Carrier::Mmio(t) => lock(t)
+                    .restore(m.next().ok_or_else(missing)?)
+                    .map_err(|e| crate::error::error_chain(&e))?,
+                Carrier::Pci(t) => lock(t)
+                    .restore(p.next().ok_or_else(missing)?)
+                    .map_err(|e| crate::error::error_chain(&e))?,
+            }
         }
         Ok(())
     }
 
     /// The `virtio_mmio.device=4K@ADDR:IRQ` arguments that tell Linux
-    /// where the devices are.
+    /// where the MMIO devices are (PCI functions are found by probing).
     pub fn cmdline(&self) -> impl Iterator<Item = String> + '_ {
         self.slots
             .iter()
+            .filter(|s| matches!(s.transport, Carrier::Mmio(_)))
             .map(|s| format!("virtio_mmio.device=4K@{:#x}:{}", s.base, s.irq))
     }
 
@@ -298,19 +421,18 @@ pub(crate) struct LegacyDevices {
     pub i8042: Arc<Mutex<I8042>>,
     pub cmos: Arc<Mutex<Cmos>>,
     pub pci: Arc<Mutex<devices::pci::PciRoot>>,
-}
-
-fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    /// The ACPI PM block (`pc` machines).
+    pub acpi_pm: Option<Arc<Mutex<devices::acpi_pm::AcpiPm>>>,
 }
 
 impl LegacyDevices {
     pub fn save(&self) -> LegacyStates {
         LegacyStates {
-            serial: locked(&self.serial).save(),
-            i8042: locked(&self.i8042).save(),
-            cmos: locked(&self.cmos).save(),
-            pci: locked(&self.pci).save(),
+            serial: lock(&self.serial).save(),
+            i8042: lock(&self.i8042).save(),
+            cmos: lock(&self.cmos).save(),
+            pci: lock(&self.pci).save(),
+            acpi_pm: self.acpi_pm.as_ref().map(|pm| lock(pm).save()),
         }
     }
 }
@@ -398,5 +520,6 @@ pub(crate) fn add_legacy_devices(
         i8042,
         cmos,
         pci,
+        acpi_pm: None,
     })
 }

@@ -128,6 +128,39 @@ pub enum ConsoleDevice {
     Virtio,
 }
 
+/// The machine a VM is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MachineType {
+    /// virtio-mmio devices, no ACPI, no PCI devices: the fastest boot of
+    /// a kernel hostvisor is handed.
+    #[default]
+    Microvm,
+    /// A PC: PCI with virtio-pci (MSI-X), ACPI (power button, S5, reset
+    /// register), what an OS on its own disk expects.
+    Pc,
+}
+
+impl std::str::FromStr for MachineType {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "microvm" => Ok(MachineType::Microvm),
+            "pc" => Ok(MachineType::Pc),
+            _ => Err(format!("unknown machine `{s}` (expected microvm or pc)")),
+        }
+    }
+}
+
+impl std::fmt::Display for MachineType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            MachineType::Microvm => "microvm",
+            MachineType::Pc => "pc",
+        })
+    }
+}
+
 /// What a guest reset does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -404,6 +437,9 @@ fn default_memory() -> MemorySize {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VmConfig {
+    /// The machine type (`microvm` unless asked).
+    #[serde(default, skip_serializing_if = "is_microvm")]
+    pub machine: MachineType,
     #[serde(default = "default_cpus")]
     pub cpus: u32,
     #[serde(default = "default_memory")]
@@ -443,10 +479,15 @@ pub struct VmConfig {
     pub nets: Vec<NetConfig>,
 }
 
+fn is_microvm(m: &MachineType) -> bool {
+    *m == MachineType::Microvm
+}
+
 impl VmConfig {
     /// A configuration with defaults for everything but the kernel.
     pub fn new(kernel: impl Into<PathBuf>) -> Self {
         VmConfig {
+            machine: MachineType::default(),
             cpus: default_cpus(),
             memory: default_memory(),
             kernel: kernel.into(),

@@ -46,6 +46,8 @@ pub enum VmmError {
     TooManyDevices,
     #[error("virtio device: {0}")]
     Virtio(String),
+    #[error("ACPI tables: {0}")]
+    Acpi(String),
     #[error(transparent)]
     Snapshot(#[from] crate::snapshot::SnapshotError),
     #[error("cannot start a thread")]

@@ -2,7 +2,7 @@
 //! reports how it ended.
 //!
 //! Modules depend on each other in one direction only (`lib` only
-//! re-exports): `run` → `machine` → {`persist`, `reopen`, `builder`, `vcpu`,
+//! re-exports): `run` → `machine` → {`persist`, `reopen`, `pc`, `builder`, `vcpu`,
 //! `control`, `console_input`} → {`event`, `console`, `panic_watch`} →
 //! {`request`, `snapshot`, `shared`, `error`, `outcome`, `config`}.
 
@@ -18,6 +18,7 @@ pub mod event;
 pub mod machine;
 pub mod outcome;
 pub mod panic_watch;
+pub mod pc;
 pub mod persist;
 pub mod reopen;
 pub mod request;
@@ -31,8 +32,8 @@ pub use arch::cpuid::{CpuFeature, UnknownFeature};
 /// The least guest RAM a VM can have.
 pub use arch::layout::MIN_MEMORY;
 pub use config::{
-    ConsoleDevice, DiskConfig, MemorySize, NetConfig, NetMode, ResetAction, SerialConfig, VmConfig,
-    VsockConfig,
+    ConsoleDevice, DiskConfig, MachineType, MemorySize, NetConfig, NetMode, ResetAction,
+    SerialConfig, VmConfig, VsockConfig,
 };
 pub use error::{error_chain, VmmError};
 pub use event::VmmEvent;

@@ -8,12 +8,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arch::cpuid::{CpuFeature, CpuidPolicy};
-use arch::layout::{self, ZERO_PAGE_START};
+use arch::layout;
 use devices::virtio::console::{Console, ConsoleInput};
 use devices::virtio::VirtioDevice;
 use devices::{Bus, PlatformRequest};
 use hypervisor::{GuestMemoryMmap, Hypervisor, SystemEvent, Vcpu, Vm};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::builder::{add_legacy_devices, DiskHandle, LegacyDevices, VirtioMmio};
 use crate::console_input::{ConsoleTarget, StdinConsole};
@@ -29,6 +29,8 @@ use crate::snapshot::{RestoreSpec, SnapshotError, SnapshotRequest, VmSnapshot};
 use crate::vcpu::{self, VcpuContext, VcpuHandle};
 
 pub use crate::builder::VIRTIO_FIRST_IRQ;
+
+mod load;
 
 /// The shape of a machine, independent of what it boots.
 pub struct MachineSpec {
@@ -332,49 +334,6 @@ impl Machine {
         Ok(())
     }
 
-    /// Loads a Linux kernel (ELF vmlinux or bzImage), optional initrd and
-    /// command line (with the virtio devices' announcements appended), the
-    /// MP table, and points every vCPU at the entry.
-    pub fn load_linux(
-        &mut self,
-        kernel: &std::path::Path,
-        initrd: Option<&std::path::Path>,
-        cmdline: &str,
-    ) -> Result<(), VmmError> {
-        let cmdline = std::iter::once(cmdline.to_string())
-            .chain(self.virtio.cmdline())
-            .collect::<Vec<_>>()
-            .join(" ");
-        let cmdline = cmdline.as_str();
-        let loaded = arch::boot::load_kernel(&self.mem, kernel)?;
-        let initrd = initrd
-            .map(|path| arch::boot::load_initrd(&self.mem, path, &loaded, self.memory))
-            .transpose()?;
-        arch::boot::write_cmdline(&self.mem, cmdline)?;
-        let params = arch::boot::boot_params(&loaded, cmdline.len(), initrd, self.memory);
-        arch::boot::write_boot_params(&self.mem, &params)?;
-        arch::mptable::setup(&self.mem, self.cpus)?;
-        tracing::debug!(entry = format_args!("{:#x}", loaded.entry), format = ?loaded.format, "kernel loaded");
-        self.set_entry(loaded.entry, ZERO_PAGE_START)
-    }
-
-    /// Copies raw 64-bit code into guest memory at `addr` and points every
-    /// vCPU there (RSI = `rsi`). Used for firmware-less test guests.
-    pub fn load_code(&mut self, addr: u64, code: &[u8], rsi: u64) -> Result<(), VmmError> {
-        self.mem
-            .write_slice(code, GuestAddress(addr))
-            .map_err(|e| VmmError::GuestMemory(e.to_string()))?;
-        self.set_entry(addr, rsi)
-    }
-
-    fn set_entry(&mut self, entry: u64, rsi: u64) -> Result<(), VmmError> {
-        let regs = arch::regs::boot_regs(entry, rsi);
-        for vcpu in &mut self.vcpus {
-            vcpu.set_regs(&regs)?;
-        }
-        Ok(())
-    }
-
     /// Runs the guest until it powers off, resets, crashes, or the user
     /// ends it, with console input from stdin when `interactive`. With
     /// `control`, another thread can pause, resume, kill and inspect it.
@@ -498,6 +457,7 @@ impl Machine {
                             running,
                             paused.is_some(),
                         ),
+                        ControlRequest::PowerButton => self.press_power_button(),
                         ControlRequest::Kill => {
                             let _ = reply.send(Ok(None));
                             break VmOutcome::Killed;

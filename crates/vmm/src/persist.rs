@@ -130,9 +130,11 @@ fn save_asleep(
         .vm
         .save_state()
         .map_err(|e| SnapshotError::Save(crate::error::error_chain(&e)))?;
+    let transports = ctx.virtio.save_all().map_err(SnapshotError::Save)?;
     let devices = DeviceStates {
         legacy: ctx.legacy.save(),
-        virtio: ctx.virtio.save_all().map_err(SnapshotError::Save)?,
+        virtio: transports.mmio,
+        virtio_pci: transports.pci,
     };
     let memory_ranges = memory_ranges(ctx.mem);
     snapshot::memory::save(ctx.mem, &dir.join(MEMORY_FILE))?;
@@ -181,7 +183,7 @@ pub(crate) fn restore(
         vcpu.restore_state(state).map_err(fail)?;
     }
     virtio
-        .restore_all(&snap.devices.virtio)
+        .restore_all(&snap.devices.virtio, &snap.devices.virtio_pci)
         .map_err(SnapshotError::Restore)?;
     Ok(())
 }

@@ -15,6 +15,9 @@ pub enum ControlRequest {
     Kill,
     /// A status snapshot.
     Info,
+    /// Press the ACPI power button (`pc` machines): the guest's OS shuts
+    /// down cleanly, as after a short press on a PC.
+    PowerButton,
     /// Save the VM's whole state into a snapshot directory (pausing it
     /// for the time of the save if it runs).
     Snapshot(crate::snapshot::SnapshotRequest),

@@ -222,6 +222,9 @@ pub fn run_vm(
             Some((spec_from, snap)) => Machine::for_restore(&hv, spec, spec_from, snap)?,
             None => Machine::new(&hv, spec)?,
         };
+        if config.machine == crate::config::MachineType::Pc {
+            machine.make_pc(from.and_then(|(_, snap)| snap.devices.legacy.acpi_pm.as_ref()))?;
+        }
         let (devices, disks) = crate::builder::configured_devices(config, &macs)?;
         for device in devices {
             machine.add_virtio_device(device)?;

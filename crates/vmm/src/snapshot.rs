@@ -51,6 +51,9 @@ pub struct DeviceStates {
     /// The virtio transports (each with its device's state), in the order
     /// of their windows.
     pub virtio: Vec<MmioTransportState>,
+    /// The virtio-pci functions of a `pc` machine, in slot order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub virtio_pci: Vec<devices::virtio::pci::VirtioPciState>,
 }
 
 /// The PC's legacy devices. (The debug-exit port has no state.)
@@ -60,6 +63,9 @@ pub struct LegacyStates {
     pub i8042: devices::i8042::I8042State,
     pub cmos: devices::cmos::CmosState,
     pub pci: devices::pci::PciRootState,
+    /// The ACPI PM block of a `pc` machine.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acpi_pm: Option<devices::acpi_pm::AcpiPmState>,
 }
 
 /// What a snapshot request asks.
