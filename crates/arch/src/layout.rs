@@ -13,7 +13,8 @@
 //! ...          initrd at the top of low RAM
 //! 0xc000_0000  32-bit MMIO hole: devices, IOAPIC, LAPIC, KVM's TSS
 //! 0xd000_0000  virtio-mmio windows (`microvm`)
-//! 0xe000_0000  PCI ECAM (bus 0), then the 32-bit BAR window (`pc`)
+//! 0xd800_0000  PCI ECAM, bus 0 (`pc`)
+//! 0xe000_0000  the 32-bit PCI BAR window (`pc`)
 //! 4 GiB        RAM above the hole, if any
 //! ```
 
@@ -38,11 +39,12 @@ pub const IOAPIC_START: u64 = 0xfec0_0000;
 pub const APIC_START: u64 = 0xfee0_0000;
 /// Where the MMIO devices of the VMM go (virtio-mmio and the like).
 pub const DEVICE_MMIO_START: u64 = 0xd000_0000;
-/// The `pc` machine's PCI: ECAM for bus 0 (1 MiB), then the 32-bit
-/// window its BARs are placed in, up to the IOAPIC.
-pub const PCI_ECAM_START: u64 = 0xe000_0000;
+/// The `pc` machine's PCI: ECAM for bus 0 (1 MiB), and the 32-bit window
+/// its BARs are placed in, up to the IOAPIC — where SeaBIOS places them
+/// on a host bridge it does not know.
+pub const PCI_ECAM_START: u64 = 0xd800_0000;
 pub const PCI_ECAM_SIZE: u64 = 1 << 20;
-pub const PCI_MMIO32_START: u64 = PCI_ECAM_START + PCI_ECAM_SIZE;
+pub const PCI_MMIO32_START: u64 = 0xe000_0000;
 pub const PCI_MMIO32_END: u64 = IOAPIC_START - 1;
 /// ACPI tables of a directly booted `pc` machine: the RSDP where Linux
 /// scans for it, the tables after it (all in the reserved area below

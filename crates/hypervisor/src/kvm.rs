@@ -207,6 +207,12 @@ impl Vm for KvmVm {
             .map_err(ioctl_err("KVM_IOEVENTFD"))
     }
 
+    fn unregister_mmio_notify(&self, fd: &EventFd, addr: u64) -> Result<()> {
+        self.fd
+            .unregister_ioevent(fd, &IoEventAddress::Mmio(addr), kvm_ioctls::NoDatamatch)
+            .map_err(ioctl_err("KVM_IOEVENTFD"))
+    }
+
     fn signal_msi(&self, addr: u64, data: u32) -> Result<()> {
         let msi = kvm_bindings::kvm_msi {
             // The low and high halves of the 64-bit message address.

@@ -113,6 +113,8 @@ pub trait Vm: Send + Sync + std::fmt::Debug {
     /// and value) signal `fd` in the kernel: virtio-pci's per-queue
     /// notification addresses.
     fn register_mmio_notify(&self, fd: &EventFd, addr: u64) -> Result<()>;
+    /// Undoes [`Vm::register_mmio_notify`] (the guest moved the address).
+    fn unregister_mmio_notify(&self, fd: &EventFd, addr: u64) -> Result<()>;
     /// Sends a message-signalled interrupt (the address and data an MSI
     /// or MSI-X table entry holds) to the guest's local APICs.
     fn signal_msi(&self, addr: u64, data: u32) -> Result<()>;

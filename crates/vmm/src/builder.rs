@@ -188,6 +188,9 @@ fn lock<T>(t: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// from 00:01.0 and BARs from the bottom of the 32-bit PCI window.
 pub(crate) struct PciPlacement {
     pub root: Arc<Mutex<devices::pci::PciRoot>>,
+    /// The 32-bit window the BARs decode in.
+    pub window: Arc<Mutex<crate::pci_window::PciWindow>>,
+    pub vm: Arc<dyn Vm>,
     pub msi: Arc<dyn devices::pci::msix::MsiTarget>,
     /// The INTx line of each slot's pin A (`_PRT`'s swizzle).
     pub intx_gsi: [u32; 4],
@@ -226,7 +229,7 @@ impl VirtioMmio {
         device: Box<dyn VirtioDevice>,
     ) -> Result<(), VmmError> {
         if self.pci.is_some() {
-            return self.add_pci(vm, mem, bus, device);
+            return self.add_pci(vm, mem, device);
         }
         let irq = u32::try_from(self.slots.len())
             .ok()
@@ -262,10 +265,11 @@ impl VirtioMmio {
         &mut self,
         vm: &dyn Vm,
         mem: &GuestMemoryMmap,
-        bus: &Bus,
         device: Box<dyn VirtioDevice>,
     ) -> Result<(), VmmError> {
-        use devices::virtio::pci::{BAR_SIZE, NOTIFY_MULTIPLIER, NOTIFY_OFFSET as PCI_NOTIFY};
+        use devices::virtio::pci::{
+            SharedPciTransport, BAR_SIZE, NOTIFY_MULTIPLIER, NOTIFY_OFFSET as PCI_NOTIFY,
+        };
         let Some(pci) = &self.pci else {
             return Err(VmmError::TooManyDevices);
         };
@@ -292,12 +296,19 @@ impl VirtioMmio {
             let at = base + PCI_NOTIFY + queue * u64::from(NOTIFY_MULTIPLIER);
             vm.register_mmio_notify(event, at)?;
         }
+        let events = transport
+            .queue_events()
+            .iter()
+            .map(EventFd::try_clone)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(VmmError::EventFd)?;
         let transport = Arc::new(Mutex::new(transport));
-        bus.insert(transport.clone(), base, BAR_SIZE)?;
+        lock(&pci.window).add(transport.clone());
+        let follow = crate::pci_window::notify_follower(pci.vm.clone(), events, base);
         lock(&pci.root)
             .add_function(
                 slot << 3,
-                Box::new(devices::virtio::pci::SharedPciTransport(transport.clone())),
+                Box::new(SharedPciTransport::new(transport.clone()).on_bar_moved(follow)),
             )
             .map_err(|e| VmmError::Virtio(e.to_string()))?;
         self.slots.push(MmioSlot {

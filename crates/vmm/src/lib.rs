@@ -2,7 +2,7 @@
 //! reports how it ended.
 //!
 //! Modules depend on each other in one direction only (`lib` only
-//! re-exports): `run` → `machine` → {`persist`, `reopen`, `pc`, `builder`, `vcpu`,
+//! re-exports): `run` → `machine` → {`persist`, `reopen`, `pc`, `builder`, `pci_window`, `vcpu`,
 //! `control`, `console_input`} → {`event`, `console`, `panic_watch`} →
 //! {`request`, `snapshot`, `shared`, `error`, `outcome`, `config`}.
 
@@ -19,6 +19,7 @@ pub mod machine;
 pub mod outcome;
 pub mod panic_watch;
 pub mod pc;
+pub mod pci_window;
 pub mod persist;
 pub mod reopen;
 pub mod request;

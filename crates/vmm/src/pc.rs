@@ -92,8 +92,16 @@ pub(crate) fn add_devices(
     };
     let pm = Arc::new(Mutex::new(pm));
     pio.insert(pm.clone(), acpi_pm::PM_BASE, acpi_pm::PM_LEN)?;
+    let window = Arc::new(Mutex::new(crate::pci_window::PciWindow::default()));
+    mmio.insert(
+        window.clone(),
+        crate::pci_window::WINDOW_START,
+        crate::pci_window::WINDOW_LEN,
+    )?;
     let placement = PciPlacement {
         root: pci.clone(),
+        window,
+        vm: vm.clone(),
         msi: Arc::new(KvmMsi(vm.clone())),
         intx_gsi: INTX_GSI,
     };

@@ -456,14 +456,40 @@ impl BusDevice for VirtioPciTransport {
     }
 }
 
+/// Told where a function's BAR now decodes (None: nowhere) when the
+/// guest moves it or turns its decoding off.
+pub type BarMoved = Box<dyn FnMut(Option<u64>) + Send>;
+
 /// A transport shared between the PCI root (configuration space) and the
-/// memory bus (its BAR).
-#[derive(Debug)]
-pub struct SharedPciTransport(pub Arc<Mutex<VirtioPciTransport>>);
+/// memory bus (its BAR), telling the VMM when the guest (firmware
+/// assigning resources, an OS reassigning them) moves the BAR.
+pub struct SharedPciTransport {
+    transport: Arc<Mutex<VirtioPciTransport>>,
+    on_bar_moved: Option<BarMoved>,
+}
+
+impl std::fmt::Debug for SharedPciTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedPciTransport").finish_non_exhaustive()
+    }
+}
 
 impl SharedPciTransport {
+    pub fn new(transport: Arc<Mutex<VirtioPciTransport>>) -> Self {
+        SharedPciTransport {
+            transport,
+            on_bar_moved: None,
+        }
+    }
+
+    /// Calls `f` with the BAR's new address whenever it changes.
+    pub fn on_bar_moved(mut self, f: BarMoved) -> Self {
+        self.on_bar_moved = Some(f);
+        self
+    }
+
     fn lock(&self) -> MutexGuard<'_, VirtioPciTransport> {
-        self.0
+        self.transport
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
@@ -475,7 +501,17 @@ impl PciDevice for SharedPciTransport {
     }
 
     fn config_write(&mut self, offset: u8, data: &[u8]) {
-        self.lock().config_write(offset, data);
+        let (before, after) = {
+            let mut t = self.lock();
+            let before = t.bar_address();
+            t.config_write(offset, data);
+            (before, t.bar_address())
+        };
+        if before != after {
+            if let Some(f) = &mut self.on_bar_moved {
+                f(after);
+            }
+        }
     }
 }
 
