@@ -47,6 +47,9 @@ command -v pkg-config >/dev/null || need_pkgs+=(pkg-config)
 command -v ip >/dev/null || need_pkgs+=(iproute2)
 # The ACPI table tests read hostvisor's tables back with ACPICA's iasl.
 command -v iasl >/dev/null || need_pkgs+=(acpica-tools)
+# Firmware for `--firmware bios|uefi` (and their tests).
+[[ -f /usr/share/seabios/bios-256k.bin ]] || need_pkgs+=(seabios)
+[[ -f /usr/share/ovmf/OVMF.fd ]] || need_pkgs+=(ovmf)
 if ((${#need_pkgs[@]})); then
   if [[ $(id -u) -ne 0 ]]; then
     log "missing Debian packages: ${need_pkgs[*]} (install them with apt-get as root)"

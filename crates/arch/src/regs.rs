@@ -127,6 +127,69 @@ pub fn long_mode_sregs(base: &SpecialRegisters) -> SpecialRegisters {
     sregs
 }
 
+/// The special registers of an x86 CPU after reset (real mode, executing
+/// from CS base 0xffff0000, so the first instruction is the firmware's at
+/// 0xfffffff0): what firmware starts from.
+pub fn reset_sregs(base: &SpecialRegisters) -> SpecialRegisters {
+    let segment = |selector: u16, base: u64, type_: u8| SegmentRegister {
+        base,
+        limit: 0xffff,
+        selector,
+        type_,
+        present: 1,
+        dpl: 0,
+        db: 0,
+        s: 1,
+        l: 0,
+        g: 0,
+        avl: 0,
+        unusable: 0,
+        padding: 0,
+    };
+    let mut sregs = *base;
+    // Code: execute/read, accessed. Data: read/write, accessed.
+    sregs.cs = segment(0xf000, 0xffff_0000, 0xb);
+    let data = segment(0, 0, 0x3);
+    sregs.ds = data;
+    sregs.es = data;
+    sregs.fs = data;
+    sregs.gs = data;
+    sregs.ss = data;
+    sregs.ldt = SegmentRegister {
+        s: 0,
+        type_: 0x2,
+        ..data
+    };
+    sregs.tr = SegmentRegister {
+        s: 0,
+        type_: 0x3,
+        ..data
+    };
+    sregs.gdt = DescriptorTable {
+        base: 0,
+        limit: 0xffff,
+        ..Default::default()
+    };
+    sregs.idt = sregs.gdt;
+    sregs.cr0 = CR0_ET | (1 << 29) | (1 << 30); // ET, NW, CD
+    sregs.cr2 = 0;
+    sregs.cr3 = 0;
+    sregs.cr4 = 0;
+    sregs.efer = 0;
+    sregs
+}
+
+/// The general registers after reset: IP 0xfff0 (with [`reset_sregs`]'s CS,
+/// the reset vector), RDX the CPU's family/model/stepping.
+pub fn reset_regs() -> StandardRegisters {
+    StandardRegisters {
+        rflags: 0x2,
+        rip: 0xfff0,
+        rdx: 0x600,
+        ..Default::default()
+    }
+}
+
 /// General registers at a 64-bit kernel entry point: RSI points at
 /// boot_params, as the Linux 64-bit boot protocol wants.
 pub fn boot_regs(entry: u64, boot_params: u64) -> StandardRegisters {

@@ -189,7 +189,7 @@ struct RunCmd {
     /// /vm/snapshot`) instead of booting one; the VM's options come from
     /// the snapshot (only --serial and --api-socket apply).
     #[arg(long, value_name = "DIR", conflicts_with_all = [
-        "machine", "kernel", "initrd", "cmdline", "append", "cpus", "memory", "console",
+        "machine", "firmware", "kernel", "initrd", "cmdline", "append", "cpus", "memory", "console",
         "on_reset", "disk", "rng", "hide_cpu_features", "vsock", "net",
     ])]
     restore: Option<PathBuf>,
@@ -209,9 +209,14 @@ struct RunCmd {
 struct RunArgs {
     /// The machine: microvm (virtio-mmio, no ACPI: the fastest boot of a
     /// kernel you hand it) or pc (PCI with virtio-pci and MSI-X, ACPI
-    /// with a power button: what an OS expects).
-    #[arg(long, value_name = "TYPE", default_value = "microvm")]
-    machine: vmm::MachineType,
+    /// with a power button: what an OS expects). Default: pc with
+    /// --firmware, microvm otherwise.
+    #[arg(long, value_name = "TYPE")]
+    machine: Option<vmm::MachineType>,
+    /// Boot through firmware from the disks: bios (SeaBIOS), uefi (OVMF)
+    /// or an image file. Needs a pc machine.
+    #[arg(long, value_name = "FIRMWARE")]
+    firmware: Option<vmm::firmware::Firmware>,
     /// Kernel image: an ELF vmlinux or a bzImage.
     #[arg(long, value_name = "PATH")]
     kernel: Option<PathBuf>,
@@ -382,12 +387,24 @@ pub(crate) enum CliError {
 }
 
 fn vm_config(args: RunArgs) -> Result<VmConfig, CliError> {
+    let machine = args.machine.unwrap_or(if args.firmware.is_some() {
+        vmm::MachineType::Pc
+    } else {
+        vmm::MachineType::Microvm
+    });
+    if args.firmware.is_some() && machine != vmm::MachineType::Pc {
+        return Err(CliError::Usage(
+            "--firmware needs a pc machine (--machine pc)".into(),
+        ));
+    }
     let (kernel, initrd) = match args.kernel {
         Some(kernel) => (kernel, args.initrd),
+        // A firmware boot boots what is on the disks.
+        None if args.firmware.is_some() => (PathBuf::new(), args.initrd),
         None => {
             let dir = default_guest_dir();
             // The default guest's kernel for a pc has ACPI and MSI.
-            let kernel = dir.join(match args.machine {
+            let kernel = dir.join(match machine {
                 vmm::MachineType::Microvm => "vmlinux",
                 vmm::MachineType::Pc => "vmlinux-pc",
             });
@@ -408,7 +425,8 @@ fn vm_config(args: RunArgs) -> Result<VmConfig, CliError> {
     }
     let nets = nics(&args.net)?.unwrap_or_default();
     Ok(VmConfig {
-        machine: args.machine,
+        machine,
+        firmware: args.firmware,
         nets,
         cpus: args.cpus,
         memory: args.memory,

@@ -444,6 +444,12 @@ pub struct VmConfig {
     pub cpus: u32,
     #[serde(default = "default_memory")]
     pub memory: MemorySize,
+    /// Boot through this firmware (a `pc` machine) instead of loading the
+    /// kernel directly.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub firmware: Option<crate::firmware::Firmware>,
+    /// The kernel to boot; empty for a firmware boot from a disk.
+    #[serde(default)]
     pub kernel: PathBuf,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub initrd: Option<PathBuf>,
@@ -488,6 +494,7 @@ impl VmConfig {
     pub fn new(kernel: impl Into<PathBuf>) -> Self {
         VmConfig {
             machine: MachineType::default(),
+            firmware: None,
             cpus: default_cpus(),
             memory: default_memory(),
             kernel: kernel.into(),

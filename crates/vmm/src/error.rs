@@ -48,6 +48,8 @@ pub enum VmmError {
     Virtio(String),
     #[error("ACPI tables: {0}")]
     Acpi(String),
+    #[error("firmware {0}")]
+    Firmware(String),
     #[error(transparent)]
     Snapshot(#[from] crate::snapshot::SnapshotError),
     #[error("cannot start a thread")]

@@ -2,7 +2,7 @@
 //! reports how it ended.
 //!
 //! Modules depend on each other in one direction only (`lib` only
-//! re-exports): `run` → `machine` → {`persist`, `reopen`, `pc`, `builder`, `pci_window`, `vcpu`,
+//! re-exports): `run` → `machine` → {`persist`, `reopen`, `pc`, `firmware`, `builder`, `pci_window`, `vcpu`,
 //! `control`, `console_input`} → {`event`, `console`, `panic_watch`} →
 //! {`request`, `snapshot`, `shared`, `error`, `outcome`, `config`}.
 
@@ -15,6 +15,7 @@ pub mod console_input;
 pub mod control;
 pub mod error;
 pub mod event;
+pub mod firmware;
 pub mod machine;
 pub mod outcome;
 pub mod panic_watch;

@@ -67,6 +67,8 @@ pub struct Machine {
     described: Option<Described>,
     /// The disks, which a snapshot moves onto new overlays.
     disks: std::sync::Mutex<Vec<DiskHandle>>,
+    /// The firmware ROM below 4 GiB (firmware boots), mapped into the VM.
+    rom: Option<vm_memory::mmap::MmapRegion>,
 }
 
 impl std::fmt::Debug for Machine {
@@ -264,6 +266,7 @@ impl Machine {
             cpus: spec.cpus,
             described: None,
             disks: std::sync::Mutex::new(Vec::new()),
+            rom: None,
         })
     }
 

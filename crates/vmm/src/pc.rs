@@ -108,6 +108,51 @@ pub(crate) fn add_devices(
     Ok((pm, placement))
 }
 
+/// The port firmware writes its log to (QEMU's "debugcon"; SeaBIOS and
+/// OVMF use it).
+pub const DEBUG_CONSOLE_PORT: u64 = 0x402;
+
+/// Firmware's log, line by line into hostvisor's own log (target
+/// `hostvisor::firmware`, shown with `HOSTVISOR_LOG=hostvisor::firmware=info`).
+#[derive(Default)]
+struct DebugConsole {
+    line: Vec<u8>,
+}
+
+/// The longest line kept (a guest writing without newlines must not grow
+/// the buffer without bound).
+const DEBUG_LINE_MAX: usize = 4096;
+
+impl devices::BusDevice for DebugConsole {
+    fn read(&mut self, _base: u64, _offset: u64, data: &mut [u8]) {
+        // Reads return 0xe9 when the port exists (QEMU's convention).
+        data.fill(0xe9);
+    }
+
+    fn write(&mut self, _base: u64, _offset: u64, data: &[u8]) {
+        for &b in data {
+            if b == b'\n' || self.line.len() >= DEBUG_LINE_MAX {
+                let text = String::from_utf8_lossy(&self.line);
+                tracing::info!(target: "hostvisor::firmware", "{}", text.trim_end());
+                self.line.clear();
+            }
+            if b != b'\n' {
+                self.line.push(b);
+            }
+        }
+    }
+}
+
+/// Puts the debug console on the port bus.
+pub(crate) fn add_debug_console(pio: &Bus) -> Result<(), VmmError> {
+    pio.insert(
+        Arc::new(Mutex::new(DebugConsole::default())),
+        DEBUG_CONSOLE_PORT,
+        1,
+    )?;
+    Ok(())
+}
+
 /// The PM block as the FADT describes it.
 pub fn pm_block() -> PmBlock {
     let port = |offset: u64| u16::try_from(acpi_pm::PM_BASE + offset).unwrap_or(0);

@@ -154,6 +154,11 @@ pub fn run_vm(
     if let Some(from) = restore {
         from.snapshot.check_fits(config)?;
     }
+    if config.firmware.is_some() && config.machine != crate::config::MachineType::Pc {
+        return Err(VmmError::Firmware(
+            "boots need a pc machine (--machine pc)".into(),
+        ));
+    }
     let mut restore = restore.map(|from| (from, &from.snapshot));
     let started = *PROCESS_START.get_or_init(Instant::now);
     let hv = open_hypervisor()?;
@@ -225,6 +230,9 @@ pub fn run_vm(
         if config.machine == crate::config::MachineType::Pc {
             machine.make_pc(from.and_then(|(_, snap)| snap.devices.legacy.acpi_pm.as_ref()))?;
         }
+        if let (Some(firmware), Some(_)) = (&config.firmware, &from) {
+            machine.map_firmware(&firmware.image())?;
+        }
         let (devices, disks) = crate::builder::configured_devices(config, &macs)?;
         for device in devices {
             machine.add_virtio_device(device)?;
@@ -238,6 +246,13 @@ pub fn run_vm(
             machine.restore_state(snap)?;
             tracing::info!(target: "hostvisor::timing",
                 "restored at {:.3} ms", started.elapsed().as_secs_f64() * 1e3);
+        } else if let Some(firmware) = &config.firmware {
+            if !config.kernel.as_os_str().is_empty() {
+                return Err(VmmError::Firmware(
+                    "boots of a --kernel through firmware are not supported yet; boot it directly (without --firmware) or from a disk".into(),
+                ));
+            }
+            machine.load_firmware(&firmware.image())?;
         } else {
             boot_linux(&hv, &mut machine, config, control.is_some())?;
         }

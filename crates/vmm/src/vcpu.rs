@@ -31,28 +31,29 @@ pub enum ExitAction {
 /// Pure but for the buses, so it is tested with hand-built exits.
 pub fn handle_exit(exit: VmExit<'_>, pio: &Bus, mmio: &Bus, stats: &VcpuStats) -> ExitAction {
     stats.exits.fetch_add(1, Ordering::Relaxed);
-    let unhandled = |handled: bool| {
+    let unhandled = |handled: bool, what: &str, addr: u64| {
         if !handled {
             stats.unhandled_accesses.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!("{what} {addr:#x}: no device there");
         }
         ExitAction::Resume
     };
     match exit {
         VmExit::IoIn { port, data } => {
             stats.pio_exits.fetch_add(1, Ordering::Relaxed);
-            unhandled(pio.read(u64::from(port), data))
+            unhandled(pio.read(u64::from(port), data), "port read", port.into())
         }
         VmExit::IoOut { port, data } => {
             stats.pio_exits.fetch_add(1, Ordering::Relaxed);
-            unhandled(pio.write(u64::from(port), data))
+            unhandled(pio.write(u64::from(port), data), "port write", port.into())
         }
         VmExit::MmioRead { addr, data } => {
             stats.mmio_exits.fetch_add(1, Ordering::Relaxed);
-            unhandled(mmio.read(addr, data))
+            unhandled(mmio.read(addr, data), "MMIO read", addr)
         }
         VmExit::MmioWrite { addr, data } => {
             stats.mmio_exits.fetch_add(1, Ordering::Relaxed);
-            unhandled(mmio.write(addr, data))
+            unhandled(mmio.write(addr, data), "MMIO write", addr)
         }
         // With the LAPIC in the kernel, HLT is handled there; an exit for
         // it only means "run again".

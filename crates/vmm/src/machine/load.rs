@@ -34,6 +34,78 @@ impl Machine {
         Ok(())
     }
 
+    /// Maps a firmware image as the ROM that ends at 4 GiB (also for a
+    /// restored VM: the ROM is not part of guest RAM, so not of its
+    /// snapshot). Returns the image.
+    pub fn map_firmware(&mut self, image: &std::path::Path) -> Result<Vec<u8>, VmmError> {
+        use vm_memory::GuestMemoryBackend;
+        let data = crate::firmware::read_image(image)?;
+        let len = u64::try_from(data.len()).unwrap_or(u64::MAX);
+        let rom = vm_memory::mmap::MmapRegion::new(data.len())
+            .map_err(|e| VmmError::Firmware(format!("cannot map the ROM: {e}")))?;
+        // SAFETY: `rom` is a fresh private mapping of exactly `data.len()`
+        // bytes, which nothing else references yet.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), rom.as_ptr(), data.len()) };
+        let slot = u32::try_from(self.mem.num_regions())
+            .map_err(|_| VmmError::Firmware("too many memory slots".into()))?;
+        // SAFETY: the Machine keeps `rom` (its `rom` field) for as long as
+        // the VM exists.
+        unsafe {
+            self.vm.map_memory(
+                slot,
+                crate::firmware::rom_base(len),
+                len,
+                rom.as_ptr() as u64,
+            )
+        }?;
+        self.rom = Some(rom);
+        Ok(data)
+    }
+
+    /// Boots through firmware (a `pc` machine): maps `image` (see
+    /// [`crate::firmware`]), hands it the machine through fw_cfg and the
+    /// CMOS, and puts every vCPU in its reset state.
+    pub fn load_firmware(&mut self, image: &std::path::Path) -> Result<(), VmmError> {
+        if self.legacy.acpi_pm.is_none() {
+            return Err(VmmError::Firmware(
+                "boots need a pc machine (--machine pc)".into(),
+            ));
+        }
+        let data = self.map_firmware(image)?;
+        crate::firmware::copy_low(&self.mem, &data)?;
+        let below_4g = self.memory.min(arch::layout::MMIO_HOLE_START);
+        let above_4g = self.memory - below_4g;
+        let cpus = u8::try_from(self.cpus).unwrap_or(u8::MAX);
+        self.legacy
+            .cmos
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .set_machine_size(below_4g, above_4g, cpus);
+        let tables = arch::acpi::AcpiTables::build(&crate::pc::acpi_config(self.cpus)?)
+            .map_err(|e| VmmError::Acpi(e.to_string()))?;
+        let fw = crate::firmware::fw_cfg(
+            self.mem.clone(),
+            &crate::firmware::FirmwareInfo {
+                cpus: self.cpus,
+                below_4g,
+                above_4g,
+                acpi: &tables,
+            },
+        )?;
+        self.pio.insert(
+            Arc::new(std::sync::Mutex::new(fw)),
+            devices::fw_cfg::FW_CFG_PORT,
+            devices::fw_cfg::FW_CFG_PORT_LEN,
+        )?;
+        crate::pc::add_debug_console(&self.pio)?;
+        for vcpu in &mut self.vcpus {
+            let sregs = arch::regs::reset_sregs(&vcpu.sregs()?);
+            vcpu.set_sregs(&sregs)?;
+            vcpu.set_regs(&arch::regs::reset_regs())?;
+        }
+        Ok(())
+    }
+
     /// Presses the ACPI power button (`pc` machines).
     pub(crate) fn press_power_button(
         &self,
