@@ -67,8 +67,10 @@ pub struct Machine {
     described: Option<Described>,
     /// The disks, which a snapshot moves onto new overlays.
     disks: std::sync::Mutex<Vec<DiskHandle>>,
-    /// The firmware ROM below 4 GiB (firmware boots), mapped into the VM.
-    rom: Option<vm_memory::mmap::MmapRegion>,
+    /// Guest RAM and the firmware ROM below 4 GiB (firmware boots): what
+    /// the vCPUs see, so instruction assists reach operands in the ROM.
+    /// Devices and snapshots see RAM only (`mem`).
+    with_rom: Option<GuestMemoryMmap>,
 }
 
 impl std::fmt::Debug for Machine {
@@ -266,7 +268,7 @@ impl Machine {
             cpus: spec.cpus,
             described: None,
             disks: std::sync::Mutex::new(Vec::new()),
-            rom: None,
+            with_rom: None,
         })
     }
 
@@ -377,7 +379,7 @@ impl Machine {
             let ctx = VcpuContext {
                 pio: self.pio.clone(),
                 mmio: self.mmio.clone(),
-                mem: self.mem.clone(),
+                mem: self.with_rom.clone().unwrap_or_else(|| self.mem.clone()),
                 stats: self.stats.clone(),
                 stop: stop.clone(),
                 pause: gate.clone(),

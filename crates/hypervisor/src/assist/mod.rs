@@ -3,7 +3,7 @@
 //!
 //! Some nested KVMs (PVM, which emulates guest kernel mode) fail on a few
 //! instructions at CPL0 — seen: `INT3`, `INT n`, `FWAIT`, `POPCNT`,
-//! `CMPXCHG8B/16B`, `XRSTOR`, `CLAC`/`STAC` — and stop with an emulation
+//! `CMPXCHG8B/16B`, `XRSTOR`, `CLAC`/`STAC`, x87/SSE control words — and stop with an emulation
 //! failure. Each of those has exact, architecturally defined behaviour that
 //! needs only registers and memory, so the VMM performs it and resumes the
 //! guest: exceptions and software interrupts are delivered through the
@@ -16,6 +16,7 @@
 
 mod interrupt;
 pub mod paging;
+mod x87;
 mod xsave;
 
 use iced_x86::{Code, Decoder, DecoderOptions, Instruction, OpKind, Register};
@@ -79,10 +80,12 @@ pub enum AssistKind {
     Xrstor,
     Clac,
     Stac,
+    /// An x87/SSE control instruction (FNINIT, FLDCW, LDMXCSR, ...).
+    X87Control,
 }
 
 impl AssistKind {
-    pub const ALL: [AssistKind; 9] = [
+    pub const ALL: [AssistKind; 10] = [
         AssistKind::Int3,
         AssistKind::IntN,
         AssistKind::Fwait,
@@ -92,6 +95,7 @@ impl AssistKind {
         AssistKind::Xrstor,
         AssistKind::Clac,
         AssistKind::Stac,
+        AssistKind::X87Control,
     ];
 
     pub fn name(self) -> &'static str {
@@ -105,6 +109,7 @@ impl AssistKind {
             AssistKind::Xrstor => "xrstor",
             AssistKind::Clac => "clac",
             AssistKind::Stac => "stac",
+            AssistKind::X87Control => "x87 control",
         }
     }
 
@@ -280,6 +285,7 @@ fn kind_of(insn: &Instruction) -> Option<AssistKind> {
         Code::Xrstor_mem | Code::Xrstor64_mem => AssistKind::Xrstor,
         Code::Clac => AssistKind::Clac,
         Code::Stac => AssistKind::Stac,
+        c if x87::handles(c) => AssistKind::X87Control,
         _ => return None,
     })
 }
@@ -325,6 +331,18 @@ fn execute(
         }
         AssistKind::Xrstor => {
             if !xsave::xrstor(ctx, insn)? {
+                deliver(
+                    ctx,
+                    VECTOR_GP,
+                    Event::Fault {
+                        error_code: Some(0),
+                    },
+                )?;
+                return Ok(kind);
+            }
+        }
+        AssistKind::X87Control => {
+            if !x87::execute(ctx, insn)? {
                 deliver(
                     ctx,
                     VECTOR_GP,

@@ -48,17 +48,19 @@ impl Machine {
         unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), rom.as_ptr(), data.len()) };
         let slot = u32::try_from(self.mem.num_regions())
             .map_err(|_| VmmError::Firmware("too many memory slots".into()))?;
-        // SAFETY: the Machine keeps `rom` (its `rom` field) for as long as
-        // the VM exists.
-        unsafe {
-            self.vm.map_memory(
-                slot,
-                crate::firmware::rom_base(len),
-                len,
-                rom.as_ptr() as u64,
-            )
-        }?;
-        self.rom = Some(rom);
+        let base = crate::firmware::rom_base(len);
+        let host = rom.as_ptr() as u64;
+        let region = vm_memory::GuestRegionMmap::new(rom, vm_memory::GuestAddress(base))
+            .ok_or_else(|| VmmError::Firmware("the ROM does not fit below 4 GiB".into()))?;
+        let with_rom = self
+            .mem
+            .insert_region(Arc::new(region))
+            .map_err(|e| VmmError::Firmware(format!("cannot place the ROM: {e}")))?;
+        // SAFETY: the ROM's mapping belongs to `with_rom`, which the
+        // Machine keeps (and the vCPU threads clone) for as long as the VM
+        // runs.
+        unsafe { self.vm.map_memory(slot, base, len, host) }?;
+        self.with_rom = Some(with_rom);
         Ok(data)
     }
 
