@@ -366,3 +366,55 @@ fn hostile_descriptor_table_bases_do_not_overflow() {
         "RIP wraps like the CPU's"
     );
 }
+
+#[test]
+fn x87_and_sse_control_words_move_between_memory_and_the_fpu() {
+    let (mem, mut cpu) = machine();
+    let data = HIGH + 0x6000;
+    cpu.regs.rsi = data;
+    mem.write_obj(0x027fu16, GuestAddress(0x40_6000)).unwrap();
+    // fldcw [rsi]
+    assert_eq!(
+        run(&mem, &mut cpu, &[0xd9, 0x2e]).unwrap(),
+        AssistKind::X87Control
+    );
+    assert_eq!(cpu.fpu.fcw, 0x027f);
+    assert_eq!(cpu.regs.rip, CODE + 2);
+    // ldmxcsr [rsi+4]
+    mem.write_obj(0x9fc0u32, GuestAddress(0x40_6004)).unwrap();
+    run(&mem, &mut cpu, &[0x0f, 0xae, 0x56, 0x04]).unwrap();
+    assert_eq!(cpu.fpu.mxcsr, 0x9fc0);
+    // stmxcsr [rsi+8]; fnstcw [rsi+12]
+    run(&mem, &mut cpu, &[0x0f, 0xae, 0x5e, 0x08]).unwrap();
+    run(&mem, &mut cpu, &[0xd9, 0x7e, 0x0c]).unwrap();
+    assert_eq!(
+        mem.read_obj::<u32>(GuestAddress(0x40_6008)).unwrap(),
+        0x9fc0
+    );
+    assert_eq!(
+        mem.read_obj::<u16>(GuestAddress(0x40_600c)).unwrap(),
+        0x027f
+    );
+    // fninit resets the control and status words; fnstsw ax reads 0.
+    cpu.fpu.fsw = 0x80ff;
+    cpu.regs.rax = 0xdead_beef;
+    run(&mem, &mut cpu, &[0xdb, 0xe3]).unwrap();
+    assert_eq!((cpu.fpu.fcw, cpu.fpu.fsw), (0x37f, 0));
+    run(&mem, &mut cpu, &[0xdf, 0xe0]).unwrap();
+    assert_eq!(cpu.regs.rax, 0xdead_0000);
+    // fnclex clears the exception bits only.
+    cpu.fpu.fsw = 0x3881;
+    run(&mem, &mut cpu, &[0xdb, 0xe2]).unwrap();
+    assert_eq!(cpu.fpu.fsw, 0x3800);
+}
+
+#[test]
+fn ldmxcsr_with_reserved_bits_raises_gp() {
+    let (mem, mut cpu) = machine();
+    cpu.regs.rsi = HIGH + 0x6000;
+    mem.write_obj(0x1_0000u32, GuestAddress(0x40_6000)).unwrap();
+    cpu.fpu.mxcsr = 0x1f80;
+    run(&mem, &mut cpu, &[0x0f, 0xae, 0x16]).unwrap();
+    assert_eq!(cpu.fpu.mxcsr, 0x1f80, "unchanged");
+    assert_eq!(cpu.regs.rip, HANDLER, "#GP delivered");
+}
