@@ -403,11 +403,7 @@ fn vm_config(args: RunArgs) -> Result<VmConfig, CliError> {
         None if args.firmware.is_some() => (PathBuf::new(), args.initrd),
         None => {
             let dir = default_guest_dir();
-            // The default guest's kernel for a pc has ACPI and MSI.
-            let kernel = dir.join(match machine {
-                vmm::MachineType::Microvm => "vmlinux",
-                vmm::MachineType::Pc => "vmlinux-pc",
-            });
+            let kernel = dir.join("vmlinux");
             if !kernel.exists() {
                 return Err(CliError::Failure(format!(
                     "no --kernel given and the default guest is not built ({} is missing); build it with guest/build.sh from the hostvisor source tree",
