@@ -21,6 +21,12 @@ fn fail(e: impl std::fmt::Display) -> CliError {
 /// Changes `edit` makes; what is not given stays.
 #[derive(Debug, clap::Args)]
 pub struct EditArgs {
+    /// microvm or pc.
+    #[arg(long, value_name = "TYPE")]
+    pub machine: Option<vmm::MachineType>,
+    /// bios, uefi, an image file, or none (boot the kernel directly).
+    #[arg(long, value_name = "FIRMWARE")]
+    pub firmware: Option<String>,
     #[arg(long, value_name = "PATH")]
     pub kernel: Option<PathBuf>,
     #[arg(long, value_name = "PATH")]
@@ -352,6 +358,21 @@ pub fn edit(name: &str, args: EditArgs) -> Result<i32, CliError> {
         return Err(fail(format!("{name} is running; stop it before editing")));
     };
     let mut c = vm.config().map_err(fail)?;
+    if let Some(v) = args.machine {
+        c.machine = v;
+    }
+    match args.firmware.as_deref() {
+        None => {}
+        Some("none") => c.firmware = None,
+        Some(f) => {
+            c.firmware = Some(f.parse().map_err(CliError::Usage)?);
+            // Firmware boots need a pc, unless the user says otherwise
+            // (and gets the error at start).
+            if args.machine.is_none() {
+                c.machine = vmm::MachineType::Pc;
+            }
+        }
+    }
     if let Some(v) = args.kernel {
         c.kernel = v;
     }

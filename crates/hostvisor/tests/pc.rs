@@ -1,6 +1,7 @@
 //! The `pc` machine end to end, on the default guest (its one kernel has
 //! ACPI and MSI for this machine): every virtio device is a PCI function using
-//! MSI-X, disk I/O, the NAT and the agent work over virtio-pci, the
+//! MSI-X, disk I/O, the NAT and the agent work over virtio-pci (also after
+//! a snapshot is restored), the
 //! guest's own power-off is ACPI S5 (not a reset), and `hostvisor stop`
 //! of a VM without an agent powers it off through the ACPI power button.
 
@@ -145,6 +146,23 @@ fn every_virtio_device_works_over_pci_with_msix_and_poweroff_is_acpi_s5() {
     let port = serve_once("hello from the host");
     let page = vm.sh(&format!("wget -q -O - http://10.0.2.2:{port}/"));
     assert_eq!(page, "hello from the host");
+
+    // A pc VM snapshots and restores: the PCI functions, their MSI-X
+    // tables and the ACPI block come back, and the devices carry on.
+    vm.sh("echo before > /tmp/mark");
+    vm.ok(&["snapshot", "take", &vm.name, "s1"]);
+    vm.sh("echo after > /tmp/mark");
+    vm.ok(&["snapshot", "restore", &vm.name, "s1"]);
+    assert_eq!(vm.sh("cat /tmp/mark"), "before\n");
+    assert!(
+        vm.sh("sha256sum /dev/vda").len() > 64,
+        "the disk still answers"
+    );
+    let port = serve_once("again");
+    assert_eq!(
+        vm.sh(&format!("wget -q -O - http://10.0.2.2:{port}/")),
+        "again"
+    );
 
     // The guest's own power-off ends the VM through ACPI S5.
     let _ = vm.exec(&["sh", "-c", "sync; poweroff -f"]);
