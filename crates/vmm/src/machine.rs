@@ -65,6 +65,8 @@ pub struct Machine {
     described: Option<Described>,
     /// The disks, which a snapshot moves onto new overlays.
     disks: std::sync::Mutex<Vec<DiskHandle>>,
+    /// The balloon's host side, when the VM has one.
+    balloon: Option<devices::virtio::balloon::BalloonHandle>,
 }
 
 impl std::fmt::Debug for Machine {
@@ -262,6 +264,7 @@ impl Machine {
             cpus: spec.cpus,
             described: None,
             disks: std::sync::Mutex::new(Vec::new()),
+            balloon: None,
         })
     }
 
@@ -319,6 +322,17 @@ impl Machine {
     pub fn add_virtio_device(&mut self, device: Box<dyn VirtioDevice>) -> Result<(), VmmError> {
         self.virtio
             .add(self.vm.as_ref(), &self.mem, &self.mmio, device)
+    }
+
+    /// Adds a virtio-balloon (see [`crate::config::BalloonConfig`]), whose
+    /// host side the VM's controllers reach.
+    pub fn add_balloon(&mut self, config: &crate::config::BalloonConfig) -> Result<(), VmmError> {
+        let (device, handle) =
+            devices::virtio::balloon::Balloon::new(config.options(), self.memory)
+                .map_err(VmmError::EventFd)?;
+        self.add_virtio_device(Box::new(device))?;
+        self.balloon = Some(handle);
+        Ok(())
     }
 
     /// Makes a virtio-console port the console: what the guest writes to
@@ -441,6 +455,7 @@ impl Machine {
         }
         if let Some(control) = control {
             control.attach(tx.clone(), self.console.clone());
+            control.attach_balloon(self.balloon.clone());
         }
         drop(tx);
 
@@ -512,6 +527,7 @@ impl Machine {
                                 memory: self.memory,
                                 counters: VcpuCounters::from_stats(&self.stats),
                                 devices: self.virtio.info(),
+                                balloon: self.balloon.as_ref().map(|b| b.status()),
                             }))
                         }
                     };
