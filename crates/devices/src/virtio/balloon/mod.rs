@@ -173,6 +173,8 @@ impl Shared {
 pub struct BalloonHandle {
     shared: Arc<Shared>,
     ram_bytes: u64,
+    /// The device has a statistics queue.
+    stats: bool,
 }
 
 impl BalloonHandle {
@@ -215,6 +217,9 @@ impl BalloonHandle {
     /// `timeout`; the figures then (with older statistics if the guest did
     /// not answer in time: a paused guest does not).
     pub fn fresh_status(&self, timeout: Duration) -> BalloonStatus {
+        if !self.stats {
+            return self.status();
+        }
         let deadline = Instant::now() + timeout;
         let mut s = self.shared.lock();
         let seen = s.stats_generation;
@@ -294,7 +299,12 @@ impl Balloon {
             stats_head: None,
             queue_sizes: vec![QUEUE_SIZE; queues],
         };
-        Ok((device, BalloonHandle { shared, ram_bytes }))
+        let handle = BalloonHandle {
+            shared,
+            ram_bytes,
+            stats: options.stats,
+        };
+        Ok((device, handle))
     }
 
     fn config_image(&self) -> [u8; CONFIG_LEN] {

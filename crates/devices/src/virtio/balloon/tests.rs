@@ -263,6 +263,18 @@ fn config_space_has_the_target_and_the_guests_actual() {
     )
     .unwrap();
     assert_eq!((b.features(), b.queue_max_sizes().len()), (0, 2));
+    // Without a statistics queue, asking for fresh ones does not wait.
+    let (_, plain) = Balloon::new(
+        BalloonOptions {
+            stats: false,
+            ..BalloonOptions::default()
+        },
+        MIB,
+    )
+    .unwrap();
+    let started = std::time::Instant::now();
+    assert_eq!(plain.fresh_status(Duration::from_secs(5)).stats, None);
+    assert!(started.elapsed() < Duration::from_secs(1));
 }
 
 // Through the transport: activation, a target's config interrupt, the
