@@ -1,5 +1,6 @@
 //! `hostvisor`: run virtual machines on KVM.
 
+mod balloon;
 mod clone;
 mod disk;
 mod doctor;
@@ -106,6 +107,19 @@ enum Command {
         #[arg(long)]
         linked: bool,
     },
+    /// Set a running VM's balloon target (SIZE, like 64M: memory the
+    /// guest gives back; 0 deflates it), or show its figures with --stats.
+    Balloon {
+        name: String,
+        #[arg(value_parser = balloon::parse_size, required_unless_present = "stats")]
+        size: Option<MemorySize>,
+        /// Show the balloon and the guest's memory statistics (asked for
+        /// afresh).
+        #[arg(long, conflicts_with = "size")]
+        stats: bool,
+        #[arg(long, requires = "stats")]
+        json: bool,
+    },
     /// Run a command in a running VM through its guest agent.
     ///
     /// Exit status: the command's; 128+N if a signal N ended it; 124 it
@@ -190,7 +204,7 @@ struct RunCmd {
     /// the snapshot (only --serial and --api-socket apply).
     #[arg(long, value_name = "DIR", conflicts_with_all = [
         "machine", "firmware", "kernel", "initrd", "cmdline", "append", "cpus", "memory", "console",
-        "on_reset", "disk", "rng", "hide_cpu_features", "vsock", "net",
+        "on_reset", "disk", "rng", "hide_cpu_features", "vsock", "net", "balloon",
     ])]
     restore: Option<PathBuf>,
     /// With --restore: read all of guest RAM at once instead of on first
@@ -268,6 +282,13 @@ struct RunArgs {
     /// `run` gets NICs only when asked.
     #[arg(long, value_name = "OPTIONS")]
     net: Vec<NetArg>,
+    /// A virtio-balloon: on (alone: `--balloon`), off, or
+    /// [reporting=on|off][,deflate-on-oom=on|off][,stats=on|off|SECONDS].
+    /// Free page reporting (on by default) gives memory the guest frees
+    /// back to the host. Managed VMs get one by default; `run` only when
+    /// asked.
+    #[arg(long, value_name = "OPTIONS", num_args = 0..=1, default_missing_value = "on")]
+    balloon: Option<balloon::BalloonArg>,
 }
 
 /// `--net`: none, or a NIC.
@@ -446,6 +467,10 @@ fn vm_config(args: RunArgs) -> Result<VmConfig, CliError> {
             }),
             Some(VsockArg::Set(v)) => Some(v),
         },
+        balloon: match args.balloon {
+            None | Some(balloon::BalloonArg::Off) => None,
+            Some(balloon::BalloonArg::Set(b)) => Some(b),
+        },
     })
 }
 
@@ -592,7 +617,14 @@ fn main() -> ExitCode {
         Command::Create { name, run } => {
             let vsock = run.vsock.clone();
             let default_nic = run.net.is_empty();
-            exit_with(vm_config(run).and_then(|c| manage::create(&name, c, vsock, default_nic)))
+            // A managed VM gets a balloon unless told otherwise.
+            let default_balloon = run.balloon.is_none();
+            exit_with(vm_config(run).and_then(|mut c| {
+                if default_balloon {
+                    c.balloon = Some(vmm::BalloonConfig::default());
+                }
+                manage::create(&name, c, vsock, default_nic)
+            }))
         }
         Command::List { json } => exit_with(manage::list(json)),
         Command::Show { name, json } => exit_with(manage::show(&name, json)),
@@ -629,6 +661,12 @@ fn main() -> ExitCode {
             interactive,
             wait,
         })),
+        Command::Balloon {
+            name,
+            size,
+            stats,
+            json,
+        } => exit_with(balloon::run(&name, size, stats, json)),
         Command::Cp { src, dst, wait } => exit_with(guest::cp(&src, &dst, wait)),
         Command::GuestInfo { name, json, wait } => exit_with(guest::guest_info(&name, json, wait)),
         Command::Doctor { json } => exit_with(doctor::run(json)),

@@ -58,6 +58,10 @@ pub struct EditArgs {
     /// Replaces all NICs (repeatable); `none` removes them.
     #[arg(long, value_name = "OPTIONS")]
     pub net: Vec<crate::NetArg>,
+    /// [reporting=on|off][,deflate-on-oom=on|off][,stats=on|off|SECONDS],
+    /// on or off.
+    #[arg(long, value_name = "OPTIONS")]
+    pub balloon: Option<crate::balloon::BalloonArg>,
 }
 
 /// Gives every NIC without a MAC the VM's own: derived from its name and
@@ -210,6 +214,9 @@ pub fn show(name: &str, json: bool) -> Result<i32, CliError> {
                 "uptime: {} ms (paused {} ms), exits: {}",
                 s["uptime_ms"], s["paused_ms"], s["counters"]["exits"]
             );
+            if s["balloon"].is_object() {
+                print!("{}", crate::balloon::describe(&s["balloon"]));
+            }
         }
         if let Some(exit) = vm.last_exit() {
             println!("last exit: {}", exit.message);
@@ -402,6 +409,11 @@ pub fn edit(name: &str, args: EditArgs) -> Result<i32, CliError> {
     }
     if args.no_disks {
         c.disks.clear();
+    }
+    match args.balloon {
+        None => {}
+        Some(crate::balloon::BalloonArg::Off) => c.balloon = None,
+        Some(crate::balloon::BalloonArg::Set(b)) => c.balloon = Some(b),
     }
     if let Some(v) = args.rng {
         c.rng = v;

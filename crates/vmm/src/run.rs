@@ -243,6 +243,9 @@ pub fn run_vm(
         for device in devices {
             machine.add_virtio_device(device)?;
         }
+        if let Some(balloon) = &config.balloon {
+            machine.add_balloon(balloon)?;
+        }
         machine.attach_disks(disks);
         if let Some(out) = virtio_out {
             machine.add_virtio_console(out)?;
