@@ -2,6 +2,8 @@
 //! page size in /proc/self/smaps, preallocation's resident set, and the
 //! errors for too few huge pages and a low locked-memory limit.
 
+#![allow(clippy::unwrap_used)]
+
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
