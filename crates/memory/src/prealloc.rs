@@ -112,3 +112,36 @@ fn populate_piece(addr: usize, len: usize) -> io::Result<()> {
     }
     Ok(())
 }
+
+/// Guests at least this big get a progress line while preallocating.
+pub const REPORT_FROM: u64 = 1 << 30;
+
+/// A progress report for [`populate`] that prints a line on stderr at
+/// every tenth of a guest of [`REPORT_FROM`] or more (on a terminal, the
+/// line is rewritten in place).
+pub fn stderr_progress() -> impl Fn(u64, u64) + Sync {
+    use std::io::{IsTerminal, Write};
+    let last = AtomicU64::new(0);
+    let tty = io::stderr().is_terminal();
+    move |done, total| {
+        if total < REPORT_FROM {
+            return;
+        }
+        let tenth = done * 10 / total;
+        if last.fetch_max(tenth, Ordering::Relaxed) >= tenth {
+            return;
+        }
+        let text = format!(
+            "preallocating guest RAM: {} of {} MiB ({}%)",
+            done >> 20,
+            total >> 20,
+            tenth * 10
+        );
+        let mut err = io::stderr().lock();
+        let _ = match (tty, done == total) {
+            (true, false) => write!(err, "\r{text}"),
+            (true, true) => writeln!(err, "\r{text}"),
+            (false, _) => writeln!(err, "{text}"),
+        };
+    }
+}

@@ -408,6 +408,9 @@ pub struct VmConfig {
     pub cpus: u32,
     #[serde(default = "default_memory")]
     pub memory: MemorySize,
+    /// Guest RAM's backing and handling (`--memory SIZE,OPTIONS`).
+    #[serde(default, skip_serializing_if = "memory::MemoryOptions::is_default")]
+    pub memory_options: memory::MemoryOptions,
     pub kernel: PathBuf,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub initrd: Option<PathBuf>,
@@ -449,6 +452,7 @@ impl VmConfig {
         VmConfig {
             cpus: default_cpus(),
             memory: default_memory(),
+            memory_options: Default::default(),
             kernel: kernel.into(),
             initrd: None,
             cmdline: None,

@@ -34,6 +34,8 @@ pub use crate::builder::VIRTIO_FIRST_IRQ;
 pub struct MachineSpec {
     pub cpus: u32,
     pub memory: u64,
+    /// Guest RAM's backing, preallocation, locking and KSM.
+    pub memory_options: memory::MemoryOptions,
     pub hidden_features: Vec<CpuFeature>,
     /// Where the UART's output goes.
     pub serial_out: Box<dyn Write + Send>,
@@ -152,7 +154,6 @@ impl Machine {
             return Err(VmmError::MemoryTooSmall(spec.memory));
         }
 
-        let vm = hv.create_vm()?;
         let ranges = layout::ram_ranges(spec.memory)
             .into_iter()
             .map(|(start, size)| {
@@ -164,8 +165,13 @@ impl Machine {
             })
             .collect::<Result<Vec<_>, _>>()?;
         let mem = match restore {
-            None => GuestMemoryMmap::from_ranges(&ranges)
-                .map_err(|e| VmmError::GuestMemory(e.to_string()))?,
+            // RAM first: a host short of huge pages or locked memory
+            // fails before any VM exists.
+            None => memory::create(
+                &ranges,
+                &spec.memory_options,
+                &memory::prealloc::stderr_progress(),
+            )?,
             Some((from, _)) => snapshot::memory::map(
                 &from.dir.join(crate::snapshot::MEMORY_FILE),
                 &ranges,
@@ -173,6 +179,7 @@ impl Machine {
             )
             .map_err(|e| VmmError::Snapshot(e.into()))?,
         };
+        let vm = hv.create_vm()?;
         for (slot, region) in (0u32..).zip(mem.iter()) {
             // SAFETY: the regions belong to `mem`, which the Machine keeps
             // (and the vCPU threads clone) for as long as the VM runs.
