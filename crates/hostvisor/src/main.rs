@@ -533,6 +533,7 @@ fn exit_with(result: Result<i32, CliError>) -> ! {
 
 fn main() -> ExitCode {
     vmm::mark_process_start();
+    memory::overhead::limit_allocator_arenas();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(

@@ -1,9 +1,11 @@
 //! Guest RAM: the one guest-memory type of the workspace (so that the
 //! hypervisor, the platform code and the devices agree on it without
 //! depending on each other), and how it is made — its backing (anonymous,
-//! memfd, hugetlb), preallocation, locking and KSM.
+//! memfd, hugetlb), preallocation, locking and KSM; and the VMM's own
+//! memory beside it (`overhead`).
 
 pub mod options;
+pub mod overhead;
 pub mod prealloc;
 pub mod ram;
 

@@ -416,6 +416,11 @@ impl Machine {
         let (tx, rx) = std::mem::replace(&mut self.events, channel());
         let stop = self.stop.clone();
         let gate = Arc::new(PauseGate::default());
+        // Setup is over: give back the code and buffers only it needed.
+        match memory::overhead::release_startup_memory() {
+            Ok(r) => tracing::debug!("released {} KiB of setup-only pages", r.file_kib),
+            Err(e) => tracing::debug!("could not release setup-only pages: {e}"),
+        }
         let mut handles = Vec::new();
         for vcpu in std::mem::take(&mut self.vcpus) {
             let id = vcpu.id();
