@@ -6,16 +6,19 @@ mod disk;
 mod doctor;
 mod guest;
 mod manage;
+mod memory_arg;
 mod progress;
 mod snapshot;
 mod store;
 mod vmproc;
 
+pub(crate) use memory_arg::{parse_memory, MemoryArg};
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand};
-use vmm::config::{MemorySize, ResetAction, SerialConfig, VmConfig};
+use vmm::config::{ResetAction, SerialConfig, VmConfig};
 use vmm::{exit_code, VmOutcome, VmmError};
 
 #[derive(Debug, Parser)]
@@ -112,7 +115,7 @@ enum Command {
     Balloon {
         name: String,
         #[arg(value_parser = balloon::parse_size, required_unless_present = "stats")]
-        size: Option<MemorySize>,
+        size: Option<vmm::MemorySize>,
         /// Show the balloon and the guest's memory statistics (asked for
         /// afresh).
         #[arg(long, conflicts_with = "size")]
@@ -246,9 +249,10 @@ struct RunArgs {
     /// Number of vCPUs (at most the host's CPU count).
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = parse_cpus)]
     cpus: u32,
-    /// Guest RAM, like 512M or 2G.
-    #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = parse_memory)]
-    memory: MemorySize,
+    /// Guest RAM, like 512M or 2G, then options:
+    /// SIZE[,backing=anon|memfd|hugetlb][,prealloc][,lock][,merge] (docs/memory.md).
+    #[arg(long, value_name = "SIZE[,OPTIONS]", default_value = "256M", value_parser = parse_memory)]
+    memory: MemoryArg,
     /// Where the serial console goes: stdio, file:PATH or none.
     #[arg(long, value_name = "WHERE", default_value = "stdio")]
     serial: SerialConfig,
@@ -354,17 +358,6 @@ impl std::str::FromStr for VsockArg {
     }
 }
 
-pub(crate) fn parse_memory(s: &str) -> Result<MemorySize, String> {
-    let size: MemorySize = s
-        .parse()
-        .map_err(|e: vmm::config::SizeError| e.to_string())?;
-    let min = MemorySize(vmm::MIN_MEMORY);
-    if size < min {
-        return Err(format!("{size} is too small; a VM needs at least {min}"));
-    }
-    Ok(size)
-}
-
 pub(crate) fn parse_cpus(s: &str) -> Result<u32, String> {
     match s.parse::<u32>() {
         Ok(0) => Err("a VM needs at least one vCPU".into()),
@@ -446,7 +439,8 @@ fn vm_config(args: RunArgs) -> Result<VmConfig, CliError> {
         firmware: args.firmware,
         nets,
         cpus: args.cpus,
-        memory: args.memory,
+        memory: args.memory.size,
+        memory_options: args.memory.options.unwrap_or_default(),
         kernel,
         initrd,
         cmdline: args.cmdline,
@@ -588,6 +582,7 @@ fn exit_with(result: Result<i32, CliError>) -> ! {
 
 fn main() -> ExitCode {
     vmm::mark_process_start();
+    memory::overhead::limit_allocator_arenas();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(

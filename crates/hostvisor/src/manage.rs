@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use api::Client;
-use vmm::config::{MemorySize, ResetAction};
+use vmm::config::ResetAction;
 
 use crate::store::{VmDir, VmState};
 use crate::CliError;
@@ -37,8 +37,10 @@ pub struct EditArgs {
     pub append: Option<String>,
     #[arg(long, value_name = "N", value_parser = crate::parse_cpus)]
     pub cpus: Option<u32>,
-    #[arg(long, value_name = "SIZE", value_parser = crate::parse_memory)]
-    pub memory: Option<MemorySize>,
+    /// SIZE[,backing=anon|memfd|hugetlb][,prealloc][,lock][,merge]; a
+    /// size alone keeps the options.
+    #[arg(long, value_name = "SIZE[,OPTIONS]", value_parser = crate::parse_memory)]
+    pub memory: Option<crate::MemoryArg>,
     #[arg(long, value_name = "DEVICE", value_parser = crate::parse_console)]
     pub console: Option<vmm::ConsoleDevice>,
     #[arg(long, value_name = "ACTION", value_parser = crate::parse_reset)]
@@ -396,7 +398,13 @@ pub fn edit(name: &str, args: EditArgs) -> Result<i32, CliError> {
         c.cpus = v;
     }
     if let Some(v) = args.memory {
-        c.memory = v;
+        c.memory = v.size;
+        if let Some(options) = v.options {
+            c.memory_options = options;
+        }
+        c.memory_options
+            .check_size(v.size.bytes())
+            .map_err(|e| CliError::Usage(format!("--memory: {e}")))?;
     }
     if let Some(v) = args.console {
         c.console = v;

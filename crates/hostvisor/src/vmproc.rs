@@ -210,6 +210,7 @@ fn keep_clock(
     use std::sync::mpsc::RecvTimeoutError;
     // Until the agent is up, look every 2 s.
     let mut wait = Duration::from_secs(2);
+    let mut booted = false;
     while !ended.load(Ordering::Acquire) {
         match agent.sync_time(CLOCK_TOLERANCE) {
             Ok(drift) => {
@@ -217,6 +218,11 @@ fn keep_clock(
                     tracing::info!("guest clock was {drift:+.3} s off the host's; set");
                 }
                 wait = CLOCK_CHECK;
+                if !std::mem::replace(&mut booted, true) {
+                    // The guest is up (its agent answered): the code that
+                    // only booting it ran can go (docs/memory.md).
+                    let _ = memory::overhead::release_startup_memory();
+                }
             }
             Err(agent::client::AgentError::Unreachable(_)) => {}
             Err(e) => tracing::debug!("clock check: {e}"),

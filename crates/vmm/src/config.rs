@@ -539,6 +539,9 @@ pub struct VmConfig {
     pub cpus: u32,
     #[serde(default = "default_memory")]
     pub memory: MemorySize,
+    /// Guest RAM's backing and handling (`--memory SIZE,OPTIONS`).
+    #[serde(default, skip_serializing_if = "memory::MemoryOptions::is_default")]
+    pub memory_options: memory::MemoryOptions,
     /// Boot through this firmware (a `pc` machine) instead of loading the
     /// kernel directly.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -595,6 +598,7 @@ impl VmConfig {
             firmware: None,
             cpus: default_cpus(),
             memory: default_memory(),
+            memory_options: Default::default(),
             kernel: kernel.into(),
             initrd: None,
             cmdline: None,

@@ -24,6 +24,8 @@ pub enum VmmError {
     MemoryTooSmall(u64),
     #[error("cannot allocate guest memory: {0}")]
     GuestMemory(String),
+    #[error(transparent)]
+    Memory(#[from] memory::MemoryError),
     #[error("unknown CPU feature to hide")]
     CpuFeature(#[from] arch::cpuid::UnknownFeature),
     #[error("cannot open the serial output file {path}")]

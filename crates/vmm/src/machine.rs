@@ -36,6 +36,8 @@ mod load;
 pub struct MachineSpec {
     pub cpus: u32,
     pub memory: u64,
+    /// Guest RAM's backing, preallocation, locking and KSM.
+    pub memory_options: memory::MemoryOptions,
     pub hidden_features: Vec<CpuFeature>,
     /// Where the UART's output goes.
     pub serial_out: Box<dyn Write + Send>,
@@ -160,7 +162,6 @@ impl Machine {
             return Err(VmmError::MemoryTooSmall(spec.memory));
         }
 
-        let vm = hv.create_vm()?;
         let ranges = layout::ram_ranges(spec.memory)
             .into_iter()
             .map(|(start, size)| {
@@ -172,8 +173,13 @@ impl Machine {
             })
             .collect::<Result<Vec<_>, _>>()?;
         let mem = match restore {
-            None => GuestMemoryMmap::from_ranges(&ranges)
-                .map_err(|e| VmmError::GuestMemory(e.to_string()))?,
+            // RAM first: a host short of huge pages or locked memory
+            // fails before any VM exists.
+            None => memory::create(
+                &ranges,
+                &spec.memory_options,
+                &memory::prealloc::stderr_progress(),
+            )?,
             Some((from, _)) => snapshot::memory::map(
                 &from.dir.join(crate::snapshot::MEMORY_FILE),
                 &ranges,
@@ -181,6 +187,7 @@ impl Machine {
             )
             .map_err(|e| VmmError::Snapshot(e.into()))?,
         };
+        let vm = hv.create_vm()?;
         for (slot, region) in (0u32..).zip(mem.iter()) {
             // SAFETY: the regions belong to `mem`, which the Machine keeps
             // (and the vCPU threads clone) for as long as the VM runs.
@@ -387,6 +394,11 @@ impl Machine {
         let (tx, rx) = std::mem::replace(&mut self.events, channel());
         let stop = self.stop.clone();
         let gate = Arc::new(PauseGate::default());
+        // Setup is over: give back the code and buffers only it needed.
+        match memory::overhead::release_startup_memory() {
+            Ok(r) => tracing::debug!("released {} KiB of setup-only pages", r.file_kib),
+            Err(e) => tracing::debug!("could not release setup-only pages: {e}"),
+        }
         let mut handles = Vec::new();
         for vcpu in std::mem::take(&mut self.vcpus) {
             let id = vcpu.id();

@@ -225,6 +225,7 @@ pub fn run_vm(
         let spec = MachineSpec {
             cpus: config.cpus,
             memory: config.memory.bytes(),
+            memory_options: config.memory_options,
             hidden_features: hidden.clone(),
             serial_out: uart_out,
         };

@@ -206,6 +206,7 @@ fn run(guest: Guest, prepare: impl FnOnce(&GuestMemoryMmap)) -> Option<Run> {
     let spec = MachineSpec {
         cpus: 1,
         memory: 32 << 20,
+        memory_options: Default::default(),
         hidden_features: Vec::new(),
         serial_out: Box::new(serial.clone()),
     };
@@ -552,6 +553,7 @@ fn pause_freezes_the_guest_and_its_clock_until_resume() {
     let spec = MachineSpec {
         cpus: 2,
         memory: 32 << 20,
+        memory_options: Default::default(),
         hidden_features: Vec::new(),
         serial_out: Box::new(std::io::sink()),
     };

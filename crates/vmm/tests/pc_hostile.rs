@@ -182,6 +182,7 @@ fn random_writes_to_pci_fw_cfg_and_acpi_registers_never_break_hostvisor() {
     let spec = MachineSpec {
         cpus: 1,
         memory: 32 << 20,
+        memory_options: Default::default(),
         hidden_features: Vec::new(),
         serial_out: Box::new(std::io::sink()),
     };

@@ -158,6 +158,7 @@ fn machine(hv: &KvmHypervisor, serial_out: Box<dyn std::io::Write + Send>) -> Ma
     let spec = MachineSpec {
         cpus: 1,
         memory: 32 << 20,
+        memory_options: Default::default(),
         hidden_features: Vec::new(),
         serial_out,
     };
