@@ -1,6 +1,7 @@
 //! `hostvisor`: run virtual machines on KVM.
 
 mod clone;
+mod cloudinit;
 mod disk;
 mod doctor;
 mod guest;
@@ -44,6 +45,8 @@ enum Command {
         name: String,
         #[command(flatten)]
         run: RunArgs,
+        #[command(flatten)]
+        image: cloudinit::ImageArgs,
     },
     /// List managed VMs and their states.
     List {
@@ -593,10 +596,19 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run(args),
         Command::Disk { command } => exit_with(disk::run(command)),
-        Command::Create { name, run } => {
+        Command::Create {
+            name,
+            mut run,
+            image,
+        } => {
             let vsock = run.vsock.clone();
             let default_nic = run.net.is_empty();
-            exit_with(vm_config(run).and_then(|c| manage::create(&name, c, vsock, default_nic)))
+            exit_with(
+                cloudinit::Prepared::new(&name, image, &mut run).and_then(|image| {
+                    let c = vm_config(run)?;
+                    manage::create(&name, c, vsock, default_nic, image)
+                }),
+            )
         }
         Command::List { json } => exit_with(manage::list(json)),
         Command::Show { name, json } => exit_with(manage::show(&name, json)),
