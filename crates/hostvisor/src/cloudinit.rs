@@ -30,29 +30,52 @@ pub struct ImageArgs {
     pub image: Option<PathBuf>,
     /// Grow the VM's disk (the overlay) to SIZE, like 10G; cloud-init
     /// grows the root partition to fill it at first boot.
-    #[arg(long, value_name = "SIZE", requires = "image", value_parser = block::tools::parse_size)]
+    #[arg(long, value_name = "SIZE", value_parser = block::tools::parse_size)]
     pub disk_size: Option<u64>,
     /// Give the VM a cloud-init NoCloud seed (a read-only second disk):
     /// a user named after you (or `hostvisor` for root) with your ssh
     /// keys and password-less sudo, the VM's hostname, DHCP on its NIC.
-    #[arg(long, requires = "image")]
+    #[arg(long)]
     pub cloud_init: bool,
     /// An ssh public key for the user (repeatable); without one, those in
     /// ~/.ssh/id_*.pub.
-    #[arg(long = "ssh-key", value_name = "KEY.pub", requires = "cloud_init")]
+    #[arg(long = "ssh-key", value_name = "KEY.pub")]
     pub ssh_keys: Vec<PathBuf>,
     /// Your own cloud-init user data (#cloud-config, a #! script or a
     /// MIME multipart archive), used as it is instead of hostvisor's.
-    #[arg(
-        long,
-        value_name = "FILE",
-        requires = "cloud_init",
-        conflicts_with = "ssh_keys"
-    )]
+    #[arg(long, value_name = "FILE", conflicts_with = "ssh_keys")]
     pub user_data: Option<PathBuf>,
     /// The guest's hostname (default: the VM's name).
-    #[arg(long, value_name = "NAME", requires = "cloud_init")]
+    #[arg(long, value_name = "NAME")]
     pub hostname: Option<String>,
+}
+
+impl ImageArgs {
+    /// The options that only mean something with another: a one-line
+    /// usage error naming both (clap's own puts the name on a second line).
+    fn check_combination(&self) -> Result<(), CliError> {
+        let needs = |opt: &str, other: &str| Err(CliError::Usage(format!("{opt} needs {other}")));
+        if self.image.is_none() {
+            if self.cloud_init {
+                return needs("--cloud-init", "--image FILE (the cloud image to boot)");
+            }
+            if self.disk_size.is_some() {
+                return needs("--disk-size", "--image FILE");
+            }
+        }
+        if !self.cloud_init {
+            if !self.ssh_keys.is_empty() {
+                return needs("--ssh-key", "--cloud-init");
+            }
+            if self.user_data.is_some() {
+                return needs("--user-data", "--cloud-init");
+            }
+            if self.hostname.is_some() {
+                return needs("--hostname", "--cloud-init");
+            }
+        }
+        Ok(())
+    }
 }
 
 /// What the seed will hold, checked before anything is made.
@@ -109,6 +132,7 @@ impl Prepared {
         args: ImageArgs,
         run: &mut crate::RunArgs,
     ) -> Result<Option<Prepared>, CliError> {
+        args.check_combination()?;
         let Some(image) = args.image else {
             return Ok(None);
         };
