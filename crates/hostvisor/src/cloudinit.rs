@@ -8,6 +8,7 @@
 //! describes it for users.
 
 mod nocloud;
+mod reseed;
 pub mod seed;
 
 use std::path::{Path, PathBuf};
@@ -283,4 +284,18 @@ fn seed_plan(
         hostname,
         instance_id: uuid::Uuid::new_v4(),
     })
+}
+
+/// For `clone`: when the source disk `src` is a NoCloud seed, writes the
+/// clone's own seed (qcow2) at `to` — same user-data, a new instance id,
+/// the clone's hostname (from `dst`, its name) and first NIC — and returns
+/// true; false for any other disk.
+pub fn reseed_for_clone(
+    src: &Path,
+    format: Option<block::Format>,
+    to: &Path,
+    dst: &str,
+    config: &vmm::VmConfig,
+) -> Result<bool, String> {
+    reseed::reseed(src, format, to, &nocloud::hostname_for(dst), config)
 }

@@ -477,3 +477,61 @@ fn bad_input_is_refused_in_one_line_and_leaves_nothing() {
         assert!(!env.vm("x").exists(), "{args:?} left a VM behind");
     }
 }
+
+#[test]
+fn a_clone_gets_its_own_seed() {
+    if !cloud_utils() {
+        return;
+    }
+    let env = Env::new("clone");
+    let base = env.base();
+    let key = env.write(
+        "id_test.pub",
+        b"ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHostvisorTestKey tester@host\n",
+    );
+    env.ok(&[
+        "create",
+        "src",
+        "--image",
+        &base,
+        "--cloud-init",
+        "--ssh-key",
+        &key,
+    ]);
+    env.ok(&["clone", "src", "full"]);
+    env.ok(&["clone", "src", "linked", "--linked"]);
+    let scratch = env.path("scratch");
+    std::fs::create_dir_all(&scratch).unwrap();
+    let source = read_seed(&env.vm("src").join("cidata.img"), &scratch);
+    let meta =
+        |s: &Seed| -> serde_yaml::Value { serde_yaml::from_slice(&s.files["meta-data"]).unwrap() };
+    for name in ["full", "linked"] {
+        let config: toml::Value =
+            toml::from_str(&std::fs::read_to_string(env.vm(name).join("config.toml")).unwrap())
+                .unwrap();
+        let disk = config["disks"][1]["path"].as_str().unwrap();
+        assert_eq!(config["disks"][1]["readonly"].as_bool(), Some(true));
+        // mtools reads raw images: a copy of the clone's qcow2 seed.
+        let raw = env.path(&format!("{name}-seed.raw"));
+        env.ok(&[
+            "disk",
+            "convert",
+            disk,
+            raw.to_str().unwrap(),
+            "--format",
+            "raw",
+        ]);
+        let seed = read_seed(&raw, &scratch);
+        assert_nocloud(&seed, &raw);
+        assert_eq!(seed.files["user-data"], source.files["user-data"]);
+        let m = meta(&seed);
+        assert_eq!(m["local-hostname"], name);
+        assert_ne!(m["instance-id"], meta(&source)["instance-id"]);
+        let net: serde_yaml::Value = serde_yaml::from_slice(&seed.files["network-config"]).unwrap();
+        let mac = net["ethernets"]["primary"]["match"]["macaddress"]
+            .as_str()
+            .unwrap();
+        let nic = config["nets"][0].as_str().unwrap();
+        assert!(nic.ends_with(&format!("mac={mac}")), "{nic} vs {mac}");
+    }
+}

@@ -17,7 +17,7 @@ pub const LABEL: &str = "cidata";
 /// cloud-localds makes a 128 KiB volume; a larger seed gets the smallest
 /// power of two that holds it, up to this.
 const MIN_SIZE: usize = 128 << 10;
-const MAX_SIZE: usize = 64 << 20;
+pub(super) const MAX_SIZE: usize = 64 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SeedError {
