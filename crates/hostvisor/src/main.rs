@@ -40,7 +40,8 @@ enum Command {
         command: disk::DiskCommand,
     },
     /// Define a managed VM (stored under $XDG_DATA_HOME/hostvisor/vms/NAME)
-    /// with `run`'s options.
+    /// with `run`'s options, or on a distribution's cloud image with
+    /// --image FILE --cloud-init (docs/cloud-images.md).
     Create {
         name: String,
         #[command(flatten)]
