@@ -218,7 +218,10 @@ pub fn meta_data(instance_id: &str, hostname: &str) -> String {
 
 /// `network-config` (version 2): DHCP on the VM's first NIC, found by its
 /// MAC address, or on the first interface named e* (eth0, ens3, enp0s3)
-/// when the VM's first NIC has no fixed MAC.
+/// when the VM's first NIC has no fixed MAC. The document is the v2
+/// mapping itself, without a top-level `network:` key: cloud-init before
+/// 22.2 failed on that key in a NoCloud network-config, and every version
+/// reads this form.
 pub fn network_config(first_mac: Option<&str>) -> String {
     let matcher = match first_mac {
         Some(mac) => format!("macaddress: {}", q(&mac.to_ascii_lowercase())),
@@ -295,6 +298,7 @@ mod tests {
     fn network_config_matches_the_first_nic_by_mac_or_name() {
         let v = yaml(&network_config(Some("52:54:00:AB:cd:01")));
         assert_eq!(v["version"], 2);
+        assert!(v.get("network").is_none());
         let eths = v["ethernets"].as_mapping().unwrap();
         assert_eq!(eths.len(), 1);
         let nic = &v["ethernets"]["primary"];
