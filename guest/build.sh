@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds hostvisor's default guest from Debian packages only:
 #   vmlinux         an ELF Linux 6.1 kernel (booted directly: no decompressor)
-#   vmlinux-pc      the same kernel with ACPI and PCI MSI, for --machine pc
+#   bzImage         the same kernel as a bzImage, for boot loaders and
+#                   firmware (`--firmware bios --kernel`)
 #   initramfs.cpio  an uncompressed busybox initramfs whose /init prints
 #                   "HOSTVISOR-GUEST-READY cpus=N" (see guest/init)
 #                   and runs hostvisor-agent when the VM has a vsock device
@@ -69,16 +70,16 @@ fi
 
 src_version=$(dpkg-query -W -f '${Version}' linux-source-6.1)
 
-# ---- kernels ------------------------------------------------------------
-# vmlinux is the microvm kernel (virtio-mmio, no ACPI); vmlinux-pc is the
-# same kernel with the options of guest/kernel-pc.fragment added (ACPI,
-# MSI, PCI MMCONFIG) for `--machine pc` and firmware boots.
+# ---- kernel -------------------------------------------------------------
+# One kernel for both machines: kernel-6.1.config with the options of
+# guest/kernel-pc.fragment added (ACPI, MSI, PCI MMCONFIG), as an ELF
+# vmlinux (direct boots) and a bzImage (boot loaders, firmware).
 build_kernel() {
   local name=$1 fragment=${2:-}
   local kernel_hash
   kernel_hash=$(cat "$here/kernel-6.1.config" ${fragment:+"$fragment"} "$here"/patches/*-6.1.patch \
     <(echo "$src_version") | sha256sum | cut -c1-16)
-  if [[ -f $out/$name && $(cat "$out/$name.hash" 2>/dev/null) == "$kernel_hash" ]]; then
+  if [[ -f $out/$name && -f $out/bzImage && $(cat "$out/$name.hash" 2>/dev/null) == "$kernel_hash" ]]; then
     log "kernel up to date ($out/$name)"
     return
   fi
@@ -108,7 +109,8 @@ build_kernel() {
     done < <(sed -n 's/^# \(CONFIG_[A-Z0-9_]*\) is not set$/\1/p' "$fragment")
   fi
   log "building $name with $(nproc) jobs (a few minutes)"
-  make -C "$ksrc" -s -j"$(nproc)" vmlinux
+  make -C "$ksrc" -s -j"$(nproc)" vmlinux bzImage
+  cp "$ksrc/arch/x86/boot/bzImage" "$out/bzImage"
   cp "$ksrc/vmlinux" "$out/$name.tmp"
   strip --strip-debug "$out/$name.tmp" 2>/dev/null || true
   mv "$out/$name.tmp" "$out/$name"
@@ -116,8 +118,8 @@ build_kernel() {
   rm -rf "$work"
   log "kernel built: $out/$name"
 }
-build_kernel vmlinux
-build_kernel vmlinux-pc "$here/kernel-pc.fragment"
+build_kernel vmlinux "$here/kernel-pc.fragment"
+rm -f "$out/vmlinux-pc" "$out/vmlinux-pc.hash"
 
 # ---- guest agent ----------------------------------------------------------
 # hostvisor-agent (crates/agent), linked statically: the guest has no libc.

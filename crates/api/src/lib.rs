@@ -63,6 +63,19 @@ pub enum Action {
     /// `PUT /vm/snapshots/delete`: the snapshot's disk changes are merged
     /// into its neighbours while the VM runs on.
     SnapshotDelete { snapshot: String },
+    /// `PUT /vm/balloon`: ask the guest to balloon to `bytes`.
+    BalloonSet { bytes: u64 },
+    /// `GET /vm/balloon`: the balloon's figures, with statistics the guest
+    /// is asked for afresh.
+    BalloonInfo,
+}
+
+/// `PUT /vm/balloon`'s body: the target in MiB or in bytes (one of them).
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BalloonBody {
+    target_mib: Option<u64>,
+    target_bytes: Option<u64>,
 }
 
 /// `PUT /vm/snapshots/take`'s body.
@@ -184,6 +197,8 @@ fn route(method: &str, path: &str, body: &[u8]) -> Result<Route, ApiError> {
         ("/vm/snapshots/take", "PUT"),
         ("/vm/snapshots/restore", "PUT"),
         ("/vm/snapshots/delete", "PUT"),
+        ("/vm/balloon", "GET"),
+        ("/vm/balloon", "PUT"),
     ];
     let methods: Vec<&str> = known
         .iter()
@@ -201,6 +216,24 @@ fn route(method: &str, path: &str, body: &[u8]) -> Result<Route, ApiError> {
     }
     if path == "/vm/console" && method == "PUT" {
         return Ok(Route::ConsoleInput);
+    }
+    if path == "/vm/balloon" {
+        if method == "GET" {
+            return Ok(Route::Act(Action::BalloonInfo));
+        }
+        let b: BalloonBody = parse_body(body)?;
+        let bytes = match (b.target_mib, b.target_bytes) {
+            (Some(mib), None) => mib
+                .checked_mul(1 << 20)
+                .ok_or_else(|| ApiError::bad_request(format!("target_mib {mib} is too large")))?,
+            (None, Some(bytes)) => bytes,
+            _ => {
+                return Err(ApiError::bad_request(
+                    "the body must give one of `target_mib` and `target_bytes`",
+                ))
+            }
+        };
+        return Ok(Route::Act(Action::BalloonSet { bytes }));
     }
     Ok(match path {
         "/vm" => Route::Act(Action::Info),
@@ -387,6 +420,7 @@ fn handle(mut request: tiny_http::Request, backend: &dyn Backend) {
             (_, Err(e)) => request.respond(error_response(&e)),
             (action, Ok(value)) => match action {
                 Action::Info
+                | Action::BalloonInfo
                 | Action::SnapshotList
                 | Action::SnapshotTake { .. }
                 | Action::SnapshotRestore { .. } => request.respond(
@@ -625,6 +659,37 @@ mod tests {
             route("GET", "/vm/snapshots/take", b"").unwrap_err().status,
             405
         );
+    }
+
+    #[test]
+    fn balloon_routes() {
+        assert_eq!(
+            route("GET", "/vm/balloon", b"").unwrap(),
+            Route::Act(Action::BalloonInfo)
+        );
+        assert_eq!(
+            route("PUT", "/vm/balloon", br#"{"target_mib": 64}"#).unwrap(),
+            Route::Act(Action::BalloonSet { bytes: 64 << 20 })
+        );
+        assert_eq!(
+            route("PUT", "/vm/balloon", br#"{"target_bytes": 4096}"#).unwrap(),
+            Route::Act(Action::BalloonSet { bytes: 4096 })
+        );
+        for bad in [
+            &b""[..],
+            br#"{"target_mib": 1, "target_bytes": 1}"#,
+            br#"{"target_mib": 18446744073709551615}"#,
+            br#"{"target_mib": -1}"#,
+            br#"{"size": 1}"#,
+        ] {
+            assert_eq!(
+                route("PUT", "/vm/balloon", bad).unwrap_err().status,
+                400,
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        assert_eq!(route("POST", "/vm/balloon", b"").unwrap_err().status, 405);
     }
 
     #[test]

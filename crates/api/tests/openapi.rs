@@ -74,6 +74,17 @@ impl Backend for FakeVm {
                 Err(ApiError::conflict("the linked clone c1 is backed by it"))
             }
             Action::SnapshotDelete { .. } => Ok(Value::Null),
+            Action::BalloonSet { bytes } if bytes > 256 << 20 => Err(ApiError::conflict(
+                "a balloon of 1 bytes is larger than the guest's 268435456 bytes of RAM",
+            )),
+            Action::BalloonSet { .. } => Ok(Value::Null),
+            Action::BalloonInfo => Ok(json!({
+                "target_bytes": 67108864, "actual_bytes": 67108864,
+                "stats": {"total_memory": 200000000u64, "available_memory": 100000000u64, "major_faults": 3},
+                "stats_age_ms": 12,
+                "counters": {"inflated_pages": 16384, "deflated_pages": 0,
+                             "reported_bytes": 50331648, "released_bytes": 117440512, "refused": 0}
+            })),
             Action::Kill => {
                 *stopped = true;
                 Ok(Value::Null)
@@ -268,6 +279,10 @@ fn the_server_answers_as_its_openapi_document_says() {
             409,
         ),
         ("PUT", "/vm/snapshots/delete", r#"{"snapshot": 1}"#, 400),
+        ("PUT", "/vm/balloon", r#"{"target_mib": 64}"#, 204),
+        ("PUT", "/vm/balloon", r#"{"target_mib": 512}"#, 409),
+        ("PUT", "/vm/balloon", r#"{"target": 64}"#, 400),
+        ("GET", "/vm/balloon", "", 200),
         ("PUT", "/vm/stop", r#"{"timeout_s": 3}"#, 202),
         ("PUT", "/vm/console", "uname -a\n", 204),
         ("PUT", "/vm/console", "to a guest that does not read", 504),

@@ -1,5 +1,6 @@
 //! `hostvisor`: run virtual machines on KVM.
 
+mod balloon;
 mod clone;
 mod cloudinit;
 mod disk;
@@ -110,6 +111,19 @@ enum Command {
         #[arg(long)]
         linked: bool,
     },
+    /// Set a running VM's balloon target (SIZE, like 64M: memory the
+    /// guest gives back; 0 deflates it), or show its figures with --stats.
+    Balloon {
+        name: String,
+        #[arg(value_parser = balloon::parse_size, required_unless_present = "stats")]
+        size: Option<MemorySize>,
+        /// Show the balloon and the guest's memory statistics (asked for
+        /// afresh).
+        #[arg(long, conflicts_with = "size")]
+        stats: bool,
+        #[arg(long, requires = "stats")]
+        json: bool,
+    },
     /// Run a command in a running VM through its guest agent.
     ///
     /// Exit status: the command's; 128+N if a signal N ended it; 124 it
@@ -194,7 +208,7 @@ struct RunCmd {
     /// the snapshot (only --serial and --api-socket apply).
     #[arg(long, value_name = "DIR", conflicts_with_all = [
         "machine", "firmware", "kernel", "initrd", "cmdline", "append", "cpus", "memory", "console",
-        "on_reset", "disk", "rng", "hide_cpu_features", "vsock", "net",
+        "on_reset", "disk", "rng", "hide_cpu_features", "vsock", "net", "balloon",
     ])]
     restore: Option<PathBuf>,
     /// With --restore: read all of guest RAM at once instead of on first
@@ -272,6 +286,13 @@ struct RunArgs {
     /// `run` gets NICs only when asked.
     #[arg(long, value_name = "OPTIONS")]
     net: Vec<NetArg>,
+    /// A virtio-balloon: on (alone: `--balloon`), off, or
+    /// [reporting=on|off][,deflate-on-oom=on|off][,stats=on|off|SECONDS].
+    /// Free page reporting (on by default) gives memory the guest frees
+    /// back to the host. Managed VMs get one by default; `run` only when
+    /// asked.
+    #[arg(long, value_name = "OPTIONS", num_args = 0..=1, default_missing_value = "on")]
+    balloon: Option<balloon::BalloonArg>,
 }
 
 /// `--net`: none, or a NIC.
@@ -407,11 +428,7 @@ fn vm_config(args: RunArgs) -> Result<VmConfig, CliError> {
         None if args.firmware.is_some() => (PathBuf::new(), args.initrd),
         None => {
             let dir = default_guest_dir();
-            // The default guest's kernel for a pc has ACPI and MSI.
-            let kernel = dir.join(match machine {
-                vmm::MachineType::Microvm => "vmlinux",
-                vmm::MachineType::Pc => "vmlinux-pc",
-            });
+            let kernel = dir.join("vmlinux");
             if !kernel.exists() {
                 return Err(CliError::Failure(format!(
                     "no --kernel given and the default guest is not built ({} is missing); build it with guest/build.sh from the hostvisor source tree",
@@ -453,6 +470,10 @@ fn vm_config(args: RunArgs) -> Result<VmConfig, CliError> {
                 pool: vec![agent::AGENT_PORT],
             }),
             Some(VsockArg::Set(v)) => Some(v),
+        },
+        balloon: match args.balloon {
+            None | Some(balloon::BalloonArg::Off) => None,
+            Some(balloon::BalloonArg::Set(b)) => Some(b),
         },
     })
 }
@@ -604,9 +625,14 @@ fn main() -> ExitCode {
         } => {
             let vsock = run.vsock.clone();
             let default_nic = run.net.is_empty();
+            // A managed VM gets a balloon unless told otherwise.
+            let default_balloon = run.balloon.is_none();
             exit_with(
                 cloudinit::Prepared::new(&name, image, &mut run).and_then(|image| {
-                    let c = vm_config(run)?;
+                    let mut c = vm_config(run)?;
+                    if default_balloon {
+                        c.balloon = Some(vmm::BalloonConfig::default());
+                    }
                     manage::create(&name, c, vsock, default_nic, image)
                 }),
             )
@@ -646,6 +672,12 @@ fn main() -> ExitCode {
             interactive,
             wait,
         })),
+        Command::Balloon {
+            name,
+            size,
+            stats,
+            json,
+        } => exit_with(balloon::run(&name, size, stats, json)),
         Command::Cp { src, dst, wait } => exit_with(guest::cp(&src, &dst, wait)),
         Command::GuestInfo { name, json, wait } => exit_with(guest::guest_info(&name, json, wait)),
         Command::Doctor { json } => exit_with(doctor::run(json)),

@@ -21,6 +21,12 @@ fn fail(e: impl std::fmt::Display) -> CliError {
 /// Changes `edit` makes; what is not given stays.
 #[derive(Debug, clap::Args)]
 pub struct EditArgs {
+    /// microvm or pc.
+    #[arg(long, value_name = "TYPE")]
+    pub machine: Option<vmm::MachineType>,
+    /// bios, uefi, an image file, or none (boot the kernel directly).
+    #[arg(long, value_name = "FIRMWARE")]
+    pub firmware: Option<String>,
     #[arg(long, value_name = "PATH")]
     pub kernel: Option<PathBuf>,
     #[arg(long, value_name = "PATH")]
@@ -52,6 +58,10 @@ pub struct EditArgs {
     /// Replaces all NICs (repeatable); `none` removes them.
     #[arg(long, value_name = "OPTIONS")]
     pub net: Vec<crate::NetArg>,
+    /// [reporting=on|off][,deflate-on-oom=on|off][,stats=on|off|SECONDS],
+    /// on or off.
+    #[arg(long, value_name = "OPTIONS")]
+    pub balloon: Option<crate::balloon::BalloonArg>,
 }
 
 /// Gives every NIC without a MAC the VM's own: derived from its name and
@@ -215,6 +225,9 @@ pub fn show(name: &str, json: bool) -> Result<i32, CliError> {
                 "uptime: {} ms (paused {} ms), exits: {}",
                 s["uptime_ms"], s["paused_ms"], s["counters"]["exits"]
             );
+            if s["balloon"].is_object() {
+                print!("{}", crate::balloon::describe(&s["balloon"]));
+            }
         }
         if let Some(exit) = vm.last_exit() {
             println!("last exit: {}", exit.message);
@@ -363,6 +376,21 @@ pub fn edit(name: &str, args: EditArgs) -> Result<i32, CliError> {
         return Err(fail(format!("{name} is running; stop it before editing")));
     };
     let mut c = vm.config().map_err(fail)?;
+    if let Some(v) = args.machine {
+        c.machine = v;
+    }
+    match args.firmware.as_deref() {
+        None => {}
+        Some("none") => c.firmware = None,
+        Some(f) => {
+            c.firmware = Some(f.parse().map_err(CliError::Usage)?);
+            // Firmware boots need a pc, unless the user says otherwise
+            // (and gets the error at start).
+            if args.machine.is_none() {
+                c.machine = vmm::MachineType::Pc;
+            }
+        }
+    }
     if let Some(v) = args.kernel {
         c.kernel = v;
     }
@@ -392,6 +420,11 @@ pub fn edit(name: &str, args: EditArgs) -> Result<i32, CliError> {
     }
     if args.no_disks {
         c.disks.clear();
+    }
+    match args.balloon {
+        None => {}
+        Some(crate::balloon::BalloonArg::Off) => c.balloon = None,
+        Some(crate::balloon::BalloonArg::Set(b)) => c.balloon = Some(b),
     }
     if let Some(v) = args.rng {
         c.rng = v;

@@ -242,6 +242,17 @@ impl Backend for VmBackend {
             | Action::SnapshotTake { .. }
             | Action::SnapshotRestore { .. }
             | Action::SnapshotDelete { .. } => return self.snapshots(action),
+            Action::BalloonSet { bytes } => {
+                self.control.balloon_set(bytes).map_err(|e| self.error(e))?;
+                return Ok(serde_json::Value::Null);
+            }
+            Action::BalloonInfo => {
+                let status = self
+                    .control
+                    .balloon_status(Some(crate::balloon::FRESH_STATS_WAIT))
+                    .map_err(|e| self.error(e))?;
+                return serde_json::to_value(status).map_err(|e| ApiError::internal(e.to_string()));
+            }
             Action::Stop { timeout } => {
                 // Accepted now (202); the guest gets `timeout` to power off
                 // before the VM is ended.

@@ -129,3 +129,88 @@ fn bad_firmware_choices_are_clear_errors() {
     assert_one_line_error(&out, 2, "needs a pc machine");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// SeaBIOS boots the default guest with its kernel (the bzImage),
+/// initrd and command line handed over through fw_cfg DMA (QEMU's
+/// linuxboot_dma.bin option ROM), to READY, and the guest powers off
+/// through ACPI.
+#[test]
+fn seabios_boots_the_default_guest_handed_over_by_fw_cfg() {
+    if !seabios_usable() {
+        return;
+    }
+    let Some(guest) = default_guest() else {
+        return;
+    };
+    let bzimage = guest.join("bzImage");
+    if !bzimage.exists() {
+        skip(
+            "HOSTVISOR_REQUIRE_GUEST",
+            "the default guest has no bzImage (run guest/build.sh)",
+        );
+        return;
+    }
+    let initrd = guest.join("initramfs.cpio");
+    let out = hostvisor(
+        &[
+            "run",
+            "--firmware",
+            "bios",
+            "--kernel",
+            bzimage.to_str().unwrap(),
+            "--initrd",
+            initrd.to_str().unwrap(),
+            "--append",
+            "hostvisor.test=poweroff",
+        ],
+        &[("HOSTVISOR_LOG", "hostvisor::firmware=info")],
+        Duration::from_secs(900),
+    );
+    assert_eq!(
+        out.code, 0,
+        "stdout:\n{}\nstderr:\n{}",
+        out.stdout, out.stderr
+    );
+    assert!(
+        out.stdout.contains("HOSTVISOR-GUEST-READY"),
+        "{}",
+        out.stdout
+    );
+    // Through SeaBIOS and its option ROM, not a direct load.
+    assert!(out.stderr.contains("SeaBIOS (version"), "{}", out.stderr);
+    assert!(out.stderr.contains("Booting from ROM"), "{}", out.stderr);
+}
+
+/// Managed VMs remember their machine and firmware; `edit` changes them.
+#[test]
+fn managed_vms_keep_their_machine_and_firmware() {
+    let data = temp_dir("fw-managed");
+    let env = [("XDG_DATA_HOME", data.to_str().unwrap())];
+    let hv = |args: &[&str]| {
+        let out = hostvisor(args, &env, Duration::from_secs(30));
+        assert_eq!(out.code, 0, "{args:?}: {}{}", out.stdout, out.stderr);
+        out.stdout
+    };
+    let config = |name: &str| -> serde_json::Value {
+        serde_json::from_str::<serde_json::Value>(&hv(&["show", name, "--json"])).unwrap()["config"]
+            .clone()
+    };
+    hv(&["create", "fw1", "--firmware", "bios"]);
+    let c = config("fw1");
+    assert_eq!(
+        (c["machine"].as_str(), c["firmware"].as_str()),
+        (Some("pc"), Some("bios"))
+    );
+    hv(&["edit", "fw1", "--firmware", "none", "--machine", "microvm"]);
+    let c = config("fw1");
+    assert!(c["firmware"].is_null(), "{c}");
+    assert!(c["machine"].is_null() || c["machine"] == "microvm", "{c}");
+    hv(&["edit", "fw1", "--firmware", "uefi"]);
+    let c = config("fw1");
+    assert_eq!(
+        (c["machine"].as_str(), c["firmware"].as_str()),
+        (Some("pc"), Some("uefi"))
+    );
+    hv(&["delete", "fw1"]);
+    let _ = std::fs::remove_dir_all(&data);
+}

@@ -425,6 +425,101 @@ impl std::fmt::Display for NetConfig {
     }
 }
 
+/// A virtio-balloon:
+/// `[reporting=on|off][,deflate-on-oom=on|off][,stats=on|off|SECONDS]` on
+/// the command line (`on` alone: the defaults). Free page reporting is on
+/// by default (memory the guest frees goes back to the host); `stats=N`
+/// asks the guest for statistics every N seconds besides on request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BalloonConfig {
+    pub reporting: bool,
+    pub deflate_on_oom: bool,
+    pub stats: bool,
+    /// Seconds between statistics requests; 0: only on request.
+    pub stats_interval_s: u32,
+}
+
+impl Default for BalloonConfig {
+    fn default() -> Self {
+        BalloonConfig {
+            reporting: true,
+            deflate_on_oom: true,
+            stats: true,
+            stats_interval_s: 0,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum BalloonConfigError {
+    #[error("unknown balloon option `{0}` (known: reporting, deflate-on-oom, stats)")]
+    UnknownKey(String),
+    #[error("`{0}` is not key=value")]
+    NotKeyValue(String),
+    #[error("{key} takes on or off, not `{value}`")]
+    BadBool { key: String, value: String },
+    #[error("stats takes on, off or a number of seconds up to 86400, not `{0}`")]
+    BadStats(String),
+}
+
+fn on_off(key: &str, value: &str) -> Result<bool, BalloonConfigError> {
+    match value {
+        "on" | "true" | "yes" => Ok(true),
+        "off" | "false" | "no" => Ok(false),
+        _ => Err(BalloonConfigError::BadBool {
+            key: key.to_string(),
+            value: value.to_string(),
+        }),
+    }
+}
+
+impl FromStr for BalloonConfig {
+    type Err = BalloonConfigError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut c = BalloonConfig::default();
+        if s == "on" || s.is_empty() {
+            return Ok(c);
+        }
+        for part in s.split(',') {
+            let (key, value) = part
+                .split_once('=')
+                .ok_or_else(|| BalloonConfigError::NotKeyValue(part.to_string()))?;
+            match key {
+                "reporting" => c.reporting = on_off(key, value)?,
+                "deflate-on-oom" | "deflate_on_oom" => c.deflate_on_oom = on_off(key, value)?,
+                "stats" => match value {
+                    "on" => c.stats = true,
+                    "off" => c.stats = false,
+                    n => {
+                        c.stats = true;
+                        c.stats_interval_s = n
+                            .parse()
+                            .ok()
+                            .filter(|&n| n <= 86_400)
+                            .ok_or_else(|| BalloonConfigError::BadStats(n.to_string()))?;
+                    }
+                },
+                other => return Err(BalloonConfigError::UnknownKey(other.to_string())),
+            }
+        }
+        Ok(c)
+    }
+}
+
+impl BalloonConfig {
+    /// The device options this configuration asks for.
+    pub fn options(&self) -> devices::virtio::balloon::BalloonOptions {
+        devices::virtio::balloon::BalloonOptions {
+            reporting: self.reporting,
+            deflate_on_oom: self.deflate_on_oom,
+            stats: self.stats,
+            stats_interval: (self.stats_interval_s > 0)
+                .then(|| std::time::Duration::from_secs(u64::from(self.stats_interval_s))),
+        }
+    }
+}
+
 fn default_cpus() -> u32 {
     1
 }
@@ -483,6 +578,9 @@ pub struct VmConfig {
     /// NICs, in order: eth0, eth1, ...
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub nets: Vec<NetConfig>,
+    /// A virtio-balloon device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balloon: Option<BalloonConfig>,
 }
 
 fn is_microvm(m: &MachineType) -> bool {
@@ -509,6 +607,7 @@ impl VmConfig {
             hide_cpu_features: Vec::new(),
             vsock: None,
             nets: Vec::new(),
+            balloon: None,
         }
     }
 }
@@ -571,6 +670,48 @@ mod tests {
         let json = serde_json::to_string(&pooled).unwrap();
         assert_eq!(json, r#"{"cid":3,"pool":[52]}"#);
         assert_eq!(serde_json::from_str::<VsockConfig>(&json).unwrap(), pooled);
+    }
+
+    #[test]
+    fn balloon_options_parse() {
+        assert_eq!("on".parse(), Ok(BalloonConfig::default()));
+        let c: BalloonConfig = "reporting=off,deflate-on-oom=off,stats=5".parse().unwrap();
+        assert_eq!(
+            c,
+            BalloonConfig {
+                reporting: false,
+                deflate_on_oom: false,
+                stats: true,
+                stats_interval_s: 5,
+            }
+        );
+        assert_eq!(
+            c.options().stats_interval,
+            Some(std::time::Duration::from_secs(5))
+        );
+        assert!(
+            !"stats=off"
+                .parse::<BalloonConfig>()
+                .unwrap()
+                .options()
+                .stats
+        );
+        for bad in [
+            "reporting",
+            "reporting=maybe",
+            "stats=-1",
+            "stats=99999999",
+            "size=1G",
+        ] {
+            assert!(bad.parse::<BalloonConfig>().is_err(), "{bad}");
+        }
+        // Stored configurations without a balloon have none.
+        let d: VmConfig = serde_json::from_str(r#"{"kernel":"/k"}"#).unwrap();
+        assert_eq!(d.balloon, None);
+        let mut with = VmConfig::new("/k");
+        with.balloon = Some(c);
+        let json = serde_json::to_string(&with).unwrap();
+        assert_eq!(serde_json::from_str::<VmConfig>(&json).unwrap(), with);
     }
 
     #[test]

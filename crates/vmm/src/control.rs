@@ -7,6 +7,8 @@ use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use devices::virtio::balloon::{BalloonHandle, BalloonStatus};
+
 use crate::console_input::{ConsoleTarget, DeliverError};
 use crate::event::VmmEvent;
 pub use crate::request::{
@@ -23,6 +25,7 @@ pub const CONSOLE_INPUT_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct VmControl {
     current: Arc<Mutex<Option<Sender<VmmEvent>>>>,
     console: Arc<Mutex<Option<ConsoleTarget>>>,
+    balloon: Arc<Mutex<Option<BalloonHandle>>>,
 }
 
 impl std::fmt::Debug for VmControl {
@@ -44,6 +47,46 @@ impl VmControl {
     pub(crate) fn detach(&self) {
         *self.current.lock().unwrap_or_else(|e| e.into_inner()) = None;
         *self.console.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        self.attach_balloon(None);
+    }
+
+    /// The running machine's balloon (a restart makes a new one).
+    pub(crate) fn attach_balloon(&self, balloon: Option<BalloonHandle>) {
+        *self.balloon.lock().unwrap_or_else(|e| e.into_inner()) = balloon;
+    }
+
+    fn balloon(&self) -> Result<BalloonHandle, ControlError> {
+        if self
+            .current
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_none()
+        {
+            return Err(ControlError::NotRunning);
+        }
+        self.balloon
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .ok_or_else(|| ControlError::Conflict("the VM has no balloon device".into()))
+    }
+
+    /// Asks the guest to balloon to `bytes` (on the caller's thread: the
+    /// device takes it from there; the guest follows in its own time).
+    pub fn balloon_set(&self, bytes: u64) -> Result<(), ControlError> {
+        self.balloon()?
+            .set_target(bytes)
+            .map_err(|e| ControlError::Conflict(e.to_string()))
+    }
+
+    /// The balloon's figures; with `fresh`, after asking the guest for new
+    /// statistics and waiting that long at most for them.
+    pub fn balloon_status(&self, fresh: Option<Duration>) -> Result<BalloonStatus, ControlError> {
+        let b = self.balloon()?;
+        Ok(match fresh {
+            Some(wait) => b.fresh_status(wait),
+            None => b.status(),
+        })
     }
 
     /// Types `bytes` on the guest's console (on the caller's thread: it

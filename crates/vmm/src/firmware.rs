@@ -15,6 +15,8 @@ use vm_memory::{Bytes, GuestAddress};
 
 use crate::error::VmmError;
 
+pub mod linuxboot;
+
 /// Debian's SeaBIOS (package `seabios`).
 pub const SEABIOS: &str = "/usr/share/seabios/bios-256k.bin";
 /// Debian's OVMF as one image, code and variables (package `ovmf`).
@@ -118,6 +120,14 @@ pub fn copy_low(mem: &hypervisor::GuestMemoryMmap, image: &[u8]) -> Result<(), V
     let at = 0x10_0000 - u64::try_from(n).unwrap_or(0);
     mem.write_slice(tail, GuestAddress(at))
         .map_err(|e| VmmError::GuestMemory(e.to_string()))
+}
+
+/// A kernel the firmware boots (a bzImage, its initrd and command line).
+#[derive(Clone, Copy, Debug)]
+pub struct KernelForFirmware<'a> {
+    pub kernel: &'a Path,
+    pub initrd: Option<&'a Path>,
+    pub cmdline: &'a str,
 }
 
 /// What the firmware is told.

@@ -34,8 +34,8 @@ pub use arch::cpuid::{CpuFeature, UnknownFeature};
 /// The least guest RAM a VM can have.
 pub use arch::layout::MIN_MEMORY;
 pub use config::{
-    ConsoleDevice, DiskConfig, MachineType, MemorySize, NetConfig, NetMode, ResetAction,
-    SerialConfig, VmConfig, VsockConfig,
+    BalloonConfig, ConsoleDevice, DiskConfig, MachineType, MemorySize, NetConfig, NetMode,
+    ResetAction, SerialConfig, VmConfig, VsockConfig,
 };
 pub use error::{error_chain, VmmError};
 pub use event::VmmEvent;

@@ -71,6 +71,8 @@ pub struct Machine {
     /// the vCPUs see, so instruction assists reach operands in the ROM.
     /// Devices and snapshots see RAM only (`mem`).
     with_rom: Option<GuestMemoryMmap>,
+    /// The balloon's host side, when the VM has one.
+    balloon: Option<devices::virtio::balloon::BalloonHandle>,
 }
 
 impl std::fmt::Debug for Machine {
@@ -269,6 +271,7 @@ impl Machine {
             described: None,
             disks: std::sync::Mutex::new(Vec::new()),
             with_rom: None,
+            balloon: None,
         })
     }
 
@@ -326,6 +329,17 @@ impl Machine {
     pub fn add_virtio_device(&mut self, device: Box<dyn VirtioDevice>) -> Result<(), VmmError> {
         self.virtio
             .add(self.vm.as_ref(), &self.mem, &self.mmio, device)
+    }
+
+    /// Adds a virtio-balloon (see [`crate::config::BalloonConfig`]), whose
+    /// host side the VM's controllers reach.
+    pub fn add_balloon(&mut self, config: &crate::config::BalloonConfig) -> Result<(), VmmError> {
+        let (device, handle) =
+            devices::virtio::balloon::Balloon::new(config.options(), self.memory)
+                .map_err(VmmError::EventFd)?;
+        self.add_virtio_device(Box::new(device))?;
+        self.balloon = Some(handle);
+        Ok(())
     }
 
     /// Makes a virtio-console port the console: what the guest writes to
@@ -405,6 +419,7 @@ impl Machine {
         }
         if let Some(control) = control {
             control.attach(tx.clone(), self.console.clone());
+            control.attach_balloon(self.balloon.clone());
         }
         drop(tx);
 
@@ -477,6 +492,7 @@ impl Machine {
                                 memory: self.memory,
                                 counters: VcpuCounters::from_stats(&self.stats),
                                 devices: self.virtio.info(),
+                                balloon: self.balloon.as_ref().map(|b| b.status()),
                             }))
                         }
                     };

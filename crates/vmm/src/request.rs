@@ -97,6 +97,9 @@ pub struct VmStatus {
     pub memory: u64,
     pub counters: VcpuCounters,
     pub devices: Vec<DeviceInfo>,
+    /// The balloon's figures, when the VM has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub balloon: Option<devices::virtio::balloon::BalloonStatus>,
 }
 
 /// Why a request was refused.

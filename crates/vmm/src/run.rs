@@ -117,6 +117,13 @@ fn boot_linux(
     config: &VmConfig,
     pausable: bool,
 ) -> Result<(), VmmError> {
+    let cmdline = kernel_cmdline(hv, config, pausable);
+    tracing::debug!(%cmdline, "booting");
+    machine.load_linux(&config.kernel, config.initrd.as_deref(), &cmdline)
+}
+
+/// The kernel command line `config` asks for.
+fn kernel_cmdline(hv: &KvmHypervisor, config: &VmConfig, pausable: bool) -> String {
     let mut cmdline = match &config.cmdline {
         Some(c) => c.clone(),
         None => default_cmdline(hv.host_profile(), config.console, pausable),
@@ -125,8 +132,7 @@ fn boot_linux(
         cmdline.push(' ');
         cmdline.push_str(extra);
     }
-    tracing::debug!(%cmdline, "booting");
-    machine.load_linux(&config.kernel, config.initrd.as_deref(), &cmdline)
+    cmdline
 }
 
 /// Boots the VM `config` describes and runs it to the end, rebooting it on
@@ -237,6 +243,9 @@ pub fn run_vm(
         for device in devices {
             machine.add_virtio_device(device)?;
         }
+        if let Some(balloon) = &config.balloon {
+            machine.add_balloon(balloon)?;
+        }
         machine.attach_disks(disks);
         if let Some(out) = virtio_out {
             machine.add_virtio_console(out)?;
@@ -247,12 +256,15 @@ pub fn run_vm(
             tracing::info!(target: "hostvisor::timing",
                 "restored at {:.3} ms", started.elapsed().as_secs_f64() * 1e3);
         } else if let Some(firmware) = &config.firmware {
-            if !config.kernel.as_os_str().is_empty() {
-                return Err(VmmError::Firmware(
-                    "boots of a --kernel through firmware are not supported yet; boot it directly (without --firmware) or from a disk".into(),
-                ));
-            }
-            machine.load_firmware(&firmware.image())?;
+            let cmdline = kernel_cmdline(&hv, config, control.is_some());
+            let kernel = (!config.kernel.as_os_str().is_empty()).then(|| {
+                crate::firmware::KernelForFirmware {
+                    kernel: &config.kernel,
+                    initrd: config.initrd.as_deref(),
+                    cmdline: &cmdline,
+                }
+            });
+            machine.load_firmware(&firmware.image(), kernel)?;
         } else {
             boot_linux(&hv, &mut machine, config, control.is_some())?;
         }

@@ -211,6 +211,7 @@ fn config_fits(saved: &VmConfig, config: &VmConfig) -> Result<(), SnapshotError>
     if saved.rng != config.rng
         || saved.vsock.is_some() != config.vsock.is_some()
         || saved.console != config.console
+        || saved.balloon.is_some() != config.balloon.is_some()
     {
         diffs.push("a different set of devices".to_string());
     }

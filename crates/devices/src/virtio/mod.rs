@@ -15,6 +15,7 @@
 //! a freshly made device takes a saved one
 //! ([`restore_state`](VirtioDevice::restore_state)). See [`persist`].
 
+pub mod balloon;
 pub mod block;
 pub mod common;
 pub mod console;

@@ -19,6 +19,8 @@
 //!   (sleep, wake) keeps it.
 //! - console: the host input not yet delivered to the guest.
 //! - rng: nothing.
+//! - balloon: the features offered, the target and `actual`, the
+//!   statistics buffer held (its head), the latest statistics, counters.
 //! - vsock: the guest CID. Connections cannot cross a snapshot (their host
 //!   ends are sockets of another process): a restored device sends the
 //!   guest a VIRTIO_VSOCK_EVENT_TRANSPORT_RESET once the guest's event
@@ -30,6 +32,7 @@ use virtio_queue::{Queue, QueueState, QueueT};
 
 use memory::GuestMemoryMmap;
 
+pub use super::balloon::persist::BalloonState;
 pub use super::block::persist::BlockState;
 pub use super::console::persist::ConsoleState;
 pub use super::net::persist::NetState;
@@ -122,6 +125,7 @@ pub enum VirtioDeviceState {
     Console(ConsoleState),
     Rng(RngState),
     Vsock(VsockState),
+    Balloon(BalloonState),
 }
 
 impl VirtioDeviceState {
@@ -135,6 +139,7 @@ impl VirtioDeviceState {
             VirtioDeviceState::Console(_) => "console",
             VirtioDeviceState::Rng(_) => "rng",
             VirtioDeviceState::Vsock(_) => "vsock",
+            VirtioDeviceState::Balloon(_) => "balloon",
         }
     }
 }
@@ -180,6 +185,7 @@ own_state!(
     Console => ConsoleState,
     Rng => RngState,
     Vsock => VsockState,
+    Balloon => BalloonState,
 );
 
 /// virtio-rng keeps nothing: its queue is the transport's.

@@ -67,7 +67,11 @@ impl Machine {
     /// Boots through firmware (a `pc` machine): maps `image` (see
     /// [`crate::firmware`]), hands it the machine through fw_cfg and the
     /// CMOS, and puts every vCPU in its reset state.
-    pub fn load_firmware(&mut self, image: &std::path::Path) -> Result<(), VmmError> {
+    pub fn load_firmware(
+        &mut self,
+        image: &std::path::Path,
+        kernel: Option<crate::firmware::KernelForFirmware<'_>>,
+    ) -> Result<(), VmmError> {
         if self.legacy.acpi_pm.is_none() {
             return Err(VmmError::Firmware(
                 "boots need a pc machine (--machine pc)".into(),
@@ -85,7 +89,7 @@ impl Machine {
             .set_machine_size(below_4g, above_4g, cpus);
         let tables = arch::acpi::AcpiTables::build(&crate::pc::acpi_config(self.cpus)?)
             .map_err(|e| VmmError::Acpi(e.to_string()))?;
-        let fw = crate::firmware::fw_cfg(
+        let mut fw = crate::firmware::fw_cfg(
             self.mem.clone(),
             &crate::firmware::FirmwareInfo {
                 cpus: self.cpus,
@@ -94,6 +98,11 @@ impl Machine {
                 acpi: &tables,
             },
         )?;
+        if let Some(k) = kernel {
+            crate::firmware::linuxboot::add_kernel(
+                &mut fw, k.kernel, k.initrd, k.cmdline, below_4g,
+            )?;
+        }
         self.pio.insert(
             Arc::new(std::sync::Mutex::new(fw)),
             devices::fw_cfg::FW_CFG_PORT,
