@@ -51,6 +51,11 @@ command -v iasl >/dev/null || need_pkgs+=(acpica-tools)
 # Firmware for `--firmware bios|uefi` (and their tests).
 [[ -f /usr/share/seabios/bios-256k.bin ]] || need_pkgs+=(seabios)
 [[ -f /usr/share/ovmf/OVMF.fd ]] || need_pkgs+=(ovmf)
+# The cloud-init seed tests compare hostvisor's seed with cloud-localds's
+# (which needs mkfs.vfat and mcopy for a vfat seed) and read both with mtools.
+command -v cloud-localds >/dev/null || need_pkgs+=(cloud-image-utils)
+command -v mcopy >/dev/null || need_pkgs+=(mtools)
+command -v mkfs.vfat >/dev/null || need_pkgs+=(dosfstools)
 if ((${#need_pkgs[@]})); then
   if [[ $(id -u) -ne 0 ]]; then
     log "missing Debian packages: ${need_pkgs[*]} (install them with apt-get as root)"

@@ -168,6 +168,13 @@ fn build(dst: &str, final_dir: &Path, source: Source, linked: bool) -> Result<()
         let config = clone_config(dst, final_dir, source.config)?;
         for (i, (src, format)) in source.disks.iter().enumerate() {
             let to = stage.join("disks").join(format!("disk{i}.qcow2"));
+            // A cloud-init seed is made anew for the clone's identity.
+            if config.disks[i].readonly
+                && crate::cloudinit::reseed_for_clone(src, *format, &to, dst, &config)
+                    .map_err(SnapshotError::Refused)?
+            {
+                continue;
+            }
             if linked {
                 layers::create_overlay(&to, src, *format)?;
             } else {

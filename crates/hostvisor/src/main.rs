@@ -2,6 +2,7 @@
 
 mod balloon;
 mod clone;
+mod cloudinit;
 mod disk;
 mod doctor;
 mod guest;
@@ -43,11 +44,14 @@ enum Command {
         command: disk::DiskCommand,
     },
     /// Define a managed VM (stored under $XDG_DATA_HOME/hostvisor/vms/NAME)
-    /// with `run`'s options.
+    /// with `run`'s options, or on a distribution's cloud image with
+    /// --image FILE --cloud-init (docs/cloud-images.md).
     Create {
         name: String,
         #[command(flatten)]
         run: RunArgs,
+        #[command(flatten)]
+        image: cloudinit::ImageArgs,
     },
     /// List managed VMs and their states.
     List {
@@ -609,17 +613,24 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run(args),
         Command::Disk { command } => exit_with(disk::run(command)),
-        Command::Create { name, run } => {
+        Command::Create {
+            name,
+            mut run,
+            image,
+        } => {
             let vsock = run.vsock.clone();
             let default_nic = run.net.is_empty();
             // A managed VM gets a balloon unless told otherwise.
             let default_balloon = run.balloon.is_none();
-            exit_with(vm_config(run).and_then(|mut c| {
-                if default_balloon {
-                    c.balloon = Some(vmm::BalloonConfig::default());
-                }
-                manage::create(&name, c, vsock, default_nic)
-            }))
+            exit_with(
+                cloudinit::Prepared::new(&name, image, &mut run).and_then(|image| {
+                    let mut c = vm_config(run)?;
+                    if default_balloon {
+                        c.balloon = Some(vmm::BalloonConfig::default());
+                    }
+                    manage::create(&name, c, vsock, default_nic, image)
+                }),
+            )
         }
         Command::List { json } => exit_with(manage::list(json)),
         Command::Show { name, json } => exit_with(manage::show(&name, json)),

@@ -114,6 +114,7 @@ pub fn create(
     mut config: vmm::VmConfig,
     vsock: Option<crate::VsockArg>,
     default_nic: bool,
+    image: Option<crate::cloudinit::Prepared>,
 ) -> Result<i32, CliError> {
     // A managed VM gets a NAT NIC unless told otherwise, as VirtualBox's do.
     if default_nic {
@@ -133,7 +134,17 @@ pub fn create(
             pool: vec![agent::AGENT_PORT],
         });
     }
+    if let Some(image) = &image {
+        image.attach(&crate::store::root().join(name), &mut config);
+    }
     let vm = VmDir::create(name, &config).map_err(fail)?;
+    if let Some(image) = &image {
+        // The name is ours now: its overlay and seed go in its directory.
+        if let Err(e) = image.install(&vm.dir, &config) {
+            let _ = std::fs::remove_dir_all(&vm.dir);
+            return Err(e);
+        }
+    }
     println!("created {} ({})", vm.name, vm.dir.display());
     Ok(0)
 }
