@@ -9,7 +9,12 @@
 #   rootfs.img      the same busybox tree as an ext4 image, to boot from a
 #                   disk: hostvisor run --disk path=COPY --append root=/dev/vda
 #
-# Usage: guest/build.sh [rootfs | deps | --print-dir]
+#   grub-disk.img   (with `disk`) a BIOS-bootable raw disk: GRUB 2 in its
+#                   MBR, the bzImage and initramfs on an ext2 partition
+#                   (guest/grub-disk.sh): hostvisor run --firmware bios
+#                   --disk path=COPY boots it through SeaBIOS and GRUB
+#
+# Usage: guest/build.sh [rootfs | disk | deps | --print-dir]
 # (`rootfs` prints the image's path; everything is built either way.
 # `deps` only installs the Debian packages hostvisor's build and tests
 # need, libslirp's among them.)
@@ -22,8 +27,8 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 out=${HOSTVISOR_GUEST_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/hostvisor/guest}
 case ${1:-} in
   --print-dir) echo "$out"; exit 0 ;;
-  rootfs | deps | "") ;;
-  *) echo "usage: guest/build.sh [rootfs | deps | --print-dir]" >&2; exit 2 ;;
+  rootfs | disk | deps | "") ;;
+  *) echo "usage: guest/build.sh [rootfs | disk | deps | --print-dir]" >&2; exit 2 ;;
 esac
 mkdir -p "$out"
 
@@ -51,6 +56,10 @@ command -v iasl >/dev/null || need_pkgs+=(acpica-tools)
 # Firmware for `--firmware bios|uefi` (and their tests).
 [[ -f /usr/share/seabios/bios-256k.bin ]] || need_pkgs+=(seabios)
 [[ -f /usr/share/ovmf/OVMF.fd ]] || need_pkgs+=(ovmf)
+[[ -f /usr/share/qemu/linuxboot_dma.bin ]] || need_pkgs+=(qemu-system-data)
+# `disk`: GRUB for BIOS and a partition table without root.
+[[ -f /usr/lib/grub/i386-pc/boot.img ]] || need_pkgs+=(grub-pc-bin)
+command -v sfdisk >/dev/null || [[ -x /usr/sbin/sfdisk ]] || need_pkgs+=(fdisk)
 # The cloud-init seed tests compare hostvisor's seed with cloud-localds's
 # (which needs mkfs.vfat and mcopy for a vfat seed) and read both with mtools.
 command -v cloud-localds >/dev/null || need_pkgs+=(cloud-image-utils)
@@ -182,4 +191,18 @@ else
   echo "$tree_hash" > "$out/tree.hash"
   log "initramfs and rootfs built"
 fi
-if [[ ${1:-} == rootfs ]]; then echo "$out/rootfs.img"; else echo "$out"; fi
+if [[ ${1:-} == disk ]]; then
+  # The PVM host workarounds hostvisor's default command line carries
+  # (see `hostvisor run`'s defaults): GRUB hands the kernel its own line.
+  pvm_args=
+  [[ -d /sys/module/kvm_pvm ]] && pvm_args="quiet noxsave clearcpuid=cx16,erms,fsrm,popcnt,smap random.trust_cpu=on percpu_alloc=page rodata=off"
+  disk_hash=$(cat "$out/bzImage" "$out/initramfs.cpio" "$here/grub-disk.sh" <(echo "$pvm_args") | sha256sum | cut -c1-16)
+  if [[ -f $out/grub-disk.img && $(cat "$out/grub-disk.hash" 2>/dev/null) == "$disk_hash" ]]; then
+    log "GRUB disk up to date"
+  else
+    bash "$here/grub-disk.sh" "$out" "$out/grub-disk.img" $pvm_args >/dev/null
+    echo "$disk_hash" > "$out/grub-disk.hash"
+    log "GRUB disk built"
+  fi
+  echo "$out/grub-disk.img"
+elif [[ ${1:-} == rootfs ]]; then echo "$out/rootfs.img"; else echo "$out"; fi
