@@ -8,10 +8,9 @@ use std::sync::Arc;
 
 use memory::GuestMemoryMmap;
 use virtio_queue::QueueT;
-use vmm_sys_util::eventfd::EventFd;
 
 use super::common::{Ring, TransportError, VirtioCommon};
-use super::{ActivateError, Interrupt, VirtioDevice, WorkerError};
+use super::{Interrupt, VirtioDevice};
 use crate::BusDevice;
 
 /// The size of one device's register window.
@@ -43,37 +42,6 @@ impl MmioTransport {
         Ok(MmioTransport {
             common: VirtioCommon::new(device, mem, interrupt)?,
         })
-    }
-
-    /// The device behind this transport.
-    pub fn device(&self) -> &dyn VirtioDevice {
-        self.common.device()
-    }
-
-    /// See [`VirtioCommon::sleep`].
-    pub fn sleep(&mut self) -> Result<(), WorkerError> {
-        self.common.sleep()
-    }
-
-    /// See [`VirtioCommon::wake`].
-    pub fn wake(&mut self) -> Result<(), ActivateError> {
-        self.common.wake()
-    }
-
-    /// Whether the device is asleep (its state can be saved).
-    pub fn is_asleep(&self) -> bool {
-        self.common.is_asleep()
-    }
-
-    /// The events that a notification of each queue should fire; the VMM
-    /// registers them as ioeventfds at [`NOTIFY_OFFSET`].
-    pub fn queue_events(&self) -> &[EventFd] {
-        self.common.queue_events()
-    }
-
-    /// The device status register (virtio status bits).
-    pub fn status(&self) -> u32 {
-        self.common.status()
     }
 
     fn read_register(&self, offset: u64) -> u32 {
@@ -121,6 +89,23 @@ impl MmioTransport {
     }
 }
 
+/// The negotiation, sleep/wake and saved state are the common ones
+/// (`device()`, `sleep()`, `wake()`, `is_asleep()`, `queue_events()` — the
+/// VMM registers them as ioeventfds at [`NOTIFY_OFFSET`] —, `status()`,
+/// `save_state()`, `restore()`).
+impl std::ops::Deref for MmioTransport {
+    type Target = VirtioCommon;
+    fn deref(&self) -> &VirtioCommon {
+        &self.common
+    }
+}
+
+impl std::ops::DerefMut for MmioTransport {
+    fn deref_mut(&mut self) -> &mut VirtioCommon {
+        &mut self.common
+    }
+}
+
 impl BusDevice for MmioTransport {
     fn read(&mut self, _base: u64, offset: u64, data: &mut [u8]) {
         if offset >= CONFIG_SPACE {
@@ -155,22 +140,9 @@ pub mod persist {
     //! state ([`crate::virtio::common::persist`]); the MMIO registers hold
     //! nothing else.
 
-    use super::MmioTransport;
     pub use crate::virtio::common::persist::{
         TransportStateError as MmioStateError, VirtioTransportState as MmioTransportState,
     };
-
-    impl MmioTransport {
-        /// See [`crate::virtio::common::VirtioCommon::save_state`].
-        pub fn save_state(&self) -> Result<MmioTransportState, MmioStateError> {
-            self.common.save_state()
-        }
-
-        /// See [`crate::virtio::common::VirtioCommon::restore`].
-        pub fn restore(&mut self, state: &MmioTransportState) -> Result<(), MmioStateError> {
-            self.common.restore(state)
-        }
-    }
 }
 
 #[cfg(test)]

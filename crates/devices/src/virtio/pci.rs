@@ -24,7 +24,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::common::persist::{TransportStateError, VirtioTransportState};
 use super::common::{ring_address, Ring, TransportError, VirtioCommon};
-use super::{ActivateError, Interrupt, VectorSignal, VirtioDevice, WorkerError};
+use super::{Interrupt, VectorSignal, VirtioDevice};
 use crate::pci::config::{Bar, BarKind, PciConfig, PciConfigState, PciId};
 use crate::pci::msix::{self, MsiTarget, Msix, MsixState};
 use crate::pci::PciDevice;
@@ -237,36 +237,6 @@ impl VirtioPciTransport {
         })
     }
 
-    /// The device behind this transport.
-    pub fn device(&self) -> &dyn VirtioDevice {
-        self.common.device()
-    }
-
-    /// See [`VirtioCommon::sleep`].
-    pub fn sleep(&mut self) -> Result<(), WorkerError> {
-        self.common.sleep()
-    }
-
-    /// See [`VirtioCommon::wake`].
-    pub fn wake(&mut self) -> Result<(), ActivateError> {
-        self.common.wake()
-    }
-
-    pub fn is_asleep(&self) -> bool {
-        self.common.is_asleep()
-    }
-
-    /// The events a notification of each queue fires; the VMM registers
-    /// them as ioeventfds at the BAR's [`NOTIFY_OFFSET`] + index ×
-    /// [`NOTIFY_MULTIPLIER`].
-    pub fn queue_events(&self) -> &[EventFd] {
-        self.common.queue_events()
-    }
-
-    pub fn status(&self) -> u32 {
-        self.common.status()
-    }
-
     /// Where the guest placed the BAR (None while it is not decoding).
     pub fn bar_address(&self) -> Option<u64> {
         self.config.bar_address(0)
@@ -426,6 +396,24 @@ impl VirtioPciTransport {
             }
             _ => tracing::debug!(offset, "write to a read-only virtio-pci region"),
         }
+    }
+}
+
+/// The negotiation and sleep/wake are the common ones (`device()`,
+/// `sleep()`, `wake()`, `is_asleep()`, `queue_events()` — the VMM registers
+/// them as ioeventfds at the BAR's [`NOTIFY_OFFSET`] + index ×
+/// [`NOTIFY_MULTIPLIER`] —, `status()`); the saved state is this
+/// transport's own ([`VirtioPciTransport::save_state`]).
+impl std::ops::Deref for VirtioPciTransport {
+    type Target = VirtioCommon;
+    fn deref(&self) -> &VirtioCommon {
+        &self.common
+    }
+}
+
+impl std::ops::DerefMut for VirtioPciTransport {
+    fn deref_mut(&mut self) -> &mut VirtioCommon {
+        &mut self.common
     }
 }
 

@@ -317,32 +317,17 @@ fn execute(
             }
         }
         AssistKind::Popcnt => popcnt(ctx, insn)?,
-        AssistKind::Cmpxchg8b | AssistKind::Cmpxchg16b => {
-            if !cmpxchg(ctx, insn, kind)? {
-                deliver(
-                    ctx,
-                    VECTOR_GP,
-                    Event::Fault {
-                        error_code: Some(0),
-                    },
-                )?;
-                return Ok(kind);
-            }
-        }
-        AssistKind::Xrstor => {
-            if !xsave::xrstor(ctx, insn)? {
-                deliver(
-                    ctx,
-                    VECTOR_GP,
-                    Event::Fault {
-                        error_code: Some(0),
-                    },
-                )?;
-                return Ok(kind);
-            }
-        }
-        AssistKind::X87Control => {
-            if !x87::execute(ctx, insn)? {
+        AssistKind::Cmpxchg8b
+        | AssistKind::Cmpxchg16b
+        | AssistKind::Xrstor
+        | AssistKind::X87Control => {
+            // Each returns false for a general-protection fault.
+            let done = match kind {
+                AssistKind::Xrstor => xsave::xrstor(ctx, insn)?,
+                AssistKind::X87Control => x87::execute(ctx, insn)?,
+                _ => cmpxchg(ctx, insn, kind)?,
+            };
+            if !done {
                 deliver(
                     ctx,
                     VECTOR_GP,

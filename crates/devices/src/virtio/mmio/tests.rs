@@ -8,6 +8,8 @@ use virtio_bindings::virtio_config::{
 };
 use virtio_queue::Queue;
 
+use vmm_sys_util::eventfd::EventFd;
+
 use super::*;
 use crate::virtio::common::word;
 
