@@ -24,6 +24,9 @@
 //!   guest a VIRTIO_VSOCK_EVENT_TRANSPORT_RESET once the guest's event
 //!   queue has a buffer, so the guest drops its sockets (as Firecracker
 //!   does); the host listeners are the new device's and survive.
+//! - fs: the share's tag. FUSE node IDs and open handles cannot cross a
+//!   snapshot (they are host descriptors): the guest mounts the share
+//!   again after a restore.
 
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueState, QueueT};
@@ -32,6 +35,7 @@ use memory::GuestMemoryMmap;
 
 pub use super::block::persist::BlockState;
 pub use super::console::persist::ConsoleState;
+pub use super::fs::persist::FsState;
 pub use super::net::persist::NetState;
 pub use super::vsock::persist::VsockState;
 
@@ -122,6 +126,7 @@ pub enum VirtioDeviceState {
     Console(ConsoleState),
     Rng(RngState),
     Vsock(VsockState),
+    Fs(FsState),
 }
 
 impl VirtioDeviceState {
@@ -135,6 +140,7 @@ impl VirtioDeviceState {
             VirtioDeviceState::Console(_) => "console",
             VirtioDeviceState::Rng(_) => "rng",
             VirtioDeviceState::Vsock(_) => "vsock",
+            VirtioDeviceState::Fs(_) => "fs",
         }
     }
 }
@@ -180,6 +186,7 @@ own_state!(
     Console => ConsoleState,
     Rng => RngState,
     Vsock => VsockState,
+    Fs => FsState,
 );
 
 /// virtio-rng keeps nothing: its queue is the transport's.
