@@ -6,6 +6,7 @@ mod doctor;
 mod guest;
 mod manage;
 mod progress;
+mod share;
 mod snapshot;
 mod store;
 mod vmproc;
@@ -190,7 +191,7 @@ struct RunCmd {
     /// the snapshot (only --serial and --api-socket apply).
     #[arg(long, value_name = "DIR", conflicts_with_all = [
         "kernel", "initrd", "cmdline", "append", "cpus", "memory", "console",
-        "on_reset", "disk", "rng", "hide_cpu_features", "vsock", "net",
+        "on_reset", "disk", "rng", "hide_cpu_features", "vsock", "net", "share",
     ])]
     restore: Option<PathBuf>,
     /// With --restore: read all of guest RAM at once instead of on first
@@ -258,6 +259,11 @@ struct RunArgs {
     /// `run` gets NICs only when asked.
     #[arg(long, value_name = "OPTIONS")]
     net: Vec<NetArg>,
+    /// A host directory shared with the guest (virtio-fs):
+    /// HOSTDIR:TAG[,readonly][,cache=auto|always|never][,owner=UID:GID][,mount=PATH].
+    /// Repeatable. The default guest mounts it at /mnt/TAG (or PATH).
+    #[arg(long, value_name = "OPTIONS")]
+    share: Vec<vmm::ShareConfig>,
 }
 
 /// `--net`: none, or a NIC.
@@ -398,8 +404,10 @@ fn vm_config(args: RunArgs) -> Result<VmConfig, CliError> {
             .map_err(|e| CliError::Usage(format!("--hide-cpu-features: {e}")))?;
     }
     let nets = nics(&args.net)?.unwrap_or_default();
+    let shares = share::absolute(args.share)?;
     Ok(VmConfig {
         nets,
+        shares,
         cpus: args.cpus,
         memory: args.memory,
         kernel,

@@ -8,6 +8,8 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 use serde_with::{DeserializeFromStr, SerializeDisplay};
 
+pub use crate::share_config::{ShareCache, ShareConfig, ShareConfigError};
+
 /// A memory size, written like `512M`, `2G` or a byte count.
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, SerializeDisplay, DeserializeFromStr,
@@ -441,6 +443,9 @@ pub struct VmConfig {
     /// NICs, in order: eth0, eth1, ...
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub nets: Vec<NetConfig>,
+    /// Shared host directories (virtio-fs), after every other device.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shares: Vec<ShareConfig>,
 }
 
 impl VmConfig {
@@ -461,6 +466,7 @@ impl VmConfig {
             hide_cpu_features: Vec::new(),
             vsock: None,
             nets: Vec::new(),
+            shares: Vec::new(),
         }
     }
 }

@@ -22,6 +22,7 @@ pub mod persist;
 pub mod reopen;
 pub mod request;
 pub mod run;
+pub mod share_config;
 pub mod shared;
 pub mod snapshot;
 pub mod vcpu;
@@ -31,8 +32,8 @@ pub use arch::cpuid::{CpuFeature, UnknownFeature};
 /// The least guest RAM a VM can have.
 pub use arch::layout::MIN_MEMORY;
 pub use config::{
-    ConsoleDevice, DiskConfig, MemorySize, NetConfig, NetMode, ResetAction, SerialConfig, VmConfig,
-    VsockConfig,
+    ConsoleDevice, DiskConfig, MemorySize, NetConfig, NetMode, ResetAction, SerialConfig,
+    ShareCache, ShareConfig, VmConfig, VsockConfig,
 };
 pub use error::{error_chain, VmmError};
 pub use event::VmmEvent;

@@ -121,6 +121,10 @@ fn boot_linux(
         Some(c) => c.clone(),
         None => default_cmdline(hv.host_profile(), config.console, pausable),
     };
+    for share in &config.shares {
+        cmdline.push(' ');
+        cmdline.push_str(&share.cmdline_param());
+    }
     if let Some(extra) = &config.append {
         cmdline.push(' ');
         cmdline.push_str(extra);

@@ -20,13 +20,15 @@ pub mod sharefs;
 
 use std::sync::Arc;
 
+/// fuse-backend-rs's FUSE server (request decoding and dispatch).
+pub use fuse_backend_rs::api::server::Server as FuseServer;
 use fuse_backend_rs::api::server::Server;
 use memory::GuestMemoryMmap;
 use virtio_queue::{Queue, QueueT};
 
 use self::bridge::{Bridge, Buffer, MAX_DESCRIPTORS};
 pub use self::persist::FsState;
-pub use self::sharefs::{ShareFs, ShareOptions};
+pub use self::sharefs::{Cache, ShareFs, ShareOptions};
 use super::persist::OwnState;
 use super::worker::{stop_worker, WorkerError, WorkerThread};
 use super::{
@@ -76,17 +78,26 @@ pub fn check_tag(tag: &str) -> Result<(), FsError> {
     Ok(())
 }
 
+/// The FUSE server for the share at `root` (the device's, and the fuzz
+/// target's).
+pub fn share_server(
+    root: &std::path::Path,
+    opts: ShareOptions,
+) -> Result<Arc<Server<ShareFs>>, FsError> {
+    let fs = ShareFs::new(root, opts).map_err(|source| FsError::Open {
+        path: root.to_path_buf(),
+        source,
+    })?;
+    Ok(Arc::new(Server::new(fs)))
+}
+
 impl VirtioFs {
     /// Serves `root` under `tag`.
     pub fn new(tag: &str, root: &std::path::Path, opts: ShareOptions) -> Result<Self, FsError> {
         check_tag(tag)?;
-        let fs = ShareFs::new(root, opts).map_err(|source| FsError::Open {
-            path: root.to_path_buf(),
-            source,
-        })?;
         Ok(VirtioFs {
             tag: tag.to_string(),
-            server: Arc::new(Server::new(fs)),
+            server: share_server(root, opts)?,
             worker: None,
         })
     }

@@ -47,11 +47,24 @@ const XATTR_LIST_MAX: u32 = 65536;
 type Inode = u64;
 type Handle = u64;
 
+/// How much the guest may cache (the passthrough's cache policy, with
+/// entry/attribute timeouts to match).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Cache {
+    /// Close-to-open consistency; names and attributes cached for 1 s.
+    #[default]
+    Auto,
+    /// Everything cached (the guest is the directory's only writer).
+    Always,
+    /// Nothing cached (the host changes the directory too).
+    Never,
+}
+
 /// How a share is served.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ShareOptions {
     pub readonly: bool,
-    pub cache: CachePolicy,
+    pub cache: Cache,
     /// The guest owner of host-user files that carry no owner xattr.
     pub default_owner: (u32, u32),
 }
@@ -60,7 +73,7 @@ impl Default for ShareOptions {
     fn default() -> Self {
         ShareOptions {
             readonly: false,
-            cache: CachePolicy::Auto,
+            cache: Cache::Auto,
             default_owner: (0, 0),
         }
     }
@@ -124,14 +137,18 @@ impl ShareFs {
             .to_str()
             .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "share path is not UTF-8"))?
             .to_string();
-        let (timeout, writeback) = match opts.cache {
-            CachePolicy::Never => (Duration::ZERO, false),
-            CachePolicy::Always => (Duration::from_secs(86400), !opts.readonly),
-            _ => (Duration::from_secs(1), false),
+        let (policy, timeout, writeback) = match opts.cache {
+            Cache::Never => (CachePolicy::Never, Duration::ZERO, false),
+            Cache::Always => (
+                CachePolicy::Always,
+                Duration::from_secs(86400),
+                !opts.readonly,
+            ),
+            Cache::Auto => (CachePolicy::Auto, Duration::from_secs(1), false),
         };
         let cfg = Config {
             root_dir,
-            cache_policy: opts.cache.clone(),
+            cache_policy: policy,
             entry_timeout: timeout,
             attr_timeout: timeout,
             writeback,
