@@ -267,3 +267,66 @@ fn a_share_works_for_an_unprivileged_host_user() {
     let _ = std::fs::remove_dir_all(&base);
     let _ = std::fs::remove_dir_all(&guest_copy);
 }
+
+/// Managed VMs remember their shares (no boot: create, show, edit).
+#[test]
+fn managed_vms_remember_their_shares() {
+    let base = temp_dir("share-managed");
+    let data = base.join("data");
+    let src = base.join("src");
+    let other = base.join("other");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::create_dir_all(&other).unwrap();
+    let env = [("XDG_DATA_HOME", data.to_str().unwrap())];
+    let hv = |args: &[&str]| hostvisor(args, &env, Duration::from_secs(60));
+    let share = format!("{}:src,readonly", src.display());
+    let out = hv(&[
+        "create",
+        "vm",
+        "--kernel",
+        "/bin/true",
+        "--vsock",
+        "none",
+        "--net",
+        "none",
+        "--share",
+        &share,
+    ]);
+    assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
+    let out = hv(&["show", "vm"]);
+    let canon = std::fs::canonicalize(&src).unwrap();
+    assert!(
+        out.stdout.contains(&format!(
+            "share: {}:src,readonly (guest: /mnt/src)",
+            canon.display()
+        )),
+        "{}",
+        out.stdout
+    );
+    let out = hv(&["show", "vm", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(v["config"]["shares"][0]["tag"], "src");
+    assert_eq!(v["config"]["shares"][0]["readonly"], true);
+    // edit replaces the list; --no-shares empties it.
+    let two = format!("{}:o,cache=never,mount=/srv/o", other.display());
+    let out = hv(&["edit", "vm", "--share", &share, "--share", &two]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let v: serde_json::Value = serde_json::from_str(&hv(&["show", "vm", "--json"]).stdout).unwrap();
+    assert_eq!(v["config"]["shares"].as_array().unwrap().len(), 2);
+    assert_eq!(v["config"]["shares"][1]["mount"], "/srv/o");
+    assert_eq!(v["config"]["shares"][1]["cache"], "never");
+    let out = hv(&["edit", "vm", "--no-shares"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let v: serde_json::Value = serde_json::from_str(&hv(&["show", "vm", "--json"]).stdout).unwrap();
+    assert!(v["config"]["shares"].is_null(), "{v}");
+    // Bad shares are refused with one clear line.
+    let missing = format!("{}:x", base.join("missing").display());
+    let out = hv(&["edit", "vm", "--share", &missing]);
+    assert_ne!(out.code, 0);
+    assert!(out.stderr.contains("--share"), "{}", out.stderr);
+    let out = hv(&["edit", "vm", "--share", "/tmp:bad tag"]);
+    assert_ne!(out.code, 0);
+    assert!(out.stderr.contains("tag"), "{}", out.stderr);
+    let _ = hv(&["delete", "vm"]);
+    let _ = std::fs::remove_dir_all(&base);
+}

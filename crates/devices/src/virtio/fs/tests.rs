@@ -248,6 +248,23 @@ fn symlinks_are_never_followed_on_the_host() {
     assert_eq!(hl.attr.st_mode & libc::S_IFMT, libc::S_IFLNK);
     let outside_meta = std::fs::metadata(dirs.outside().join("secret")).unwrap();
     assert_eq!(outside_meta.nlink(), 1, "the outside file got no link");
+    // Created, truncated or chmodded through the symlink: the target
+    // stays as it was.
+    let args = CreateIn {
+        flags: (libc::O_RDWR | libc::O_CREAT | libc::O_TRUNC) as u32,
+        mode: libc::S_IFREG | 0o666,
+        umask: 0,
+        fuse_flags: 0,
+    };
+    assert!(f.create(&root, ROOT_ID, &c("to-secret"), args).is_err());
+    let mut attr = secret.attr;
+    attr.st_size = 0;
+    attr.st_mode = libc::S_IFREG | 0o777;
+    let _ = f.setattr(&root, secret.inode, attr, None, SetattrValid::SIZE);
+    let _ = f.setattr(&root, secret.inode, attr, None, SetattrValid::MODE);
+    let meta = std::fs::metadata(dirs.outside().join("secret")).unwrap();
+    assert_eq!(meta.len(), 11);
+    assert_ne!(meta.permissions().mode() & 0o777, 0o777);
     // readlink shows the text (the guest resolves it in its own tree).
     assert_eq!(f.readlink(&root, root_link.inode).unwrap(), b"/".to_vec());
     assert_eq!(
