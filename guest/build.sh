@@ -161,8 +161,10 @@ make_tree() {
   mkdir -p "$root/www"
   echo "hostvisor guest" > "$root/www/index.html"
   ln -s /init "$root/sbin/init"
-  echo "root:x:0:0:root:/root:/bin/sh" > "$root/etc/passwd"
-  echo "root:x:0:" > "$root/etc/group"
+  # An unprivileged user (uid 1000, as on most distributions' first
+  # user): `su user -c CMD` runs as it (shares' ownership tests).
+  printf '%s\n' "root:x:0:0:root:/root:/bin/sh" "user:x:1000:1000:user:/tmp:/bin/sh" > "$root/etc/passwd"
+  printf '%s\n' "root:x:0:" "user:x:1000:" > "$root/etc/group"
   echo "hostvisor" > "$root/etc/hostname"
   # The ACPI power button's action (busybox acpid; `pc` machines).
   mkdir -p "$root/etc/acpi/PWRF"

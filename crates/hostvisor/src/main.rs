@@ -9,6 +9,7 @@ mod guest;
 mod manage;
 mod memory_arg;
 mod progress;
+mod share;
 mod snapshot;
 mod store;
 mod vmproc;
@@ -211,7 +212,7 @@ struct RunCmd {
     /// the snapshot (only --serial and --api-socket apply).
     #[arg(long, value_name = "DIR", conflicts_with_all = [
         "machine", "firmware", "kernel", "initrd", "cmdline", "append", "cpus", "memory", "console",
-        "on_reset", "disk", "rng", "hide_cpu_features", "vsock", "net", "balloon",
+        "on_reset", "disk", "rng", "hide_cpu_features", "vsock", "net", "balloon", "share",
     ])]
     restore: Option<PathBuf>,
     /// With --restore: read all of guest RAM at once instead of on first
@@ -297,6 +298,11 @@ struct RunArgs {
     /// asked.
     #[arg(long, value_name = "OPTIONS", num_args = 0..=1, default_missing_value = "on")]
     balloon: Option<balloon::BalloonArg>,
+    /// A host directory shared with the guest (virtio-fs):
+    /// HOSTDIR:TAG[,readonly][,cache=auto|always|never][,owner=UID:GID][,mount=PATH].
+    /// Repeatable. The default guest mounts it at /mnt/TAG (or PATH).
+    #[arg(long, value_name = "OPTIONS")]
+    share: Vec<vmm::ShareConfig>,
 }
 
 /// `--net`: none, or a NIC.
@@ -438,10 +444,12 @@ fn vm_config(args: RunArgs) -> Result<VmConfig, CliError> {
             .map_err(|e| CliError::Usage(format!("--hide-cpu-features: {e}")))?;
     }
     let nets = nics(&args.net)?.unwrap_or_default();
+    let shares = share::absolute(args.share)?;
     Ok(VmConfig {
         machine,
         firmware: args.firmware,
         nets,
+        shares,
         cpus: args.cpus,
         memory: args.memory.size,
         memory_options: args.memory.options.unwrap_or_default(),

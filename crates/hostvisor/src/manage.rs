@@ -64,6 +64,13 @@ pub struct EditArgs {
     /// on or off.
     #[arg(long, value_name = "OPTIONS")]
     pub balloon: Option<crate::balloon::BalloonArg>,
+    /// Replaces all shared directories (repeatable):
+    /// HOSTDIR:TAG[,readonly][,cache=...][,owner=UID:GID][,mount=PATH].
+    #[arg(long, value_name = "OPTIONS")]
+    pub share: Vec<vmm::ShareConfig>,
+    /// Removes all shared directories.
+    #[arg(long, conflicts_with = "share")]
+    pub no_shares: bool,
 }
 
 /// Gives every NIC without a MAC the VM's own: derived from its name and
@@ -220,6 +227,9 @@ pub fn show(name: &str, json: bool) -> Result<i32, CliError> {
         }
         for (i, nic) in config.nets.iter().enumerate() {
             println!("eth{i}: {nic}");
+        }
+        for share in &config.shares {
+            println!("share: {share} (guest: {})", share.mount_point());
         }
         print!("{}", toml::to_string(&config).unwrap_or_default());
         if let Some(s) = &status {
@@ -453,6 +463,12 @@ pub fn edit(name: &str, args: EditArgs) -> Result<i32, CliError> {
     if let Some(mut nets) = crate::nics(&args.net)? {
         assign_macs(name, &mut nets);
         c.nets = nets;
+    }
+    if !args.share.is_empty() {
+        c.shares = crate::share::absolute(args.share)?;
+    }
+    if args.no_shares {
+        c.shares.clear();
     }
     vm.write_config(&c).map_err(fail)?;
     println!("edited {name}");

@@ -37,7 +37,7 @@ pub type DeviceList = Vec<Box<dyn VirtioDevice>>;
 
 /// The virtio devices that `config` asks for, in the order the guest sees
 /// them: disks (the first is `/dev/vda`), the entropy device, vsock, then
-/// the NICs with the addresses in `macs`. (A virtio console is added by
+/// the NICs with the addresses in `macs`, then the shared directories. (A virtio console is added by
 /// [`crate::Machine::add_virtio_console`], since it becomes the console.)
 pub fn configured_devices(
     config: &VmConfig,
@@ -82,7 +82,33 @@ pub fn configured_devices(
         };
         list.push(Box::new(devices::virtio::net::Net::new(mac, backend)));
     }
+    for share in &config.shares {
+        list.push(Box::new(share_device(share)?));
+    }
     Ok((list, disks))
+}
+
+/// The virtio-fs device serving `share`.
+fn share_device(
+    share: &crate::config::ShareConfig,
+) -> Result<devices::virtio::fs::VirtioFs, VmmError> {
+    use devices::virtio::fs::{Cache, ShareOptions};
+    share.validate()?;
+    let cache = match share.cache {
+        crate::config::ShareCache::Auto => Cache::Auto,
+        crate::config::ShareCache::Always => Cache::Always,
+        crate::config::ShareCache::Never => Cache::Never,
+    };
+    let opts = ShareOptions {
+        readonly: share.readonly,
+        cache,
+        default_owner: share.owner.unwrap_or((0, 0)),
+    };
+    Ok(devices::virtio::fs::VirtioFs::new(
+        &share.tag,
+        &share.path,
+        opts,
+    )?)
 }
 
 /// Opens the image at `path` as `disk` says.

@@ -8,6 +8,8 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 use serde_with::{DeserializeFromStr, SerializeDisplay};
 
+pub use crate::share_config::{ShareCache, ShareConfig, ShareConfigError};
+
 /// A memory size, written like `512M`, `2G` or a byte count.
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, SerializeDisplay, DeserializeFromStr,
@@ -584,6 +586,9 @@ pub struct VmConfig {
     /// A virtio-balloon device.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub balloon: Option<BalloonConfig>,
+    /// Shared host directories (virtio-fs), after every other device.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shares: Vec<ShareConfig>,
 }
 
 fn is_microvm(m: &MachineType) -> bool {
@@ -612,6 +617,7 @@ impl VmConfig {
             vsock: None,
             nets: Vec::new(),
             balloon: None,
+            shares: Vec::new(),
         }
     }
 }

@@ -42,6 +42,10 @@ pub enum VmmError {
     Disk(#[from] block::BlockError),
     #[error("vsock device")]
     Vsock(#[from] devices::virtio::vsock::VsockError),
+    #[error("shared directory")]
+    Share(#[from] devices::virtio::fs::FsError),
+    #[error(transparent)]
+    ShareConfig(#[from] crate::config::ShareConfigError),
     #[error(transparent)]
     Net(#[from] net::NetError),
     #[error("no interrupt line is left for another device")]

@@ -25,6 +25,7 @@ pub mod persist;
 pub mod reopen;
 pub mod request;
 pub mod run;
+pub mod share_config;
 pub mod shared;
 pub mod snapshot;
 pub mod vcpu;
@@ -35,7 +36,7 @@ pub use arch::cpuid::{CpuFeature, UnknownFeature};
 pub use arch::layout::MIN_MEMORY;
 pub use config::{
     BalloonConfig, ConsoleDevice, DiskConfig, MachineType, MemorySize, NetConfig, NetMode,
-    ResetAction, SerialConfig, VmConfig, VsockConfig,
+    ResetAction, SerialConfig, ShareCache, ShareConfig, VmConfig, VsockConfig,
 };
 pub use error::{error_chain, VmmError};
 pub use event::VmmEvent;

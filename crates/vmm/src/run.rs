@@ -128,6 +128,10 @@ fn kernel_cmdline(hv: &KvmHypervisor, config: &VmConfig, pausable: bool) -> Stri
         Some(c) => c.clone(),
         None => default_cmdline(hv.host_profile(), config.console, pausable),
     };
+    for share in &config.shares {
+        cmdline.push(' ');
+        cmdline.push_str(&share.cmdline_param());
+    }
     if let Some(extra) = &config.append {
         cmdline.push(' ');
         cmdline.push_str(extra);

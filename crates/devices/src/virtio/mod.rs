@@ -19,6 +19,7 @@ pub mod balloon;
 pub mod block;
 pub mod common;
 pub mod console;
+pub mod fs;
 pub mod mmio;
 pub mod net;
 pub mod pci;

@@ -26,6 +26,9 @@
 //!   guest a VIRTIO_VSOCK_EVENT_TRANSPORT_RESET once the guest's event
 //!   queue has a buffer, so the guest drops its sockets (as Firecracker
 //!   does); the host listeners are the new device's and survive.
+//! - fs: the share's tag. FUSE node IDs and open handles cannot cross a
+//!   snapshot (they are host descriptors): the guest mounts the share
+//!   again after a restore.
 
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueState, QueueT};
@@ -35,6 +38,7 @@ use memory::GuestMemoryMmap;
 pub use super::balloon::persist::BalloonState;
 pub use super::block::persist::BlockState;
 pub use super::console::persist::ConsoleState;
+pub use super::fs::persist::FsState;
 pub use super::net::persist::NetState;
 pub use super::vsock::persist::VsockState;
 
@@ -126,6 +130,7 @@ pub enum VirtioDeviceState {
     Rng(RngState),
     Vsock(VsockState),
     Balloon(BalloonState),
+    Fs(FsState),
 }
 
 impl VirtioDeviceState {
@@ -140,6 +145,7 @@ impl VirtioDeviceState {
             VirtioDeviceState::Rng(_) => "rng",
             VirtioDeviceState::Vsock(_) => "vsock",
             VirtioDeviceState::Balloon(_) => "balloon",
+            VirtioDeviceState::Fs(_) => "fs",
         }
     }
 }
@@ -186,6 +192,7 @@ own_state!(
     Rng => RngState,
     Vsock => VsockState,
     Balloon => BalloonState,
+    Fs => FsState,
 );
 
 /// virtio-rng keeps nothing: its queue is the transport's.

@@ -475,3 +475,77 @@ fn a_frame_waiting_for_buffers_survives_a_pause() {
         .unwrap();
     assert_eq!(got, [0xdd; 60]);
 }
+
+/// A FUSE GETATTR of the share's root: header (40 bytes) and body (16).
+fn fuse_getattr(m: &GuestMemoryMmap, at: u64, unique: u64) {
+    let mut h = [0u8; 56];
+    h[..4].copy_from_slice(&56u32.to_le_bytes());
+    h[4..8].copy_from_slice(&3u32.to_le_bytes()); // FUSE_GETATTR
+    h[8..16].copy_from_slice(&unique.to_le_bytes());
+    h[16..24].copy_from_slice(&1u64.to_le_bytes()); // the root
+    m.write_slice(&h, GuestAddress(at)).unwrap();
+}
+
+#[test]
+fn fs_keeps_its_tag_and_queue_positions_and_serves_the_root_after_restore() {
+    let m = mem();
+    let dir = std::env::temp_dir().join(format!("hv-snap-fs-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let dev = |tag: &str| -> Box<dyn VirtioDevice> {
+        Box::new(fs::VirtioFs::new(tag, &dir, fs::ShareOptions::default()).unwrap())
+    };
+    let hi = MockSplitQueue::create(&m, GuestAddress(0x10000), 16);
+    let rq = MockSplitQueue::create(&m, GuestAddress(0x20000), 16);
+    let mut t = transport(dev("share"), &m);
+    set_up_driver(&mut t, &[&hi, &rq], &[16, 16], 0);
+    fuse_getattr(&m, 0x100000, 1);
+    rq.add_desc_chains(
+        &[d(0x100000, 56, F_NEXT, 1), d(0x110000, 4096, F_WRITE, 0)],
+        0,
+    )
+    .unwrap();
+    kick(&t, 1);
+    assert!(wait_for(|| rq.used().idx().load() == 1));
+    let saved = sleep_and_save(&mut t);
+    assert_eq!(
+        saved.device,
+        VirtioDeviceState::Fs(fs::FsState {
+            tag: "share".to_string()
+        })
+    );
+    assert_eq!(
+        (saved.queues[1].next_avail, saved.queues[1].next_used),
+        (1, 1)
+    );
+
+    let t2 = restore_round_trip(dev("share"), &m, &saved);
+    fuse_getattr(&m, 0x120000, 2);
+    rq.add_desc_chains(
+        &[d(0x120000, 56, F_NEXT, 3), d(0x130000, 4096, F_WRITE, 0)],
+        2,
+    )
+    .unwrap();
+    kick(&t2, 1);
+    assert!(wait_for(|| rq.used().idx().load() == 2));
+    let entry = rq.used().ring().ref_at(1).unwrap().load();
+    assert_eq!(entry.id(), 2, "the second request, in slot 1");
+    // The reply: a full attr reply (16 + 104 bytes), error 0, unique 2.
+    let mut out = [0u8; 16];
+    m.read_slice(&mut out, GuestAddress(0x130000)).unwrap();
+    assert_eq!(
+        entry.len(),
+        u32::from_le_bytes(out[..4].try_into().unwrap())
+    );
+    assert_eq!(i32::from_le_bytes(out[4..8].try_into().unwrap()), 0);
+    assert_eq!(u64::from_le_bytes(out[8..].try_into().unwrap()), 2);
+
+    // A share under another tag is not the one the guest mounted.
+    let mut other = transport(dev("other"), &m);
+    assert!(matches!(
+        other.restore(&saved),
+        Err(MmioStateError::Device(..))
+    ));
+    drop(t);
+    drop(t2);
+    let _ = std::fs::remove_dir_all(&dir);
+}
