@@ -126,7 +126,16 @@ fn boot_linux(
 fn kernel_cmdline(hv: &KvmHypervisor, config: &VmConfig, pausable: bool) -> String {
     let mut cmdline = match &config.cmdline {
         Some(c) => c.clone(),
-        None => default_cmdline(hv.host_profile(), config.console, pausable),
+        None => {
+            let mut line = default_cmdline(hv.host_profile(), config.console, pausable);
+            if config.machine == crate::config::MachineType::Microvm {
+                // The default guest's kernel has ACPI for pc machines; a
+                // microvm has no tables, which Linux would report as a
+                // firmware bug ("A valid RSDP was not found").
+                line.push_str(" acpi=off");
+            }
+            line
+        }
     };
     for share in &config.shares {
         cmdline.push(' ');
