@@ -103,6 +103,25 @@ impl System for RealSystem {
     }
 }
 
+/// How long a shutdown waits for the host to read its answer.
+const SHUTDOWN_ANSWER_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Ends our side of the connection and waits, at most `limit`, for the
+/// peer to close its side (its end of file, or an error, makes `fd`
+/// readable).
+fn wait_for_close(fd: std::os::fd::RawFd, limit: std::time::Duration) {
+    // SAFETY: shutdown(2) on a socket descriptor the connection owns.
+    unsafe { libc::shutdown(fd, libc::SHUT_WR) };
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = i32::try_from(limit.as_millis()).unwrap_or(i32::MAX);
+    // SAFETY: one valid pollfd that outlives the call.
+    unsafe { libc::poll(&mut pfd, 1, ms) };
+}
+
 fn error<S: Read + Write>(s: &mut Conn<S>, text: String) -> Result<(), FrameError> {
     s.send(&FromAgent::Error(text))
 }
@@ -158,6 +177,10 @@ pub fn handle_connection<S: Stream>(s: S, system: &dyn System) -> Result<(), Fra
         ToAgent::Shutdown { reboot } => {
             s.send(&FromAgent::Done)?;
             s.stream().flush()?;
+            // The answer must reach the host before the guest goes down
+            // (it could otherwise die in the guest kernel's queue): the
+            // host closes the connection once it has read it.
+            wait_for_close(s.fd(), SHUTDOWN_ANSWER_WAIT);
             drop(s);
             system.shutdown(reboot)?;
             Ok(())

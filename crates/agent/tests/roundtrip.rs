@@ -372,3 +372,47 @@ fn protocol_violations_get_errors_not_crashes() {
     let _ = s.read_to_end(&mut rest);
     assert!(fx.client().ping().is_ok());
 }
+
+/// The agent powers the guest off only once the host has read the answer
+/// (it closes the connection), so the answer is not lost with the guest;
+/// a host that never closes delays it by at most a bounded wait.
+#[test]
+fn shutdown_waits_for_the_host_to_read_the_answer() {
+    let fx = Fixture::new("shutdown-order");
+    let mut s = UnixStream::connect(&fx.sock).unwrap();
+    s.write_all(b"CONNECT 52\n").unwrap();
+    let mut ok = [0u8; 14];
+    s.read_exact(&mut ok).unwrap();
+    send(
+        &mut s,
+        &ToAgent::Hello {
+            protocol: agent::PROTOCOL_VERSION,
+        },
+    )
+    .unwrap();
+    send(&mut s, &ToAgent::Shutdown { reboot: false }).unwrap();
+    assert!(matches!(
+        recv::<FromAgent>(&mut s).unwrap(),
+        FromAgent::Hello { .. }
+    ));
+    assert!(matches!(
+        recv::<FromAgent>(&mut s).unwrap(),
+        FromAgent::Done
+    ));
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert!(
+        fx.system.0.lock().unwrap().is_empty(),
+        "the agent acted before the host closed the connection"
+    );
+    let closed = std::time::Instant::now();
+    drop(s);
+    while fx.system.0.lock().unwrap().is_empty() {
+        assert!(closed.elapsed() < std::time::Duration::from_secs(5));
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert!(closed.elapsed() < std::time::Duration::from_secs(1));
+    assert_eq!(
+        *fx.system.0.lock().unwrap(),
+        ["shutdown reboot=false".to_string()]
+    );
+}
