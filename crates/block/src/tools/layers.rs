@@ -63,14 +63,45 @@ pub fn create_overlay_named(
         Format::Raw => None,
         Format::Qcow2 => Some(1u64 << qcow2_header(backing)?.cluster_bits),
     };
-    super::create(&super::CreateSpec {
-        path: path.to_path_buf(),
+    if path.exists() {
+        return Err(ToolError::Invalid(format!(
+            "{} already exists; hostvisor does not overwrite images",
+            path.display()
+        )));
+    }
+    // Made under a temporary name in the same directory and renamed into
+    // place once written and synced: a process killed meanwhile (a VMM
+    // killed during a snapshot) leaves no half-made image under the name
+    // a snapshot records — only the temporary file.
+    let file_name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let partial = path.with_file_name(format!(".{file_name}.partial"));
+    let _ = std::fs::remove_file(&partial);
+    let made = super::create(&super::CreateSpec {
+        path: partial.clone(),
         size: None,
         format: Format::Qcow2,
         backing: Some(name.to_string()),
         backing_format: Some(format),
         cluster_size,
     })
+    .and_then(|size| {
+        std::fs::File::open(&partial)
+            .and_then(|f| f.sync_all())
+            .and_then(|()| std::fs::rename(&partial, path))
+            .map_err(io_err(path))?;
+        if let Some(dir) = path.parent() {
+            // The rename is durable once the directory is synced.
+            let _ = std::fs::File::open(dir).and_then(|d| d.sync_all());
+        }
+        Ok(size)
+    });
+    if made.is_err() {
+        let _ = std::fs::remove_file(&partial);
+    }
+    made
 }
 
 /// Takes an overlay's backing file out of its chain: afterwards the
@@ -161,6 +192,34 @@ pub fn rebase_past_backing(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An overlay appears whole or not at all: it is written under a
+    /// temporary name (a stale one from a killed process is replaced) and
+    /// renamed; an existing image is never overwritten.
+    #[test]
+    fn overlays_appear_whole_under_their_name() {
+        let dir = std::env::temp_dir().join(format!("hv-overlay-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let base = dir.join("base.qcow2");
+        create(&CreateSpec {
+            path: base.clone(),
+            size: Some(1 << 20),
+            format: Format::Qcow2,
+            backing: None,
+            backing_format: None,
+            cluster_size: None,
+        })
+        .expect("base");
+        let top = dir.join("top.qcow2");
+        let partial = dir.join(".top.qcow2.partial");
+        std::fs::write(&partial, b"left by a killed process").expect("stale");
+        create_overlay(&top, &base, Format::Qcow2).expect("overlay");
+        assert!(!partial.exists(), "the temporary file is gone");
+        assert_eq!(probe(&top).expect("probe"), Format::Qcow2);
+        let again = create_overlay(&top, &base, Format::Qcow2).unwrap_err();
+        assert!(again.to_string().contains("already exists"), "{again}");
+        std::fs::remove_dir_all(&dir).expect("cleanup");
+    }
 
     #[test]
     fn rebase_past_backing_keeps_the_contents_and_copies_only_the_middle() {

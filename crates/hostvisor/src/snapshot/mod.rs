@@ -320,6 +320,10 @@ impl Snapshots {
         let Some(j) = self.journal()? else {
             return Ok(());
         };
+        // Overlays are made under a temporary name and renamed whole
+        // (block::tools::create_overlay): one a kill left half-made is
+        // never a layer.
+        self.remove_partial_overlays()?;
         let config = self.vm.config()?;
         let tops = self.tops(&config);
         match j {
@@ -386,6 +390,20 @@ impl Snapshots {
 
     /// Undoes the overlays an interrupted operation made: only files in
     /// the VM's `disks/` (the journal could name any file).
+    fn remove_partial_overlays(&self) -> Result<(), SnapshotError> {
+        let disks = self.disks_dir()?;
+        let Ok(entries) = std::fs::read_dir(&disks) else {
+            return Ok(());
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') && name.ends_with(".partial") {
+                layers::remove_if_present(&entry.path())?;
+            }
+        }
+        Ok(())
+    }
+
     fn remove_new_tops(&self, new_tops: &[PathBuf]) -> Result<(), SnapshotError> {
         let disks = self.disks_dir()?;
         for p in new_tops
