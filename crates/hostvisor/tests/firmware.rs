@@ -43,6 +43,20 @@ fn boot_sector(msg: &[u8], code: u8) -> Vec<u8> {
     s
 }
 
+/// Boots SeaBIOS from a 1 MiB disk at `path` whose boot sector prints
+/// `msg` and exits with `code`.
+fn boot_from_sector(path: &std::path::Path, msg: &[u8], code: u8, env: &[(&str, &str)]) -> Output {
+    let mut image = boot_sector(msg, code);
+    image.resize(1 << 20, 0);
+    std::fs::write(path, &image).unwrap();
+    let disk = format!("path={}", path.display());
+    hostvisor(
+        &["run", "--firmware", "bios", "--disk", &disk],
+        env,
+        Duration::from_secs(120),
+    )
+}
+
 fn seabios_usable() -> bool {
     if !kvm_usable() {
         skip("HOSTVISOR_REQUIRE_KVM", "/dev/kvm is not usable");
@@ -64,15 +78,11 @@ fn seabios_boots_a_boot_sector_from_a_virtio_pci_disk() {
         return;
     }
     let dir = temp_dir("fw-bootsector");
-    let disk = dir.join("boot.img");
-    let mut image = boot_sector(b"HOSTVISOR-BOOT-SECTOR-OK\r\n", 0);
-    image.resize(1 << 20, 0);
-    std::fs::write(&disk, &image).unwrap();
-    let disk_arg = format!("path={}", disk.display());
-    let out = hostvisor(
-        &["run", "--firmware", "bios", "--disk", &disk_arg],
+    let out = boot_from_sector(
+        &dir.join("boot.img"),
+        b"HOSTVISOR-BOOT-SECTOR-OK\r\n",
+        0,
         &[("HOSTVISOR_LOG", "hostvisor::firmware=info")],
-        Duration::from_secs(120),
     );
     assert_eq!(
         out.code, 0,
@@ -95,16 +105,7 @@ fn seabios_boots_a_boot_sector_from_a_virtio_pci_disk() {
     );
 
     // The boot sector's exit code comes out as the VM's crash status.
-    let failing = dir.join("fail.img");
-    let mut image = boot_sector(b"FAILING\r\n", 7);
-    image.resize(1 << 20, 0);
-    std::fs::write(&failing, &image).unwrap();
-    let arg = format!("path={}", failing.display());
-    let out = hostvisor(
-        &["run", "--firmware", "bios", "--disk", &arg],
-        &[],
-        Duration::from_secs(120),
-    );
+    let out = boot_from_sector(&dir.join("fail.img"), b"FAILING\r\n", 7, &[]);
     assert_eq!(out.code, 3, "{}{}", out.stdout, out.stderr);
     assert!(out.stdout.contains("FAILING"), "{}", out.stdout);
     let _ = std::fs::remove_dir_all(&dir);
