@@ -34,7 +34,7 @@ with MSI-X for hv-pc, hv-pc-bios and QEMU, on virtio-mmio for hv-microvm.
 transport without waiting for anything. --devices none boots without.)
 
 Firmware alone (no Linux): a 26-byte boot sector (the one of
-crates/hostvisor/tests/firmware.rs) on a 1 MiB raw disk prints a marker on
+crates/hostvisor/tests/e2e/firmware.rs) on a 1 MiB raw disk prints a marker on
 COM1 and writes 0 to port 0xf4: hostvisor `--firmware bios --disk
 path=IMG` (its debug exit, exit 0) against QEMU `-M pc -bios ... -drive
 file=IMG,if=virtio,format=raw -device isa-debug-exit,iobase=0xf4` (exit
@@ -80,7 +80,7 @@ def cmdline():
 
 
 def boot_sector(msg, code):
-    """crates/hostvisor/tests/firmware.rs's boot sector: prints `msg` on
+    """crates/hostvisor/tests/e2e/firmware.rs's boot sector: prints `msg` on
     COM1 and writes `code` to port 0xf4; padded to 510 bytes plus the
     0x55 0xaa signature."""
     text_at = 26

@@ -10,7 +10,7 @@
 
 #![allow(clippy::unwrap_used)] // test helpers: a failed setup step should fail the test
 
-mod common;
+use super::common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

@@ -4,7 +4,7 @@
 
 #![allow(clippy::unwrap_used)] // test helpers: a failed setup step should fail the test
 
-mod common;
+use super::common;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};

@@ -7,7 +7,7 @@
 //! VM process (the VM's lock held, a fake API on its socket).
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use super::common;
 
 use std::collections::BTreeMap;
 use std::os::fd::AsRawFd;

@@ -5,7 +5,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use super::common;
 
 use std::process::{Command, Stdio};
 

@@ -7,7 +7,7 @@
 //! at ~25 MB/min): the large file is 8 MiB each way, not 64 MiB.
 #![allow(clippy::unwrap_used)] // test helpers: a failed setup step should fail the test
 
-mod common;
+use super::common;
 
 use common::*;
 

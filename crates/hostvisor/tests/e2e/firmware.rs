@@ -6,7 +6,7 @@
 
 #![allow(clippy::unwrap_used)] // test helpers: a failed setup step should fail the test
 
-mod common;
+use super::common;
 
 use std::time::Duration;
 

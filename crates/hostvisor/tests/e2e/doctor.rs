@@ -2,7 +2,7 @@
 
 #![allow(clippy::unwrap_used)] // test helpers: a failed setup step should fail the test
 
-mod common;
+use super::common;
 
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
