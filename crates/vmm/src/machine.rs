@@ -439,9 +439,23 @@ impl Machine {
         let mut paused: Option<(u64, Instant)> = None;
         let mut paused_total = std::time::Duration::ZERO;
         let mut running = handles.len();
+        // Code that runs later maps back in: released again now and then.
+        let mut trimmer = memory::overhead::Trimmer::new();
+        let mut next_trim = Instant::now() + memory::overhead::Trimmer::PERIOD;
         let outcome = loop {
-            let Ok(event) = rx.recv() else {
-                break VmOutcome::Crashed("every vCPU thread ended without a reason".into());
+            let now = Instant::now();
+            if now >= next_trim {
+                if let Some(r) = trimmer.tick() {
+                    tracing::trace!("released {} KiB of file pages", r.file_kib);
+                }
+                next_trim = now + memory::overhead::Trimmer::PERIOD;
+            }
+            let event = match rx.recv_timeout(next_trim.saturating_duration_since(now)) {
+                Ok(event) => event,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => continue,
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    break VmOutcome::Crashed("every vCPU thread ended without a reason".into());
+                }
             };
             match event {
                 VmmEvent::Platform(PlatformRequest::Reset) => break VmOutcome::Reset,
