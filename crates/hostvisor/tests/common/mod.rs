@@ -3,7 +3,7 @@
 #![allow(dead_code)] // each test binary uses a different subset
 
 use std::io::Read;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -19,7 +19,50 @@ pub struct Output {
 
 /// Runs hostvisor with `args`, killing it after `limit`.
 pub fn hostvisor(args: &[&str], env: &[(&str, &str)], limit: Duration) -> Output {
-    let mut cmd = Command::new(BIN);
+    hostvisor_at(Path::new(BIN), args, env, limit)
+}
+
+/// The release build of hostvisor, built by cargo now if it is missing
+/// or stale (a no-op after the README's quick start, which builds it):
+/// for tests that measure what users run, such as the VMM's own memory —
+/// a debug build's code is 3-4 times as large.
+pub fn release_binary() -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            // Integration tests get <target>/tmp; the binary is in
+            // <target>/release.
+            let target = Path::new(env!("CARGO_TARGET_TMPDIR")).parent().unwrap();
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let out = Command::new(cargo)
+                .args([
+                    "build",
+                    "--release",
+                    "--quiet",
+                    "-p",
+                    "hostvisor",
+                    "--bin",
+                    "hostvisor",
+                ])
+                .arg("--manifest-path")
+                .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../Cargo.toml"))
+                .env("CARGO_TARGET_DIR", target)
+                .output()
+                .expect("cannot run cargo");
+            assert!(
+                out.status.success(),
+                "cargo build --release failed:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            target.join("release/hostvisor")
+        })
+        .clone()
+}
+
+/// As [`hostvisor`], with another build of the binary (see
+/// [`release_binary`]).
+pub fn hostvisor_at(bin: &Path, args: &[&str], env: &[(&str, &str)], limit: Duration) -> Output {
+    let mut cmd = Command::new(bin);
     cmd.args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -244,14 +287,23 @@ pub fn run_until(args: &[&str], env: &[(&str, &str)], needle: &[u8]) -> Vec<u8> 
 pub struct TestVm {
     pub data: PathBuf,
     pub name: String,
+    /// The hostvisor binary that runs it (the test build's unless
+    /// [`TestVm::start_with`] named another).
+    pub bin: PathBuf,
 }
 
 impl TestVm {
     /// Creates VM `name` with `create_args` and starts it.
     pub fn start(name: &str, create_args: &[&str]) -> TestVm {
+        TestVm::start_with(Path::new(BIN), name, create_args)
+    }
+
+    /// As [`TestVm::start`], run by the hostvisor binary `bin`.
+    pub fn start_with(bin: &Path, name: &str, create_args: &[&str]) -> TestVm {
         let vm = TestVm {
             data: temp_dir(&format!("vm-{name}")),
             name: name.to_string(),
+            bin: bin.to_path_buf(),
         };
         let mut args = vec!["create", name];
         args.extend_from_slice(create_args);
@@ -262,7 +314,8 @@ impl TestVm {
 
     /// Runs hostvisor against this VM's store.
     pub fn hv(&self, args: &[&str]) -> Output {
-        hostvisor(
+        hostvisor_at(
+            &self.bin,
             args,
             &[("XDG_DATA_HOME", self.data.to_str().unwrap())],
             BOOT,

@@ -288,6 +288,7 @@ impl TestVm {
         let vm = TestVm {
             data: temp_dir(&format!("vm-{name}")),
             name: name.to_string(),
+            bin: std::path::PathBuf::from(BIN),
         };
         {
             // Shared: a build (which may remove a stale store) waits.
