@@ -267,7 +267,8 @@ struct RunArgs {
     /// What a guest reset does: shutdown (exit 0) or restart.
     #[arg(long, value_name = "ACTION", default_value = "shutdown", value_parser = parse_reset)]
     on_reset: ResetAction,
-    /// A virtual disk: path=FILE[,readonly=on][,cache=writeback|none|unsafe][,format=raw|qcow2] (format probed when not given).
+    /// A virtual disk: path=FILE[,readonly=on][,cache=writeback|none|unsafe][,format=raw|qcow2][,iops=N][,bps=SIZE] (format probed when not given;
+    /// iops and bps cap requests and bytes a second, e.g. bps=10M).
     /// Repeatable; the first is the guest's /dev/vda.
     #[arg(long, value_name = "OPTIONS")]
     disk: Vec<vmm::DiskConfig>,
@@ -286,7 +287,9 @@ struct RunArgs {
     vsock: Option<VsockArg>,
     /// A NIC: nat[,hostfwd=tcp:127.0.0.1:8080-:80]... (user-mode NAT,
     /// no root), tap=IFNAME (bridged or host-only) or internal=NAME
-    /// (VM-to-VM only), each with [,mac=52:54:00:12:34:56]. Repeatable:
+    /// (VM-to-VM only), each with [,mac=52:54:00:12:34:56] and rate
+    /// limits [,bps=SIZE][,pps=N] (bytes and frames a second, each
+    /// direction apart). Repeatable:
     /// eth0, eth1, ... Managed VMs get one nat NIC unless given `none`;
     /// `run` gets NICs only when asked.
     #[arg(long, value_name = "OPTIONS")]

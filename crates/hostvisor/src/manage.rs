@@ -125,12 +125,9 @@ pub fn create(
 ) -> Result<i32, CliError> {
     // A managed VM gets a NAT NIC unless told otherwise, as VirtualBox's do.
     if default_nic {
-        config.nets = vec![vmm::NetConfig {
-            mode: vmm::NetMode::Nat {
-                hostfwd: Vec::new(),
-            },
-            mac: None,
-        }];
+        config.nets = vec![vmm::NetConfig::new(vmm::NetMode::Nat {
+            hostfwd: Vec::new(),
+        })];
     }
     assign_macs(name, &mut config.nets);
     // A managed VM gets the agent's channel unless told otherwise.
