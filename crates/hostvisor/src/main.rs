@@ -1,6 +1,7 @@
 //! `hostvisor`: run virtual machines on KVM.
 
 mod balloon;
+mod cgroup;
 mod clone;
 mod cloudinit;
 mod disk;
@@ -53,6 +54,8 @@ enum Command {
         run: RunArgs,
         #[command(flatten)]
         image: cloudinit::ImageArgs,
+        #[command(flatten)]
+        limits: cgroup::LimitArgs,
     },
     /// List managed VMs and their states.
     List {
@@ -480,6 +483,7 @@ fn vm_config(args: RunArgs) -> Result<VmConfig, CliError> {
             None | Some(balloon::BalloonArg::Off) => None,
             Some(balloon::BalloonArg::Set(b)) => Some(b),
         },
+        limits: vmm::config::HostLimits::default(),
     })
 }
 
@@ -628,6 +632,7 @@ fn main() -> ExitCode {
             name,
             mut run,
             image,
+            limits,
         } => {
             let vsock = run.vsock.clone();
             let default_nic = run.net.is_empty();
@@ -636,6 +641,7 @@ fn main() -> ExitCode {
             exit_with(
                 cloudinit::Prepared::new(&name, image, &mut run).and_then(|image| {
                     let mut c = vm_config(run)?;
+                    limits.apply(&mut c).map_err(CliError::Usage)?;
                     if default_balloon {
                         c.balloon = Some(vmm::BalloonConfig::default());
                     }

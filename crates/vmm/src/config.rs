@@ -634,6 +634,25 @@ impl BalloonConfig {
     }
 }
 
+/// Host resources a managed VM's process may use, enforced by a cgroup
+/// v2 of its own (`--cpu-limit`, `--memory-limit`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HostLimits {
+    /// CPU time, in percent of one host CPU (200: two CPUs' worth).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu_percent: Option<u32>,
+    /// Memory of the whole process, guest RAM included.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory: Option<MemorySize>,
+}
+
+impl HostLimits {
+    pub fn is_unset(&self) -> bool {
+        self.cpu_percent.is_none() && self.memory.is_none()
+    }
+}
+
 fn default_cpus() -> u32 {
     1
 }
@@ -701,6 +720,9 @@ pub struct VmConfig {
     /// Shared host directories (virtio-fs), after every other device.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub shares: Vec<ShareConfig>,
+    /// The VM process's CPU and memory limits (managed VMs).
+    #[serde(default, skip_serializing_if = "HostLimits::is_unset")]
+    pub limits: HostLimits,
 }
 
 fn is_microvm(m: &MachineType) -> bool {
@@ -730,6 +752,7 @@ impl VmConfig {
             nets: Vec::new(),
             balloon: None,
             shares: Vec::new(),
+            limits: HostLimits::default(),
         }
     }
 }
@@ -903,7 +926,7 @@ mod tests {
             assert_eq!(e.bps, d.bps, "{same}");
         }
         let limits = d.rate_limit();
-        assert_eq!(limits.bytes.unwrap().rate(), 1 << 20);
+        assert_eq!(limits.bytes.unwrap().rate(), 1_048_570);
         assert_eq!(limits.ops.unwrap().rate(), 500);
         assert!(!DiskConfig::new("/d").rate_limit().is_limited());
         // Stored and read back; older stored disks have no limits.
@@ -940,7 +963,7 @@ mod tests {
         assert_eq!(n.pps, Some(1000));
         assert_eq!(n.to_string(), "nat,mac=52:54:00:00:00:01,bps=1M,pps=1000");
         assert_eq!(n.to_string().parse::<NetConfig>().unwrap(), n);
-        assert_eq!(n.rate_limit().bytes.unwrap().rate(), 1 << 20);
+        assert_eq!(n.rate_limit().bytes.unwrap().rate(), 1_048_570);
         let t: NetConfig = "tap=tap0,bps=10M".parse().unwrap();
         assert_eq!(t.to_string(), "tap=tap0,bps=10M");
         assert!(!"nat"

@@ -575,7 +575,8 @@ fn block_rate_limits_survive_save_and_restore() {
     };
     let limiter = state.rate_limiter.expect("the limits are saved");
     assert_eq!(limiter.config, limits);
-    assert_eq!(limiter.bytes_budget, Some(1 << 30), "full again");
+    let full = limits.bytes.unwrap().size;
+    assert_eq!(limiter.bytes_budget, Some(full as i64), "full again");
     let dev = block::Block::new(disk.clone()).with_rate_limit(limits);
     let t2 = restore_round_trip(Box::new(dev), &m, &saved);
     block_header(&m, 0x201000, 0, 3);
