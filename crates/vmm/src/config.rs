@@ -926,7 +926,7 @@ mod tests {
             assert_eq!(e.bps, d.bps, "{same}");
         }
         let limits = d.rate_limit();
-        assert_eq!(limits.bytes.unwrap().rate(), 1_048_570);
+        assert_eq!(limits.bytes.unwrap().rate(), 1 << 20);
         assert_eq!(limits.ops.unwrap().rate(), 500);
         assert!(!DiskConfig::new("/d").rate_limit().is_limited());
         // Stored and read back; older stored disks have no limits.
@@ -963,7 +963,7 @@ mod tests {
         assert_eq!(n.pps, Some(1000));
         assert_eq!(n.to_string(), "nat,mac=52:54:00:00:00:01,bps=1M,pps=1000");
         assert_eq!(n.to_string().parse::<NetConfig>().unwrap(), n);
-        assert_eq!(n.rate_limit().bytes.unwrap().rate(), 1_048_570);
+        assert_eq!(n.rate_limit().bytes.unwrap().rate(), 1 << 20);
         let t: NetConfig = "tap=tap0,bps=10M".parse().unwrap();
         assert_eq!(t.to_string(), "tap=tap0,bps=10M");
         assert!(!"nat"
