@@ -590,3 +590,53 @@ fn block_rate_limits_survive_save_and_restore() {
     let old: block::persist::BlockState = serde_json::from_value(old).unwrap();
     assert_eq!(old.rate_limiter, None);
 }
+
+/// The activated worker of a rate-limited disk: three requests behind
+/// one kick, one bucket's worth each, are all served — the later ones
+/// when the limiter's timer wakes the worker (no second kick) — spaced by
+/// the limit; a sleep while throttled and a wake lose none.
+#[test]
+fn a_rate_limited_block_worker_wakes_on_its_timer() {
+    use crate::virtio::rate_limit::{BucketConfig, RateLimitConfig};
+    let m = mem();
+    let disk = Arc::new(MemDisk(Mutex::new(vec![0; 1 << 20])));
+    // 512 bytes (one request) per 50 ms.
+    let limits = RateLimitConfig {
+        bytes: None,
+        ops: Some(BucketConfig {
+            size: 1,
+            refill_ms: 50,
+            one_time_burst: 0,
+        }),
+    };
+    let q = MockSplitQueue::create(&m, GuestAddress(0x10000), 16);
+    let dev = block::Block::new(disk).with_rate_limit(limits);
+    let mut t = transport(Box::new(dev), &m);
+    set_up_driver(&mut t, &[&q], &[16], 0);
+    let mut chains = Vec::new();
+    for k in 0..4u16 {
+        let at = 0x200000 + u64::from(k) * 0x1000;
+        block_header(&m, at, 0, u64::from(k));
+        chains.extend(block_request(
+            0,
+            0x100000 + u64::from(k) * 0x1000,
+            at,
+            k * 3,
+        ));
+    }
+    q.add_desc_chains(&chains[..9], 0).unwrap();
+    let started = std::time::Instant::now();
+    kick(&t, 0);
+    assert!(wait_for(|| q.used().idx().load() == 3));
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(90),
+        "{took:?}: the limit held"
+    );
+    // Throttled again by a fourth request; asleep and awake, it is served.
+    q.add_desc_chains(&chains[9..], 9).unwrap();
+    kick(&t, 0);
+    t.sleep().unwrap();
+    t.wake().unwrap();
+    assert!(wait_for(|| q.used().idx().load() == 4));
+}
