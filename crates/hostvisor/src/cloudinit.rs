@@ -188,6 +188,8 @@ impl Prepared {
             readonly: false,
             cache: block::CacheMode::default(),
             format: Some(block::Format::Qcow2),
+            iops: None,
+            bps: None,
         }];
         if self.seed.is_some() {
             disks.push(vmm::DiskConfig {
@@ -195,6 +197,8 @@ impl Prepared {
                 readonly: true,
                 cache: block::CacheMode::default(),
                 format: Some(block::Format::Raw),
+                iops: None,
+                bps: None,
             });
         }
         disks.append(&mut config.disks);

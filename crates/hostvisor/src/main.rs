@@ -1,6 +1,7 @@
 //! `hostvisor`: run virtual machines on KVM.
 
 mod balloon;
+mod cgroup;
 mod clone;
 mod cloudinit;
 mod disk;
@@ -53,6 +54,8 @@ enum Command {
         run: RunArgs,
         #[command(flatten)]
         image: cloudinit::ImageArgs,
+        #[command(flatten)]
+        limits: cgroup::LimitArgs,
     },
     /// List managed VMs and their states.
     List {
@@ -267,7 +270,8 @@ struct RunArgs {
     /// What a guest reset does: shutdown (exit 0) or restart.
     #[arg(long, value_name = "ACTION", default_value = "shutdown", value_parser = parse_reset)]
     on_reset: ResetAction,
-    /// A virtual disk: path=FILE[,readonly=on][,cache=writeback|none|unsafe][,format=raw|qcow2] (format probed when not given).
+    /// A virtual disk: path=FILE[,readonly=on][,cache=writeback|none|unsafe][,format=raw|qcow2][,iops=N][,bps=SIZE] (format probed when not given;
+    /// iops and bps cap requests and bytes a second, e.g. bps=10M).
     /// Repeatable; the first is the guest's /dev/vda.
     #[arg(long, value_name = "OPTIONS")]
     disk: Vec<vmm::DiskConfig>,
@@ -286,7 +290,9 @@ struct RunArgs {
     vsock: Option<VsockArg>,
     /// A NIC: nat[,hostfwd=tcp:127.0.0.1:8080-:80]... (user-mode NAT,
     /// no root), tap=IFNAME (bridged or host-only) or internal=NAME
-    /// (VM-to-VM only), each with [,mac=52:54:00:12:34:56]. Repeatable:
+    /// (VM-to-VM only), each with [,mac=52:54:00:12:34:56] and rate
+    /// limits [,bps=SIZE][,pps=N] (bytes and frames a second, each
+    /// direction apart). Repeatable:
     /// eth0, eth1, ... Managed VMs get one nat NIC unless given `none`;
     /// `run` gets NICs only when asked.
     #[arg(long, value_name = "OPTIONS")]
@@ -477,6 +483,7 @@ fn vm_config(args: RunArgs) -> Result<VmConfig, CliError> {
             None | Some(balloon::BalloonArg::Off) => None,
             Some(balloon::BalloonArg::Set(b)) => Some(b),
         },
+        limits: vmm::config::HostLimits::default(),
     })
 }
 
@@ -625,6 +632,7 @@ fn main() -> ExitCode {
             name,
             mut run,
             image,
+            limits,
         } => {
             let vsock = run.vsock.clone();
             let default_nic = run.net.is_empty();
@@ -633,6 +641,7 @@ fn main() -> ExitCode {
             exit_with(
                 cloudinit::Prepared::new(&name, image, &mut run).and_then(|image| {
                     let mut c = vm_config(run)?;
+                    limits.apply(&mut c).map_err(CliError::Usage)?;
                     if default_balloon {
                         c.balloon = Some(vmm::BalloonConfig::default());
                     }

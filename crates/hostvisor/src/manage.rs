@@ -71,6 +71,8 @@ pub struct EditArgs {
     /// Removes all shared directories.
     #[arg(long, conflicts_with = "share")]
     pub no_shares: bool,
+    #[command(flatten)]
+    pub limits: crate::cgroup::LimitArgs,
 }
 
 /// Gives every NIC without a MAC the VM's own: derived from its name and
@@ -125,12 +127,9 @@ pub fn create(
 ) -> Result<i32, CliError> {
     // A managed VM gets a NAT NIC unless told otherwise, as VirtualBox's do.
     if default_nic {
-        config.nets = vec![vmm::NetConfig {
-            mode: vmm::NetMode::Nat {
-                hostfwd: Vec::new(),
-            },
-            mac: None,
-        }];
+        config.nets = vec![vmm::NetConfig::new(vmm::NetMode::Nat {
+            hostfwd: Vec::new(),
+        })];
     }
     assign_macs(name, &mut config.nets);
     // A managed VM gets the agent's channel unless told otherwise.
@@ -436,6 +435,7 @@ pub fn edit(name: &str, args: EditArgs) -> Result<i32, CliError> {
     if !args.disk.is_empty() {
         c.disks = args.disk;
     }
+    args.limits.apply(&mut c).map_err(CliError::Usage)?;
     if args.no_disks {
         c.disks.clear();
     }
@@ -583,7 +583,11 @@ pub fn delete(name: &str) -> Result<i32, CliError> {
             clones.join(", ")
         )));
     }
+    let limited = vm.config().is_ok_and(|c| !c.limits.is_unset());
     std::fs::remove_dir_all(&vm.dir).map_err(fail)?;
+    if limited {
+        crate::cgroup::remove(name);
+    }
     drop(lock);
     println!("deleted {name}");
     Ok(0)

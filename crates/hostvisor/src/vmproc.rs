@@ -499,6 +499,12 @@ pub fn run(name: &str, restore: Option<&std::path::Path>) -> Result<i32, String>
         }
     };
     let (mut config, vsock_socket) = machine_config(&vm)?;
+    // Into the VM's own cgroup before any thread starts (all move anyway).
+    if let Some(group) =
+        crate::cgroup::enter(name, &config.limits).map_err(|e| vmm::error_chain(&e))?
+    {
+        tracing::info!(vm = name, cgroup = %group.display(), "limits applied");
+    }
     vm.begin_run().map_err(|e| e.to_string())?;
     let console = vm.console_log();
     std::fs::write(&console, b"").map_err(|e| format!("{}: {e}", console.display()))?;

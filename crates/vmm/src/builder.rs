@@ -56,7 +56,9 @@ pub fn configured_devices(
         let image = Arc::new(block::switchable::Switchable::new(open_disk(
             &disk.path, &disk,
         )?));
-        list.push(Box::new(devices::virtio::block::Block::new(image.clone())));
+        list.push(Box::new(
+            devices::virtio::block::Block::new(image.clone()).with_rate_limit(disk.rate_limit()),
+        ));
         disks.push(DiskHandle {
             image,
             config: disk,
@@ -80,7 +82,9 @@ pub fn configured_devices(
             NetMode::Tap { ifname } => Box::new(net::tap::Tap::open(ifname)?),
             NetMode::Internal { name } => Box::new(net::switch::Switch::join(name, mac)?),
         };
-        list.push(Box::new(devices::virtio::net::Net::new(mac, backend)));
+        list.push(Box::new(
+            devices::virtio::net::Net::new(mac, backend).with_rate_limit(nic.rate_limit()),
+        ));
     }
     for share in &config.shares {
         list.push(Box::new(share_device(share)?));

@@ -176,8 +176,9 @@ pub enum ResetAction {
 }
 
 /// A virtual disk:
-/// `path=FILE[,readonly=on][,cache=writeback|none|unsafe][,format=raw|qcow2]`
+/// `path=FILE[,readonly=on][,cache=writeback|none|unsafe][,format=raw|qcow2][,iops=N][,bps=SIZE]`
 /// on the command line. Without `format`, the file's format is probed.
+/// `iops` and `bps` cap the guest's requests and bytes a second.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DiskConfig {
@@ -188,14 +189,78 @@ pub struct DiskConfig {
     pub cache: block::CacheMode,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub format: Option<block::Format>,
+    /// At most this many requests a second.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iops: Option<u64>,
+    /// At most this many bytes a second (`1M`: 1 MiB).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bps: Option<MemorySize>,
+}
+
+impl DiskConfig {
+    /// A disk at `path` with every option at its default.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        DiskConfig {
+            path: path.into(),
+            readonly: false,
+            cache: block::CacheMode::default(),
+            format: None,
+            iops: None,
+            bps: None,
+        }
+    }
+
+    /// The device's rate limits.
+    pub fn rate_limit(&self) -> RateLimitConfig {
+        RateLimitConfig::per_second(self.bps.map(MemorySize::bytes), self.iops)
+    }
+}
+
+pub use devices::virtio::rate_limit::RateLimitConfig;
+
+/// The largest rate accepted (bytes or operations a second): far above
+/// any device, and small enough that bucket arithmetic never overflows.
+pub const MAX_RATE: u64 = 1 << 50;
+
+/// `value` as a rate of operations a second: a whole number from 1.
+pub fn parse_ops_rate(key: &str, value: &str) -> Result<u64, String> {
+    match value.trim().parse::<u64>() {
+        Ok(0) => Err(format!(
+            "{key} must be at least 1 (leave it out for no limit)"
+        )),
+        Ok(n) if n <= MAX_RATE => Ok(n),
+        Ok(_) => Err(format!("{key}={value} is too large (at most {MAX_RATE})")),
+        Err(_) => Err(format!(
+            "{key} takes a whole number of operations a second, not `{value}`"
+        )),
+    }
+}
+
+/// `value` as bytes a second: a size like `1M` (1 MiB), `512K` or a byte
+/// count, from 1.
+pub fn parse_byte_rate(key: &str, value: &str) -> Result<MemorySize, String> {
+    let size: MemorySize = value.parse().map_err(|_| {
+        format!("{key} takes bytes a second with an optional K, M, G or T suffix (like 10M), not `{value}`")
+    })?;
+    match size.bytes() {
+        0 => Err(format!(
+            "{key} must be at least 1 (leave it out for no limit)"
+        )),
+        n if n <= MAX_RATE => Ok(size),
+        _ => Err(format!(
+            "{key}={value} is too large (at most {MAX_RATE} bytes a second)"
+        )),
+    }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DiskConfigError {
     #[error("a disk needs path=FILE")]
     NoPath,
-    #[error("unknown disk option `{0}` (known: path, readonly, cache, format)")]
+    #[error("unknown disk option `{0}` (known: path, readonly, cache, format, iops, bps)")]
     UnknownKey(String),
+    #[error("{0}")]
+    Rate(String),
     #[error("`{0}` is not key=value")]
     NotKeyValue(String),
     #[error("readonly takes on or off, not `{0}`")]
@@ -213,6 +278,8 @@ impl FromStr for DiskConfig {
         let mut readonly = false;
         let mut cache = block::CacheMode::default();
         let mut format = None;
+        let mut iops = None;
+        let mut bps = None;
         for part in s.split(',') {
             let (key, value) = part
                 .split_once('=')
@@ -229,6 +296,8 @@ impl FromStr for DiskConfig {
                 }
                 "cache" => cache = value.parse()?,
                 "format" => format = Some(value.parse()?),
+                "iops" => iops = Some(parse_ops_rate(key, value).map_err(DiskConfigError::Rate)?),
+                "bps" => bps = Some(parse_byte_rate(key, value).map_err(DiskConfigError::Rate)?),
                 other => return Err(DiskConfigError::UnknownKey(other.to_string())),
             }
         }
@@ -237,6 +306,8 @@ impl FromStr for DiskConfig {
             readonly,
             cache,
             format,
+            iops,
+            bps,
         })
     }
 }
@@ -332,13 +403,35 @@ impl FromStr for VsockConfig {
 }
 
 /// A NIC: `nat[,hostfwd=RULE]...`, `tap=IFNAME` or `internal=NAME`, each
-/// with an optional `,mac=52:54:00:12:34:56`. Stored as that same string.
+/// with an optional `,mac=52:54:00:12:34:56` and rate limits
+/// `,bps=SIZE,pps=N` (each direction apart). Stored as that same string.
 #[derive(Debug, Clone, PartialEq, Eq, SerializeDisplay, DeserializeFromStr)]
 pub struct NetConfig {
     pub mode: NetMode,
     /// `None`: an address made for the VM (see `hostvisor` for managed
     /// VMs, which store theirs).
     pub mac: Option<net::MacAddr>,
+    /// At most this many bytes a second each way.
+    pub bps: Option<MemorySize>,
+    /// At most this many frames a second each way.
+    pub pps: Option<u64>,
+}
+
+impl NetConfig {
+    /// A NIC in `mode` with a made-up MAC and no limits.
+    pub fn new(mode: NetMode) -> Self {
+        NetConfig {
+            mode,
+            mac: None,
+            bps: None,
+            pps: None,
+        }
+    }
+
+    /// The device's rate limits (for each direction).
+    pub fn rate_limit(&self) -> RateLimitConfig {
+        RateLimitConfig::per_second(self.bps.map(MemorySize::bytes), self.pps)
+    }
 }
 
 /// Where a NIC's frames go.
@@ -356,7 +449,7 @@ pub enum NetMode {
 pub enum NetConfigError {
     #[error("a NIC is nat, tap=IFNAME or internal=NAME, not `{0}`")]
     Mode(String),
-    #[error("unknown NIC option `{0}` (known: hostfwd with nat, mac)")]
+    #[error("unknown NIC option `{0}` (known: hostfwd with nat, mac, bps, pps)")]
     UnknownKey(String),
     #[error("`{0}` is not key=value")]
     NotKeyValue(String),
@@ -392,19 +485,32 @@ impl FromStr for NetConfig {
             _ => return Err(NetConfigError::Mode(first.to_string())),
         };
         let mut mac = None;
+        let mut bps = None;
+        let mut pps = None;
         for part in parts {
             let (key, value) = part
                 .split_once('=')
                 .ok_or_else(|| NetConfigError::NotKeyValue(part.to_string()))?;
             match (key, &mut mode) {
                 ("mac", _) => mac = Some(value.parse().map_err(NetConfigError::Value)?),
+                ("bps", _) => {
+                    bps = Some(parse_byte_rate(key, value).map_err(NetConfigError::Value)?)
+                }
+                ("pps", _) => {
+                    pps = Some(parse_ops_rate(key, value).map_err(NetConfigError::Value)?)
+                }
                 ("hostfwd", NetMode::Nat { hostfwd }) => {
                     hostfwd.push(value.parse().map_err(NetConfigError::Value)?)
                 }
                 _ => return Err(NetConfigError::UnknownKey(key.to_string())),
             }
         }
-        Ok(NetConfig { mode, mac })
+        Ok(NetConfig {
+            mode,
+            mac,
+            bps,
+            pps,
+        })
     }
 }
 
@@ -422,6 +528,12 @@ impl std::fmt::Display for NetConfig {
         }
         if let Some(mac) = self.mac {
             write!(f, ",mac={mac}")?;
+        }
+        if let Some(bps) = self.bps {
+            write!(f, ",bps={bps}")?;
+        }
+        if let Some(pps) = self.pps {
+            write!(f, ",pps={pps}")?;
         }
         Ok(())
     }
@@ -522,6 +634,25 @@ impl BalloonConfig {
     }
 }
 
+/// Host resources a managed VM's process may use, enforced by a cgroup
+/// v2 of its own (`--cpu-limit`, `--memory-limit`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HostLimits {
+    /// CPU time, in percent of one host CPU (200: two CPUs' worth).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu_percent: Option<u32>,
+    /// Memory of the whole process, guest RAM included.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory: Option<MemorySize>,
+}
+
+impl HostLimits {
+    pub fn is_unset(&self) -> bool {
+        self.cpu_percent.is_none() && self.memory.is_none()
+    }
+}
+
 fn default_cpus() -> u32 {
     1
 }
@@ -589,6 +720,9 @@ pub struct VmConfig {
     /// Shared host directories (virtio-fs), after every other device.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub shares: Vec<ShareConfig>,
+    /// The VM process's CPU and memory limits (managed VMs).
+    #[serde(default, skip_serializing_if = "HostLimits::is_unset")]
+    pub limits: HostLimits,
 }
 
 fn is_microvm(m: &MachineType) -> bool {
@@ -618,6 +752,7 @@ impl VmConfig {
             nets: Vec::new(),
             balloon: None,
             shares: Vec::new(),
+            limits: HostLimits::default(),
         }
     }
 }
@@ -753,22 +888,14 @@ mod tests {
 
     #[test]
     fn disk_options() {
-        assert_eq!(
-            "path=/d.img".parse(),
-            Ok(DiskConfig {
-                path: "/d.img".into(),
-                readonly: false,
-                cache: block::CacheMode::Writeback,
-                format: None,
-            })
-        );
+        assert_eq!("path=/d.img".parse(), Ok(DiskConfig::new("/d.img")));
         assert_eq!(
             "path=/d.img,readonly=on,cache=none,format=qcow2".parse(),
             Ok(DiskConfig {
-                path: "/d.img".into(),
                 readonly: true,
                 cache: block::CacheMode::None,
                 format: Some(block::Format::Qcow2),
+                ..DiskConfig::new("/d.img")
             })
         );
         assert_eq!(
@@ -786,6 +913,73 @@ mod tests {
         assert!("path=/d,cache=direct".parse::<DiskConfig>().is_err());
         assert!("path=/d,readonly=maybe".parse::<DiskConfig>().is_err());
         assert!("path=/d,format=vmdk".parse::<DiskConfig>().is_err());
+    }
+
+    #[test]
+    fn disk_rate_limits_parse_with_sizes_and_clear_errors() {
+        let d: DiskConfig = "path=/d,iops=500,bps=1M".parse().unwrap();
+        assert_eq!(d.iops, Some(500));
+        assert_eq!(d.bps, Some(MemorySize(1 << 20)));
+        // Sizes as everywhere else: 1M, 1MiB and the byte count agree.
+        for same in ["1MiB", "1048576", "1024K"] {
+            let e: DiskConfig = format!("path=/d,bps={same}").parse().unwrap();
+            assert_eq!(e.bps, d.bps, "{same}");
+        }
+        let limits = d.rate_limit();
+        assert_eq!(limits.bytes.unwrap().rate(), 1 << 20);
+        assert_eq!(limits.ops.unwrap().rate(), 500);
+        assert!(!DiskConfig::new("/d").rate_limit().is_limited());
+        // Stored and read back; older stored disks have no limits.
+        let json = serde_json::to_string(&d).unwrap();
+        assert!(json.contains(r#""bps":"1M""#), "{json}");
+        assert_eq!(serde_json::from_str::<DiskConfig>(&json).unwrap(), d);
+        let old: DiskConfig = serde_json::from_str(r#"{"path":"/d"}"#).unwrap();
+        assert_eq!(old, DiskConfig::new("/d"));
+        for (bad, needle) in [
+            ("path=/d,iops=0", "at least 1"),
+            ("path=/d,bps=0", "at least 1"),
+            ("path=/d,bps=0M", "at least 1"),
+            ("path=/d,iops=fast", "whole number"),
+            ("path=/d,iops=-1", "whole number"),
+            ("path=/d,iops=1.5", "whole number"),
+            ("path=/d,bps=lots", "like 10M"),
+            ("path=/d,bps=1X", "like 10M"),
+            ("path=/d,bps=99999999999T", "like 10M"),
+            ("path=/d,bps=2000T", "too large"),
+            ("path=/d,iops=99999999999999999999", "whole number"),
+            ("path=/d,iops=9999999999999999", "too large"),
+        ] {
+            let e = bad.parse::<DiskConfig>().unwrap_err().to_string();
+            assert!(e.contains(needle), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn nic_rate_limits_parse_print_and_round_trip() {
+        let n: NetConfig = "nat,mac=52:54:00:00:00:01,bps=1MiB,pps=1000"
+            .parse()
+            .unwrap();
+        assert_eq!(n.bps, Some(MemorySize(1 << 20)));
+        assert_eq!(n.pps, Some(1000));
+        assert_eq!(n.to_string(), "nat,mac=52:54:00:00:00:01,bps=1M,pps=1000");
+        assert_eq!(n.to_string().parse::<NetConfig>().unwrap(), n);
+        assert_eq!(n.rate_limit().bytes.unwrap().rate(), 1 << 20);
+        let t: NetConfig = "tap=tap0,bps=10M".parse().unwrap();
+        assert_eq!(t.to_string(), "tap=tap0,bps=10M");
+        assert!(!"nat"
+            .parse::<NetConfig>()
+            .unwrap()
+            .rate_limit()
+            .is_limited());
+        for (bad, needle) in [
+            ("nat,bps=0", "at least 1"),
+            ("nat,pps=0", "at least 1"),
+            ("nat,bps=fast", "like 10M"),
+            ("nat,pps=x", "whole number"),
+        ] {
+            let e = bad.parse::<NetConfig>().unwrap_err().to_string();
+            assert!(e.contains(needle), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -93,6 +93,8 @@ mod tests {
             readonly: false,
             cache: block::CacheMode::default(),
             format: Some(block::Format::Qcow2),
+            iops: None,
+            bps: None,
         };
         let opened = open_disk(path, &config).unwrap();
         DiskHandle {
@@ -191,6 +193,8 @@ mod tests {
             readonly: false,
             cache: block::CacheMode::default(),
             format: Some(block::Format::Qcow2),
+            iops: None,
+            bps: None,
         }
     }
 }

@@ -20,10 +20,11 @@ use block::DiskImage;
 use memory::GuestMemoryMmap;
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
-use virtio_queue::{DescriptorChain, Queue, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::persist::OwnState;
+use super::rate_limit::{RateLimitConfig, RateLimiter};
 use super::worker::{stop_worker, WorkerError, WorkerThread};
 use super::{
     read_config_bytes, ActivateError, Activation, Interrupt, VirtioDevice, VirtioDeviceState,
@@ -46,7 +47,21 @@ const DISCARD_SEGMENT_SIZE: u32 = 16;
 pub struct Block {
     disk: Arc<dyn DiskImage>,
     config: Vec<u8>,
-    worker: Option<WorkerThread<Queue>>,
+    /// Limits on the guest's I/O (bytes and requests a second).
+    rate_limit: RateLimitConfig,
+    worker: Option<WorkerThread<BlockWorker>>,
+    /// A sleeping device's limiter: how full its buckets are survives a
+    /// pause (and is saved in a snapshot).
+    limiter: Option<RateLimiter>,
+    /// Bucket levels from a restored snapshot, for the next activation.
+    restored_limiter: Option<super::rate_limit::RateLimiterState>,
+}
+
+/// What the worker thread owns.
+#[derive(Debug)]
+struct BlockWorker {
+    queue: Queue,
+    limiter: Option<RateLimiter>,
 }
 
 impl Block {
@@ -55,8 +70,17 @@ impl Block {
         Block {
             disk,
             config,
+            rate_limit: RateLimitConfig::default(),
             worker: None,
+            limiter: None,
+            restored_limiter: None,
         }
+    }
+
+    /// Limits the guest's I/O on this disk.
+    pub fn with_rate_limit(mut self, rate_limit: RateLimitConfig) -> Self {
+        self.rate_limit = rate_limit;
+        self
     }
 }
 
@@ -304,6 +328,26 @@ pub fn process_queue(
     disk: &dyn DiskImage,
     interrupt: &Interrupt,
 ) {
+    process_queue_limited(queue, mem, disk, interrupt, None);
+}
+
+/// The bytes a request moves, as its rate limit counts them: its
+/// buffers less the header and the status byte.
+fn request_bytes(chain: &DescriptorChain<&GuestMemoryMmap>) -> u64 {
+    let total: u64 = chain.clone().map(|d| u64::from(d.len())).sum();
+    total.saturating_sub(u64::from(HEADER_SIZE) + 1)
+}
+
+/// Serves the available requests of `queue` that `limiter` admits. A
+/// request it refuses stays in the queue (notifications stay off): the
+/// limiter's timer brings the worker back for it.
+pub fn process_queue_limited(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    disk: &dyn DiskImage,
+    interrupt: &Interrupt,
+    mut limiter: Option<&mut RateLimiter>,
+) {
     // With EVENT_IDX the driver kicks only past the avail_event we publish,
     // so: drain with kicks off, turn them back on (publishing our position)
     // and drain again if requests slipped in meanwhile.
@@ -311,7 +355,15 @@ pub fn process_queue(
     loop {
         let _ = queue.disable_notification(mem);
         let mut progressed = false;
+        let mut throttled = false;
         while let Some(chain) = queue.pop_descriptor_chain(mem) {
+            if let Some(l) = limiter.as_deref_mut() {
+                if !l.consume(request_bytes(&chain), 1) {
+                    queue.go_to_previous_position();
+                    throttled = true;
+                    break;
+                }
+            }
             let head = chain.head_index();
             let written = handle_chain(chain, mem, disk);
             if let Err(e) = queue.add_used(mem, head, written) {
@@ -320,6 +372,9 @@ pub fn process_queue(
             }
             progressed = true;
             used_any = true;
+        }
+        if throttled {
+            break;
         }
         match queue.enable_notification(mem) {
             Ok(true) if progressed => continue,
@@ -571,11 +626,53 @@ impl VirtioDevice for Block {
     fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {
         let (mem, interrupt, [(queue, event)]) = a.take_queues::<1>()?;
         let disk = self.disk.clone();
+        let limiter = match self.limiter.take() {
+            Some(l) => Some(l),
+            None if self.rate_limit.is_limited() => {
+                let mut l = RateLimiter::new(self.rate_limit).map_err(ActivateError::Thread)?;
+                if let Some(saved) = self.restored_limiter.take() {
+                    l.restore(&saved);
+                }
+                Some(l)
+            }
+            None => None,
+        };
+        let fds: Vec<_> = limiter.iter().map(RateLimiter::timer_fd).collect();
+        let mut state = BlockWorker { queue, limiter };
+        if state.limiter.is_some() {
+            // Requests a throttled worker left in the queue (with kicks
+            // off) before a pause or a snapshot: serve what may go now.
+            process_queue_limited(
+                &mut state.queue,
+                &mem,
+                disk.as_ref(),
+                &interrupt,
+                state.limiter.as_mut(),
+            );
+        }
         // Each request completes before the handler returns: a stopped
-        // worker has none in flight.
-        let worker = WorkerThread::start("virtio-blk", vec![event], queue, move |queue, _| {
-            process_queue(queue, &mem, disk.as_ref(), &interrupt);
-        })
+        // worker has none in flight. Index 0: the queue's kick; 1: the
+        // rate limiter's timer.
+        let worker = WorkerThread::start_with_fds(
+            "virtio-blk",
+            vec![event],
+            &fds,
+            state,
+            move |w: &mut BlockWorker, i| {
+                if i == 1 {
+                    if let Some(l) = w.limiter.as_mut() {
+                        l.timer_fired();
+                    }
+                }
+                process_queue_limited(
+                    &mut w.queue,
+                    &mem,
+                    disk.as_ref(),
+                    &interrupt,
+                    w.limiter.as_mut(),
+                );
+            },
+        )
         .map_err(ActivateError::Thread)?;
         self.worker = Some(worker);
         Ok(())
@@ -583,10 +680,15 @@ impl VirtioDevice for Block {
 
     fn reset(&mut self) {
         self.worker = None;
+        self.limiter = None;
     }
 
     fn sleep(&mut self) -> Result<Option<Vec<Queue>>, WorkerError> {
-        Ok(stop_worker(&mut self.worker)?.map(|q| vec![q]))
+        let Some(w) = stop_worker(&mut self.worker)? else {
+            return Ok(None);
+        };
+        self.limiter = w.limiter;
+        Ok(Some(vec![w.queue]))
     }
 
     fn save_state(&self) -> VirtioDeviceState {
@@ -595,7 +697,9 @@ impl VirtioDevice for Block {
 
     fn restore_state(&mut self, state: &VirtioDeviceState) -> Result<(), VirtioStateError> {
         let s = persist::BlockState::own(state, self.name(), self.worker.is_some())?;
-        self.check_state(s)
+        self.check_state(s)?;
+        self.restore_limiter(s);
+        Ok(())
     }
 }
 

@@ -24,6 +24,7 @@ pub mod mmio;
 pub mod net;
 pub mod pci;
 pub mod persist;
+pub mod rate_limit;
 pub mod rng;
 pub mod vsock;
 pub mod worker;

@@ -35,6 +35,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::persist::OwnState;
+use super::rate_limit::{RateLimitConfig, RateLimiter};
 use super::worker::{stop_worker, WorkerError, WorkerThread};
 use super::{
     read_config_bytes, ActivateError, Activation, Interrupt, VirtioDevice, VirtioDeviceState,
@@ -235,6 +236,8 @@ pub struct Net {
     mtu: Option<u16>,
     link_up: bool,
     stats: Arc<NetStats>,
+    /// Limits on each direction (bytes and frames a second).
+    rate_limit: RateLimitConfig,
     worker: Option<WorkerThread<NetWorker>>,
     /// A sleeping device's worker (without its queues): what it held (a
     /// frame waiting for receive buffers) survives a pause.
@@ -250,9 +253,16 @@ impl Net {
             backend: Arc::new(Mutex::new(backend)),
             link_up: true,
             stats: Arc::default(),
+            rate_limit: RateLimitConfig::default(),
             worker: None,
             sleeping: None,
         }
+    }
+
+    /// Limits each direction (transmit and receive apart) to these rates.
+    pub fn with_rate_limit(mut self, rate_limit: RateLimitConfig) -> Self {
+        self.rate_limit = rate_limit;
+        self
     }
 
     pub fn mac(&self) -> MacAddr {
@@ -341,6 +351,18 @@ impl Net {
             tso6: has(VIRTIO_NET_F_GUEST_TSO6),
             ecn: has(VIRTIO_NET_F_GUEST_ECN),
         };
+        let limiter = || -> Result<Option<RateLimiter>, ActivateError> {
+            if !self.rate_limit.is_limited() {
+                return Ok(None);
+            }
+            RateLimiter::new(self.rate_limit)
+                .map(Some)
+                .map_err(ActivateError::Thread)
+        };
+        let (rx_limiter, tx_limiter) = match &self.sleeping {
+            Some(_) => (None, None),
+            None => (limiter()?, limiter()?),
+        };
         let mut worker = self.sleeping.take().unwrap_or_else(|| NetWorker {
             mem: mem.clone(),
             interrupt: interrupt.clone(),
@@ -353,6 +375,9 @@ impl Net {
             rx_pending: None,
             tx_buf: Vec::new(),
             tx_blocked: false,
+            rx_limiter,
+            tx_limiter,
+            rx_charged: false,
         });
         worker.mem = mem;
         worker.interrupt = interrupt;
@@ -388,6 +413,8 @@ const RX_EVT: u64 = 0;
 const TX_EVT: u64 = 1;
 const BACKEND: u64 = 2;
 const KILL: u64 = 3;
+const RX_TIMER: u64 = 4;
+const TX_TIMER: u64 = 5;
 
 impl std::fmt::Debug for NetWorker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -413,6 +440,12 @@ struct NetWorker {
     tx_buf: Vec<u8>,
     /// The backend refused a frame for now: wait until it is writable.
     tx_blocked: bool,
+    /// Rate limits of each direction; a frame a limiter refuses waits
+    /// (in the transmit queue, or as `rx_pending`) for its timer.
+    rx_limiter: Option<RateLimiter>,
+    tx_limiter: Option<RateLimiter>,
+    /// The pending receive frame has been counted by `rx_limiter`.
+    rx_charged: bool,
 }
 
 impl NetWorker {
@@ -436,8 +469,17 @@ impl NetWorker {
                 EpollEvent::new(EventSet::IN, key),
             )?;
         }
+        for (limiter, key) in [(&self.rx_limiter, RX_TIMER), (&self.tx_limiter, TX_TIMER)] {
+            if let Some(l) = limiter {
+                epoll.ctl(
+                    ControlOperation::Add,
+                    l.timer_fd(),
+                    EpollEvent::new(EventSet::IN, key),
+                )?;
+            }
+        }
         let mut interest = EventSet::IN;
-        let mut ready = [EpollEvent::default(); 4];
+        let mut ready = [EpollEvent::default(); 6];
         // Whether the transmit queue still held frames after a turn: then
         // the next turn comes at once (the guest will not kick again). The
         // first turn comes at once too: frames the guest queued while the
@@ -459,6 +501,16 @@ impl NetWorker {
                         let _ = tx_evt.read();
                     }
                     KILL => return Ok(()),
+                    RX_TIMER => {
+                        if let Some(l) = self.rx_limiter.as_mut() {
+                            l.timer_fired();
+                        }
+                    }
+                    TX_TIMER => {
+                        if let Some(l) = self.tx_limiter.as_mut() {
+                            l.timer_fired();
+                        }
+                    }
                     _ => {}
                 }
             }
@@ -490,7 +542,9 @@ impl NetWorker {
         let vnet = self.vnet_hdr;
         let stats = self.stats.clone();
         let mut blocked = false;
+        let mut throttled = false;
         let mut taken = 0usize;
+        let limiter = &mut self.tx_limiter;
         let used = take_tx_frames(
             &mut self.tx,
             &self.mem,
@@ -499,6 +553,13 @@ impl NetWorker {
             &mut |packet| {
                 if taken >= BUDGET {
                     return false;
+                }
+                if let Some(l) = limiter.as_mut() {
+                    let bytes = (packet.len() - HDR_LEN) as u64;
+                    if !l.consume(bytes, 1) {
+                        throttled = true;
+                        return false;
+                    }
                 }
                 let data = if vnet { packet } else { &packet[HDR_LEN..] };
                 match backend.send(data) {
@@ -520,7 +581,7 @@ impl NetWorker {
         if used {
             notify(&mut self.tx, TX, &self.mem, &self.interrupt);
         }
-        taken >= BUDGET && !blocked
+        taken >= BUDGET && !blocked && !throttled
     }
 
     fn process_rx(&mut self, backend: &mut dyn Backend) {
@@ -548,6 +609,14 @@ impl NetWorker {
                     }
                 }
             };
+            if let (Some(l), false) = (self.rx_limiter.as_mut(), self.rx_charged) {
+                if !l.consume((len - HDR_LEN) as u64, 1) {
+                    // Held (and the backend not read) until the timer.
+                    self.rx_pending = Some(len);
+                    break;
+                }
+                self.rx_charged = true;
+            }
             match deliver_rx_frame(
                 &mut self.rx,
                 &self.mem,
@@ -557,13 +626,17 @@ impl NetWorker {
             ) {
                 Ok(()) => {
                     self.rx_pending = None;
+                    self.rx_charged = false;
                     delivered = true;
                 }
                 Err(RxError::NoBuffers) => {
                     self.rx_pending = Some(len);
                     break;
                 }
-                Err(RxError::Dropped) => self.rx_pending = None,
+                Err(RxError::Dropped) => {
+                    self.rx_pending = None;
+                    self.rx_charged = false;
+                }
             }
         }
         if delivered {

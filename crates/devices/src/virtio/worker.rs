@@ -65,9 +65,21 @@ impl<T: Send + 'static> std::fmt::Debug for WorkerThread<T> {
 impl<S: Send + 'static> WorkerThread<S> {
     /// Starts a thread that owns `state` and calls `handle(&mut state, i)`
     /// whenever `events[i]` fires; stopping it returns `state`.
-    pub fn start<F>(
+    pub fn start<F>(name: &str, events: Vec<EventFd>, state: S, handle: F) -> std::io::Result<Self>
+    where
+        F: FnMut(&mut S, usize) + Send + 'static,
+    {
+        Self::start_with_fds(name, events, &[], state, handle)
+    }
+
+    /// As [`start`](Self::start), and also waits on `fds` (descriptors
+    /// that `state` owns, such as a rate limiter's timer): when `fds[j]`
+    /// is readable, `handle` gets index `events.len() + j` and must make
+    /// it unreadable itself (read its timer).
+    pub fn start_with_fds<F>(
         name: &str,
         events: Vec<EventFd>,
+        fds: &[std::os::fd::RawFd],
         state: S,
         mut handle: F,
     ) -> std::io::Result<Self>
@@ -75,17 +87,20 @@ impl<S: Send + 'static> WorkerThread<S> {
         F: FnMut(&mut S, usize) + Send + 'static,
     {
         let epoll = Epoll::new()?;
-        for (i, evt) in events.iter().enumerate() {
+        let raw = events.iter().map(std::os::fd::AsRawFd::as_raw_fd);
+        for (i, fd) in raw.chain(fds.iter().copied()).enumerate() {
             epoll.ctl(
                 ControlOperation::Add,
-                std::os::fd::AsRawFd::as_raw_fd(evt),
+                fd,
                 EpollEvent::new(EventSet::IN, i as u64),
             )?;
         }
         let label = name.to_string();
+        let extra = fds.len();
         Self::spawn(name, move |kill| {
             let mut state = state;
-            if let Err(e) = event_loop(&epoll, &events, &kill, &mut |i| handle(&mut state, i)) {
+            let mut handle = |i| handle(&mut state, i);
+            if let Err(e) = event_loop(&epoll, &events, extra, &kill, &mut handle) {
                 tracing::error!("{label} worker stopped: {e}");
             }
             state
@@ -93,11 +108,13 @@ impl<S: Send + 'static> WorkerThread<S> {
     }
 }
 
-/// Waits on `epoll` (holding `events` and not yet `kill`) and calls
-/// `handle` per fired event until `kill` fires.
+/// Waits on `epoll` (holding `events`, then `extra` other descriptors,
+/// and not yet `kill`) and calls `handle` per fired event until `kill`
+/// fires.
 fn event_loop(
     epoll: &Epoll,
     events: &[EventFd],
+    extra: usize,
     kill: &EventFd,
     handle: &mut dyn FnMut(usize),
 ) -> std::io::Result<()> {
@@ -106,7 +123,7 @@ fn event_loop(
         std::os::fd::AsRawFd::as_raw_fd(kill),
         EpollEvent::new(EventSet::IN, KILL),
     )?;
-    let mut ready = vec![EpollEvent::default(); events.len() + 1];
+    let mut ready = vec![EpollEvent::default(); events.len() + extra + 1];
     loop {
         let n = match epoll.wait(-1, &mut ready) {
             Ok(n) => n,
@@ -123,6 +140,8 @@ fn event_loop(
             };
             if let Some(evt) = events.get(index) {
                 let _ = evt.read();
+                handle(index);
+            } else if index < events.len() + extra {
                 handle(index);
             }
         }

@@ -5,6 +5,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::Block;
+use crate::virtio::rate_limit::RateLimiterState;
 use crate::virtio::{VirtioDevice, VirtioStateError};
 
 #[derive(Serialize, Deserialize, Clone, PartialEq, Eq, Debug)]
@@ -13,14 +14,35 @@ pub struct BlockState {
     pub features: u64,
     /// The config space the guest read (capacity, limits).
     pub config: Vec<u8>,
+    /// The rate limits and how full their buckets were (none in
+    /// snapshots from before rate limits, or for an unlimited disk).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limiter: Option<RateLimiterState>,
 }
 
 impl Block {
     pub(super) fn state(&self) -> BlockState {
+        let rate_limiter = match &self.limiter {
+            Some(l) => Some(l.state()),
+            None => self.restored_limiter.or_else(|| {
+                self.rate_limit.is_limited().then(|| RateLimiterState {
+                    config: self.rate_limit,
+                    ..RateLimiterState::default()
+                })
+            }),
+        };
         BlockState {
             features: self.features(),
             config: self.config.clone(),
+            rate_limiter,
         }
+    }
+
+    /// Keeps the saved buckets' levels for the next activation (they
+    /// apply only if the limits are the same: the VM's configuration,
+    /// not the snapshot, decides the limits).
+    pub(super) fn restore_limiter(&mut self, saved: &BlockState) {
+        self.restored_limiter = saved.rate_limiter;
     }
 
     /// A restored block device is made on the snapshot's disk: it must

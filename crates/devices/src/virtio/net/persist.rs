@@ -7,6 +7,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::{MacAddr, Net, VirtioDevice};
+use crate::virtio::rate_limit::RateLimitConfig;
 use crate::virtio::VirtioStateError;
 
 #[derive(Serialize, Deserialize, Clone, PartialEq, Eq, Debug)]
@@ -20,6 +21,11 @@ pub struct NetState {
     /// The MTU offered, if any.
     #[serde(default)]
     pub mtu: Option<u16>,
+    /// The rate limits of each direction, if any. A restored NIC takes
+    /// its limits from the VM's configuration and starts with full
+    /// buckets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimitConfig>,
 }
 
 impl Net {
@@ -29,6 +35,7 @@ impl Net {
             link_up: self.link_up,
             features: self.features(),
             mtu: self.mtu,
+            rate_limit: self.rate_limit.is_limited().then_some(self.rate_limit),
         }
     }
 
