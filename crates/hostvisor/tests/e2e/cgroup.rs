@@ -8,7 +8,7 @@
 
 #![allow(clippy::unwrap_used)] // test helpers: a failed setup step should fail the test
 
-mod common;
+use super::common;
 
 use common::*;
 
@@ -34,6 +34,7 @@ fn a_vm_with_limits_runs_in_a_cgroup_of_its_own_or_says_why_not() {
     let vm = TestVm {
         data: temp_dir("vm-cglimits"),
         name: "cglimits".into(),
+        bin: BIN.into(),
     };
     let base = [
         "create",
