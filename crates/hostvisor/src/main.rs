@@ -28,6 +28,12 @@ use vmm::{exit_code, VmOutcome, VmmError};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Allow backing files (and files a snapshot names) at or below DIR,
+    /// besides each image's own directory (repeatable; also
+    /// HOSTVISOR_ALLOW_BACKING, `:` between). `create` keeps them in the
+    /// VM's definition. See docs/security.md.
+    #[arg(long, value_name = "DIR", global = true)]
+    allow_backing: Vec<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -303,6 +309,14 @@ struct RunArgs {
     /// Repeatable. The default guest mounts it at /mnt/TAG (or PATH).
     #[arg(long, value_name = "OPTIONS")]
     share: Vec<vmm::ShareConfig>,
+    /// Confine the VMM's file access with Landlock: on (default) or off
+    /// (for debugging).
+    #[arg(long, value_name = "on|off", default_value = "on", action = clap::ArgAction::Set, value_parser = vmm::sandbox_config::parse_on_off)]
+    landlock: bool,
+    /// When started as root: run the VM as USER[:GROUP] once TAP devices,
+    /// huge pages and /dev/kvm are open.
+    #[arg(long, value_name = "USER[:GROUP]")]
+    user: Option<vmm::config::UserSpec>,
 }
 
 /// `--net`: none, or a NIC.
@@ -477,6 +491,11 @@ fn vm_config(args: RunArgs) -> Result<VmConfig, CliError> {
             None | Some(balloon::BalloonArg::Off) => None,
             Some(balloon::BalloonArg::Set(b)) => Some(b),
         },
+        sandbox: vmm::config::SandboxConfig {
+            landlock: args.landlock,
+            user: args.user,
+            allow_backing: block::backing::allowed(),
+        },
     })
 }
 
@@ -495,6 +514,7 @@ fn describe(err: &VmmError) -> CliError {
 }
 
 fn run(cmd: RunCmd) -> Result<VmOutcome, CliError> {
+    let (landlock, user) = (cmd.vm.landlock, cmd.vm.user.clone());
     let (config, restore) = match &cmd.restore {
         None => (vm_config(cmd.vm)?, None),
         Some(dir) => {
@@ -514,6 +534,17 @@ fn run(cmd: RunCmd) -> Result<VmOutcome, CliError> {
             (config, Some(spec))
         }
     };
+    let mut config = config;
+    if let Some(dir) = &cmd.restore {
+        // The snapshot's configuration names files: only those it may.
+        vmm::restore_paths::check(&config, dir, &[default_guest_dir()]).map_err(|e| {
+            CliError::Failure(format!("{}: {}", dir.display(), vmm::error_chain(&e)))
+        })?;
+        // The options that are this run's, not the snapshot's.
+        config.sandbox.landlock = landlock;
+        config.sandbox.user = user;
+    }
+    enter_sandbox(&config, cmd.api_socket.as_deref(), cmd.restore.as_deref())?;
     if let (Some(_), Some(vsock)) = (&restore, &config.vsock) {
         vmproc::announce_restore(&vsock.socket_path(), None, Vec::new());
     }
@@ -532,6 +563,29 @@ fn run(cmd: RunCmd) -> Result<VmOutcome, CliError> {
         s.ended.store(true, std::sync::atomic::Ordering::Release);
     }
     result.map_err(|e| describe(&e))
+}
+
+/// Confines this process before it starts threads (docs/security.md):
+/// the VM's files, and the API socket's directory (where the API's
+/// snapshots go), and the snapshot restored from.
+fn enter_sandbox(
+    config: &VmConfig,
+    api_socket: Option<&Path>,
+    restore: Option<&Path>,
+) -> Result<(), CliError> {
+    let mut extra = vmm::sandbox::Extra::default();
+    if let Some(dir) = api_socket.and_then(Path::parent) {
+        let dir = if dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            dir
+        };
+        extra.read_write.push(dir.to_path_buf());
+    }
+    extra.read.extend(restore.map(Path::to_path_buf));
+    vmm::sandbox::enter(config, &extra)
+        .map(drop)
+        .map_err(|e| CliError::Failure(vmm::error_chain(&e)))
 }
 
 /// Puts each writable disk of a restored configuration onto a new overlay
@@ -618,6 +672,15 @@ fn main() -> ExitCode {
             return ExitCode::from(exit_code::USAGE as u8);
         }
     };
+    block::backing::allow_from_env();
+    for dir in &cli.allow_backing {
+        if let Err(e) = block::backing::allow(dir) {
+            return ExitCode::from(report(CliError::Usage(format!(
+                "--allow-backing {}: {e}",
+                dir.display()
+            ))) as u8);
+        }
+    }
     let result = match cli.command {
         Command::Run(args) => run(args),
         Command::Disk { command } => exit_with(disk::run(command)),
@@ -633,6 +696,10 @@ fn main() -> ExitCode {
             exit_with(
                 cloudinit::Prepared::new(&name, image, &mut run).and_then(|image| {
                     let mut c = vm_config(run)?;
+                    // Named by the user: the overlay may sit on it.
+                    if let Some(image) = &image {
+                        c.sandbox.allow_backing.push(image.image().to_path_buf());
+                    }
                     if default_balloon {
                         c.balloon = Some(vmm::BalloonConfig::default());
                     }

@@ -502,6 +502,13 @@ pub fn run(name: &str, restore: Option<&std::path::Path>) -> Result<i32, String>
     vm.begin_run().map_err(|e| e.to_string())?;
     let console = vm.console_log();
     std::fs::write(&console, b"").map_err(|e| format!("{}: {e}", console.display()))?;
+    // Confined before any thread starts: the VM's files and its directory
+    // (snapshots, logs, sockets). docs/security.md.
+    let extra = vmm::sandbox::Extra {
+        read_write: vec![vm.path("")],
+        ..Default::default()
+    };
+    vmm::sandbox::enter(&config, &extra).map_err(|e| vmm::error_chain(&e))?;
     let control = VmControl::new();
     let ended = Arc::new(AtomicBool::new(false));
     let agent =

@@ -8,6 +8,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 use serde_with::{DeserializeFromStr, SerializeDisplay};
 
+pub use crate::sandbox_config::{SandboxConfig, UserSpec};
 pub use crate::share_config::{ShareCache, ShareConfig, ShareConfigError};
 
 /// A memory size, written like `512M`, `2G` or a byte count.
@@ -589,6 +590,10 @@ pub struct VmConfig {
     /// Shared host directories (virtio-fs), after every other device.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub shares: Vec<ShareConfig>,
+    /// Landlock, the user to run as, allowed backing files
+    /// (docs/security.md).
+    #[serde(default, skip_serializing_if = "SandboxConfig::is_default")]
+    pub sandbox: SandboxConfig,
 }
 
 fn is_microvm(m: &MachineType) -> bool {
@@ -618,6 +623,7 @@ impl VmConfig {
             nets: Vec::new(),
             balloon: None,
             shares: Vec::new(),
+            sandbox: SandboxConfig::default(),
         }
     }
 }

@@ -127,7 +127,8 @@ pub fn rebase_past_backing(
             path.display()
         )));
     };
-    let bpath = qcow2::backing_path(path, &name);
+    let bpath = crate::backing::resolve(path, &name)
+        .map_err(|e| ToolError::Invalid(format!("{}: {e}", path.display())))?;
     if probe(&bpath)? != Format::Qcow2 {
         return Err(ToolError::Invalid(format!(
             "{} is a raw image: it has no backing file to take its place",
