@@ -540,6 +540,16 @@ fn run(cmd: RunCmd) -> Result<VmOutcome, CliError> {
         vmm::restore_paths::check(&config, dir, &[default_guest_dir()]).map_err(|e| {
             CliError::Failure(format!("{}: {}", dir.display(), vmm::error_chain(&e)))
         })?;
+        // Where the state may name files, its disks may have their
+        // backing files (an overlay kept inside the snapshot's directory
+        // on a disk beside it).
+        for root in dir
+            .canonicalize()
+            .iter()
+            .flat_map(|d| [d.as_path(), d.parent().unwrap_or(d)])
+        {
+            let _ = block::backing::allow(root);
+        }
         // The options that are this run's, not the snapshot's.
         config.sandbox.landlock = landlock;
         config.sandbox.user = user;

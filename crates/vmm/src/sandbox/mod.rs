@@ -102,6 +102,17 @@ pub fn enter(config: &VmConfig, extra: &Extra) -> Result<LandlockState, SandboxE
             return Err(PrivilegeError::NotRoot(euid).into());
         }
         let creds = Credentials::resolve(user)?;
+        // The serial log is opened again at each boot, as that user.
+        if let crate::config::SerialConfig::File(path) = &config.serial {
+            if std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .is_ok()
+            {
+                let _ = std::os::unix::fs::chown(path, Some(creds.uid), Some(creds.gid));
+            }
+        }
         *PENDING_USER.lock().unwrap_or_else(|e| e.into_inner()) = Some(creds);
     }
     set_no_new_privs().map_err(SandboxError::NoNewPrivs)?;
