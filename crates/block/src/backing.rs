@@ -13,7 +13,9 @@
 //!   ([`allow`]: `--allow-backing`, `HOSTVISOR_ALLOW_BACKING`, and for a
 //!   managed VM the image it was created from, kept in its configuration),
 //!
-//! and never below `/proc`, `/sys` or `/dev`. Everything else is refused
+//! and never below `/proc`, `/sys` or `/dev`. Images inside the VM store
+//! ([`trust_images_below`]) may name any regular file: hostvisor wrote
+//! those names itself, on files the user named. Everything else is refused
 //! with an error that names the file and says how to allow it.
 
 use std::io;
@@ -22,6 +24,10 @@ use std::sync::RwLock;
 
 /// Directories and files the user allowed as backing files, canonical.
 static ALLOWED: RwLock<Vec<PathBuf>> = RwLock::new(Vec::new());
+
+/// Directories whose images' backing names hostvisor wrote itself (the
+/// VM store): such an image may name any regular file.
+static TRUSTED_WRITERS: RwLock<Vec<PathBuf>> = RwLock::new(Vec::new());
 
 /// Never allowed, whatever the user said: kernel interfaces and devices.
 const NEVER: [&str; 3] = ["/proc", "/sys", "/dev"];
@@ -85,6 +91,20 @@ pub fn allow_from_env() {
     }
 }
 
+/// Trusts the backing names of images at or below `dir` (for the rest of
+/// this process): hostvisor wrote every one of them, on files the user
+/// named (the VM store: snapshot overlays on a VM's original disks,
+/// linked clones on another VM's layers). What those files name in turn
+/// is checked as usual.
+pub fn trust_images_below(dir: &Path) -> io::Result<()> {
+    let canonical = std::fs::canonicalize(dir)?;
+    let mut list = TRUSTED_WRITERS.write().unwrap_or_else(|e| e.into_inner());
+    if !list.contains(&canonical) {
+        list.push(canonical);
+    }
+    Ok(())
+}
+
 /// What the user allowed so far (canonical paths).
 pub fn allowed() -> Vec<PathBuf> {
     ALLOWED.read().unwrap_or_else(|e| e.into_inner()).clone()
@@ -122,7 +142,15 @@ pub fn resolve(image: &Path, name: &str) -> Result<PathBuf, BackingError> {
         });
     }
     let dir = image_dir(image);
-    if resolved.starts_with(&dir) || allowed().iter().any(|a| resolved.starts_with(a)) {
+    let trusted_writer = TRUSTED_WRITERS
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .any(|t| dir.starts_with(t));
+    if trusted_writer
+        || resolved.starts_with(&dir)
+        || allowed().iter().any(|a| resolved.starts_with(a))
+    {
         return Ok(resolved);
     }
     let parent = resolved.parent().unwrap_or(Path::new("/")).to_path_buf();
@@ -218,6 +246,51 @@ mod tests {
         assert!(resolve(&image, "/dev/zero").is_err());
         std::fs::remove_dir_all(&dir).unwrap();
         std::fs::remove_dir_all(&outside).unwrap();
+    }
+
+    #[test]
+    fn an_overlay_made_here_may_sit_on_a_file_outside_its_directory() {
+        // A snapshot's overlay in the API client's directory, on the disk
+        // the VM had open elsewhere: the process made it, so it opens.
+        let dir = temp("own");
+        let sub = dir.join("snap");
+        std::fs::create_dir_all(&sub).unwrap();
+        let base = dir.join("base.qcow2");
+        crate::tools::create(&crate::tools::CreateSpec {
+            path: base.clone(),
+            size: Some(1 << 20),
+            format: crate::Format::Qcow2,
+            backing: None,
+            backing_format: None,
+            cluster_size: None,
+        })
+        .unwrap();
+        let top = sub.join("top.qcow2");
+        crate::tools::create_overlay(&top, &base, crate::Format::Qcow2).unwrap();
+        crate::open_image(&top, crate::OpenOptions::default()).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn images_in_a_trusted_directory_may_name_any_regular_file() {
+        let store = temp("store");
+        let elsewhere = temp("store-elsewhere");
+        std::fs::write(elsewhere.join("base.raw"), b"x").unwrap();
+        let base = elsewhere.join("base.raw");
+        let image = store.join("vm/disks/top.qcow2");
+        std::fs::create_dir_all(image.parent().unwrap()).unwrap();
+        assert!(resolve(&image, base.to_str().unwrap()).is_err());
+        trust_images_below(&store).unwrap();
+        assert!(resolve(&image, base.to_str().unwrap()).is_ok());
+        // Still never a device, and the base itself is not trusted.
+        assert!(resolve(&image, "/dev/zero").is_err());
+        let other = temp("store-other");
+        std::fs::write(other.join("x"), b"x").unwrap();
+        let far = other.join("x");
+        assert!(resolve(&base, far.to_str().unwrap()).is_err());
+        for d in [&store, &elsewhere, &other] {
+            std::fs::remove_dir_all(d).unwrap();
+        }
     }
 
     #[test]

@@ -9,6 +9,7 @@ mod guest;
 mod manage;
 mod memory_arg;
 mod progress;
+mod sandbox;
 mod share;
 mod snapshot;
 mod store;
@@ -529,32 +530,21 @@ fn run(cmd: RunCmd) -> Result<VmOutcome, CliError> {
                 CliError::Failure(format!("{}: {}", dir.display(), vmm::error_chain(&e)))
             })?;
             let mut config = spec.snapshot.config.clone();
+            // The state names files: only those it may, checked before
+            // anything is opened or put on top of them.
+            sandbox::check_restored(&config, dir)?;
             config.serial = cmd.vm.serial;
             overlay_restored_disks(&mut config, &cmd.disk_overlay)?;
             (config, Some(spec))
         }
     };
     let mut config = config;
-    if let Some(dir) = &cmd.restore {
-        // The snapshot's configuration names files: only those it may.
-        vmm::restore_paths::check(&config, dir, &[default_guest_dir()]).map_err(|e| {
-            CliError::Failure(format!("{}: {}", dir.display(), vmm::error_chain(&e)))
-        })?;
-        // Where the state may name files, its disks may have their
-        // backing files (an overlay kept inside the snapshot's directory
-        // on a disk beside it).
-        for root in dir
-            .canonicalize()
-            .iter()
-            .flat_map(|d| [d.as_path(), d.parent().unwrap_or(d)])
-        {
-            let _ = block::backing::allow(root);
-        }
+    if cmd.restore.is_some() {
         // The options that are this run's, not the snapshot's.
         config.sandbox.landlock = landlock;
         config.sandbox.user = user;
     }
-    enter_sandbox(&config, cmd.api_socket.as_deref(), cmd.restore.as_deref())?;
+    sandbox::enter(&config, cmd.api_socket.as_deref(), cmd.restore.as_deref())?;
     if let (Some(_), Some(vsock)) = (&restore, &config.vsock) {
         vmproc::announce_restore(&vsock.socket_path(), None, Vec::new());
     }
@@ -573,29 +563,6 @@ fn run(cmd: RunCmd) -> Result<VmOutcome, CliError> {
         s.ended.store(true, std::sync::atomic::Ordering::Release);
     }
     result.map_err(|e| describe(&e))
-}
-
-/// Confines this process before it starts threads (docs/security.md):
-/// the VM's files, and the API socket's directory (where the API's
-/// snapshots go), and the snapshot restored from.
-fn enter_sandbox(
-    config: &VmConfig,
-    api_socket: Option<&Path>,
-    restore: Option<&Path>,
-) -> Result<(), CliError> {
-    let mut extra = vmm::sandbox::Extra::default();
-    if let Some(dir) = api_socket.and_then(Path::parent) {
-        let dir = if dir.as_os_str().is_empty() {
-            Path::new(".")
-        } else {
-            dir
-        };
-        extra.read_write.push(dir.to_path_buf());
-    }
-    extra.read.extend(restore.map(Path::to_path_buf));
-    vmm::sandbox::enter(config, &extra)
-        .map(drop)
-        .map_err(|e| CliError::Failure(vmm::error_chain(&e)))
 }
 
 /// Puts each writable disk of a restored configuration onto a new overlay
@@ -683,6 +650,8 @@ fn main() -> ExitCode {
         }
     };
     block::backing::allow_from_env();
+    // Images in the VM store name backing files hostvisor wrote there.
+    let _ = block::backing::trust_images_below(&store::root());
     for dir in &cli.allow_backing {
         if let Err(e) = block::backing::allow(dir) {
             return ExitCode::from(report(CliError::Usage(format!(
