@@ -7,6 +7,7 @@
 
 #![warn(clippy::cast_possible_truncation)]
 
+pub mod backing;
 pub mod file;
 pub mod qcow2;
 pub mod raw;
@@ -193,7 +194,12 @@ pub fn open_qcow2(
                 name: name.to_string(),
                 message: e.to_string(),
             })?;
-        let backing_path = qcow2::backing_path(path, name);
+        // The name comes from the file: only what `backing` allows.
+        let backing_path =
+            backing::resolve(path, name).map_err(|e| qcow2::Qcow2Error::Backing {
+                name: name.to_string(),
+                message: e.to_string(),
+            })?;
         open_chain(
             &backing_path,
             OpenOptions {

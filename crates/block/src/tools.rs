@@ -225,6 +225,10 @@ pub struct ImageInfo {
     pub snapshots: Vec<Snapshot>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub backing: Option<Box<ImageInfo>>,
+    /// Why the backing file was not opened (the rules of
+    /// [`crate::backing`] refuse it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backing_refused: Option<String>,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -275,6 +279,7 @@ fn info_at(path: &Path, format: Option<Format>, depth: usize) -> Result<ImageInf
             backing_format: None,
             snapshots: Vec::new(),
             backing: None,
+            backing_refused: None,
         });
     }
     // The image alone (its backing chain is described one by one below).
@@ -283,6 +288,7 @@ fn info_at(path: &Path, format: Option<Format>, depth: usize) -> Result<ImageInf
         Qcow2::open(Box::new(file), true, Vec::new(), Some(&no_backing)).map_err(q_err(path))?;
     let h = image.header();
     let snapshots = image.snapshots().map_err(q_err(path))?;
+    let mut backing_refused = None;
     let backing = match &h.backing_file {
         None => None,
         Some(name) => {
@@ -292,11 +298,14 @@ fn info_at(path: &Path, format: Option<Format>, depth: usize) -> Result<ImageInf
                 .map(str::parse::<Format>)
                 .transpose()
                 .map_err(|e| ToolError::Invalid(format!("{}: {e}", path.display())))?;
-            Some(Box::new(info_at(
-                &qcow2::backing_path(path, name),
-                bformat,
-                depth + 1,
-            )?))
+            // A name the rules refuse is shown, never opened.
+            match crate::backing::resolve(path, name) {
+                Ok(bpath) => Some(Box::new(info_at(&bpath, bformat, depth + 1)?)),
+                Err(e) => {
+                    backing_refused = Some(e.to_string());
+                    None
+                }
+            }
         }
     };
     Ok(ImageInfo {
@@ -321,6 +330,7 @@ fn info_at(path: &Path, format: Option<Format>, depth: usize) -> Result<ImageInf
         backing_format: h.backing_format.clone(),
         snapshots,
         backing,
+        backing_refused,
     })
 }
 
@@ -627,7 +637,8 @@ pub fn commit(path: &Path, progress: &mut dyn FnMut(u64, u64)) -> Result<(), Too
             path.display()
         )));
     };
-    let bpath = qcow2::backing_path(path, &name);
+    let bpath = crate::backing::resolve(path, &name)
+        .map_err(|e| ToolError::Invalid(format!("{}: {e}", path.display())))?;
     let bformat = h
         .backing_format
         .as_deref()

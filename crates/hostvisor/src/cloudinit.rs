@@ -124,6 +124,12 @@ fn home_keys() -> Vec<PathBuf> {
 }
 
 impl Prepared {
+    /// The image the user named (canonical): the overlay's backing file,
+    /// allowed as such in the VM's definition.
+    pub fn image(&self) -> &Path {
+        &self.image
+    }
+
     /// Checks `--image` and the cloud-init options and sets the boot
     /// defaults for an image on `run` (bios firmware on a pc machine,
     /// unless the user chose a firmware, a kernel or the microvm).

@@ -282,6 +282,9 @@ fn print_info(info: &ImageInfo) {
                 None => println!("backing file: {name}"),
             }
         }
+        if let Some(why) = &i.backing_refused {
+            println!("backing file not opened: {why}");
+        }
         if !i.snapshots.is_empty() {
             println!("snapshots:");
             for s in &i.snapshots {

@@ -65,6 +65,7 @@ pub fn checks() -> Vec<Check> {
     out.push(tap());
     out.push(hugepages());
     out.push(user_namespaces());
+    out.push(landlock());
     out
 }
 
@@ -417,6 +418,26 @@ fn user_namespaces() -> Check {
         )
     };
     Check::new("user-namespaces", false, status, message).fix(fix)
+}
+
+/// Landlock, which confines each VM process's file access
+/// (docs/security.md); without it VMs run unconfined.
+fn landlock() -> Check {
+    match vmm::sandbox::landlock_abi() {
+        Ok(abi) => Check::new(
+            "landlock",
+            false,
+            Status::Ok,
+            format!("Landlock is available (ABI version {abi}): VM processes open only their own files"),
+        ),
+        Err(e) => Check::new(
+            "landlock",
+            false,
+            Status::Warn,
+            format!("Landlock is not available ({e}): VM processes run with the user's whole file access"),
+        )
+        .fix("a kernel 5.13 or later with CONFIG_SECURITY_LANDLOCK=y and landlock in its lsm= list"),
+    }
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@ mod guest;
 mod manage;
 mod memory_arg;
 mod progress;
+mod sandbox;
 mod share;
 mod snapshot;
 mod store;
@@ -29,6 +30,12 @@ use vmm::{exit_code, VmOutcome, VmmError};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Allow backing files (and files a snapshot names) at or below DIR,
+    /// besides each image's own directory (repeatable; also
+    /// HOSTVISOR_ALLOW_BACKING, `:` between). `create` keeps them in the
+    /// VM's definition. See docs/security.md.
+    #[arg(long, value_name = "DIR", global = true)]
+    allow_backing: Vec<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -309,6 +316,14 @@ struct RunArgs {
     /// Repeatable. The default guest mounts it at /mnt/TAG (or PATH).
     #[arg(long, value_name = "OPTIONS")]
     share: Vec<vmm::ShareConfig>,
+    /// Confine the VMM's file access with Landlock: on (default) or off
+    /// (for debugging).
+    #[arg(long, value_name = "on|off", default_value = "on", action = clap::ArgAction::Set, value_parser = vmm::sandbox_config::parse_on_off)]
+    landlock: bool,
+    /// When started as root: run the VM as USER[:GROUP] once TAP devices,
+    /// huge pages and /dev/kvm are open.
+    #[arg(long, value_name = "USER[:GROUP]")]
+    user: Option<vmm::config::UserSpec>,
 }
 
 /// `--net`: none, or a NIC.
@@ -484,6 +499,11 @@ fn vm_config(args: RunArgs) -> Result<VmConfig, CliError> {
             Some(balloon::BalloonArg::Set(b)) => Some(b),
         },
         limits: vmm::config::HostLimits::default(),
+        sandbox: vmm::config::SandboxConfig {
+            landlock: args.landlock,
+            user: args.user,
+            allow_backing: block::backing::allowed(),
+        },
     })
 }
 
@@ -502,6 +522,7 @@ fn describe(err: &VmmError) -> CliError {
 }
 
 fn run(cmd: RunCmd) -> Result<VmOutcome, CliError> {
+    let (landlock, user) = (cmd.vm.landlock, cmd.vm.user.clone());
     let (config, restore) = match &cmd.restore {
         None => (vm_config(cmd.vm)?, None),
         Some(dir) => {
@@ -516,11 +537,21 @@ fn run(cmd: RunCmd) -> Result<VmOutcome, CliError> {
                 CliError::Failure(format!("{}: {}", dir.display(), vmm::error_chain(&e)))
             })?;
             let mut config = spec.snapshot.config.clone();
+            // The state names files: only those it may, checked before
+            // anything is opened or put on top of them.
+            sandbox::check_restored(&config, dir)?;
             config.serial = cmd.vm.serial;
             overlay_restored_disks(&mut config, &cmd.disk_overlay)?;
             (config, Some(spec))
         }
     };
+    let mut config = config;
+    if cmd.restore.is_some() {
+        // The options that are this run's, not the snapshot's.
+        config.sandbox.landlock = landlock;
+        config.sandbox.user = user;
+    }
+    sandbox::enter(&config, cmd.api_socket.as_deref(), cmd.restore.as_deref())?;
     if let (Some(_), Some(vsock)) = (&restore, &config.vsock) {
         vmproc::announce_restore(&vsock.socket_path(), None, Vec::new());
     }
@@ -625,6 +656,17 @@ fn main() -> ExitCode {
             return ExitCode::from(exit_code::USAGE as u8);
         }
     };
+    block::backing::allow_from_env();
+    // Images in the VM store name backing files hostvisor wrote there.
+    let _ = block::backing::trust_images_below(&store::root());
+    for dir in &cli.allow_backing {
+        if let Err(e) = block::backing::allow(dir) {
+            return ExitCode::from(report(CliError::Usage(format!(
+                "--allow-backing {}: {e}",
+                dir.display()
+            ))) as u8);
+        }
+    }
     let result = match cli.command {
         Command::Run(args) => run(args),
         Command::Disk { command } => exit_with(disk::run(command)),
@@ -642,6 +684,10 @@ fn main() -> ExitCode {
                 cloudinit::Prepared::new(&name, image, &mut run).and_then(|image| {
                     let mut c = vm_config(run)?;
                     limits.apply(&mut c).map_err(CliError::Usage)?;
+                    // Named by the user: the overlay may sit on it.
+                    if let Some(image) = &image {
+                        c.sandbox.allow_backing.push(image.image().to_path_buf());
+                    }
                     if default_balloon {
                         c.balloon = Some(vmm::BalloonConfig::default());
                     }

@@ -4,7 +4,8 @@
 //! client of it like any other).
 
 use std::io::{Read, Write};
-use std::path::PathBuf;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -151,8 +152,50 @@ pub fn create(
             return Err(e);
         }
     }
+    if let Err(e) = give_to_user(&vm, &config) {
+        let _ = std::fs::remove_dir_all(&vm.dir);
+        return Err(e);
+    }
     println!("created {} ({})", vm.name, vm.dir.display());
     Ok(0)
+}
+
+/// With `--user`, created by root: the VM's directory (and what is in it)
+/// becomes the user's, and the store searchable by it, so that the VM
+/// process can write snapshots, logs and overlays after it switched.
+fn give_to_user(vm: &VmDir, config: &vmm::VmConfig) -> Result<(), CliError> {
+    let Some(user) = &config.sandbox.user else {
+        return Ok(());
+    };
+    let creds = vmm::sandbox::Credentials::resolve(user)
+        .map_err(|e| CliError::Usage(format!("--user: {e}")))?;
+    // SAFETY: geteuid only returns a value.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(CliError::Usage(
+            "--user is for VMs started as root; as another user, the VM runs as you".into(),
+        ));
+    }
+    fn chown_all(path: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
+        std::os::unix::fs::lchown(path, Some(uid), Some(gid))?;
+        if std::fs::symlink_metadata(path)?.is_dir() {
+            for entry in std::fs::read_dir(path)? {
+                chown_all(&entry?.path(), uid, gid)?;
+            }
+        }
+        Ok(())
+    }
+    chown_all(&vm.dir, creds.uid, creds.gid).map_err(|e| fail_io(&vm.dir, e))?;
+    let root = crate::store::root();
+    let mode = std::fs::metadata(&root)
+        .map_err(|e| fail_io(&root, e))?
+        .permissions()
+        .mode();
+    std::fs::set_permissions(&root, std::fs::Permissions::from_mode(mode | 0o011))
+        .map_err(|e| fail_io(&root, e))
+}
+
+fn fail_io(path: &Path, e: std::io::Error) -> CliError {
+    CliError::Failure(format!("{}: {e}", path.display()))
 }
 
 pub fn list(json: bool) -> Result<i32, CliError> {

@@ -208,13 +208,27 @@ impl VmDir {
     }
 
     /// The definition; unknown fields are refused with their name.
+    ///
+    /// Reading it also allows (in this process) the backing files a VM's
+    /// images may have besides their own directories: images in the store
+    /// name what hostvisor wrote there (snapshot overlays on the disks the
+    /// user named, linked clones on another VM's layers), and what the
+    /// user named at `create` (`sandbox.allow_backing`: the `--image`
+    /// file, `--allow-backing` directories). See `block::backing`.
     pub fn config(&self) -> Result<VmConfig, StoreError> {
         let path = self.config_path();
         let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
-        toml::from_str(&text).map_err(|e| StoreError::BadConfig {
+        let config: VmConfig = toml::from_str(&text).map_err(|e| StoreError::BadConfig {
             path: path.clone(),
             message: e.message().to_string(),
-        })
+        })?;
+        let _ = block::backing::trust_images_below(&root());
+        for allowed in &config.sandbox.allow_backing {
+            if let Err(e) = block::backing::allow(allowed) {
+                tracing::warn!("{}: allowed backing {}: {e}", self.name, allowed.display());
+            }
+        }
+        Ok(config)
     }
 
     /// Replaces the definition atomically (a new file renamed over it).

@@ -508,6 +508,16 @@ pub fn run(name: &str, restore: Option<&std::path::Path>) -> Result<i32, String>
     vm.begin_run().map_err(|e| e.to_string())?;
     let console = vm.console_log();
     std::fs::write(&console, b"").map_err(|e| format!("{}: {e}", console.display()))?;
+    // Confined before any thread starts: the VM's files and its directory
+    // (snapshots, logs, sockets). docs/security.md.
+    // The store is read: a snapshot delete looks for linked clones on
+    // this VM's layers in the other VMs' definitions and chains.
+    let extra = vmm::sandbox::Extra {
+        read_write: vec![vm.path("")],
+        read: vec![crate::store::root()],
+        ..Default::default()
+    };
+    vmm::sandbox::enter(&config, &extra).map_err(|e| vmm::error_chain(&e))?;
     let control = VmControl::new();
     let ended = Arc::new(AtomicBool::new(false));
     let agent =

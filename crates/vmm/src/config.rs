@@ -8,6 +8,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 use serde_with::{DeserializeFromStr, SerializeDisplay};
 
+pub use crate::sandbox_config::{SandboxConfig, UserSpec};
 pub use crate::share_config::{ShareCache, ShareConfig, ShareConfigError};
 
 /// A memory size, written like `512M`, `2G` or a byte count.
@@ -723,6 +724,10 @@ pub struct VmConfig {
     /// The VM process's CPU and memory limits (managed VMs).
     #[serde(default, skip_serializing_if = "HostLimits::is_unset")]
     pub limits: HostLimits,
+    /// Landlock, the user to run as, allowed backing files
+    /// (docs/security.md).
+    #[serde(default, skip_serializing_if = "SandboxConfig::is_default")]
+    pub sandbox: SandboxConfig,
 }
 
 fn is_microvm(m: &MachineType) -> bool {
@@ -753,6 +758,7 @@ impl VmConfig {
             balloon: None,
             shares: Vec::new(),
             limits: HostLimits::default(),
+            sandbox: SandboxConfig::default(),
         }
     }
 }

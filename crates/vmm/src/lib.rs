@@ -4,7 +4,8 @@
 //! Modules depend on each other in one direction only (`lib` only
 //! re-exports): `run` → `machine` → {`persist`, `reopen`, `pc`, `firmware`, `builder`, `pci_window`, `vcpu`,
 //! `control`, `console_input`} → {`event`, `console`, `panic_watch`} →
-//! {`request`, `snapshot`, `shared`, `error`, `outcome`, `config`}.
+//! {`request`, `snapshot`, `shared`, `error`, `outcome`, `config`} →
+//! {`share_config`, `sandbox_config`}.
 
 #![warn(clippy::cast_possible_truncation)]
 
@@ -24,7 +25,10 @@ pub mod pci_window;
 pub mod persist;
 pub mod reopen;
 pub mod request;
+pub mod restore_paths;
 pub mod run;
+pub mod sandbox;
+pub mod sandbox_config;
 pub mod share_config;
 pub mod shared;
 pub mod snapshot;

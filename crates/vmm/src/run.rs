@@ -282,6 +282,9 @@ pub fn run_vm(
         } else {
             boot_linux(&hv, &mut machine, config, control.is_some())?;
         }
+        // What needs root is open now: switch user (once; a reboot
+        // builds the next machine as that user).
+        crate::sandbox::after_setup()?;
         let stats = machine.stats();
         let RunEnd { outcome, stuck } = machine.run_with(RunOptions {
             started,

@@ -132,6 +132,9 @@ pub enum SnapshotError {
     },
     #[error("the snapshot does not fit this VM: {0}")]
     Mismatch(String),
+    /// A path the state names that `restore_paths` refuses.
+    #[error("{0}")]
+    UntrustedPath(String),
     #[error("cannot save the VM: {0}")]
     Save(String),
     #[error("cannot restore the VM: {0}")]

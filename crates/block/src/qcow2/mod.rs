@@ -559,11 +559,7 @@ impl Drop for Qcow2 {
 
 /// Resolves a backing file name relative to the image that names it.
 pub fn backing_path(image: &Path, name: &str) -> std::path::PathBuf {
-    let p = Path::new(name);
-    if p.is_absolute() {
-        return p.to_path_buf();
-    }
-    image.parent().unwrap_or(Path::new(".")).join(p)
+    crate::backing::backing_path(image, name)
 }
 
 #[cfg(test)]

@@ -49,6 +49,15 @@ pub fn create_overlay(path: &Path, backing: &Path, format: Format) -> Result<u64
     create_overlay_named(path, backing, &canonical.to_string_lossy(), format)
 }
 
+/// Allows `backing` (one file) as a backing file in this process: the
+/// caller put an overlay on it, so it is trusted as the caller's own
+/// image (a VM's disk it moves onto a new overlay, a file the user named).
+fn allow_own_backing(backing: &Path) {
+    if let Err(e) = crate::backing::allow(backing) {
+        tracing::debug!(path = %backing.display(), "cannot allow the backing file: {e}");
+    }
+}
+
 /// As [`create_overlay`], with the name the overlay's header records for
 /// its backing file given (a bare file name when both lie in one
 /// directory, so the directory can move; resolved against `path`'s
@@ -63,6 +72,7 @@ pub fn create_overlay_named(
         Format::Raw => None,
         Format::Qcow2 => Some(1u64 << qcow2_header(backing)?.cluster_bits),
     };
+    allow_own_backing(backing);
     if path.exists() {
         return Err(ToolError::Invalid(format!(
             "{} already exists; hostvisor does not overwrite images",
@@ -127,7 +137,8 @@ pub fn rebase_past_backing(
             path.display()
         )));
     };
-    let bpath = qcow2::backing_path(path, &name);
+    let bpath = crate::backing::resolve(path, &name)
+        .map_err(|e| ToolError::Invalid(format!("{}: {e}", path.display())))?;
     if probe(&bpath)? != Format::Qcow2 {
         return Err(ToolError::Invalid(format!(
             "{} is a raw image: it has no backing file to take its place",

@@ -43,6 +43,7 @@ fn doctor_on_this_host_lists_every_check() {
         "tap",
         "hugepages",
         "user-namespaces",
+        "landlock",
     ] {
         assert!(
             out.stdout
