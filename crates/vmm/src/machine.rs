@@ -399,6 +399,16 @@ impl Machine {
             Ok(r) => tracing::debug!("released {} KiB of setup-only pages", r.file_kib),
             Err(e) => tracing::debug!("could not release setup-only pages: {e}"),
         }
+        // Requests are taken before any vCPU runs: one that comes once
+        // the guest has started (it may be quick) finds the machine. They
+        // wait in the channel until the loop below serves them.
+        if let Some(stdin) = stdin {
+            stdin.attach(self.console.clone(), tx.clone());
+        }
+        if let Some(control) = control {
+            control.attach(tx.clone(), self.console.clone());
+            control.attach_balloon(self.balloon.clone());
+        }
         let mut handles = Vec::new();
         for vcpu in std::mem::take(&mut self.vcpus) {
             let id = vcpu.id();
@@ -425,13 +435,6 @@ impl Machine {
                     return Err(VmmError::Thread(e));
                 }
             }
-        }
-        if let Some(stdin) = stdin {
-            stdin.attach(self.console.clone(), tx.clone());
-        }
-        if let Some(control) = control {
-            control.attach(tx.clone(), self.console.clone());
-            control.attach_balloon(self.balloon.clone());
         }
         drop(tx);
 
