@@ -33,6 +33,18 @@ impl std::str::FromStr for BalloonArg {
     }
 }
 
+/// The balloon a VM gets from `--balloon`: without the option, one with
+/// everything on (free page reporting gives what an idle guest frees back
+/// to the host within seconds, with nobody setting a target); `off` for
+/// none.
+pub(crate) fn config(arg: Option<BalloonArg>) -> Option<BalloonConfig> {
+    match arg {
+        None => Some(BalloonConfig::default()),
+        Some(BalloonArg::Off) => None,
+        Some(BalloonArg::Set(b)) => Some(b),
+    }
+}
+
 /// A balloon size: like `--memory`'s, 0 allowed.
 pub(crate) fn parse_size(s: &str) -> Result<MemorySize, String> {
     s.parse().map_err(|e: vmm::config::SizeError| e.to_string())
@@ -119,6 +131,35 @@ pub fn describe(v: &serde_json::Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `run` (and `create`) without `--balloon` get a balloon with free
+    /// page reporting; `--balloon off` or `none` opts out.
+    #[test]
+    fn vms_get_a_reporting_balloon_unless_told_otherwise() {
+        use clap::Parser;
+        let config = |extra: &[&str]| {
+            let mut args = vec!["hostvisor", "run", "--kernel", "/k"];
+            args.extend_from_slice(extra);
+            let cli = crate::Cli::try_parse_from(args).unwrap();
+            let crate::Command::Run(cmd) = cli.command else {
+                unreachable!()
+            };
+            crate::vm_config(cmd.vm)
+                .map_err(|e| format!("{e:?}"))
+                .unwrap()
+        };
+        let b = config(&[]).balloon.expect("a balloon by default");
+        assert!(b.reporting && b.deflate_on_oom, "{b:?}");
+        assert_eq!(b, BalloonConfig::default());
+        assert_eq!(config(&["--balloon", "off"]).balloon, None);
+        assert_eq!(config(&["--balloon", "none"]).balloon, None);
+        assert_eq!(
+            config(&["--balloon"]).balloon,
+            Some(BalloonConfig::default())
+        );
+        let b = config(&["--balloon", "reporting=off"]).balloon.unwrap();
+        assert!(!b.reporting, "{b:?}");
+    }
 
     #[test]
     fn balloon_args_and_figures() {

@@ -304,11 +304,10 @@ struct RunArgs {
     /// `run` gets NICs only when asked.
     #[arg(long, value_name = "OPTIONS")]
     net: Vec<NetArg>,
-    /// A virtio-balloon: on (alone: `--balloon`), off, or
+    /// A virtio-balloon: on (alone: `--balloon`), off (or none), or
     /// [reporting=on|off][,deflate-on-oom=on|off][,stats=on|off|SECONDS].
     /// Free page reporting (on by default) gives memory the guest frees
-    /// back to the host. Managed VMs get one by default; `run` only when
-    /// asked.
+    /// back to the host. Every VM gets one (all on) unless given off.
     #[arg(long, value_name = "OPTIONS", num_args = 0..=1, default_missing_value = "on")]
     balloon: Option<balloon::BalloonArg>,
     /// A host directory shared with the guest (virtio-fs):
@@ -494,10 +493,7 @@ fn vm_config(args: RunArgs) -> Result<VmConfig, CliError> {
             }),
             Some(VsockArg::Set(v)) => Some(v),
         },
-        balloon: match args.balloon {
-            None | Some(balloon::BalloonArg::Off) => None,
-            Some(balloon::BalloonArg::Set(b)) => Some(b),
-        },
+        balloon: balloon::config(args.balloon),
         limits: vmm::config::HostLimits::default(),
         sandbox: vmm::config::SandboxConfig {
             landlock: args.landlock,
@@ -678,8 +674,6 @@ fn main() -> ExitCode {
         } => {
             let vsock = run.vsock.clone();
             let default_nic = run.net.is_empty();
-            // A managed VM gets a balloon unless told otherwise.
-            let default_balloon = run.balloon.is_none();
             exit_with(
                 cloudinit::Prepared::new(&name, image, &mut run).and_then(|image| {
                     let mut c = vm_config(run)?;
@@ -687,9 +681,6 @@ fn main() -> ExitCode {
                     // Named by the user: the overlay may sit on it.
                     if let Some(image) = &image {
                         c.sandbox.allow_backing.push(image.image().to_path_buf());
-                    }
-                    if default_balloon {
-                        c.balloon = Some(vmm::BalloonConfig::default());
                     }
                     manage::create(&name, c, vsock, default_nic, image)
                 }),

@@ -124,24 +124,78 @@ pub fn stderr_progress() -> impl Fn(u64, u64) + Sync {
     let last = AtomicU64::new(0);
     let tty = io::stderr().is_terminal();
     move |done, total| {
-        if total < REPORT_FROM {
+        let Some(text) = progress_line(&last, done, total) else {
             return;
-        }
-        let tenth = done * 10 / total;
-        if last.fetch_max(tenth, Ordering::Relaxed) >= tenth {
-            return;
-        }
-        let text = format!(
-            "preallocating guest RAM: {} of {} MiB ({}%)",
-            done >> 20,
-            total >> 20,
-            tenth * 10
-        );
+        };
         let mut err = io::stderr().lock();
         let _ = match (tty, done == total) {
             (true, false) => write!(err, "\r{text}"),
             (true, true) => writeln!(err, "\r{text}"),
             (false, _) => writeln!(err, "{text}"),
         };
+    }
+}
+
+/// The progress line due when `done` of `total` bytes are preallocated:
+/// one per new tenth (`last` holds the last tenth reported; threads may
+/// report out of order, and a tenth is never reported twice), only for
+/// guests of [`REPORT_FROM`] or more.
+fn progress_line(last: &AtomicU64, done: u64, total: u64) -> Option<String> {
+    if total < REPORT_FROM {
+        return None;
+    }
+    let tenth = done.min(total) * 10 / total;
+    if last.fetch_max(tenth, Ordering::Relaxed) >= tenth {
+        return None;
+    }
+    Some(format!(
+        "preallocating guest RAM: {} of {} MiB ({}%)",
+        done >> 20,
+        total >> 20,
+        tenth * 10
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    /// What a preallocation of `total` bytes in 32 MiB pieces, finishing
+    /// in order, prints.
+    fn lines(total: u64) -> Vec<String> {
+        let last = AtomicU64::new(0);
+        let mut done = 0;
+        let mut out = Vec::new();
+        while done < total {
+            done = (done + PIECE as u64).min(total);
+            out.extend(progress_line(&last, done, total));
+        }
+        out
+    }
+
+    #[test]
+    fn small_guests_get_no_progress_lines() {
+        assert!(lines(256 * MIB).is_empty());
+        assert!(lines(REPORT_FROM - 2 * MIB).is_empty());
+        assert_eq!(progress_line(&AtomicU64::new(0), 0, 0), None);
+    }
+
+    #[test]
+    fn large_guests_get_a_line_per_tenth() {
+        let got = lines(REPORT_FROM);
+        assert_eq!(got.len(), 10, "{got:#?}");
+        assert_eq!(got[0], "preallocating guest RAM: 128 of 1024 MiB (10%)");
+        assert_eq!(got[9], "preallocating guest RAM: 1024 of 1024 MiB (100%)");
+        let got = lines(2048 * MIB);
+        assert_eq!(got.len(), 10, "{got:#?}");
+        assert_eq!(got[4], "preallocating guest RAM: 1024 of 2048 MiB (50%)");
+        // Out of order (threads): an earlier tenth after a later one, or
+        // the same tenth again, prints nothing.
+        let last = AtomicU64::new(0);
+        assert!(progress_line(&last, 600 * MIB, REPORT_FROM).is_some());
+        assert_eq!(progress_line(&last, 300 * MIB, REPORT_FROM), None);
+        assert_eq!(progress_line(&last, 610 * MIB, REPORT_FROM), None);
     }
 }

@@ -3,7 +3,8 @@
 //! booted template (a managed VM gets a balloon by default; the clone is
 //! a restored VM, so its RAM is the snapshot's memory file mapped
 //! copy-on-write, and what it frees must not come back from that file):
-//! - the guest's statistics match its /proc/meminfo within 5%;
+//! - the guest's statistics (including the disk caches) match its
+//!   /proc/meminfo within 5%;
 //! - free page reporting: the guest fills 48 MiB of tmpfs and frees it;
 //!   the VMM's RSS falls by at least 32 MiB within 10 s;
 //! - the control: the same with reporting turned off in the guest
@@ -11,7 +12,10 @@
 //!   qualifies; same boot, same device): the RSS does not fall;
 //! - inflating to 64 MiB shrinks the guest's MemAvailable by about that
 //!   and the host's RSS (the balloon takes the pages the control freed,
-//!   still resident); deflating gives the memory back to the guest.
+//!   still resident); deflating gives the memory back to the guest;
+//! - deflate-on-OOM: with the balloon inflated to leave ~40 MiB, a guest
+//!   process writing 12 MiB more than that to tmpfs completes, the guest
+//!   lives on, and the balloon's `actual` falls below its target.
 //!
 //! Filling guest memory runs at ~25 MB/min on the development machines'
 //! emulating KVM, so the sizes are small and there are two fills.
@@ -20,6 +24,7 @@
 
 use super::common;
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -37,22 +42,25 @@ fn rss(pid: i64) -> u64 {
     kb * 1024
 }
 
+/// The guest's `/proc/meminfo`: each field in bytes, by name (without
+/// the colon).
+fn meminfo_fields(vm: &TestVm) -> HashMap<String, u64> {
+    let text = vm.sh("cat /proc/meminfo");
+    text.lines()
+        .filter_map(|l| {
+            let (name, v) = l.split_once(':')?;
+            let kb: u64 = v.trim().trim_end_matches("kB").trim().parse().ok()?;
+            Some((name.to_string(), kb * 1024))
+        })
+        .collect()
+}
+
 /// `/proc/meminfo` of the guest: (MemTotal, MemFree, MemAvailable) in
 /// bytes.
 fn meminfo(vm: &TestVm) -> (u64, u64, u64) {
-    let text = vm.sh("cat /proc/meminfo");
-    let field = |name: &str| -> u64 {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            .unwrap_or_else(|| panic!("{name} in {text}"))
-            * 1024
-    };
-    (
-        field("MemTotal:"),
-        field("MemFree:"),
-        field("MemAvailable:"),
-    )
+    let m = meminfo_fields(vm);
+    let field = |name: &str| -> u64 { *m.get(name).unwrap_or_else(|| panic!("{name} in {m:?}")) };
+    (field("MemTotal"), field("MemFree"), field("MemAvailable"))
 }
 
 fn balloon(vm: &TestVm) -> serde_json::Value {
@@ -94,12 +102,17 @@ fn the_balloon_reports_inflates_and_deflates() {
 
     // Statistics against /proc/meminfo.
     let b = balloon(&vm);
-    let (total, free, available) = meminfo(&vm);
+    let m = meminfo_fields(&vm);
+    let field = |name: &str| -> u64 { *m.get(name).unwrap_or_else(|| panic!("{name} in {m:?}")) };
     let stats = &b["stats"];
+    // Linux's driver sends NR_FILE_PAGES as the disk caches; /proc/meminfo
+    // splits that into Cached and Buffers (and SwapCached, 0 without
+    // swap), so the two together are the same figure.
     for (key, want) in [
-        ("total_memory", total),
-        ("free_memory", free),
-        ("available_memory", available),
+        ("total_memory", field("MemTotal")),
+        ("free_memory", field("MemFree")),
+        ("available_memory", field("MemAvailable")),
+        ("disk_caches", field("Cached") + field("Buffers")),
     ] {
         let got = stats[key]
             .as_u64()
@@ -194,4 +207,138 @@ fn the_balloon_reports_inflates_and_deflates() {
         "{}",
         out.stderr
     );
+
+    // Deflate-on-OOM: with the balloon holding all but ~40 MiB, a guest
+    // process that writes more than is left to tmpfs (which nothing can
+    // reclaim: no swap) runs the guest out of memory; the driver's OOM
+    // notifier gives balloon pages back (1 MiB a time) instead of the OOM
+    // killer killing something, so the write completes, the guest (and
+    // its agent) lives on, and `actual` falls below the target.
+    let (_, free, _) = meminfo(&vm);
+    let target = (free - 40 * MIB) / MIB * MIB;
+    vm.ok(&["balloon", "balloon", &format!("{}M", target / MIB)]);
+    let inflated = wait(Duration::from_secs(240), || {
+        balloon(&vm)["actual_bytes"].as_u64() == Some(target)
+    });
+    assert!(
+        inflated.is_some(),
+        "target {} MiB: {:#}",
+        target / MIB,
+        balloon(&vm)
+    );
+    eprintln!(
+        "inflated to {} MiB in {:?}",
+        target / MIB,
+        inflated.unwrap()
+    );
+    let (_, _, left) = meminfo(&vm);
+    let fill = left / MIB + 12;
+    let started = Instant::now();
+    let out = vm.exec(&[
+        "sh",
+        "-c",
+        &format!("dd if=/dev/zero of=/run/oom bs=1M count={fill} 2>&1 && ls -l /run/oom"),
+    ]);
+    let after = balloon(&vm);
+    eprintln!(
+        "writing {fill} MiB with {} MiB available took {:?}: exit {}, {}{}",
+        left / MIB,
+        started.elapsed(),
+        out.code,
+        out.stdout,
+        out.stderr
+    );
+    assert_eq!(
+        out.code,
+        0,
+        "the allocating process did not complete; console:\n{}",
+        vm.console_tail(20)
+    );
+    assert!(
+        out.stdout.contains(&(fill * MIB).to_string()),
+        "{}",
+        out.stdout
+    );
+    let actual = after["actual_bytes"].as_u64().unwrap();
+    assert!(
+        actual + 4 * MIB <= target,
+        "the balloon did not deflate on OOM: actual {} MiB, target {} MiB: {after:#}",
+        actual / MIB,
+        target / MIB
+    );
+    // (The file stays: an `rm` of it takes most of a minute here, and the
+    // VM goes when the test ends.)
+    assert_eq!(vm.sh("echo alive").trim(), "alive");
+    let console = vm.console_tail(40);
+    assert!(
+        !console.contains("Out of memory: Killed process"),
+        "the OOM killer ran: {console}"
+    );
+    eprintln!(
+        "deflate-on-OOM: actual {} MiB after the write, target {} MiB",
+        actual / MIB,
+        target / MIB
+    );
+}
+
+/// Managed VMs keep their balloon settings: `create` gives one with
+/// everything on unless told otherwise, `create --balloon OPTIONS` and
+/// `edit --balloon` are stored as given, `edit` without `--balloon` keeps
+/// them, and `off` removes the balloon. No boot.
+#[test]
+fn managed_vms_remember_balloon_settings() {
+    let data = temp_dir("balloon-settings");
+    let env = [("XDG_DATA_HOME", data.to_str().unwrap())];
+    let hv = |args: &[&str]| {
+        let out = hostvisor(args, &env, QUICK);
+        assert_eq!(out.code, 0, "{args:?}: {}", out.stderr);
+        out.stdout
+    };
+    let balloon_of = |name: &str| -> serde_json::Value {
+        let v: serde_json::Value = serde_json::from_str(&hv(&["show", name, "--json"])).unwrap();
+        v["config"]["balloon"].clone()
+    };
+    hv(&["create", "plain", "--kernel", "/nonexistent/vmlinux"]);
+    let b = balloon_of("plain");
+    assert_eq!(b["reporting"], true, "{b}");
+    assert_eq!(b["deflate_on_oom"], true, "{b}");
+    assert_eq!(b["stats"], true, "{b}");
+
+    hv(&[
+        "create",
+        "tuned",
+        "--kernel",
+        "/nonexistent/vmlinux",
+        "--balloon",
+        "reporting=off,stats=5",
+    ]);
+    let b = balloon_of("tuned");
+    assert_eq!(b["reporting"], false, "{b}");
+    assert_eq!(b["deflate_on_oom"], true, "{b}");
+    assert_eq!(b["stats_interval_s"], 5, "{b}");
+    // An edit of something else keeps them.
+    hv(&["edit", "tuned", "--cpus", "2"]);
+    assert_eq!(balloon_of("tuned"), b);
+    hv(&["edit", "tuned", "--balloon", "deflate-on-oom=off"]);
+    let b = balloon_of("tuned");
+    assert_eq!(b["reporting"], true, "{b}");
+    assert_eq!(b["deflate_on_oom"], false, "{b}");
+    hv(&["edit", "tuned", "--balloon", "off"]);
+    assert!(balloon_of("tuned").is_null());
+    hv(&["edit", "tuned", "--memory", "512M"]);
+    assert!(
+        balloon_of("tuned").is_null(),
+        "an edit brought the balloon back"
+    );
+
+    hv(&[
+        "create",
+        "none",
+        "--kernel",
+        "/nonexistent/vmlinux",
+        "--balloon",
+        "none",
+    ]);
+    assert!(balloon_of("none").is_null());
+    let _ = std::fs::remove_dir_all(&data);
 }

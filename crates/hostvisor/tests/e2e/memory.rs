@@ -10,6 +10,8 @@
 
 use super::common;
 
+use std::collections::HashMap;
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
 use common::*;
@@ -114,7 +116,15 @@ fn a_memfd_preallocated_vm_boots_and_run_stays_within_its_budget() {
     }
     let mut child = KillOnDrop(
         Command::new(release_binary())
-            .args(["run", "--memory", "256M,backing=memfd,prealloc"])
+            // The default balloon, with free page reporting off: it
+            // would give the free pages prealloc made resident back.
+            .args([
+                "run",
+                "--memory",
+                "256M,backing=memfd,prealloc",
+                "--balloon",
+                "reporting=off",
+            ])
             .arg("--kernel")
             .arg(guest.join("vmlinux"))
             .arg("--initrd")
@@ -375,4 +385,161 @@ fn hugetlb_without_reserved_pages_fails_clearly() {
     assert!(v[0]["pid"].is_null(), "{}", list.stdout);
     let _ = std::fs::remove_dir_all(&data);
     let _ = std::fs::remove_dir_all(kernel.parent().unwrap());
+}
+
+/// Prints "b\n" on COM1, then halts with interrupts off, for good: a
+/// guest that touches no RAM but its own code.
+const PRINT_AND_HALT: &[u8] = &[
+    0x66, 0xba, 0xf8, 0x03, // mov dx, 0x3f8
+    0xb0, b'b', 0xee, // mov al, 'b'; out dx, al
+    0xb0, b'\n', 0xee, // mov al, '\n'; out dx, al
+    0xfa, 0xf4, 0xeb, 0xfd, // cli; hlt; jmp hlt
+];
+
+/// The tiny guests' RAM.
+const TINY_MIB: u64 = 128;
+
+/// Guest RAM's mappings in process `pid` (a guest of `guest_kib`): the
+/// memfd, the named anonymous mapping, or else an anonymous or hugetlb
+/// mapping of the guest's size; each as its header line and its fields
+/// (kB).
+fn guest_mappings(pid: u32, guest_kib: u64) -> Vec<(String, HashMap<String, u64>)> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap();
+    let mut maps: Vec<(String, HashMap<String, u64>)> = Vec::new();
+    for line in smaps.lines() {
+        let first = line.split_whitespace().next().unwrap_or("");
+        if first.contains('-') && first.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+            maps.push((line.to_string(), HashMap::new()));
+        } else if let (Some((name, v)), Some(last)) = (line.split_once(':'), maps.last_mut()) {
+            if let Ok(kb) = v.trim().trim_end_matches(" kB").parse() {
+                last.1.insert(name.to_string(), kb);
+            }
+        }
+    }
+    maps.retain(|(header, f)| {
+        let fields = header.split_whitespace().count();
+        header.contains("hostvisor-guest-ram")
+            || (f.get("Size") == Some(&guest_kib)
+                && (fields == 5 || header.ends_with("/anon_hugepage (deleted)")))
+    });
+    maps
+}
+
+/// A `hostvisor run` of [`PRINT_AND_HALT`] with `--memory MEMORY`,
+/// returned once the guest has printed (its first instructions ran).
+fn run_tiny(name: &str, memory: &str) -> (KillOnDrop, PathBuf) {
+    let kernel = tiny_kernel(name, PRINT_AND_HALT);
+    let mut child = KillOnDrop(
+        Command::new(BIN)
+            .args(["run", "--memory", memory, "--kernel"])
+            .arg(&kernel)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut stdout = child.0.stdout.take().unwrap();
+    let seen = read_until(&mut stdout, QUICK, |s| contains(s, b"b\n"));
+    if !contains(&seen, b"b\n") {
+        let _ = child.0.kill();
+        let mut err = String::new();
+        let _ = std::io::Read::read_to_string(&mut child.0.stderr.take().unwrap(), &mut err);
+        panic!(
+            "--memory {memory}: the guest did not print; stdout {:?}, stderr {err}",
+            String::from_utf8_lossy(&seen)
+        );
+    }
+    (child, kernel)
+}
+
+/// Preallocation makes all of guest RAM resident before the guest runs:
+/// a guest that touches none of it (it prints a byte and halts) has
+/// guest-RAM Rss equal to its size with `prealloc` (anonymous and memfd
+/// backing), and far less without (the control).
+#[test]
+fn prealloc_makes_guest_ram_resident_before_the_guest_runs() {
+    if !kvm_usable() {
+        return;
+    }
+    let guest_kib = TINY_MIB * 1024;
+    for (memory, preallocated) in [
+        ("128M,prealloc", true),
+        ("128M,backing=memfd,prealloc", true),
+        ("128M", false),
+    ] {
+        let (child, kernel) = run_tiny("prealloc", memory);
+        let maps = guest_mappings(child.0.id(), guest_kib);
+        let rss: u64 = maps.iter().map(|(_, f)| f["Rss"]).sum();
+        let size: u64 = maps.iter().map(|(_, f)| f["Size"]).sum();
+        drop(child);
+        let _ = std::fs::remove_dir_all(kernel.parent().unwrap());
+        assert_eq!(size, guest_kib, "--memory {memory}: guest RAM {maps:#?}");
+        eprintln!("--memory {memory}: guest RAM Rss {rss} KiB");
+        if preallocated {
+            assert_eq!(rss, guest_kib, "--memory {memory}: {maps:#?}");
+        } else {
+            assert!(rss < 16 * 1024, "--memory {memory}: Rss {rss} KiB");
+        }
+    }
+}
+
+/// Restores /proc/sys/vm/nr_hugepages when dropped.
+struct HugePagesGuard(String);
+
+impl Drop for HugePagesGuard {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::write("/proc/sys/vm/nr_hugepages", &self.0) {
+            eprintln!("could not restore nr_hugepages to {}: {e}", self.0.trim());
+        }
+    }
+}
+
+/// Reserves `pages` more 2 MiB pages than are free now; a guard that
+/// gives them back, or why they could not be reserved.
+fn reserve_huge_pages(pages: u64) -> Result<HugePagesGuard, String> {
+    const SYSCTL: &str = "/proc/sys/vm/nr_hugepages";
+    let old = std::fs::read_to_string(SYSCTL).map_err(|e| format!("{SYSCTL}: {e}"))?;
+    let now: u64 = old.trim().parse().map_err(|e| format!("{SYSCTL}: {e}"))?;
+    let guard = HugePagesGuard(old);
+    let want = now + pages;
+    std::fs::write(SYSCTL, want.to_string())
+        .map_err(|e| format!("cannot write {SYSCTL} (not root?): {e}"))?;
+    if free_huge_pages() < pages {
+        return Err(format!(
+            "asked for {want} huge pages, the kernel found only {} free (memory too fragmented?)",
+            free_huge_pages()
+        ));
+    }
+    Ok(guard)
+}
+
+/// backing=hugetlb on a running VM: guest RAM is one mapping of 2 MiB
+/// pages, all of them faulted in (prealloc) before the guest runs.
+/// Reserving the pages needs root; without them the test prints SKIPPED,
+/// or fails when HOSTVISOR_REQUIRE_HUGEPAGES=1.
+#[test]
+fn hugetlb_guest_ram_is_in_huge_pages() {
+    if !kvm_usable() {
+        return;
+    }
+    let guard = match reserve_huge_pages(TINY_MIB / 2) {
+        Ok(g) => g,
+        Err(why) => {
+            skip("HOSTVISOR_REQUIRE_HUGEPAGES", &why);
+            return;
+        }
+    };
+    let guest_kib = TINY_MIB * 1024;
+    let (child, kernel) = run_tiny("hugetlb-vm", "128M,backing=hugetlb,prealloc");
+    let maps = guest_mappings(child.0.id(), guest_kib);
+    drop(child);
+    drop(guard);
+    let _ = std::fs::remove_dir_all(kernel.parent().unwrap());
+    assert_eq!(maps.len(), 1, "{maps:#?}");
+    let (header, f) = &maps[0];
+    assert_eq!(f["Size"], guest_kib, "{header}");
+    assert_eq!(f["KernelPageSize"], 2048, "{header}: {f:?}");
+    let huge = f.get("Private_Hugetlb").unwrap_or(&0) + f.get("Shared_Hugetlb").unwrap_or(&0);
+    assert_eq!(huge, guest_kib, "{header}: {f:?}");
 }
