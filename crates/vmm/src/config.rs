@@ -589,6 +589,9 @@ pub struct VmConfig {
     /// Shared host directories (virtio-fs), after every other device.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub shares: Vec<ShareConfig>,
+    /// The VMM threads' seccomp filters (`--seccomp`; on by default).
+    #[serde(default, skip_serializing_if = "seccomp::SeccompMode::is_default")]
+    pub seccomp: seccomp::SeccompMode,
 }
 
 fn is_microvm(m: &MachineType) -> bool {
@@ -618,6 +621,7 @@ impl VmConfig {
             nets: Vec::new(),
             balloon: None,
             shares: Vec::new(),
+            seccomp: seccomp::SeccompMode::default(),
         }
     }
 }

@@ -62,6 +62,8 @@ pub enum VmmError {
     Thread(#[source] std::io::Error),
     #[error("cannot install the vCPU kick signal handler: {0}")]
     Signal(String),
+    #[error(transparent)]
+    Seccomp(#[from] seccomp::SeccompError),
 }
 
 /// "outer: inner: innermost" for an error and its sources.

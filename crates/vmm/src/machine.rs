@@ -399,6 +399,7 @@ impl Machine {
             Ok(r) => tracing::debug!("released {} KiB of setup-only pages", r.file_kib),
             Err(e) => tracing::debug!("could not release setup-only pages: {e}"),
         }
+        seccomp::apply(seccomp::ThreadKind::Control);
         let mut handles = Vec::new();
         for vcpu in std::mem::take(&mut self.vcpus) {
             let id = vcpu.id();
@@ -412,9 +413,11 @@ impl Machine {
                 events: tx.clone(),
                 started,
             };
-            let thread = std::thread::Builder::new()
-                .name(format!("vcpu{id}"))
-                .spawn(move || vcpu::run(vcpu, ctx));
+            let builder = std::thread::Builder::new().name(format!("vcpu{id}"));
+            let thread = seccomp::spawn(builder, move || {
+                seccomp::apply(seccomp::ThreadKind::Vcpu);
+                vcpu::run(vcpu, ctx)
+            });
             match thread {
                 Ok(thread) => handles.push(VcpuHandle { id, thread }),
                 Err(e) => {
