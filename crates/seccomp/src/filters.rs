@@ -206,8 +206,27 @@ const BLOCK: &[&str] = &[
     "io_uring_enter",
 ];
 
+/// TAP (`readv`/`writev`, offloads by `ioctl`), NAT and internal
+/// switch sockets; the switch lists its network's directory for peers
+/// (`openat` of directories only, see [`special_rules`]) and removes its
+/// socket when it goes.
 const NET: &[&str] = &[
-    "readv", "writev", "recvfrom", "recvmsg", "sendmsg", "sendto", "poll", "ppoll", "ioctl",
+    "readv",
+    "writev",
+    "recvfrom",
+    "recvmsg",
+    "sendmsg",
+    "sendto",
+    "poll",
+    "ppoll",
+    "ioctl",
+    "openat",
+    "getdents64",
+    "newfstatat",
+    "statx",
+    "fstat",
+    "lseek",
+    "unlink",
 ];
 
 const RNG: &[&str] = &[];
@@ -514,6 +533,26 @@ fn terminal_ioctl_rules() -> Result<Vec<SeccompRule>, seccompiler::BackendError>
     )?])?])
 }
 
+/// Argument checks a kind puts on a call beyond `ioctl`'s; `None`: any
+/// arguments.
+fn special_rules(
+    kind: ThreadKind,
+    name: &str,
+) -> Result<Option<Vec<SeccompRule>>, seccompiler::BackendError> {
+    match (kind, name) {
+        // The net worker opens directories only (the switch's peers).
+        (ThreadKind::Net, "openat") => {
+            Ok(Some(vec![SeccompRule::new(vec![SeccompCondition::new(
+                2,
+                SeccompCmpArgLen::Dword,
+                SeccompCmpOp::MaskedEq(libc::O_DIRECTORY as u64),
+                libc::O_DIRECTORY as u64,
+            )?])?]))
+        }
+        _ => Ok(None),
+    }
+}
+
 /// Whether `kind`'s own lists allow `ioctl` with any request.
 fn any_ioctl(kind: ThreadKind) -> bool {
     kind != ThreadKind::Vcpu && extra(kind).iter().any(|list| list.contains(&"ioctl"))
@@ -521,6 +560,15 @@ fn any_ioctl(kind: ThreadKind) -> bool {
 
 /// Builds `kind`'s filter for `mode`.
 pub fn compile(kind: ThreadKind, mode: SeccompMode) -> Result<BpfProgram, SeccompError> {
+    let mismatch = match mode {
+        SeccompMode::Log => SeccompAction::Log,
+        _ => SeccompAction::Trap,
+    };
+    build(kind, mismatch)
+}
+
+/// `kind`'s filter, doing `mismatch` for a call it does not allow.
+fn build(kind: ThreadKind, mismatch: SeccompAction) -> Result<BpfProgram, SeccompError> {
     let fail = |e| SeccompError::Compile(kind.name(), e);
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
     for name in allowed(kind) {
@@ -531,14 +579,10 @@ pub fn compile(kind: ThreadKind, mode: SeccompMode) -> Result<BpfProgram, Seccom
         let rule = match name {
             "ioctl" if kind == ThreadKind::Vcpu => vcpu_ioctl_rules().map_err(fail)?,
             "ioctl" if !any_ioctl(kind) => terminal_ioctl_rules().map_err(fail)?,
-            _ => Vec::new(),
+            _ => special_rules(kind, name).map_err(fail)?.unwrap_or_default(),
         };
         rules.insert(nr, rule);
     }
-    let mismatch = match mode {
-        SeccompMode::Log => SeccompAction::Log,
-        _ => SeccompAction::Trap,
-    };
     let filter = SeccompFilter::new(rules, mismatch, SeccompAction::Allow, TargetArch::x86_64)
         .map_err(fail)?;
     BpfProgram::try_from(filter).map_err(fail)
@@ -618,6 +662,36 @@ mod tests {
                 assert!(!names.contains(&banned), "{banned} in {}", kind.name());
             }
         }
+    }
+
+    /// The argument checks, installed in threads of their own (refusals
+    /// give EPERM here instead of the trap, so the test process lives).
+    #[test]
+    fn argument_checks_hold() {
+        let refuse = SeccompAction::Errno(libc::EPERM as u32);
+        let net = build(ThreadKind::Net, refuse.clone()).unwrap();
+        std::thread::spawn(move || {
+            seccompiler::apply_filter(&net).unwrap();
+            assert!(std::fs::read_dir("/").is_ok(), "a directory opens");
+            let file = std::fs::File::open("/proc/self/status");
+            assert_eq!(file.unwrap_err().raw_os_error(), Some(libc::EPERM));
+        })
+        .join()
+        .unwrap();
+        let vcpu = build(ThreadKind::Vcpu, refuse).unwrap();
+        std::thread::spawn(move || {
+            seccompiler::apply_filter(&vcpu).unwrap();
+            // SAFETY: ioctls on a bad descriptor touch no memory.
+            unsafe {
+                // KVM_GET_API_VERSION passes the filter (EBADF), TIOCGWINSZ not.
+                assert_eq!(libc::ioctl(-1, 0xae00, 0), -1);
+                assert_eq!(*libc::__errno_location(), libc::EBADF);
+                assert_eq!(libc::ioctl(-1, libc::TIOCGWINSZ, 0), -1);
+                assert_eq!(*libc::__errno_location(), libc::EPERM);
+            }
+        })
+        .join()
+        .unwrap();
     }
 
     /// A filter, installed in a thread of its own, lets the thread's
