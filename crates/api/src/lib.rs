@@ -474,6 +474,14 @@ impl Drop for ServerHandle {
     }
 }
 
+/// Listens on `path`, readable and writable by the owner only.
+fn listen(path: &Path) -> std::io::Result<Arc<tiny_http::Server>> {
+    let server = tiny_http::Server::http_unix(path)
+        .map_err(|e| std::io::Error::other(format!("cannot listen on {}: {e}", path.display())))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(Arc::new(server))
+}
+
 /// Serves the API on a Unix socket at `path` (replacing a stale one),
 /// readable and writable by the owner only. Each request gets a thread, so
 /// a console stream does not hold up other requests.
@@ -482,17 +490,27 @@ pub fn serve(path: &Path, backend: Arc<dyn Backend>) -> std::io::Result<ServerHa
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
         _ => {}
     }
-    let server = tiny_http::Server::http_unix(path)
-        .map_err(|e| std::io::Error::other(format!("cannot listen on {}: {e}", path.display())))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    let server = Arc::new(server);
-    let s = server.clone();
     let busy = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let counter = busy.clone();
+    let (ready, made) = std::sync::mpsc::channel();
+    let at = path.to_path_buf();
+    // The server is made on the API thread, under its seccomp filter, so
+    // the threads tiny_http starts (accept, connections) inherit it.
     let thread = std::thread::Builder::new()
         .name("api".into())
         .spawn(move || {
             use std::sync::atomic::Ordering;
+            seccomp::apply(seccomp::ThreadKind::Api);
+            let s = match listen(&at) {
+                Ok(s) => {
+                    let _ = ready.send(Ok(s.clone()));
+                    s
+                }
+                Err(e) => {
+                    let _ = ready.send(Err(e));
+                    return;
+                }
+            };
             for request in s.incoming_requests() {
                 let backend = backend.clone();
                 let busy = counter.clone();
@@ -509,6 +527,9 @@ pub fn serve(path: &Path, backend: Arc<dyn Backend>) -> std::io::Result<ServerHa
                 }
             }
         })?;
+    let server = made
+        .recv()
+        .map_err(|_| std::io::Error::other("the API thread ended"))??;
     Ok(ServerHandle {
         server,
         path: path.to_path_buf(),

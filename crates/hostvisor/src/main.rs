@@ -239,6 +239,11 @@ struct RunCmd {
 
 #[derive(Debug, clap::Args)]
 struct RunArgs {
+    /// The VMM threads' seccomp filters: on (a forbidden system call ends
+    /// the VM process with a line naming it), log (allowed, logged by the
+    /// kernel) or off. Default: on.
+    #[arg(long, value_name = "MODE")]
+    seccomp: Option<seccomp::SeccompMode>,
     /// The machine: microvm (virtio-mmio, no ACPI: the fastest boot of a
     /// kernel you hand it) or pc (PCI with virtio-pci and MSI-X, ACPI
     /// with a power button: what an OS expects). Default: pc with
@@ -466,6 +471,7 @@ fn vm_config(args: RunArgs) -> Result<VmConfig, CliError> {
     let nets = nics(&args.net)?.unwrap_or_default();
     let shares = share::absolute(args.share)?;
     Ok(VmConfig {
+        seccomp: args.seccomp.unwrap_or_default(),
         machine,
         firmware: args.firmware,
         nets,
@@ -537,6 +543,9 @@ fn run(cmd: RunCmd) -> Result<VmOutcome, CliError> {
             // anything is opened or put on top of them.
             sandbox::check_restored(&config, dir)?;
             config.serial = cmd.vm.serial;
+            if let Some(mode) = cmd.vm.seccomp {
+                config.seccomp = mode;
+            }
             overlay_restored_disks(&mut config, &cmd.disk_overlay)?;
             (config, Some(spec))
         }
@@ -548,6 +557,8 @@ fn run(cmd: RunCmd) -> Result<VmOutcome, CliError> {
         config.sandbox.user = user;
     }
     sandbox::enter(&config, cmd.api_socket.as_deref(), cmd.restore.as_deref())?;
+    // Before any thread starts: each takes its filter.
+    seccomp::enable(config.seccomp).map_err(|e| CliError::Failure(vmm::error_chain(&e)))?;
     if let (Some(_), Some(vsock)) = (&restore, &config.vsock) {
         vmproc::announce_restore(&vsock.socket_path(), None, Vec::new());
     }

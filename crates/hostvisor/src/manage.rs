@@ -22,6 +22,9 @@ fn fail(e: impl std::fmt::Display) -> CliError {
 /// Changes `edit` makes; what is not given stays.
 #[derive(Debug, clap::Args)]
 pub struct EditArgs {
+    /// on, log or off: the VMM threads' seccomp filters.
+    #[arg(long, value_name = "MODE")]
+    pub seccomp: Option<seccomp::SeccompMode>,
     /// microvm or pc.
     #[arg(long, value_name = "TYPE")]
     pub machine: Option<vmm::MachineType>,
@@ -432,6 +435,9 @@ pub fn edit(name: &str, args: EditArgs) -> Result<i32, CliError> {
     let mut c = vm.config().map_err(fail)?;
     if let Some(v) = args.machine {
         c.machine = v;
+    }
+    if let Some(v) = args.seccomp {
+        c.seccomp = v;
     }
     match args.firmware.as_deref() {
         None => {}

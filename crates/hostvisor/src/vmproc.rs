@@ -346,6 +346,7 @@ pub fn announce_restore(
     let client = agent::client::Client::new(agent::client::Transport::Muxer(vsock.to_path_buf()))
         .patient(Duration::from_secs(60));
     std::thread::spawn(move || {
+        seccomp::apply(seccomp::ThreadKind::Api);
         match client.announce_restore(identity.as_ref()) {
             Ok(report) => tracing::info!(
                 credited = report.reseeded.credited,
@@ -423,6 +424,8 @@ pub struct Served {
 /// --api-socket PATH`) for `config`: pause, resume, kill, snapshot,
 /// status; stop through the agent when it has vsock.
 pub fn serve_unmanaged(config: &vmm::VmConfig, socket: &std::path::Path) -> Result<Served, String> {
+    // Before the API thread starts: it takes its filter.
+    seccomp::enable(config.seccomp).map_err(|e| vmm::error_chain(&e))?;
     let control = VmControl::new();
     let ended = Arc::new(AtomicBool::new(false));
     let agent = config
@@ -432,7 +435,10 @@ pub fn serve_unmanaged(config: &vmm::VmConfig, socket: &std::path::Path) -> Resu
     let (resync, resync_rx) = std::sync::mpsc::channel();
     if let Some(agent) = agent.clone() {
         let ended = ended.clone();
-        std::thread::spawn(move || keep_clock(agent, resync_rx, ended));
+        std::thread::spawn(move || {
+            seccomp::apply(seccomp::ThreadKind::Api);
+            keep_clock(agent, resync_rx, ended)
+        });
     }
     let backend = Arc::new(VmBackend {
         name: "run".to_string(),
@@ -518,6 +524,8 @@ pub fn run(name: &str, restore: Option<&std::path::Path>) -> Result<i32, String>
         ..Default::default()
     };
     vmm::sandbox::enter(&config, &extra).map_err(|e| vmm::error_chain(&e))?;
+    // Before the API thread starts: it takes its filter.
+    seccomp::enable(config.seccomp).map_err(|e| vmm::error_chain(&e))?;
     let control = VmControl::new();
     let ended = Arc::new(AtomicBool::new(false));
     let agent =
@@ -525,7 +533,10 @@ pub fn run(name: &str, restore: Option<&std::path::Path>) -> Result<i32, String>
     let (resync, resync_rx) = std::sync::mpsc::channel();
     if let Some(agent) = agent.clone() {
         let ended = ended.clone();
-        std::thread::spawn(move || keep_clock(agent, resync_rx, ended));
+        std::thread::spawn(move || {
+            seccomp::apply(seccomp::ThreadKind::Api);
+            keep_clock(agent, resync_rx, ended)
+        });
     }
     let relaunch = Arc::new(Relaunch::default());
     let backend = Arc::new(VmBackend {

@@ -605,6 +605,7 @@ impl Nat {
                         return;
                     }
                 };
+                seccomp::apply(seccomp::ThreadKind::Nat);
                 run(engine, &theirs, &kill_theirs);
             })?;
         let nat = Nat {

@@ -728,6 +728,9 @@ pub struct VmConfig {
     /// (docs/security.md).
     #[serde(default, skip_serializing_if = "SandboxConfig::is_default")]
     pub sandbox: SandboxConfig,
+    /// The VMM threads' seccomp filters (`--seccomp`; on by default).
+    #[serde(default, skip_serializing_if = "seccomp::SeccompMode::is_default")]
+    pub seccomp: seccomp::SeccompMode,
 }
 
 fn is_microvm(m: &MachineType) -> bool {
@@ -759,6 +762,7 @@ impl VmConfig {
             shares: Vec::new(),
             limits: HostLimits::default(),
             sandbox: SandboxConfig::default(),
+            seccomp: seccomp::SeccompMode::default(),
         }
     }
 }

@@ -255,6 +255,7 @@ impl StdinConsole {
             .name("console-in".into())
             .spawn(move || {
                 let _alive = alive;
+                seccomp::apply(seccomp::ThreadKind::ConsoleInput);
                 input_loop(&input, &s, &theirs);
             })?;
         Ok(StdinConsole {

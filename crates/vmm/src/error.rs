@@ -64,6 +64,8 @@ pub enum VmmError {
     Signal(String),
     #[error("sandbox")]
     Sandbox(#[from] crate::sandbox::SandboxError),
+    #[error(transparent)]
+    Seccomp(#[from] seccomp::SeccompError),
 }
 
 /// "outer: inner: innermost" for an error and its sources.

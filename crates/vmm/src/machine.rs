@@ -409,6 +409,7 @@ impl Machine {
             control.attach(tx.clone(), self.console.clone());
             control.attach_balloon(self.balloon.clone());
         }
+        seccomp::apply(seccomp::ThreadKind::Control);
         let mut handles = Vec::new();
         for vcpu in std::mem::take(&mut self.vcpus) {
             let id = vcpu.id();
@@ -422,9 +423,11 @@ impl Machine {
                 events: tx.clone(),
                 started,
             };
-            let thread = std::thread::Builder::new()
-                .name(format!("vcpu{id}"))
-                .spawn(move || vcpu::run(vcpu, ctx));
+            let builder = std::thread::Builder::new().name(format!("vcpu{id}"));
+            let thread = seccomp::spawn(builder, move || {
+                seccomp::apply(seccomp::ThreadKind::Vcpu);
+                vcpu::run(vcpu, ctx)
+            });
             match thread {
                 Ok(thread) => handles.push(VcpuHandle { id, thread }),
                 Err(e) => {

@@ -178,6 +178,8 @@ pub fn run_vm(
             "boots need a pc machine (--machine pc)".into(),
         ));
     }
+    // no_new_privs and the SIGSYS handler; threads take their filters.
+    seccomp::enable(config.seccomp)?;
     let mut restore = restore.map(|from| (from, &from.snapshot));
     let started = *PROCESS_START.get_or_init(Instant::now);
     let hv = open_hypervisor()?;

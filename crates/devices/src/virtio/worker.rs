@@ -160,12 +160,13 @@ impl<T: Send + 'static> WorkerThread<T> {
         let kill = EventFd::new(libc::EFD_NONBLOCK)?;
         let theirs = kill.try_clone()?;
         let (alive, ended) = mpsc::channel::<()>();
-        let thread = std::thread::Builder::new()
-            .name(name.to_string())
-            .spawn(move || {
-                let _alive = alive;
-                body(theirs)
-            })?;
+        let kind = seccomp::ThreadKind::for_worker(name);
+        let builder = std::thread::Builder::new().name(name.to_string());
+        let thread = seccomp::spawn(builder, move || {
+            let _alive = alive;
+            seccomp::apply(kind);
+            body(theirs)
+        })?;
         Ok(WorkerThread {
             name: name.to_string(),
             kill,

@@ -5,7 +5,7 @@
 //! leaves the other cores idle, and nearly all of these tests' time is a
 //! guest's emulated kernel keeping one core busy. In one binary the test
 //! harness keeps every core busy to the end, and the suite links one
-//! binary instead of twenty. Nothing here may change the host for
+//! binary instead of twenty-one. Nothing here may change the host for
 //! tests running beside it (the doctor's inaccessible /dev/kvm lives in a
 //! private mount namespace; the share test only widens /dev/kvm's mode).
 //!
@@ -35,6 +35,7 @@ mod pc;
 mod ratelimit;
 mod restore;
 mod sandbox;
+mod seccomp;
 mod share;
 mod snapshot;
 
