@@ -63,6 +63,9 @@ impl Rules {
         // overhead figures.
         r.add("/sys/kernel/mm/hugepages", Use::Read);
         r.add("/proc/sys/vm/nr_hugepages", Use::Read);
+        // GLib seeds a NAT engine's random numbers (libslirp) from it; a
+        // restore in place makes a new engine after confinement.
+        r.add("/dev/urandom", Use::Read);
         if let Ok(me) = std::fs::canonicalize("/proc/self") {
             r.add(me, Use::Read);
         }
