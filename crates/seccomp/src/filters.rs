@@ -117,7 +117,8 @@ impl ThreadKind {
 
 /// What any thread needs: memory, futexes, signals, time, thread exit,
 /// logging to stderr, and what a panic does before it aborts. `ioctl`
-/// here is `TCSETS` only, unless the kind's list has it: the handler that
+/// here is `TCSETS` and `KVM_SIGNAL_MSI` only (a pc machine's device
+/// workers raise MSI-X vectors), unless the kind's list has it: the handler that
 /// restores the terminal on SIGTERM (vmm::console) runs on any thread.
 const BASE: &[&str] = &[
     "brk",
@@ -527,14 +528,19 @@ fn vcpu_ioctl_rules() -> Result<Vec<SeccompRule>, seccompiler::BackendError> {
     ])
 }
 
-/// `TCSETS` only (kinds whose lists do not name `ioctl`).
+/// `KVM_SIGNAL_MSI` (`_IOW(0xAE, 0xa5, struct kvm_msi)`, 32 bytes): on
+/// the pc machine a device worker raises its queue's MSI-X vector itself.
+const KVM_SIGNAL_MSI: u64 = 0x4020_aea5;
+
+/// `TCSETS` and `KVM_SIGNAL_MSI` only (kinds whose lists do not name
+/// `ioctl`).
 fn terminal_ioctl_rules() -> Result<Vec<SeccompRule>, seccompiler::BackendError> {
-    Ok(vec![SeccompRule::new(vec![SeccompCondition::new(
-        1,
-        SeccompCmpArgLen::Dword,
-        SeccompCmpOp::Eq,
-        TCSETS,
-    )?])?])
+    let request =
+        |value| SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, value);
+    Ok(vec![
+        SeccompRule::new(vec![request(TCSETS)?])?,
+        SeccompRule::new(vec![request(KVM_SIGNAL_MSI)?])?,
+    ])
 }
 
 /// Argument checks a kind puts on a call beyond `ioctl`'s; `None`: any
