@@ -136,6 +136,15 @@ const BASE: &[&str] = &[
     // when a restore in place builds a new NAT engine.
     "getppid",
     "getrandom",
+    // `--user`: glibc makes every thread switch ids (its set*id broadcast
+    // runs the calls on each thread; the drop's check that setuid(0) now
+    // fails too). They can only keep or lower what the process holds: an
+    // unprivileged thread cannot regain root.
+    "setgid",
+    "setgroups",
+    "setresgid",
+    "setresuid",
+    "setuid",
     "gettid",
     "madvise",
     "mmap",
