@@ -122,6 +122,10 @@ impl Drop for Env {
 /// forked by another test thread holds a copy of this process's open
 /// image (and its lock) until it execs, so a lock conflict is retried.
 fn open(image: &Path, read_only: bool) -> Arc<dyn block::DiskImage> {
+    // The test reads the chains hostvisor wrote in its temporary stores,
+    // whose bottom layers (the tests' own base disks) sit beside them:
+    // allowed here as a user would with --allow-backing.
+    block::backing::allow(&std::env::temp_dir()).unwrap();
     let opts = block::OpenOptions {
         read_only,
         ..Default::default()

@@ -20,7 +20,9 @@ const ABI_USED: ABI = ABI::V5;
 pub enum Use {
     /// Read files (and list directories) at or below it.
     Read,
-    /// Read, write, create, rename and remove at or below it.
+    /// Read, write, create (files, directories, symlinks: a share's guest
+    /// makes them), rename and remove at or below it; no device nodes or
+    /// fifos, no execution.
     ReadWrite,
     /// Create and remove Unix sockets in the directory.
     Sockets,
@@ -179,8 +181,7 @@ fn rights(how: Use) -> BitFlags<AccessFs> {
                 & !(AccessFs::Execute
                     | AccessFs::MakeChar
                     | AccessFs::MakeBlock
-                    | AccessFs::MakeFifo
-                    | AccessFs::MakeSym)
+                    | AccessFs::MakeFifo)
         }
         Use::Sockets => AccessFs::MakeSock | AccessFs::RemoveFile,
     }
