@@ -399,6 +399,9 @@ impl Machine {
             Ok(r) => tracing::debug!("released {} KiB of setup-only pages", r.file_kib),
             Err(e) => tracing::debug!("could not release setup-only pages: {e}"),
         }
+        // Code that runs later maps back in: released again now and then,
+        // measured from now (no vCPU has run yet).
+        let mut trimmer = memory::overhead::Trimmer::new();
         // Requests are taken before any vCPU runs: one that comes once
         // the guest has started (it may be quick) finds the machine. They
         // wait in the channel until the loop below serves them.
@@ -445,8 +448,6 @@ impl Machine {
         let mut paused: Option<(u64, Instant)> = None;
         let mut paused_total = std::time::Duration::ZERO;
         let mut running = handles.len();
-        // Code that runs later maps back in: released again now and then.
-        let mut trimmer = memory::overhead::Trimmer::new();
         let mut next_trim = Instant::now() + memory::overhead::Trimmer::PERIOD;
         let outcome = loop {
             let now = Instant::now();
