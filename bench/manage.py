@@ -33,6 +33,12 @@ from boot import READY, ROOT, default_cmdline, guest_dir, overhead_kib  # noqa: 
 HV = os.path.join(ROOT, "target", "release", "hostvisor")
 
 
+def overhead_after(pid, mem, idle):
+    """One reading of the VMM's own memory `idle` seconds from now."""
+    time.sleep(idle)
+    return overhead_kib(pid, mem)
+
+
 def wait_file(path, needle, timeout):
     end = time.monotonic() + timeout
     while time.monotonic() < end:
@@ -46,7 +52,7 @@ def wait_file(path, needle, timeout):
     return False
 
 
-def hostvisor_once(tmp, kernel, initrd, cmdline, mem, idle, timeout):
+def hostvisor_once(tmp, kernel, initrd, cmdline, mem, idle, timeout, measure=overhead_after):
     env = dict(os.environ, XDG_DATA_HOME=tmp)
     subprocess.run([HV, "create", "bench", "--kernel", kernel, "--initrd", initrd,
                     "--cmdline", cmdline, "--memory", f"{mem}M"], env=env, check=True,
@@ -59,17 +65,16 @@ def hostvisor_once(tmp, kernel, initrd, cmdline, mem, idle, timeout):
         if not wait_file(os.path.join(vm, "console.log"), READY, timeout):
             raise RuntimeError("hostvisor: no READY line")
         ready = time.monotonic() - t0
-        time.sleep(idle)
         with open(os.path.join(vm, "pid")) as f:
             pid = int(f.read())
-        over = overhead_kib(pid, mem)
+        over = measure(pid, mem, idle)
     finally:
         subprocess.run([HV, "kill", "bench"], env=env, stdout=subprocess.DEVNULL)
         subprocess.run([HV, "delete", "bench"], env=env, stdout=subprocess.DEVNULL)
     return start, ready, over
 
 
-def qemu_once(tmp, qemu, kernel, initrd, cmdline, mem, idle, timeout):
+def qemu_once(tmp, qemu, kernel, initrd, cmdline, mem, idle, timeout, measure=overhead_after):
     console = os.path.join(tmp, "qemu-console.log")
     qmp = os.path.join(tmp, "qmp.sock")
     pidfile = os.path.join(tmp, "qemu.pid")
@@ -93,8 +98,7 @@ def qemu_once(tmp, qemu, kernel, initrd, cmdline, mem, idle, timeout):
         if not wait_file(console, READY, timeout):
             raise RuntimeError("qemu: no READY line")
         ready = time.monotonic() - t0
-        time.sleep(idle)
-        over = overhead_kib(pid, mem)
+        over = measure(pid, mem, idle)
     finally:
         os.kill(pid, 9)
     return start, ready, over
