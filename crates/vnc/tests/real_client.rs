@@ -6,6 +6,8 @@
 //! Without vncdotool the test prints `SKIPPED: reason` and passes, unless
 //! HOSTVISOR_REQUIRE_VNC_CLIENT=1, where it fails.
 
+#![allow(clippy::unwrap_used)]
+
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
