@@ -356,10 +356,12 @@ fn handle(
     keyboard: &mut Keyboard,
     last_buttons: &mut u8,
 ) {
-    let mut settings = settings.lock().unwrap_or_else(|e| e.into_inner());
+    // Locked only to change them: the receivers below may be slow.
+    let settings = || settings.lock().unwrap_or_else(|e| e.into_inner());
     match msg {
-        ClientMessage::SetPixelFormat(format) => settings.format = format,
+        ClientMessage::SetPixelFormat(format) => settings().format = format,
         ClientMessage::SetEncodings(list) => {
+            let mut settings = settings();
             // The first of Raw and ZRLE the viewer lists is its choice.
             settings.zrle = list
                 .iter()
