@@ -287,14 +287,16 @@ impl Display {
             .checked_mul(stride)
             .and_then(|n| n.checked_add(row_bytes))
             .filter(|_| stride >= row_bytes);
-        let Some(need) = need.filter(|n| *n <= pixels.len()) else {
-            return Err(DisplayError::ShortPixels {
-                got: pixels.len(),
-                need: need.unwrap_or(usize::MAX),
-                stride,
-            });
-        };
-        let _ = need;
+        match need {
+            Some(n) if n <= pixels.len() => {}
+            _ => {
+                return Err(DisplayError::ShortPixels {
+                    got: pixels.len(),
+                    need: need.unwrap_or(usize::MAX),
+                    stride,
+                })
+            }
+        }
         for row in 0..rect.height as usize {
             let src = &pixels[row * stride..row * stride + row_bytes];
             let start = (rect.y as usize + row) * w as usize + rect.x as usize;

@@ -272,19 +272,15 @@ fn dim16(v: u32) -> u16 {
 #[derive(Debug, Default)]
 struct Keyboard {
     down: HashMap<u32, (u16, bool)>,
-    shifts_held: usize,
 }
 
 impl Keyboard {
+    /// Whether the viewer holds a Shift key.
+    fn shift_held(&self) -> bool {
+        self.down.keys().any(|&k| keysym::is_shift(k))
+    }
+
     fn event(&mut self, keysym: u32, down: bool, input: &dyn InputSink) {
-        if keysym::is_shift(keysym) {
-            let was = self.down.contains_key(&keysym);
-            if down && !was {
-                self.shifts_held += 1;
-            } else if !down && was {
-                self.shifts_held = self.shifts_held.saturating_sub(1);
-            }
-        }
         if down {
             let Some(key) = keysym::to_key(keysym) else {
                 tracing::debug!(keysym, "keysym without a US key ignored");
@@ -295,7 +291,7 @@ impl Keyboard {
             let added = match self.down.get(&keysym) {
                 Some(&(_, added)) => added,
                 None if self.down.len() >= MAX_KEYS_DOWN => return,
-                None => key.shift && self.shifts_held == 0,
+                None => key.shift && !self.shift_held(),
             };
             if added && !self.down.contains_key(&keysym) {
                 input.key(keysym::code::LEFTSHIFT, true);

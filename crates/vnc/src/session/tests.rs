@@ -432,3 +432,42 @@ fn rfb_3_3_clients_are_told_the_security_type() {
     let r = t.join().unwrap();
     assert!(r.is_ok(), "{r:?}");
 }
+
+#[test]
+fn held_keys_are_bounded_and_shift_tracking_survives_the_bound() {
+    let rec = Recorder::default();
+    let mut kb = Keyboard::default();
+    // 64 keys held (letters, digits, F keys...): the next press is dropped.
+    let syms: Vec<u32> = (0x61..=0x7a)
+        .chain(0x30..=0x39)
+        .chain(0xffbe..=0xffd5)
+        .chain([0xff50, 0xff51, 0xff52, 0xff53])
+        .collect();
+    assert_eq!(syms.len(), MAX_KEYS_DOWN);
+    for &k in &syms {
+        kb.event(k, true, &rec);
+    }
+    kb.event(0xffe1, true, &rec);
+    assert_eq!(kb.down.len(), MAX_KEYS_DOWN);
+    for &k in &syms {
+        kb.event(k, false, &rec);
+    }
+    kb.event(0xffe1, false, &rec);
+    rec.keys.lock().unwrap().clear();
+    // The dropped Shift does not count as held: 'A' still gets one.
+    kb.event('A' as u32, true, &rec);
+    kb.event('A' as u32, false, &rec);
+    assert_eq!(
+        *rec.keys.lock().unwrap(),
+        vec![(42, true), (30, true), (30, false), (42, false)]
+    );
+    // Auto-repeat: repeated presses, one Shift.
+    rec.keys.lock().unwrap().clear();
+    kb.event('!' as u32, true, &rec);
+    kb.event('!' as u32, true, &rec);
+    kb.event('!' as u32, false, &rec);
+    assert_eq!(
+        *rec.keys.lock().unwrap(),
+        vec![(42, true), (2, true), (2, true), (2, false), (42, false)]
+    );
+}
