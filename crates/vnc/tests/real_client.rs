@@ -66,7 +66,11 @@ fn vncdotool_missing() -> Option<String> {
         Ok(o) if o.status.success() => None,
         Ok(o) => Some(format!(
             "vncdotool is not installed (pip install vncdotool): {}",
-            String::from_utf8_lossy(&o.stderr).trim()
+            String::from_utf8_lossy(&o.stderr)
+                .trim()
+                .lines()
+                .last()
+                .unwrap_or("")
         )),
         Err(e) => Some(format!("python3 cannot run: {e}")),
     }
