@@ -26,6 +26,8 @@
 //!   guest a VIRTIO_VSOCK_EVENT_TRANSPORT_RESET once the guest's event
 //!   queue has a buffer, so the guest drops its sockets (as Firecracker
 //!   does); the host listeners are the new device's and survive.
+//! - input: its kind, the config selection and the events not yet
+//!   delivered to the guest.
 //! - fs: the share's tag. FUSE node IDs and open handles cannot cross a
 //!   snapshot (they are host descriptors): the guest mounts the share
 //!   again after a restore.
@@ -39,6 +41,7 @@ pub use super::balloon::persist::BalloonState;
 pub use super::block::persist::BlockState;
 pub use super::console::persist::ConsoleState;
 pub use super::fs::persist::FsState;
+pub use super::input::persist::InputState;
 pub use super::net::persist::NetState;
 pub use super::vsock::persist::VsockState;
 
@@ -131,6 +134,7 @@ pub enum VirtioDeviceState {
     Vsock(VsockState),
     Balloon(BalloonState),
     Fs(FsState),
+    Input(InputState),
 }
 
 impl VirtioDeviceState {
@@ -146,6 +150,7 @@ impl VirtioDeviceState {
             VirtioDeviceState::Vsock(_) => "vsock",
             VirtioDeviceState::Balloon(_) => "balloon",
             VirtioDeviceState::Fs(_) => "fs",
+            VirtioDeviceState::Input(_) => "input",
         }
     }
 }
@@ -193,6 +198,7 @@ own_state!(
     Vsock => VsockState,
     Balloon => BalloonState,
     Fs => FsState,
+    Input => InputState,
 );
 
 /// virtio-rng keeps nothing: its queue is the transport's.
