@@ -20,6 +20,7 @@ pub mod block;
 pub mod common;
 pub mod console;
 pub mod fs;
+pub mod gpu;
 pub mod mmio;
 pub mod net;
 pub mod pci;

@@ -29,6 +29,10 @@
 //! - fs: the share's tag. FUSE node IDs and open handles cannot cross a
 //!   snapshot (they are host descriptors): the guest mounts the share
 //!   again after a restore.
+//! - gpu: the modes offered, the pending display event, resources (id,
+//!   format, size, backing list; a host copy only for resources without
+//!   a backing, bounded), what each scanout shows and the cursor. Pixels
+//!   of backed resources are read from guest memory again on restore.
 
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueState, QueueT};
@@ -39,6 +43,7 @@ pub use super::balloon::persist::BalloonState;
 pub use super::block::persist::BlockState;
 pub use super::console::persist::ConsoleState;
 pub use super::fs::persist::FsState;
+pub use super::gpu::persist::GpuState;
 pub use super::net::persist::NetState;
 pub use super::vsock::persist::VsockState;
 
@@ -131,6 +136,7 @@ pub enum VirtioDeviceState {
     Vsock(VsockState),
     Balloon(BalloonState),
     Fs(FsState),
+    Gpu(GpuState),
 }
 
 impl VirtioDeviceState {
@@ -146,6 +152,7 @@ impl VirtioDeviceState {
             VirtioDeviceState::Vsock(_) => "vsock",
             VirtioDeviceState::Balloon(_) => "balloon",
             VirtioDeviceState::Fs(_) => "fs",
+            VirtioDeviceState::Gpu(_) => "gpu",
         }
     }
 }
@@ -193,6 +200,7 @@ own_state!(
     Vsock => VsockState,
     Balloon => BalloonState,
     Fs => FsState,
+    Gpu => GpuState,
 );
 
 /// virtio-rng keeps nothing: its queue is the transport's.
