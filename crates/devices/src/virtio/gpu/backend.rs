@@ -231,7 +231,9 @@ impl GpuBackend {
         let Some(r) = self.resources.remove(&id) else {
             return BAD_RESOURCE;
         };
-        self.used -= r.bytes() + r.backing.as_ref().map_or(0, Backing::cost);
+        self.used = self
+            .used
+            .saturating_sub(r.bytes() + r.backing.as_ref().map_or(0, Backing::cost));
         for i in 0..self.scanouts.len() {
             if self.scanouts[i].resource_id == id {
                 self.disable(i);
@@ -247,7 +249,7 @@ impl GpuBackend {
         s.resource_id = 0;
         s.rect = Rect::default();
         if let Some(f) = s.frame.take() {
-            self.used -= f.pixels.len() * 4;
+            self.used = self.used.saturating_sub(f.pixels.len() * 4);
         }
         if was_on {
             self.sink.resize(super::super::len_u32(i), 0, 0);
@@ -274,7 +276,7 @@ impl GpuBackend {
         }
         let old = s.frame.as_ref().map_or(0, |f| f.pixels.len() * 4);
         let new = rect.width as usize * rect.height as usize * 4;
-        if self.used - old + new > MAX_HOST_BYTES {
+        if self.used.saturating_sub(old) + new > MAX_HOST_BYTES {
             return NO_MEMORY;
         }
         let whole = Rect::new(0, 0, rect.width, rect.height);
@@ -282,7 +284,7 @@ impl GpuBackend {
             let Some(pixels) = alloc_pixels(new / 4) else {
                 return NO_MEMORY;
             };
-            self.used = self.used - old + new;
+            self.used = self.used.saturating_sub(old) + new;
             self.scanouts[i].frame = Some(Frame {
                 width: rect.width,
                 height: rect.height,
@@ -373,7 +375,7 @@ impl GpuBackend {
         };
         match r.backing.take() {
             Some(b) => {
-                self.used -= b.cost();
+                self.used = self.used.saturating_sub(b.cost());
                 OK
             }
             None => UNSPEC,

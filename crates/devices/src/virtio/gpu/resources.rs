@@ -244,7 +244,10 @@ impl Resource {
                 .map_err(TransferError::Backing)?;
             let y = (rect.y + r) as usize;
             let start = y * width + rect.x as usize;
-            let dst = &mut self.pixels[start..start + rect.width as usize];
+            let dst = self
+                .pixels
+                .get_mut(start..start + rect.width as usize)
+                .ok_or(TransferError::Rect)?;
             for (d, p) in dst.iter_mut().zip(row.chunks_exact(4)) {
                 *d = self.format.to_argb([p[0], p[1], p[2], p[3]]);
             }

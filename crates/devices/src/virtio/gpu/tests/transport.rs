@@ -152,7 +152,7 @@ fn config_space_and_features() {
 #[test]
 fn a_resize_reaches_the_guest() {
     let m = mem();
-    let (g, handle, _sink) = gpu(&[(1280, 800)]);
+    let (g, handle, sink) = gpu(&[(1280, 800)]);
     let mut drv = Driver::new(m, g);
     // Asked before the driver is up: it is told when the device starts.
     handle.request_resize(0, 1024, 768).unwrap();
@@ -200,6 +200,14 @@ fn a_resize_reaches_the_guest() {
     );
     let f = handle.frame(0).unwrap();
     assert_eq!((f.width, f.height), (1920, 1080));
+
+    // A guest that sends nothing costs nothing: no sink calls, no
+    // interrupts, the worker asleep in epoll.
+    sink.take();
+    let raised = drv.irq.raised();
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    assert!(sink.take().is_empty());
+    assert_eq!(drv.irq.raised(), raised);
 }
 
 /// Sets up what a guest shows: a framebuffer on scanout 0, a small
