@@ -21,6 +21,7 @@ pub mod common;
 pub mod console;
 pub mod fs;
 pub mod input;
+pub mod gpu;
 pub mod mmio;
 pub mod net;
 pub mod pci;

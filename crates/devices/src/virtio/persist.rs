@@ -31,6 +31,10 @@
 //! - fs: the share's tag. FUSE node IDs and open handles cannot cross a
 //!   snapshot (they are host descriptors): the guest mounts the share
 //!   again after a restore.
+//! - gpu: the modes offered, the pending display event, resources (id,
+//!   format, size, backing list; a host copy only for resources without
+//!   a backing, bounded), what each scanout shows and the cursor. Pixels
+//!   of backed resources are read from guest memory again on restore.
 
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueState, QueueT};
@@ -42,6 +46,7 @@ pub use super::block::persist::BlockState;
 pub use super::console::persist::ConsoleState;
 pub use super::fs::persist::FsState;
 pub use super::input::persist::InputState;
+pub use super::gpu::persist::GpuState;
 pub use super::net::persist::NetState;
 pub use super::vsock::persist::VsockState;
 
@@ -135,6 +140,7 @@ pub enum VirtioDeviceState {
     Balloon(BalloonState),
     Fs(FsState),
     Input(InputState),
+    Gpu(GpuState),
 }
 
 impl VirtioDeviceState {
@@ -151,6 +157,7 @@ impl VirtioDeviceState {
             VirtioDeviceState::Balloon(_) => "balloon",
             VirtioDeviceState::Fs(_) => "fs",
             VirtioDeviceState::Input(_) => "input",
+            VirtioDeviceState::Gpu(_) => "gpu",
         }
     }
 }
@@ -199,6 +206,7 @@ own_state!(
     Balloon => BalloonState,
     Fs => FsState,
     Input => InputState,
+    Gpu => GpuState,
 );
 
 /// virtio-rng keeps nothing: its queue is the transport's.
