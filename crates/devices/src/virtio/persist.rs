@@ -45,8 +45,8 @@ pub use super::balloon::persist::BalloonState;
 pub use super::block::persist::BlockState;
 pub use super::console::persist::ConsoleState;
 pub use super::fs::persist::FsState;
-pub use super::input::persist::InputState;
 pub use super::gpu::persist::GpuState;
+pub use super::input::persist::InputState;
 pub use super::net::persist::NetState;
 pub use super::vsock::persist::VsockState;
 
