@@ -17,7 +17,10 @@
 //! are measured whole: a limiter lets through at most its bucket plus the
 //! rate times the time, and a guest faster than the limit gets exactly
 //! that, however long its burst takes to drain the bucket; so the rate is
-//! `(bytes − 1 MB) / seconds`.
+//! `(bytes − 1 MB) / seconds`. The disk's time, taken by the guest, also
+//! holds its last request's own read and completion, after the limiter
+//! admitted it: that time is credited at the limit (its length from the
+//! guest's unlimited pace), else a slow guest would seem held back ~7%.
 //!
 //! Why this is measurable on the nested KVM of the development machines
 //! and CI, where the guest's kernel code is emulated and slow: O_DIRECT
@@ -25,13 +28,14 @@
 //! unlimited 1 MiB `dd` reads at 5–8 MiB/s on a quiet host, where 256 KiB
 //! requests on a loaded one gave ~1.5 MiB/s), and the NIC completes the
 //! guest's TCP checksums itself (VIRTIO_NET_F_CSUM towards the NAT).
-//! The unlimited control disk is read first and printed, so a failure
-//! shows how fast the guest could go.
+//! The unlimited control disk is read just before and just after the
+//! limited one and printed, so a failure shows how fast the guest could
+//! go at the time (the host's load moves it by 4× within minutes).
 //!
 //! What is asserted: no transfer beats its limit by more than 10%,
 //! always. That the disk read and the NIC transmit reach their limit
 //! within 10% is asserted whenever the guest showed it can go at 1.5
-//! times the limit unlimited — the control disk's read, and the NIC's
+//! times the limit unlimited — the control disk's reads (both), and the NIC's
 //! first MB (the bucket, which the limiter lets through at once) reaching
 //! the host — which an idle or moderately busy host gives (the disk
 //! several times over). On a host so loaded that the guest cannot (its
@@ -173,20 +177,8 @@ fn a_rate_limited_disk_and_nic_move_data_at_their_limits() {
         "{show}"
     );
 
-    // The disks: the unlimited control first, then the limited one from
-    // its full bucket.
-    let read = |disk: &str, count: usize| {
-        format!(
-            "dd if=/dev/{disk} of=/dev/null bs=512k skip=16 count={count} iflag=direct 2>/dev/null"
-        )
-    };
-    let seconds = timed(&vm, "true", &read("vdb", 16));
-    let unlimited = ratio("control disk (unlimited)", 16 * BLOCK, seconds);
-    let seconds = timed(&vm, "true", &read("vda", BLOCKS));
-    let disk = ratio("disk read", BLOCKS * BLOCK - LIMIT, seconds);
-
-    // The NIC, once the guest has its lease: `dd` writes the control
-    // disk's first blocks into a connection to the host.
+    // First the guest's lease (and the rest of its start-up work, which
+    // would slow the first measurement down).
     let start = Instant::now();
     while !vm
         .exec(&["sh", "-c", "ip -4 addr show eth0"])
@@ -196,6 +188,35 @@ fn a_rate_limited_disk_and_nic_move_data_at_their_limits() {
         assert!(start.elapsed() < Duration::from_secs(120), "no DHCP lease");
         std::thread::sleep(Duration::from_secs(1));
     }
+
+    // The disks: the unlimited control first, then the limited one from
+    // its full bucket.
+    let read = |disk: &str, count: usize| {
+        format!(
+            "dd if=/dev/{disk} of=/dev/null bs=512k skip=16 count={count} iflag=direct 2>/dev/null"
+        )
+    };
+    let seconds = timed(&vm, &read("vdb", 1), &read("vdb", 8));
+    let before = ratio("control disk (unlimited), before", 8 * BLOCK, seconds);
+    let seconds = timed(&vm, "true", &read("vda", BLOCKS));
+    let seconds_limited = seconds;
+    let seconds = timed(&vm, "true", &read("vdb", 8));
+    let after = ratio("control disk (unlimited), after", 8 * BLOCK, seconds);
+    // What the guest could do around the limited read: the slower.
+    let unlimited = before.min(after);
+    // The last request's own time — its read and the guest's work after
+    // it, which come after its admission and which no limiter governs —
+    // is in the time measured: credited at the limit, taking the faster
+    // of the controls' pace for it (the smaller credit).
+    let tail = BLOCK as f64 / before.max(after);
+    let disk = ratio(
+        "disk read",
+        BLOCKS * BLOCK - LIMIT + tail as usize,
+        seconds_limited,
+    );
+
+    // The NIC: `dd` writes the control disk's first blocks into a
+    // connection to the host.
     let (port, samples) = sink();
     vm.sh(&format!(
         "printf '#!/bin/sh\\nexec dd if=/dev/vdb bs=512k count={} iflag=direct 2>/dev/null\\n' > /tmp/tx && \
@@ -237,7 +258,7 @@ fn a_rate_limited_disk_and_nic_move_data_at_their_limits() {
     let _ = std::fs::remove_dir_all(&dir);
 
     let could = format!(
-        "the guest read its unlimited control disk at {:.2} MB/s",
+        "the guest read its unlimited control disk at {:.2} MB/s (the slower of before and after)",
         unlimited * LIMIT as f64 / 1e6
     );
     for (what, ratio) in [("the disk read", disk), ("the NIC transmit", transmit)] {
