@@ -70,10 +70,13 @@ pub const OFFLOAD_FEATURES: u64 = 1 << VIRTIO_NET_F_CSUM
 
 /// Offloads the device does itself for backends of bare frames: the
 /// guest's partial checksums (completed before the backend sees a
-/// frame), and, when the backend vouches for its frames' checksums,
-/// received frames marked valid.
-pub const CSUM_FEATURES: u64 = 1 << VIRTIO_NET_F_CSUM;
-pub const RX_CSUM_FEATURES: u64 = 1 << VIRTIO_NET_F_GUEST_CSUM;
+/// frame), and received frames marked valid when the backend vouches for
+/// their checksums. GUEST_CSUM is offered to every such backend, vouching
+/// or not, so that all of them offer the same features: a snapshot taken
+/// on the NAT restores onto an internal network (the transport refuses a
+/// restore whose acked features are no longer offered); where the backend
+/// does not vouch, frames simply never carry DATA_VALID.
+pub const CSUM_FEATURES: u64 = 1 << VIRTIO_NET_F_CSUM | 1 << VIRTIO_NET_F_GUEST_CSUM;
 
 /// rx, tx.
 const QUEUE_SIZES: [u16; 2] = [256, 256];
@@ -314,9 +317,6 @@ impl VirtioDevice for Net {
             f |= OFFLOAD_FEATURES;
         } else {
             f |= CSUM_FEATURES;
-            if self.checksums_valid {
-                f |= RX_CSUM_FEATURES;
-            }
         }
         if self.mtu.is_some() {
             f |= 1 << VIRTIO_NET_F_MTU;
