@@ -51,6 +51,14 @@ pub trait Backend: Send + std::fmt::Debug {
         false
     }
 
+    /// Whether every frame [`recv`](Backend::recv) hands over carries
+    /// correct IP, TCP and UDP checksums because host code made it (the
+    /// NAT), so the guest may skip checking them. Not for frames that
+    /// another guest or the outside world made (internal networks, TAP).
+    fn checksums_valid(&self) -> bool {
+        false
+    }
+
     /// The largest IP packet the backend takes, when it differs from
     /// Ethernet's 1500 (the device then tells the guest).
     fn mtu(&self) -> Option<u16> {

@@ -8,7 +8,10 @@
 //!
 //! Offered: MAC, link status, mergeable receive buffers, and — when the
 //! backend passes virtio-net headers through (TAP) — checksum and TSO
-//! offloads both ways.
+//! offloads both ways. For backends of bare frames (the NAT, internal
+//! networks) the device itself completes the checksums the guest leaves
+//! partial, and tells the guest that the NAT's frames need no checking
+//! ([`checksum`]): the per-byte work of a slow guest's stack halves.
 //!
 //! The guest is untrusted: a transmit chain that is not a plausible
 //! Ethernet frame (shorter than the virtio-net header plus an Ethernet
@@ -35,7 +38,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::persist::OwnState;
-use super::rate_limit::{RateLimitConfig, RateLimiter};
+use super::rate_limit::{RateLimitConfig, RateLimiter, RateLimiterState};
 use super::worker::{stop_worker, WorkerError, WorkerThread};
 use super::{
     read_config_bytes, ActivateError, Activation, Interrupt, VirtioDevice, VirtioDeviceState,
@@ -64,6 +67,16 @@ pub const OFFLOAD_FEATURES: u64 = 1 << VIRTIO_NET_F_CSUM
     | 1 << VIRTIO_NET_F_GUEST_TSO4
     | 1 << VIRTIO_NET_F_GUEST_TSO6
     | 1 << VIRTIO_NET_F_GUEST_ECN;
+
+/// Offloads the device does itself for backends of bare frames: the
+/// guest's partial checksums (completed before the backend sees a
+/// frame), and received frames marked valid when the backend vouches for
+/// their checksums. GUEST_CSUM is offered to every such backend, vouching
+/// or not, so that all of them offer the same features: a snapshot taken
+/// on the NAT restores onto an internal network (the transport refuses a
+/// restore whose acked features are no longer offered); where the backend
+/// does not vouch, frames simply never carry DATA_VALID.
+pub const CSUM_FEATURES: u64 = 1 << VIRTIO_NET_F_CSUM | 1 << VIRTIO_NET_F_GUEST_CSUM;
 
 /// rx, tx.
 const QUEUE_SIZES: [u16; 2] = [256, 256];
@@ -104,13 +117,16 @@ pub struct NetStats {
 /// Takes the frames the guest queued, in order: `sink` gets each valid
 /// one as it sits in the chain (virtio-net header, then the Ethernet
 /// frame) and returns whether it was taken; a frame not taken stays in
-/// the queue and ends the call. Returns whether buffers were used (the
-/// caller then interrupts the guest if asked).
+/// the queue and ends the call. With `complete_csum` (a backend of bare
+/// frames) the device completes a checksum the guest left partial, and a
+/// header it cannot honour makes the frame invalid. Returns whether
+/// buffers were used (the caller then interrupts the guest if asked).
 pub fn take_tx_frames(
     queue: &mut Queue,
     mem: &GuestMemoryMmap,
     stats: &NetStats,
     buf: &mut Vec<u8>,
+    complete_csum: bool,
     sink: &mut dyn FnMut(&[u8]) -> bool,
 ) -> bool {
     let mut used = false;
@@ -123,6 +139,7 @@ pub fn take_tx_frames(
             }
             buf.resize(len, 0);
             std::io::Read::read_exact(&mut r, buf).is_ok()
+                && (!complete_csum || checksum::complete_tx_checksum(buf).is_ok())
         });
         if ok {
             if !sink(buf) {
@@ -233,6 +250,8 @@ pub struct Net {
     mac: MacAddr,
     backend: Arc<Mutex<Box<dyn Backend>>>,
     vnet_hdr: bool,
+    /// The backend's frames carry correct checksums (host-made).
+    checksums_valid: bool,
     mtu: Option<u16>,
     link_up: bool,
     stats: Arc<NetStats>,
@@ -240,8 +259,12 @@ pub struct Net {
     rate_limit: RateLimitConfig,
     worker: Option<WorkerThread<NetWorker>>,
     /// A sleeping device's worker (without its queues): what it held (a
-    /// frame waiting for receive buffers) survives a pause.
+    /// frame waiting for receive buffers, its buckets' levels) survives
+    /// a pause.
     sleeping: Option<NetWorker>,
+    /// Receive and transmit bucket levels from a restored snapshot, for
+    /// the next activation.
+    restored_limiters: (Option<RateLimiterState>, Option<RateLimiterState>),
 }
 
 impl Net {
@@ -249,6 +272,7 @@ impl Net {
         Net {
             mac,
             vnet_hdr: backend.vnet_hdr(),
+            checksums_valid: backend.checksums_valid(),
             mtu: backend.mtu(),
             backend: Arc::new(Mutex::new(backend)),
             link_up: true,
@@ -256,6 +280,7 @@ impl Net {
             rate_limit: RateLimitConfig::default(),
             worker: None,
             sleeping: None,
+            restored_limiters: (None, None),
         }
     }
 
@@ -290,6 +315,8 @@ impl VirtioDevice for Net {
         let mut f = FEATURES;
         if self.vnet_hdr {
             f |= OFFLOAD_FEATURES;
+        } else {
+            f |= CSUM_FEATURES;
         }
         if self.mtu.is_some() {
             f |= 1 << VIRTIO_NET_F_MTU;
@@ -310,6 +337,7 @@ impl VirtioDevice for Net {
     fn reset(&mut self) {
         self.worker = None;
         self.sleeping = None;
+        self.restored_limiters = (None, None);
     }
 
     fn sleep(&mut self) -> Result<Option<Vec<Queue>>, WorkerError> {
@@ -351,17 +379,24 @@ impl Net {
             tso6: has(VIRTIO_NET_F_GUEST_TSO6),
             ecn: has(VIRTIO_NET_F_GUEST_ECN),
         };
-        let limiter = || -> Result<Option<RateLimiter>, ActivateError> {
-            if !self.rate_limit.is_limited() {
-                return Ok(None);
-            }
-            RateLimiter::new(self.rate_limit)
-                .map(Some)
-                .map_err(ActivateError::Thread)
-        };
+        let rate_limit = self.rate_limit;
+        let limiter =
+            |saved: Option<RateLimiterState>| -> Result<Option<RateLimiter>, ActivateError> {
+                if !rate_limit.is_limited() {
+                    return Ok(None);
+                }
+                let mut l = RateLimiter::new(rate_limit).map_err(ActivateError::Thread)?;
+                if let Some(saved) = saved {
+                    l.restore(&saved);
+                }
+                Ok(Some(l))
+            };
         let (rx_limiter, tx_limiter) = match &self.sleeping {
             Some(_) => (None, None),
-            None => (limiter()?, limiter()?),
+            None => {
+                let (rx, tx) = std::mem::take(&mut self.restored_limiters);
+                (limiter(rx)?, limiter(tx)?)
+            }
         };
         let mut worker = self.sleeping.take().unwrap_or_else(|| NetWorker {
             mem: mem.clone(),
@@ -378,12 +413,15 @@ impl Net {
             rx_limiter,
             tx_limiter,
             rx_charged: false,
+            rx_data_valid: false,
         });
         worker.mem = mem;
         worker.interrupt = interrupt;
         worker.rx = rx;
         worker.tx = tx;
         worker.mergeable = has(VIRTIO_NET_F_MRG_RXBUF);
+        worker.rx_data_valid =
+            !self.vnet_hdr && self.checksums_valid && has(VIRTIO_NET_F_GUEST_CSUM);
         worker.tx_blocked = false;
         let backend = self.backend.clone();
         let thread = WorkerThread::spawn("virtio-net", move |kill| {
@@ -446,6 +484,9 @@ struct NetWorker {
     tx_limiter: Option<RateLimiter>,
     /// The pending receive frame has been counted by `rx_limiter`.
     rx_charged: bool,
+    /// Mark received frames' checksums valid (a bare-frame backend that
+    /// vouches for them, and a guest that acked GUEST_CSUM).
+    rx_data_valid: bool,
 }
 
 impl NetWorker {
@@ -550,6 +591,7 @@ impl NetWorker {
             &self.mem,
             &self.stats,
             &mut self.tx_buf,
+            !vnet,
             &mut |packet| {
                 if taken >= BUDGET {
                     return false;
@@ -596,6 +638,9 @@ impl NetWorker {
                         Ok(n) => {
                             if !self.vnet_hdr {
                                 self.rx_buf[..HDR_LEN].fill(0);
+                                if self.rx_data_valid {
+                                    self.rx_buf[0] = checksum::DATA_VALID;
+                                }
                             }
                             at + n
                         }
@@ -645,6 +690,7 @@ impl NetWorker {
     }
 }
 
+pub mod checksum;
 pub mod persist;
 
 #[cfg(test)]

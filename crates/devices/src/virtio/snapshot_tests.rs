@@ -591,6 +591,71 @@ fn block_rate_limits_survive_save_and_restore() {
     assert_eq!(old.rate_limiter, None);
 }
 
+/// A rate-limited NIC saves its buckets' levels, not only its limits:
+/// after a 60-byte frame against a 100-byte transmit bucket that refills
+/// once in 1000 s, the restored NIC still holds the next 60-byte frame
+/// back (with full buckets it would send it at once). The state survives
+/// save → restore → save; a snapshot from before the levels reads as
+/// none (full buckets).
+#[test]
+fn net_rate_limit_levels_survive_save_and_restore() {
+    use crate::virtio::rate_limit::{BucketConfig, RateLimitConfig};
+    let limits = RateLimitConfig {
+        bytes: Some(BucketConfig {
+            size: 100,
+            refill_ms: 100_000_000,
+            one_time_burst: 0,
+        }),
+        ops: None,
+    };
+    let m = mem();
+    let rx = MockSplitQueue::create(&m, GuestAddress(0x10000), 16);
+    let tx = MockSplitQueue::create(&m, GuestAddress(0x20000), 16);
+    let mac = net::MacAddr::for_vm("limits", 0);
+    let nic = |backend| net::Net::new(mac, Box::new(backend)).with_rate_limit(limits);
+    let (backend, _, _) = FeedBackend::new();
+    let mut t = transport(Box::new(nic(backend)), &m);
+    set_up_driver(&mut t, &[&rx, &tx], &[16, 16], 0);
+    m.write_slice(&[0u8; net::HDR_LEN + 60], GuestAddress(0x100000))
+        .unwrap();
+    let frame = |i| d(0x100000, (net::HDR_LEN + 60) as u32, 0, i);
+    tx.add_desc_chains(&[frame(0)], 0).unwrap();
+    kick(&t, 1);
+    assert!(wait_for(|| tx.used().idx().load() == 1));
+
+    let saved = sleep_and_save(&mut t);
+    let VirtioDeviceState::Net(ns) = &saved.device else {
+        panic!("not a net state: {:?}", saved.device)
+    };
+    assert_eq!(ns.rate_limit, Some(limits));
+    let level = |l: Option<crate::virtio::rate_limit::RateLimiterState>| {
+        let l = l.expect("the levels are saved");
+        assert_eq!(l.config, limits);
+        l.bytes_budget
+    };
+    assert_eq!(level(ns.tx_limiter), Some(40), "60 of 100 bytes spent");
+    assert_eq!(level(ns.rx_limiter), Some(100), "nothing received");
+
+    let (backend2, _, _) = FeedBackend::new();
+    let t2 = restore_round_trip(Box::new(nic(backend2)), &m, &saved);
+    tx.add_desc_chains(&[frame(1)], 1).unwrap();
+    kick(&t2, 1);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        tx.used().idx().load(),
+        1,
+        "the restored NIC has 40 bytes left, not a full bucket"
+    );
+
+    // Old snapshots: no levels.
+    let mut old = serde_json::to_value(ns).unwrap();
+    let fields = old.as_object_mut().unwrap();
+    fields.remove("rx_limiter");
+    fields.remove("tx_limiter");
+    let old: net::persist::NetState = serde_json::from_value(old).unwrap();
+    assert_eq!((old.rx_limiter, old.tx_limiter), (None, None));
+}
+
 /// The activated worker of a rate-limited disk: three requests behind
 /// one kick, one bucket's worth each, are all served — the later ones
 /// when the limiter's timer wakes the worker (no second kick) — spaced by

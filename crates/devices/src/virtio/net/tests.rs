@@ -42,10 +42,17 @@ fn transmitted_frames_lose_their_header_and_bad_ones_are_counted() {
     let stats = NetStats::default();
     let mut got = Vec::new();
     let mut buf = Vec::new();
-    assert!(take_tx_frames(&mut q, &m, &stats, &mut buf, &mut |p| {
-        got.push(p[HDR_LEN..].to_vec());
-        true
-    }));
+    assert!(take_tx_frames(
+        &mut q,
+        &m,
+        &stats,
+        &mut buf,
+        true,
+        &mut |p| {
+            got.push(p[HDR_LEN..].to_vec());
+            true
+        }
+    ));
     assert_eq!(got, vec![frame]);
     assert_eq!(stats.tx_frames.load(Ordering::Relaxed), 1);
     assert_eq!(stats.tx_dropped.load(Ordering::Relaxed), 2);
@@ -136,6 +143,7 @@ struct FakeBackend {
     sent: Vec<Vec<u8>>,
     full: bool,
     vnet: bool,
+    valid: bool,
 }
 
 impl Backend for FakeBackend {
@@ -144,6 +152,9 @@ impl Backend for FakeBackend {
     }
     fn vnet_hdr(&self) -> bool {
         self.vnet
+    }
+    fn checksums_valid(&self) -> bool {
+        self.valid
     }
     fn send(&mut self, frame: &[u8]) -> std::io::Result<()> {
         if self.full {
@@ -178,6 +189,7 @@ fn worker(m: &GuestMemoryMmap, rx: Queue, tx: Queue, vnet: bool) -> NetWorker {
         rx_limiter: None,
         tx_limiter: None,
         rx_charged: false,
+        rx_data_valid: false,
     }
 }
 
@@ -189,7 +201,9 @@ fn a_busy_backend_leaves_frames_queued_and_frames_wait_for_buffers() {
     let w = crate::test_util::F_WRITE;
     for i in 0..3u16 {
         let addr = 0x10000 + u64::from(i) * 0x1000;
-        m.write_slice(&[i as u8 + 1; HDR_LEN + 60], GuestAddress(addr))
+        // A zero header (no offloads asked), then the frame.
+        m.write_slice(&[0; HDR_LEN], GuestAddress(addr)).unwrap();
+        m.write_slice(&[i as u8 + 1; 60], GuestAddress(addr + HDR_LEN as u64))
             .unwrap();
         txq.add_desc_chains(&[d(addr, (HDR_LEN + 60) as u32, 0, 0)], i)
             .unwrap();
@@ -330,6 +344,7 @@ fn rate_limited_frames_wait_for_the_timer_both_ways() {
     let txq = MockSplitQueue::create(&m, GuestAddress(0x200000), 16);
     m.write_slice(&[7u8; HDR_LEN + 60], GuestAddress(0x10000))
         .unwrap();
+    m.write_slice(&[0; HDR_LEN], GuestAddress(0x10000)).unwrap();
     for i in 0..3u16 {
         txq.add_desc_chains(&[d(0x10000, (HDR_LEN + 60) as u32, 0, 0)], i)
             .unwrap();
@@ -384,6 +399,7 @@ fn transmitted_bytes_keep_to_the_byte_rate() {
     let txq = MockSplitQueue::create(&m, GuestAddress(0x200000), 32);
     m.write_slice(&[7u8; HDR_LEN + 1000], GuestAddress(0x10000))
         .unwrap();
+    m.write_slice(&[0; HDR_LEN], GuestAddress(0x10000)).unwrap();
     for i in 0..20u16 {
         txq.add_desc_chains(&[d(0x10000, (HDR_LEN + 1000) as u32, 0, 0)], i)
             .unwrap();
@@ -414,4 +430,99 @@ fn transmitted_bytes_keep_to_the_byte_rate() {
     }
     let took = started.elapsed().as_secs_f64();
     assert!((0.85..1.0).contains(&took), "{took:.3} s");
+}
+
+/// What a NIC offers depends on its backend: TAP-style headers get the
+/// backend's offloads; bare frames get the device's checksum offloads,
+/// the same whether the backend vouches for its checksums or not (a
+/// snapshot moves between NAT and internal networks), and a subset of
+/// the TAP's (so it moves to a TAP too).
+#[test]
+fn offered_offloads_follow_the_backend() {
+    let mac = MacAddr::for_vm("offloads", 0);
+    let features = |be: FakeBackend| Net::new(mac, Box::new(be)).features();
+    let tap = features(FakeBackend {
+        vnet: true,
+        ..FakeBackend::default()
+    });
+    assert_eq!(tap & OFFLOAD_FEATURES, OFFLOAD_FEATURES);
+    let nat = features(FakeBackend {
+        valid: true,
+        ..FakeBackend::default()
+    });
+    assert_eq!(nat & OFFLOAD_FEATURES, CSUM_FEATURES);
+    let internal = features(FakeBackend::default());
+    assert_eq!(internal, nat);
+    assert_eq!(nat & !tap, 0);
+}
+
+/// Bare-frame backend: a frame whose checksum the guest left partial
+/// reaches the backend complete (without header); one asking for
+/// segmentation is dropped and counted; received frames are marked
+/// DATA_VALID only when asked.
+#[test]
+fn the_device_completes_checksums_and_marks_trusted_frames_valid() {
+    let m = mem();
+    let rxq = MockSplitQueue::new(&m, 16);
+    let txq = MockSplitQueue::create(&m, GuestAddress(0x200000), 16);
+    // A 64-byte frame: checksum over bytes 20.. stored at 20+4.
+    let mut packet = vec![0u8; HDR_LEN + 64];
+    packet[0] = 1; // NEEDS_CSUM
+    packet[6..8].copy_from_slice(&20u16.to_le_bytes());
+    packet[8..10].copy_from_slice(&4u16.to_le_bytes());
+    for (i, b) in packet[HDR_LEN + 20..].iter_mut().enumerate() {
+        *b = i as u8;
+    }
+    // The field holds the pseudo-header's sum; zero here, so the covered
+    // bytes alone must verify.
+    packet[HDR_LEN + 24..HDR_LEN + 26].fill(0);
+    m.write_slice(&packet, GuestAddress(0x10000)).unwrap();
+    let mut tso = packet.clone();
+    tso[1] = 1; // GSO_TCPV4, not offered
+    m.write_slice(&tso, GuestAddress(0x11000)).unwrap();
+    for (i, at) in [0x10000u64, 0x11000].into_iter().enumerate() {
+        txq.add_desc_chains(&[d(at, packet.len() as u32, 0, 0)], i as u16)
+            .unwrap();
+    }
+    for i in 0..2u16 {
+        let at = 0x80000 + u64::from(i) * 0x1000;
+        rxq.add_desc_chains(&[d(at, 2048, crate::test_util::F_WRITE, 0)], i)
+            .unwrap();
+    }
+    let mut nw = worker(
+        &m,
+        rxq.create_queue().unwrap(),
+        txq.create_queue().unwrap(),
+        false,
+    );
+    let mut be = FakeBackend::default();
+    nw.process_tx(&mut be);
+    assert_eq!(be.sent.len(), 1, "the segmentation request is dropped");
+    assert_eq!(nw.stats.tx_dropped.load(Ordering::Relaxed), 1);
+    assert_eq!(txq.used().idx().load(), 2);
+    let sent = &be.sent[0];
+    assert_eq!(sent.len(), 64);
+    // The ones'-complement sum over the covered bytes, the stored
+    // checksum included, is all ones.
+    let covered = &sent[20..];
+    let mut sum: u32 = covered
+        .chunks(2)
+        .map(|w| u32::from(u16::from_be_bytes([w[0], *w.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    assert_eq!(sum, 0xffff);
+    assert_eq!(&sent[..20], &packet[HDR_LEN..HDR_LEN + 20]);
+
+    be.incoming.push_back(vec![0xaa; 100]);
+    nw.process_rx(&mut be);
+    nw.rx_data_valid = true;
+    be.incoming.push_back(vec![0xbb; 100]);
+    nw.process_rx(&mut be);
+    let mut hdr = [0u8; HDR_LEN];
+    m.read_slice(&mut hdr, GuestAddress(0x80000)).unwrap();
+    assert_eq!(hdr[0], 0, "not asked: no flag");
+    m.read_slice(&mut hdr, GuestAddress(0x81000)).unwrap();
+    assert_eq!(hdr[0], checksum::DATA_VALID);
 }
